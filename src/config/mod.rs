@@ -1,0 +1,302 @@
+//! The configuration: YAML read into typed, validated settings that every
+//! other part reads and none writes. Loading is in three steps, as Vector
+//! does it: parse (serde, positions kept for errors), resolve (defaults merged
+//! into each watch, `*_file` secrets read, paths made absolute), and check
+//! (pure rules first, then the few that touch the filesystem).
+
+mod load;
+mod positions;
+pub mod values;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use load::{ConfigError, load, load_str};
+pub use values::{ByteSize, Dur, Secret};
+
+/// The whole resolved configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// The file it was read from (relative paths inside it are relative to its folder).
+    pub file: PathBuf,
+    /// sled database, control socket and working files.
+    pub state_dir: PathBuf,
+    /// Uploads at once, all providers together.
+    pub workers: usize,
+    /// How long SIGTERM/SIGINT waits for in-flight work to checkpoint.
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_timeout: Duration,
+    /// Log level and format.
+    pub log: LogConfig,
+    /// Status API; `None` disables it.
+    pub http: Option<HttpConfig>,
+    /// The watched folders, with defaults merged in.
+    pub watches: Vec<WatchConfig>,
+    /// Upload targets by name.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Routing rules, first match wins.
+    pub rules: Vec<Rule>,
+    /// What to do with a file no rule matches.
+    pub unmatched: Unmatched,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `hotfolder=debug`.
+    pub level: String,
+    /// Human text or one JSON object per line for log shippers.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The HTTP status API settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpConfig {
+    /// Address to listen on; loopback unless the operator says otherwise.
+    pub listen: String,
+    /// Bearer token required by every route but `/healthz`.
+    pub token: Option<Secret>,
+}
+
+/// How a watch learns of new files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    /// Filesystem events plus periodic full rescans.
+    #[default]
+    Auto,
+    /// Filesystem events (and the scan at start) only.
+    Events,
+    /// Never rely on events: scan every `poll_every` (SMB/NFS shares).
+    Poll,
+}
+
+/// What happens to a source file once delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterSuccess {
+    /// Move to `done_dir`, keeping the relative path.
+    #[default]
+    Move,
+    /// Delete the source.
+    Delete,
+    /// Leave it where it is (it is remembered and not taken again).
+    Leave,
+}
+
+/// What happens to a file that no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    /// Leave it in the watch folder untouched.
+    #[default]
+    Leave,
+    /// Move it to `failed_dir` with an error report.
+    Fail,
+}
+
+/// Whether content already delivered to the same provider is sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Duplicates {
+    /// Do not upload again; file it as done with a receipt naming the earlier upload.
+    #[default]
+    Skip,
+    /// Upload anyway.
+    Upload,
+}
+
+/// The shared retry policy's knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RetryConfig {
+    /// Tries without progress before a job fails.
+    pub max_attempts: u32,
+    /// First backoff ceiling; doubles per attempt.
+    #[serde(serialize_with = "ser_duration")]
+    pub initial_backoff: Duration,
+    /// Largest backoff ceiling.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 10,
+            initial_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One watched folder with every default resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct WatchConfig {
+    /// Name used in rules, templates and status.
+    pub name: String,
+    /// Absolute path of the watched folder.
+    pub path: PathBuf,
+    /// Descend into subfolders.
+    pub recursive: bool,
+    /// Events, poll or both.
+    pub mode: WatchMode,
+    /// Scan interval in poll mode.
+    #[serde(serialize_with = "ser_duration")]
+    pub poll_every: Duration,
+    /// Size, mtime and ctime unchanged this long means the file is complete.
+    #[serde(serialize_with = "ser_duration")]
+    pub stable_for: Duration,
+    /// Full rescan interval (safety net for lost events).
+    #[serde(serialize_with = "ser_duration")]
+    pub rescan_every: Duration,
+    /// Name globs never taken (temporary and hidden files).
+    pub ignore: Vec<String>,
+    /// Relative-path globs a file must match (empty: all).
+    pub include: Vec<String>,
+    /// Relative-path globs never taken.
+    pub exclude: Vec<String>,
+    /// Smaller files are left alone.
+    pub min_size: u64,
+    /// Wait for `<file>.ready` or `<file>.done` beside the file.
+    pub require_marker: bool,
+    /// Where delivered files go.
+    pub done_dir: PathBuf,
+    /// Where failed files go, with their error reports.
+    pub failed_dir: PathBuf,
+    /// What to do with the source after delivery.
+    pub after_success: AfterSuccess,
+    /// Write `<file>.receipt.json` beside files in done/.
+    pub receipts: bool,
+}
+
+/// One named provider.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProviderConfig {
+    /// The key under `providers:`.
+    pub name: String,
+    /// Replaces the documented API root (sandboxes and tests).
+    pub base_url: Option<String>,
+    /// Uploads at once to this provider (within `workers`).
+    pub max_concurrent: usize,
+    /// Per-request timeout.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// This provider's retry policy.
+    pub retry: RetryConfig,
+    /// Bytes per request; fixed per job when the job starts.
+    pub chunk_size: u64,
+    /// Type-specific settings.
+    #[serde(flatten)]
+    pub kind: ProviderKind,
+}
+
+/// The provider types and their own keys.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Local or mounted directory.
+    Folder {
+        /// Destination directory.
+        path: PathBuf,
+    },
+    /// OK.ru (Odnoklassniki).
+    Okru {
+        /// Application public key.
+        application_key: String,
+        /// Application secret key (signs requests).
+        application_secret_key: Secret,
+        /// User access token.
+        access_token: Secret,
+        /// Upload to this group instead of the user.
+        group_id: Option<String>,
+    },
+    /// api.video.
+    Apivideo {
+        /// API key (exchanged for a bearer token).
+        api_key: Option<Secret>,
+        /// Delegated upload token, instead of an API key.
+        upload_token: Option<Secret>,
+        /// `sandbox` or `production` (ignored when base_url is set).
+        environment: String,
+        /// `bytes` or `parts`.
+        upload_mode: String,
+    },
+    /// Gcore Video Streaming.
+    Gcore {
+        /// API key.
+        api_key: Secret,
+        /// `uploaded`, `viewable` or `ready`.
+        wait_until: String,
+    },
+    /// movingimage VideoManager Pro.
+    Movingimage {
+        /// Account user name.
+        username: String,
+        /// Account password.
+        password: Secret,
+        /// Video manager id.
+        video_manager_id: String,
+        /// OIDC token endpoint.
+        auth_url: String,
+    },
+    /// Any tus 1.0.0 server.
+    Tus {
+        /// Creation endpoint.
+        endpoint: String,
+        /// Extra headers on every request (values treated as secrets).
+        headers: BTreeMap<String, Secret>,
+    },
+}
+
+impl ProviderKind {
+    /// The `type:` name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ProviderKind::Folder { .. } => "folder",
+            ProviderKind::Okru { .. } => "okru",
+            ProviderKind::Apivideo { .. } => "apivideo",
+            ProviderKind::Gcore { .. } => "gcore",
+            ProviderKind::Movingimage { .. } => "movingimage",
+            ProviderKind::Tus { .. } => "tus",
+        }
+    }
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rule {
+    /// Position in the list (for `check` output and status).
+    pub index: usize,
+    /// Only files from this watch.
+    pub watch: Option<String>,
+    /// Glob on the path relative to the watch.
+    pub glob: Option<String>,
+    /// Smallest size matched.
+    pub min_size: Option<u64>,
+    /// Largest size matched.
+    pub max_size: Option<u64>,
+    /// Provider name.
+    pub provider: String,
+    /// Metadata templates (title, description, tags, public, provider keys).
+    pub metadata: BTreeMap<String, serde_json::Value>,
+    /// Skip or upload content already delivered to this provider.
+    pub duplicates: Duplicates,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}

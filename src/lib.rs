@@ -1,0 +1,13 @@
+//! hotfolder: an unattended watch-folder ingest appliance.
+//!
+//! The life of a file, module by module:
+//! [`config`] is read once; [`watch`] discovers files and decides when each is
+//! complete; [`route`] picks a rule, a provider and metadata; [`state`] records
+//! the job in sled before any work; [`upload`] drives a [`providers`] backend
+//! chunk by chunk under the shared [`retry`] policy, hashing with [`hashing`]
+//! in the same pass; [`finish`] files the source into done/ or failed/ with a
+//! receipt or error report. [`daemon`] ties them together with workers and
+//! graceful shutdown; [`control`] answers `status`/`retry` while it runs; [`cli`]
+//! is the command line.
+
+pub mod config;
