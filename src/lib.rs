@@ -11,3 +11,10 @@
 //! is the command line.
 
 pub mod config;
+pub mod finish;
+pub mod hashing;
+pub mod retry;
+pub mod route;
+pub mod providers;
+pub mod state;
+pub mod upload;

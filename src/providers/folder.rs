@@ -1,0 +1,281 @@
+//! `type: folder`: deliver into a local or mounted directory (PROTOCOLS §6).
+//! Bytes go to `<dest>/.hotfolder-partial/<job>`, fsynced per chunk; a
+//! restart resumes from the partial file's length as far as the engine's
+//! checkpoint vouches for it; the finished file is verified against the
+//! sha256 and linked into place under its relative path, never overwriting.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::{Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader};
+use crate::hashing;
+
+/// Folder under the destination holding partial files.
+pub const PARTIAL_DIR: &str = ".hotfolder-partial";
+
+/// Markers of delivered jobs older than this are swept when jobs start.
+const MARKER_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Delivers into a directory.
+pub struct FolderProvider {
+    dest: PathBuf,
+}
+
+impl FolderProvider {
+    /// A provider writing below `dest`.
+    pub fn new(dest: PathBuf) -> Self {
+        FolderProvider { dest }
+    }
+
+    fn partial_dir(&self) -> PathBuf {
+        self.dest.join(PARTIAL_DIR)
+    }
+
+    fn partial_path(&self, session: &Session) -> Result<PathBuf, ProviderError> {
+        session
+            .upload_url
+            .as_ref()
+            .map(PathBuf::from)
+            .ok_or_else(|| ProviderError::new(ErrorKind::Gone, "session has no partial file"))
+    }
+}
+
+fn marker_path(partial: &Path) -> PathBuf {
+    let mut name = partial.as_os_str().to_owned();
+    name.push(".delivered");
+    PathBuf::from(name)
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ProviderError> + Send + 'static,
+) -> Result<T, ProviderError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ProviderError::new(ErrorKind::Transient, format!("worker thread failed: {e}")))?
+}
+
+impl Uploader for FolderProvider {
+    async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
+        let dir = self.partial_dir();
+        let partial = dir.join(request.job_id.to_string());
+        blocking(move || {
+            fs::create_dir_all(&dir).map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
+            sweep_old_markers(&dir);
+            OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&partial)
+                .map_err(|e| ProviderError::io("cannot create partial file", &partial, &e))?;
+            sync_dir(&dir);
+            Ok(Session {
+                remote_id: None,
+                upload_url: Some(partial.to_string_lossy().into_owned()),
+                extra: Default::default(),
+            })
+        })
+        .await
+    }
+
+    async fn offset(
+        &self,
+        session: &mut Session,
+        _request: &UploadRequest<'_>,
+        acknowledged: u64,
+    ) -> Result<RemoteOffset, ProviderError> {
+        let partial = self.partial_path(session)?;
+        blocking(move || {
+            let length = match fs::metadata(&partial) {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // Finalised already (the marker says where), or lost.
+                    return Ok(if marker_path(&partial).exists() {
+                        RemoteOffset::Unknown
+                    } else {
+                        RemoteOffset::Gone
+                    });
+                }
+                Err(e) => return Err(ProviderError::io("cannot inspect partial file", &partial, &e)),
+            };
+            if length > acknowledged {
+                // Bytes past the last checkpoint were never vouched for: drop them.
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&partial)
+                    .map_err(|e| ProviderError::io("cannot open partial file", &partial, &e))?;
+                file.set_len(acknowledged)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| ProviderError::io("cannot trim partial file", &partial, &e))?;
+                return Ok(RemoteOffset::At(acknowledged));
+            }
+            Ok(RemoteOffset::At(length))
+        })
+        .await
+    }
+
+    async fn send(
+        &self,
+        session: &mut Session,
+        _request: &UploadRequest<'_>,
+        mut chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        let partial = self.partial_path(session)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&partial)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => ProviderError::new(ErrorKind::Gone, format!("partial file {} vanished", partial.display())),
+                _ => ProviderError::io("cannot open partial file", &partial, &e),
+            })?;
+        let mut position = chunk.start;
+        while let Some(piece) = chunk
+            .next_piece()
+            .await
+            .map_err(|e| ProviderError::new(ErrorKind::Transient, format!("cannot read the source: {e}")))?
+        {
+            let path = partial.clone();
+            let piece_len = piece.len() as u64;
+            file = blocking(move || {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(&piece, position)
+                    .map_err(|e| ProviderError::io("cannot write", &path, &e))?;
+                Ok(file)
+            })
+            .await?;
+            position += piece_len;
+        }
+        let path = partial.clone();
+        blocking(move || file.sync_data().map_err(|e| ProviderError::io("cannot flush", &path, &e))).await?;
+        Ok(chunk.end())
+    }
+
+    async fn renew(&self, _session: &mut Session, _request: &UploadRequest<'_>) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    async fn finalize(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        sha256: &str,
+    ) -> Result<Delivery, ProviderError> {
+        let partial = self.partial_path(session)?;
+        let target = self.dest.join(request.relpath);
+        let expected = sha256.to_string();
+        let size = request.size;
+        let delivered = blocking(move || place(&partial, &target, &expected, size)).await?;
+        session.remote_id = Some(delivered.to_string_lossy().into_owned());
+        Ok(Delivery {
+            remote_id: delivered.to_string_lossy().into_owned(),
+            url: Some(format!("file://{}", delivered.display())),
+            links: Default::default(),
+        })
+    }
+
+    async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
+        let partial = self.partial_path(session)?;
+        match fs::remove_file(&partial) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProviderError::io("cannot remove partial file", &partial, &e)),
+        }
+    }
+}
+
+/// Verify the partial file and link it into place. Idempotent: a marker
+/// beside the partial records the chosen name before the link, so a crash
+/// at any point is finished, not repeated, by the next call.
+fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathBuf, ProviderError> {
+    let marker = marker_path(partial);
+    let recorded = fs::read_to_string(&marker).ok().map(PathBuf::from);
+    if !partial.exists() {
+        return match recorded {
+            Some(done) if done.exists() => Ok(done),
+            _ => Err(ProviderError::new(
+                ErrorKind::Gone,
+                format!("partial file {} vanished before it was placed", partial.display()),
+            )),
+        };
+    }
+    let meta = fs::metadata(partial).map_err(|e| ProviderError::io("cannot inspect", partial, &e))?;
+    if meta.len() != size {
+        return Err(ProviderError::new(
+            ErrorKind::OffsetMismatch,
+            format!("partial file {} holds {} bytes, expected {size}", partial.display(), meta.len()),
+        ));
+    }
+    let actual = hashing::sha256_file(partial).map_err(|e| ProviderError::io("cannot verify", partial, &e))?;
+    if actual != sha256 {
+        let _ = fs::remove_file(partial);
+        return Err(ProviderError::new(
+            ErrorKind::Gone,
+            format!("delivered bytes in {} do not match the source's sha256; starting over", partial.display()),
+        ));
+    }
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).map_err(|e| ProviderError::io("cannot create folder", parent, &e))?;
+    // Reuse the name chosen before a crash if it already is this very file.
+    if let Some(done) = &recorded {
+        if same_file(partial, done) {
+            fs::remove_file(partial).map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
+            sync_dir(parent);
+            return Ok(done.clone());
+        }
+    }
+    let mut n = 0;
+    loop {
+        let candidate = crate::finish::numbered(target, n);
+        write_marker(&marker, &candidate)?;
+        match fs::hard_link(partial, &candidate) {
+            Ok(()) => {
+                fs::remove_file(partial).map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
+                sync_dir(parent);
+                if let Some(dir) = partial.parent() {
+                    sync_dir(dir);
+                }
+                return Ok(candidate);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) => return Err(ProviderError::io("cannot place file at", &candidate, &e)),
+        }
+    }
+}
+
+fn write_marker(marker: &Path, candidate: &Path) -> Result<(), ProviderError> {
+    let mut file = File::create(marker).map_err(|e| ProviderError::io("cannot write", marker, &e))?;
+    file.write_all(candidate.as_os_str().as_encoded_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| ProviderError::io("cannot write", marker, &e))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// fsync a directory so a rename or link in it survives a power cut.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(handle) = File::open(dir) {
+        let _ = handle.sync_all();
+    }
+}
+
+fn sweep_old_markers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let old = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > MARKER_MAX_AGE);
+        if old && path.extension().is_some_and(|e| e == "delivered") {
+            let _ = fs::remove_file(path);
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Upload backends behind one contract. A provider knows its wire protocol
+//! and nothing of folders, rules or sled: the engine ([`crate::upload`])
+//! hands it a request, a persisted [`Session`] and chunks of bytes, and
+//! persists whatever the provider reports. One file per provider; the
+//! [`Provider`] enum forwards to them (a fixed set needs no boxing).
+
+mod folder;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::upload::chunk::Chunk;
+use crate::config::{ProviderConfig, ProviderKind};
+pub use folder::{FolderProvider, sync_dir};
+
+/// What the engine tells a provider about the file being delivered.
+#[derive(Debug, Clone)]
+pub struct UploadRequest<'a> {
+    /// Job id, used to tag remote objects so a crash inside create can be recovered.
+    pub job_id: u64,
+    /// The file's name.
+    pub file_name: &'a str,
+    /// Path relative to the watch folder (kept by the folder provider).
+    pub relpath: &'a Path,
+    /// Total bytes.
+    pub size: u64,
+    /// Rendered metadata (title, description, tags, public, provider keys).
+    pub metadata: &'a BTreeMap<String, serde_json::Value>,
+    /// Bytes per request, fixed for this job.
+    pub chunk_size: u64,
+}
+
+/// Everything a provider needs to resume an upload, persisted by the engine
+/// before the first byte goes out. Credentials are never put here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// The remote object's id, once known.
+    pub remote_id: Option<String>,
+    /// Where bytes go (an upload URL, or the partial file for `folder`).
+    pub upload_url: Option<String>,
+    /// Provider-specific state (e.g. chunk count, server chosen).
+    #[serde(default)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where the remote side stands, as the provider can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteOffset {
+    /// The server confirms this many bytes.
+    At(u64),
+    /// The protocol has no offset query: trust the persisted acknowledgement.
+    Unknown,
+    /// The remote object is gone (expired, deleted): start a new one.
+    Gone,
+}
+
+/// What a finished delivery produced; copied into the receipt.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The remote id (for `folder`, the delivered path).
+    pub remote_id: String,
+    /// A URL for the delivered object, where there is one.
+    pub url: Option<String>,
+    /// Any further links or facts the provider returned.
+    #[serde(default)]
+    pub links: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How the engine should react to a failed provider call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Try again after backoff (connection errors, timeouts, 5xx, 429).
+    Transient,
+    /// Do not retry: the job fails at once.
+    Permanent,
+    /// Credentials expired: authenticate again once, then retry.
+    Reauthenticate,
+    /// The upload URL or token expired: renew it and continue.
+    RenewUpload,
+    /// The remote object is gone: create a new one.
+    Gone,
+    /// The server's offset differs from ours: ask it and continue.
+    OffsetMismatch,
+    /// This provider type has no uploader in this build.
+    Unavailable,
+}
+
+/// A failed provider call, with the facts an error report needs. Its Debug
+/// is written by hand so a request body or token can never reach a log.
+#[derive(Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    /// What the engine should do.
+    pub kind: ErrorKind,
+    /// One sentence for people, secrets removed.
+    pub message: String,
+    /// HTTP status, where there was one.
+    pub status: Option<u16>,
+    /// An excerpt of the answer body, secrets removed.
+    pub excerpt: Option<String>,
+    /// The server's requested wait.
+    pub retry_after: Option<Duration>,
+}
+
+impl std::fmt::Debug for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProviderError {
+    /// An error of `kind` with a message.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ProviderError {
+            kind,
+            message: message.into(),
+            status: None,
+            excerpt: None,
+            retry_after: None,
+        }
+    }
+
+    /// A local I/O failure: transient unless it can never succeed as things stand.
+    pub fn io(what: &str, path: &Path, error: &std::io::Error) -> Self {
+        use std::io::ErrorKind as Io;
+        let kind = match error.kind() {
+            Io::PermissionDenied | Io::ReadOnlyFilesystem | Io::InvalidInput => ErrorKind::Permanent,
+            _ => ErrorKind::Transient,
+        };
+        ProviderError::new(kind, format!("{what} {}: {error}", path.display()))
+    }
+}
+
+/// The contract every backend fulfils. Calls may be cancelled at any await
+/// point (shutdown); a provider must leave its persisted session valid then.
+#[allow(async_fn_in_trait)]
+pub trait Uploader {
+    /// Create the remote object (or local partial file) and return the
+    /// session to persist before any byte is sent.
+    async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError>;
+
+    /// Ask where the remote side stands. `acknowledged` is the offset the
+    /// engine persisted; protocols without a query answer [`RemoteOffset::Unknown`].
+    async fn offset(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        acknowledged: u64,
+    ) -> Result<RemoteOffset, ProviderError>;
+
+    /// Send one chunk; answer the offset the provider acknowledged.
+    async fn send(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError>;
+
+    /// Renew an expired upload URL or token inside the session.
+    async fn renew(&self, session: &mut Session, request: &UploadRequest<'_>) -> Result<(), ProviderError>;
+
+    /// Every byte is acknowledged: finalise (set metadata, publish, verify)
+    /// and report the delivery. `sha256` is the content's hash.
+    async fn finalize(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        sha256: &str,
+    ) -> Result<Delivery, ProviderError>;
+
+    /// Give up the remote object (source changed, or replaced); deletes it
+    /// where the protocol allows.
+    async fn abandon(&self, session: &Session) -> Result<(), ProviderError>;
+}
+
+/// A configured provider, ready to upload.
+pub enum Provider {
+    /// Local or mounted directory.
+    Folder(FolderProvider),
+    /// A provider type whose uploader is not in this build.
+    Unavailable {
+        /// The `type:` name.
+        type_name: &'static str,
+    },
+}
+
+impl Provider {
+    /// Build the provider named in config.
+    pub fn from_config(config: &ProviderConfig) -> Self {
+        match &config.kind {
+            ProviderKind::Folder { path } => Provider::Folder(FolderProvider::new(path.clone())),
+            other => Provider::Unavailable {
+                type_name: other.type_name(),
+            },
+        }
+    }
+
+    fn unavailable(type_name: &str) -> ProviderError {
+        ProviderError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "provider type {type_name} is not available in this build of hotfolder; route these files to another provider or upgrade"
+            ),
+        )
+    }
+}
+
+macro_rules! forward {
+    ($self:ident, $p:ident => $call:expr) => {
+        match $self {
+            Provider::Folder($p) => $call.await,
+            Provider::Unavailable { type_name } => Err(Provider::unavailable(type_name)),
+        }
+    };
+}
+
+impl Uploader for Provider {
+    async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
+        forward!(self, p => p.create(request))
+    }
+
+    async fn offset(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        acknowledged: u64,
+    ) -> Result<RemoteOffset, ProviderError> {
+        forward!(self, p => p.offset(session, request, acknowledged))
+    }
+
+    async fn send(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        forward!(self, p => p.send(session, request, chunk))
+    }
+
+    async fn renew(&self, session: &mut Session, request: &UploadRequest<'_>) -> Result<(), ProviderError> {
+        forward!(self, p => p.renew(session, request))
+    }
+
+    async fn finalize(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        sha256: &str,
+    ) -> Result<Delivery, ProviderError> {
+        forward!(self, p => p.finalize(session, request, sha256))
+    }
+
+    async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
+        forward!(self, p => p.abandon(session))
+    }
+}

@@ -1,0 +1,277 @@
+//! Routing: the first rule whose watch, glob and size bounds match picks the
+//! provider; its metadata templates are rendered for the file, then a
+//! sidecar `<stem>.json` / `<stem>.yaml` beside the video overrides them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use globset::{GlobBuilder, GlobMatcher};
+use serde_json::Value;
+
+use crate::config::{Config, Duplicates, Rule, Unmatched};
+
+/// What routing needs to know about a file.
+#[derive(Debug, Clone)]
+pub struct FileFacts<'a> {
+    /// Watch name.
+    pub watch: &'a str,
+    /// Path relative to the watch folder.
+    pub relpath: &'a Path,
+    /// Absolute path.
+    pub path: &'a Path,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: SystemTime,
+}
+
+/// The decision for one file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Index of the matching rule.
+    pub rule: usize,
+    /// Provider name.
+    pub provider: String,
+    /// Rendered metadata (rule templates, then sidecar).
+    pub metadata: BTreeMap<String, Value>,
+    /// The sidecar that travels with the file.
+    pub sidecar: Option<PathBuf>,
+    /// Whether known content is skipped.
+    pub duplicates: Duplicates,
+}
+
+/// Routing failed for a reason the operator must fix (e.g. a broken sidecar).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RouteError(pub String);
+
+/// Compiled rules.
+pub struct Router {
+    rules: Vec<(Rule, Option<GlobMatcher>)>,
+    unmatched: Unmatched,
+}
+
+/// A glob on relative paths where `*` stays within one folder and `**` spans folders.
+pub fn path_glob(pattern: &str) -> Result<GlobMatcher, globset::Error> {
+    Ok(GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()?
+        .compile_matcher())
+}
+
+impl Router {
+    /// Compile the config's rules (validated at load, so globs compile).
+    pub fn new(config: &Config) -> Self {
+        Router {
+            rules: config
+                .rules
+                .iter()
+                .map(|rule| (rule.clone(), rule.glob.as_deref().and_then(|g| path_glob(g).ok())))
+                .collect(),
+            unmatched: config.unmatched,
+        }
+    }
+
+    /// What happens to files no rule matches.
+    pub fn unmatched(&self) -> Unmatched {
+        self.unmatched
+    }
+
+    /// The first matching rule, rendered; `Ok(None)` when none matches.
+    ///
+    /// # Errors
+    /// A sidecar that cannot be read or parsed.
+    pub fn route(&self, facts: &FileFacts<'_>) -> Result<Option<Route>, RouteError> {
+        let Some((rule, _)) = self.rules.iter().find(|(rule, glob)| {
+            rule.watch.as_deref().is_none_or(|w| w == facts.watch)
+                && glob.as_ref().is_none_or(|g| g.is_match(facts.relpath))
+                && rule.min_size.is_none_or(|min| facts.size >= min)
+                && rule.max_size.is_none_or(|max| facts.size <= max)
+        }) else {
+            return Ok(None);
+        };
+        let mut metadata: BTreeMap<String, Value> = rule
+            .metadata
+            .iter()
+            .map(|(key, value)| (key.clone(), render_value(value, facts)))
+            .collect();
+        let sidecar = find_sidecar(facts.path);
+        if let Some(path) = &sidecar {
+            for (key, value) in read_sidecar(path)? {
+                metadata.insert(key, value);
+            }
+        }
+        Ok(Some(Route {
+            rule: rule.index,
+            provider: rule.provider.clone(),
+            metadata,
+            sidecar,
+            duplicates: rule.duplicates,
+        }))
+    }
+}
+
+/// Extensions a sidecar may have.
+pub const SIDECAR_EXTENSIONS: &[&str] = &["json", "yaml", "yml"];
+
+/// `<stem>.json|yaml|yml` beside `video`, if one exists.
+pub fn find_sidecar(video: &Path) -> Option<PathBuf> {
+    let stem = video.file_stem()?;
+    SIDECAR_EXTENSIONS.iter().find_map(|ext| {
+        let mut name = stem.to_owned();
+        name.push(".");
+        name.push(ext);
+        let candidate = video.with_file_name(name);
+        (candidate != video && candidate.is_file()).then_some(candidate)
+    })
+}
+
+fn read_sidecar(path: &Path) -> Result<BTreeMap<String, Value>, RouteError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RouteError(format!("cannot read sidecar {}: {e}", path.display())))?;
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    let parsed: Result<BTreeMap<String, Value>, String> = if is_json {
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    } else {
+        serde_yaml::from_str(&text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| {
+        RouteError(format!(
+            "sidecar {} is not a {} object of metadata keys: {e}; fix or remove it, then `hotfolder retry`",
+            path.display(),
+            if is_json { "JSON" } else { "YAML" }
+        ))
+    })
+}
+
+fn render_value(value: &Value, facts: &FileFacts<'_>) -> Value {
+    match value {
+        Value::String(template) => Value::String(render(template, facts)),
+        Value::Array(items) => Value::Array(items.iter().map(|v| render_value(v, facts)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), render_value(v, facts)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Render `{name}`, `{stem}`, `{ext}`, `{dir}`, `{relpath}`, `{watch}`,
+/// `{size}`, `{mtime:FMT}`, `{now:FMT}` (strftime; RFC 3339 without FMT).
+/// `{{` and `}}` are literal braces; unknown placeholders stay as written.
+pub fn render(template: &str, facts: &FileFacts<'_>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find(['{', '}']) {
+        out.push_str(&rest[..open]);
+        let tail = &rest[open..];
+        if tail.starts_with("{{") || tail.starts_with("}}") {
+            out.push_str(&tail[..1]);
+            rest = &tail[2..];
+            continue;
+        }
+        if tail.starts_with('}') {
+            out.push('}');
+            rest = &tail[1..];
+            continue;
+        }
+        let Some(close) = tail.find('}') else {
+            out.push_str(tail);
+            return out;
+        };
+        let inner = &tail[1..close];
+        match placeholder(inner, facts) {
+            Some(value) => out.push_str(&value),
+            None => out.push_str(&tail[..=close]),
+        }
+        rest = &tail[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn placeholder(inner: &str, facts: &FileFacts<'_>) -> Option<String> {
+    let (name, format) = match inner.split_once(':') {
+        Some((name, format)) => (name, Some(format)),
+        None => (inner, None),
+    };
+    let lossy = |p: Option<&std::ffi::OsStr>| p.map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let time = |t: SystemTime| -> Option<String> {
+        let zoned = jiff::Timestamp::try_from(t).ok()?.to_zoned(jiff::tz::TimeZone::system());
+        Some(match format {
+            Some(fmt) => jiff::fmt::strtime::format(fmt, &zoned).ok()?,
+            None => zoned.timestamp().to_string(),
+        })
+    };
+    match (name, format) {
+        ("name", None) => Some(lossy(facts.relpath.file_name())),
+        ("stem", None) => Some(lossy(facts.relpath.file_stem())),
+        ("ext", None) => Some(lossy(facts.relpath.extension())),
+        ("dir", None) => Some(lossy(facts.relpath.parent().map(Path::as_os_str))),
+        ("relpath", None) => Some(facts.relpath.to_string_lossy().into_owned()),
+        ("watch", None) => Some(facts.watch.to_string()),
+        ("size", None) => Some(facts.size.to_string()),
+        ("mtime", _) => time(facts.mtime),
+        ("now", _) => time(SystemTime::now()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts<'a>(relpath: &'a Path, path: &'a Path) -> FileFacts<'a> {
+        FileFacts {
+            watch: "studio-a",
+            relpath,
+            path,
+            size: 2048,
+            mtime: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(86_400 * 365),
+        }
+    }
+
+    #[test]
+    fn templates() {
+        let rel = Path::new("promo/x/My Clip.mp4");
+        let f = facts(rel, rel);
+        assert_eq!(render("{stem}", &f), "My Clip");
+        assert_eq!(render("{name}|{ext}|{dir}|{watch}|{size}", &f), "My Clip.mp4|mp4|promo/x|studio-a|2048");
+        assert_eq!(render("{{literal}} {unknown}", &f), "{literal} {unknown}");
+        assert!(render("{mtime:%Y}", &f).starts_with("197"));
+        assert_eq!(render("{now:%Y}", &f).len(), 4);
+    }
+
+    #[test]
+    fn first_match_wins_and_sidecar_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "watches:\n  - name: studio-a\n    path: {}\nproviders:\n  a: {{ type: folder, path: /o/a }}\n  b: {{ type: folder, path: /o/b }}\nrules:\n  - match: {{ glob: \"promo/**/*.mp4\" }}\n    provider: a\n    metadata: {{ title: \"{{stem}}\", tags: [promo, \"{{watch}}\"] }}\n  - match: {{ min_size: 1KiB }}\n    provider: b\n",
+            dir.path().display()
+        );
+        let config = crate::config::load_str(&dir.path().join("c.yaml"), &text).unwrap();
+        let router = Router::new(&config);
+        let video = dir.path().join("promo/x/clip.mp4");
+        std::fs::create_dir_all(video.parent().unwrap()).unwrap();
+        let rel = Path::new("promo/x/clip.mp4");
+        let route = router.route(&facts(rel, &video)).unwrap().unwrap();
+        assert_eq!(route.provider, "a");
+        assert_eq!(route.metadata["title"], "clip");
+        assert_eq!(route.metadata["tags"], serde_json::json!(["promo", "studio-a"]));
+        std::fs::write(video.with_extension("json"), r#"{"title": "From sidecar", "public": true}"#).unwrap();
+        let route = router.route(&facts(rel, &video)).unwrap().unwrap();
+        assert_eq!(route.metadata["title"], "From sidecar");
+        assert_eq!(route.metadata["public"], true);
+        assert!(route.sidecar.is_some());
+        std::fs::write(video.with_extension("json"), "{not json").unwrap();
+        assert!(router.route(&facts(rel, &video)).unwrap_err().0.contains("clip.json"));
+        // `*` does not cross folders; size bound routes to b.
+        let rel = Path::new("promo.mp4");
+        assert_eq!(router.route(&facts(rel, rel)).unwrap().unwrap().provider, "b");
+        let mut small = facts(rel, rel);
+        small.size = 10;
+        assert_eq!(router.route(&small).unwrap(), None);
+    }
+}

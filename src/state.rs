@@ -1,0 +1,577 @@
+//! The job store: one versioned record per job in sled, written before any
+//! work starts and after every acknowledged step, so that a restart resumes
+//! what was in flight and never redoes what finished.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::hashing::ResumableSha256;
+use crate::providers::{Delivery, Session};
+
+/// Version tag written into every job record.
+pub const JOB_RECORD_VERSION: u32 = 1;
+
+/// Where a job stands. Transitions are checked by [`JobState::can_become`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a worker.
+    Queued,
+    /// The create call is (or may be) in flight: on restart, look for the
+    /// remote object before creating another.
+    Creating,
+    /// Remote session exists; chunks are going out.
+    Uploading,
+    /// Every byte acknowledged; provider finalisation under way.
+    Finalizing,
+    /// Delivered; the source is being moved to done/ with its receipt.
+    Filing,
+    /// Finished: delivered (or a duplicate skipped) and filed.
+    Done,
+    /// Failed for good; the source is being moved to failed/ with its report.
+    Failing,
+    /// Finished: failed and filed, waiting for `retry`.
+    Failed,
+    /// The source changed or vanished before delivery; a new job takes over.
+    Superseded,
+}
+
+impl JobState {
+    /// No more work will happen on a job in this state (until `retry`).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Done | JobState::Failed | JobState::Superseded)
+    }
+
+    /// The explicit state machine.
+    pub fn can_become(self, next: JobState) -> bool {
+        use JobState::*;
+        if next == Failing {
+            return !self.is_terminal() && self != Failing;
+        }
+        matches!(
+            (self, next),
+            (Queued, Creating | Uploading | Filing | Superseded)
+                | (Creating, Uploading | Creating | Queued | Superseded)
+                | (Uploading, Uploading | Finalizing | Creating | Queued | Superseded)
+                | (Finalizing, Filing | Queued)
+                | (Filing, Done)
+                | (Failing, Failed)
+                | (Failed, Queued)
+        )
+    }
+
+    /// The snake_case name used in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Creating => "creating",
+            JobState::Uploading => "uploading",
+            JobState::Finalizing => "finalizing",
+            JobState::Filing => "filing",
+            JobState::Done => "done",
+            JobState::Failing => "failing",
+            JobState::Failed => "failed",
+            JobState::Superseded => "superseded",
+        }
+    }
+}
+
+/// What identifies one version of a source file: if any of it changes, the
+/// content may have changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSignature {
+    /// Length in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+impl FileSignature {
+    /// Read from metadata.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileSignature {
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    /// Same content as far as size and mtime tell (the inode may change
+    /// when a file is moved across filesystems and back).
+    pub fn same_content(&self, other: &FileSignature) -> bool {
+        self.size == other.size && self.mtime_ns == other.mtime_ns
+    }
+}
+
+/// The last failure of a job, for status and error reports (secrets removed
+/// by the code that builds it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// One sentence: what went wrong.
+    pub reason: String,
+    /// Last HTTP status, where there was one.
+    pub status: Option<u16>,
+    /// An excerpt of the provider's answer.
+    pub excerpt: Option<String>,
+    /// When it happened.
+    pub at: jiff::Timestamp,
+}
+
+/// One file's journey. Serialized as JSON with a version tag.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    /// Record layout version ([`JOB_RECORD_VERSION`]).
+    pub version: u32,
+    /// Unique, never reused.
+    pub id: u64,
+    /// The watch it came from (empty for `hotfolder upload`).
+    pub watch: String,
+    /// Path relative to the watch folder (the file name for `upload`).
+    pub relpath: PathBuf,
+    /// Where the source is now.
+    pub source: PathBuf,
+    /// The version of the source this job delivers.
+    pub signature: FileSignature,
+    /// Provider name.
+    pub provider: String,
+    /// Index of the rule that routed it.
+    pub rule: Option<usize>,
+    /// Rendered metadata sent with the upload.
+    pub metadata: BTreeMap<String, serde_json::Value>,
+    /// Sidecar file that travels with the source.
+    pub sidecar: Option<PathBuf>,
+    /// Skip content already delivered to this provider.
+    pub skip_duplicates: bool,
+    /// Current state.
+    pub state: JobState,
+    /// Provider session (remote id, upload URL...), persisted before the first byte.
+    pub session: Option<Session>,
+    /// Bytes per request, fixed when the job starts.
+    pub chunk_size: u64,
+    /// Bytes the provider acknowledged.
+    pub acked: u64,
+    /// Hash state at some offset ≤ `acked` (normally equal).
+    pub hash: Option<ResumableSha256>,
+    /// Full sha256, once known.
+    pub sha256: Option<String>,
+    /// Size + ends hash, for duplicate candidates.
+    pub fingerprint: Option<String>,
+    /// Bytes sent over all attempts (resends included).
+    pub bytes_sent: u64,
+    /// Source bytes read over all attempts.
+    pub source_bytes_read: u64,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Failed attempts since the last progress.
+    pub failures: u32,
+    /// The most recent failure.
+    pub last_error: Option<ErrorInfo>,
+    /// What the provider reported at the end.
+    pub delivery: Option<Delivery>,
+    /// An earlier job that delivered the same content.
+    pub duplicate_of: Option<u64>,
+    /// Where the source was (or is being) filed: done/ or failed/.
+    pub filed_to: Option<PathBuf>,
+    /// Where the sidecar was filed.
+    pub sidecar_filed_to: Option<PathBuf>,
+    /// Remote objects abandoned or possibly orphaned on the way.
+    pub replaced: Vec<String>,
+    /// Created.
+    pub created_at: jiff::Timestamp,
+    /// First byte sent.
+    pub started_at: Option<jiff::Timestamp>,
+    /// Reached a terminal state.
+    pub finished_at: Option<jiff::Timestamp>,
+    /// Last write.
+    pub updated_at: jiff::Timestamp,
+}
+
+impl Job {
+    /// A new queued job.
+    pub fn new(id: u64, watch: &str, relpath: &Path, source: &Path, signature: FileSignature, provider: &str) -> Self {
+        let now = jiff::Timestamp::now();
+        Job {
+            version: JOB_RECORD_VERSION,
+            id,
+            watch: watch.to_string(),
+            relpath: relpath.to_path_buf(),
+            source: source.to_path_buf(),
+            signature,
+            provider: provider.to_string(),
+            rule: None,
+            metadata: BTreeMap::new(),
+            sidecar: None,
+            skip_duplicates: true,
+            state: JobState::Queued,
+            session: None,
+            chunk_size: 0,
+            acked: 0,
+            hash: None,
+            sha256: None,
+            fingerprint: None,
+            bytes_sent: 0,
+            source_bytes_read: 0,
+            attempts: 0,
+            failures: 0,
+            last_error: None,
+            delivery: None,
+            duplicate_of: None,
+            filed_to: None,
+            sidecar_filed_to: None,
+            replaced: Vec::new(),
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            updated_at: now,
+        }
+    }
+
+    /// The file name, for messages.
+    pub fn file_name(&self) -> String {
+        self.relpath
+            .file_name()
+            .map_or_else(|| self.relpath.display().to_string(), |n| n.to_string_lossy().into_owned())
+    }
+
+    /// Move to `next`, refusing transitions the state machine does not allow.
+    ///
+    /// # Errors
+    /// [`StoreError::Transition`] when `next` is not reachable from here.
+    pub fn transition(&mut self, next: JobState) -> Result<(), StoreError> {
+        if !self.state.can_become(next) {
+            return Err(StoreError::Transition {
+                job: self.id,
+                from: self.state,
+                to: next,
+            });
+        }
+        self.state = next;
+        if next.is_terminal() {
+            self.finished_at = Some(jiff::Timestamp::now());
+        }
+        Ok(())
+    }
+}
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened.
+    #[error("cannot open the state database in {path}: {source}{hint}")]
+    Open {
+        /// The state folder.
+        path: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+        /// Advice, e.g. that a daemon holds the lock.
+        hint: &'static str,
+    },
+    /// A read or write failed.
+    #[error("state database error: {0}")]
+    Db(#[from] sled::Error),
+    /// The state folder could not be prepared.
+    #[error("cannot prepare state folder {path}: {source}")]
+    Folder {
+        /// The state folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A record could not be decoded.
+    #[error("job record {key} is unreadable: {source}")]
+    Decode {
+        /// The record key.
+        key: String,
+        /// The decode error.
+        source: serde_json::Error,
+    },
+    /// A record written by a newer hotfolder.
+    #[error("job {job} was written by a newer hotfolder (record version {version}); upgrade hotfolder")]
+    TooNew {
+        /// Job id.
+        job: u64,
+        /// Its version.
+        version: u32,
+    },
+    /// The state machine forbids this step (a bug, reported rather than hidden).
+    #[error("job {job} cannot go from {from:?} to {to:?}")]
+    Transition {
+        /// Job id.
+        job: u64,
+        /// Current state.
+        from: JobState,
+        /// Requested state.
+        to: JobState,
+    },
+    /// No such job.
+    #[error("no job {0}; `hotfolder status` lists the jobs")]
+    NotFound(u64),
+}
+
+/// The sled-backed job store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    jobs: sled::Tree,
+    sources: sled::Tree,
+    delivered: sled::Tree,
+}
+
+fn source_key(watch: &str, relpath: &Path) -> Vec<u8> {
+    let mut key = watch.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(relpath.as_os_str().as_encoded_bytes());
+    key
+}
+
+fn delivered_key(provider: &str, fingerprint: &str) -> Vec<u8> {
+    format!("{provider}\0{fingerprint}").into_bytes()
+}
+
+impl Store {
+    /// Open (creating) the database in `state_dir`, which is created with
+    /// owner-only permissions.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when another process holds it or it is damaged.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        prepare_state_dir(state_dir)?;
+        let path = state_dir.join("db");
+        let db = sled::Config::new()
+            .path(&path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| {
+                let hint = if source.to_string().contains("lock") {
+                    "; is a hotfolder daemon already running with this state_dir?"
+                } else {
+                    ""
+                };
+                StoreError::Open { path: path.clone(), source, hint }
+            })?;
+        Ok(Store {
+            jobs: db.open_tree("jobs")?,
+            sources: db.open_tree("sources")?,
+            delivered: db.open_tree("delivered")?,
+            db,
+        })
+    }
+
+    /// A fresh job id.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        // sled ids start at 0; keep ids human-friendly from 1.
+        Ok(self.db.generate_id()? + 1)
+    }
+
+    /// Write a job durably (flushed before returning).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn put(&self, job: &mut Job) -> Result<(), StoreError> {
+        self.put_buffered(job)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Write a job without waiting for the disk (for progress that may be
+    /// lost in a crash without harm, because the server's offset is asked).
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
+        job.updated_at = jiff::Timestamp::now();
+        let bytes = serde_json::to_vec(job).map_err(|source| StoreError::Decode {
+            key: job.id.to_string(),
+            source,
+        })?;
+        self.jobs.insert(job.id.to_be_bytes(), bytes)?;
+        if !job.watch.is_empty() || !job.relpath.as_os_str().is_empty() {
+            self.sources
+                .insert(source_key(&job.watch, &job.relpath), &job.id.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Flush everything written so far.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Read one job.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], or a decode failure.
+    pub fn get(&self, id: u64) -> Result<Job, StoreError> {
+        let bytes = self.jobs.get(id.to_be_bytes())?.ok_or(StoreError::NotFound(id))?;
+        decode(&bytes)
+    }
+
+    /// Every job, oldest first.
+    ///
+    /// # Errors
+    /// Database or decode failure.
+    pub fn all(&self) -> Result<Vec<Job>, StoreError> {
+        self.jobs
+            .iter()
+            .map(|entry| {
+                let (_, bytes) = entry?;
+                decode(&bytes)
+            })
+            .collect()
+    }
+
+    /// The latest job for a watch-relative path.
+    ///
+    /// # Errors
+    /// Database or decode failure.
+    pub fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError> {
+        match self.sources.get(source_key(watch, relpath))? {
+            None => Ok(None),
+            Some(id) => {
+                let id = u64::from_be_bytes(id.as_ref().try_into().unwrap_or([0; 8]));
+                match self.get(id) {
+                    Ok(job) => Ok(Some(job)),
+                    Err(StoreError::NotFound(_)) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Remember that `job` delivered content with this fingerprint.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn record_delivery(&self, provider: &str, fingerprint: &str, job: u64) -> Result<(), StoreError> {
+        let key = delivered_key(provider, fingerprint);
+        let mut ids = self.delivered_ids(provider, fingerprint)?;
+        if !ids.contains(&job) {
+            ids.push(job);
+        }
+        let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
+        self.delivered.insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Jobs that delivered content with this fingerprint to this provider.
+    ///
+    /// # Errors
+    /// Database failure.
+    pub fn delivered_ids(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
+        let Some(bytes) = self.delivered.get(delivered_key(provider, fingerprint))? else {
+            return Ok(Vec::new());
+        };
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<Job, StoreError> {
+    #[derive(Deserialize)]
+    struct Header {
+        version: u32,
+        id: u64,
+    }
+    let header: Header = serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        key: "?".into(),
+        source,
+    })?;
+    if header.version > JOB_RECORD_VERSION {
+        return Err(StoreError::TooNew {
+            job: header.id,
+            version: header.version,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        key: header.id.to_string(),
+        source,
+    })
+}
+
+/// Create `state_dir` (owner-only) if missing and tighten its mode.
+///
+/// # Errors
+/// [`StoreError::Folder`].
+pub fn prepare_state_dir(state_dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let folder_error = |source| StoreError::Folder {
+        path: state_dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(folder_error)?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(folder_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signature() -> FileSignature {
+        FileSignature { size: 5, mtime_ns: 1, dev: 1, ino: 2 }
+    }
+
+    #[tokio::test]
+    async fn jobs_survive_reopen_and_index_by_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        {
+            let store = Store::open(&state).unwrap();
+            let id = store.next_id().unwrap();
+            let mut job = Job::new(id, "w", Path::new("a/b.mp4"), Path::new("/x/a/b.mp4"), signature(), "p");
+            store.put(&mut job).await.unwrap();
+            store.record_delivery("p", "fp", id).unwrap();
+            store.flush().await.unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let store = Store::open(&state).unwrap();
+        let job = store.latest_for("w", Path::new("a/b.mp4")).unwrap().unwrap();
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!(store.delivered_ids("p", "fp").unwrap(), vec![job.id]);
+        assert!(store.next_id().unwrap() > job.id);
+    }
+
+    #[test]
+    fn state_machine() {
+        use JobState::*;
+        assert!(Queued.can_become(Creating));
+        assert!(Uploading.can_become(Failing));
+        assert!(!Done.can_become(Failing));
+        assert!(!Done.can_become(Queued));
+        assert!(Failed.can_become(Queued));
+        assert!(!Queued.can_become(Done));
+        let mut job = Job::new(1, "w", Path::new("a"), Path::new("/a"), signature(), "p");
+        assert!(job.transition(Done).is_err());
+        job.transition(Failing).unwrap();
+        job.transition(Failed).unwrap();
+        assert!(job.finished_at.is_some());
+    }
+
+    #[test]
+    fn newer_records_are_refused() {
+        let bytes = br#"{"version": 99, "id": 4}"#;
+        assert!(matches!(decode(bytes), Err(StoreError::TooNew { job: 4, version: 99 })));
+    }
+}

@@ -1,0 +1,130 @@
+//! One chunk of a source file, read lazily in pieces so that a chunk never
+//! sits whole in memory; every piece is hashed as it is read, so the sha256
+//! costs no second pass over the source.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::hashing::ResumableSha256;
+
+/// Bytes read from the source per piece.
+pub const PIECE: u64 = 1 << 20;
+
+/// Byte counters of one job, shared with the progress board.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Source bytes read (all passes).
+    pub read: AtomicU64,
+    /// Bytes handed to the provider in the current chunk.
+    pub in_flight: AtomicU64,
+}
+
+/// A range of the source, handed to a provider's `send`.
+pub struct Chunk {
+    /// First byte's offset in the file.
+    pub start: u64,
+    /// Bytes in this chunk.
+    pub len: u64,
+    /// File size.
+    pub total: u64,
+    /// 0-based chunk number (`start / chunk_size`).
+    pub index: u64,
+    /// Chunks in the whole file.
+    pub count: u64,
+    file: Arc<File>,
+    position: u64,
+    hasher: Arc<Mutex<ResumableSha256>>,
+    counters: Arc<Counters>,
+}
+
+impl Chunk {
+    /// A chunk of `file` from `start`, `len` bytes long; each piece read is
+    /// fed to `hasher`, which must already stand at `start`.
+    pub(crate) fn new(
+        file: Arc<File>,
+        start: u64,
+        len: u64,
+        total: u64,
+        chunk_size: u64,
+        hasher: Arc<Mutex<ResumableSha256>>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        counters.in_flight.store(0, Ordering::Relaxed);
+        Chunk {
+            start,
+            len,
+            total,
+            index: start / chunk_size.max(1),
+            count: total.div_ceil(chunk_size.max(1)).max(1),
+            file,
+            position: start,
+            hasher,
+            counters,
+        }
+    }
+
+    /// Offset one past the last byte.
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    /// True when this chunk ends the file.
+    pub fn is_last(&self) -> bool {
+        self.end() == self.total
+    }
+
+    /// The next piece of at most [`PIECE`] bytes, or `None` at the chunk's end.
+    ///
+    /// # Errors
+    /// An I/O error, or `UnexpectedEof` when the source shrank.
+    pub async fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
+        let remaining = self.end() - self.position;
+        if remaining == 0 {
+            return Ok(None);
+        }
+        let want = remaining.min(PIECE) as usize;
+        let file = Arc::clone(&self.file);
+        let hasher = Arc::clone(&self.hasher);
+        let offset = self.position;
+        let piece = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
+            let mut buf = vec![0u8; want];
+            let mut filled = 0;
+            while filled < want {
+                let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the source file became shorter while it was being read",
+                    ));
+                }
+                filled += n;
+            }
+            hasher
+                .lock()
+                .map_err(|_| io::Error::other("hash state poisoned"))?
+                .update(&buf);
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.position += piece.len() as u64;
+        self.counters.read.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        self.counters
+            .in_flight
+            .fetch_add(piece.len() as u64, Ordering::Relaxed);
+        Ok(Some(piece))
+    }
+
+    /// The chunk as a byte stream, for an HTTP request body.
+    pub fn into_stream(self) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        futures_util::stream::try_unfold(self, |mut chunk| async move {
+            Ok(chunk.next_piece().await?.map(|piece| (piece, chunk)))
+        })
+    }
+}

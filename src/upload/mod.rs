@@ -1,0 +1,476 @@
+//! The resumable upload engine, shared by every provider: create the remote
+//! object (persisted before the first byte), learn the server's offset after
+//! any failure, send chunk after chunk (persisting each acknowledgement and
+//! the hash state with it), finalise, and decide after each failure whether
+//! to retry (the shared [`Backoff`]) or fail.
+
+pub mod chunk;
+pub mod progress;
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::ProviderConfig;
+use crate::hashing::{self, ResumableSha256};
+use crate::providers::{Delivery, ErrorKind, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader};
+use crate::retry::Backoff;
+use crate::state::{ErrorInfo, FileSignature, Job, JobState, Store, StoreError};
+use chunk::{Chunk, Counters, PIECE};
+use progress::ProgressBoard;
+
+/// A provider with its settings, backoff and concurrency limit.
+pub struct ProviderHandle {
+    /// The backend.
+    pub provider: Provider,
+    /// Its config.
+    pub config: ProviderConfig,
+    /// Its retry policy.
+    pub backoff: Backoff,
+    /// `max_concurrent` permits.
+    pub permits: Arc<Semaphore>,
+}
+
+impl ProviderHandle {
+    /// Build from config.
+    pub fn new(config: &ProviderConfig) -> Self {
+        ProviderHandle {
+            provider: Provider::from_config(config),
+            backoff: Backoff::new(config.retry),
+            permits: Arc::new(Semaphore::new(config.max_concurrent)),
+            config: config.clone(),
+        }
+    }
+}
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub enum AttemptEnd {
+    /// Every byte acknowledged and finalised.
+    Delivered(Delivery),
+    /// The same content was already delivered by this earlier job.
+    Duplicate(u64),
+    /// A failure; `kind` says whether retrying can help.
+    Failed(ProviderError),
+    /// The source changed (or vanished) during the attempt.
+    SourceChanged(String),
+    /// Shutdown asked us to stop; everything acknowledged is persisted.
+    Interrupted,
+}
+
+/// Errors that end an attempt early inside the engine.
+enum Stop {
+    Provider(ProviderError),
+    SourceChanged(String),
+    Interrupted,
+    Store(StoreError),
+}
+
+impl From<ProviderError> for Stop {
+    fn from(e: ProviderError) -> Self {
+        Stop::Provider(e)
+    }
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop::Store(e)
+    }
+}
+
+/// The engine: store, progress and the shutdown signal.
+#[derive(Clone)]
+pub struct Engine {
+    /// The job store.
+    pub store: Store,
+    /// Live progress for status.
+    pub progress: ProgressBoard,
+    /// Becomes `true` when the daemon stops taking work.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Engine {
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Run one attempt of `job` with `handle`, persisting every step.
+    /// Cancel-safe at the chunk level: the store always holds a resumable state.
+    pub async fn attempt(&self, job: &mut Job, handle: &ProviderHandle) -> AttemptEnd {
+        let counters = self.progress.start(job);
+        let result = self.attempt_inner(job, handle, &counters).await;
+        job.source_bytes_read += counters.read.load(std::sync::atomic::Ordering::Relaxed);
+        self.progress.finish(job.id);
+        match result {
+            Ok(end) => end,
+            Err(Stop::Provider(e)) => AttemptEnd::Failed(e),
+            Err(Stop::SourceChanged(why)) => AttemptEnd::SourceChanged(why),
+            Err(Stop::Interrupted) => AttemptEnd::Interrupted,
+            Err(Stop::Store(e)) => AttemptEnd::Failed(ProviderError::new(
+                ErrorKind::Transient,
+                format!("cannot record progress: {e}"),
+            )),
+        }
+    }
+
+    async fn attempt_inner(
+        &self,
+        job: &mut Job,
+        handle: &ProviderHandle,
+        counters: &Arc<Counters>,
+    ) -> Result<AttemptEnd, Stop> {
+        let (file, signature) = open_source(job)?;
+        let file = Arc::new(file);
+        if job.chunk_size == 0 {
+            job.chunk_size = handle.config.chunk_size;
+        }
+        if job.state == JobState::Queued && job.session.is_none() {
+            if let Some(earlier) = self.find_duplicate(job, handle).await? {
+                return Ok(AttemptEnd::Duplicate(earlier));
+            }
+        }
+        let file_name = job.file_name();
+        let relpath = job.relpath.clone();
+        let metadata = job.metadata.clone();
+        let request = UploadRequest {
+            job_id: job.id,
+            file_name: &file_name,
+            relpath: &relpath,
+            size: signature.size,
+            metadata: &metadata,
+            chunk_size: job.chunk_size,
+        };
+        let provider = &handle.provider;
+
+        if job.state == JobState::Finalizing {
+            return self.finalize(job, provider, &request).await;
+        }
+        loop {
+            if self.stopping() {
+                return Err(Stop::Interrupted);
+            }
+            // Create the remote object unless a session exists.
+            let mut session = match job.session.take() {
+                Some(session) => session,
+                None => {
+                    if job.state == JobState::Creating {
+                        tracing::warn!(job = job.id, "an earlier create call was interrupted; this provider may hold an orphaned object from it");
+                    }
+                    job.transition(JobState::Creating)?;
+                    self.store.put(job).await?;
+                    let session = provider.create(&request).await?;
+                    job.acked = 0;
+                    job.hash = None;
+                    job.session = Some(session.clone());
+                    job.transition(JobState::Uploading)?;
+                    job.started_at.get_or_insert_with(jiff::Timestamp::now);
+                    self.store.put(job).await?;
+                    session
+                }
+            };
+            // Learn where the server stands.
+            let offset = match provider.offset(&mut session, &request, job.acked).await {
+                Ok(RemoteOffset::At(offset)) if offset <= signature.size => offset,
+                Ok(RemoteOffset::Unknown) => job.acked,
+                Ok(RemoteOffset::At(_) | RemoteOffset::Gone) => {
+                    self.replace_session(job, provider, &session, "the remote upload was gone").await?;
+                    continue;
+                }
+                Err(e) => {
+                    job.session = Some(session);
+                    return Err(e.into());
+                }
+            };
+            if offset != job.acked || job.attempts > 1 {
+                tracing::info!(job = job.id, file = %job.relpath.display(), offset, size = signature.size, "resuming");
+            }
+            let hasher = catch_up(job.hash.take(), &file, offset, counters).await?;
+            if job.state != JobState::Uploading {
+                job.transition(JobState::Uploading)?;
+            }
+            job.acked = offset;
+            job.hash = Some(hasher);
+            job.session = Some(session);
+            match self.send_chunks(job, provider, &request, &file, signature, counters).await {
+                Err(Stop::Provider(e)) if e.kind == ErrorKind::Gone => {
+                    let session = job.session.take().unwrap_or_default();
+                    self.replace_session(job, provider, &session, &e.message).await?;
+                    continue;
+                }
+                other => other?,
+            }
+            return self.finalize(job, provider, &request).await;
+        }
+    }
+
+    async fn send_chunks(
+        &self,
+        job: &mut Job,
+        provider: &Provider,
+        request: &UploadRequest<'_>,
+        file: &Arc<File>,
+        signature: FileSignature,
+        counters: &Arc<Counters>,
+    ) -> Result<(), Stop> {
+        while job.acked < signature.size {
+            if self.stopping() {
+                return Err(Stop::Interrupted);
+            }
+            check_unchanged(job)?;
+            let start = job.acked;
+            let len = job.chunk_size.min(signature.size - start);
+            let hasher = Arc::new(Mutex::new(job.hash.clone().unwrap_or_default()));
+            let chunk = Chunk::new(
+                Arc::clone(file),
+                start,
+                len,
+                signature.size,
+                job.chunk_size,
+                Arc::clone(&hasher),
+                Arc::clone(counters),
+            );
+            let session = job.session.as_mut().ok_or_else(|| {
+                ProviderError::new(ErrorKind::Gone, "the job has no upload session")
+            })?;
+            let acked = match provider.send(session, request, chunk).await {
+                Ok(acked) => acked,
+                Err(e) => {
+                    if let Stop::SourceChanged(why) = source_error_of(job, &e) {
+                        return Err(Stop::SourceChanged(why));
+                    }
+                    job.bytes_sent += counters.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+                    return Err(e.into());
+                }
+            };
+            job.bytes_sent += len;
+            let hasher = hasher.lock().map(|h| h.clone()).unwrap_or_default();
+            if acked == start + len {
+                job.hash = Some(hasher);
+            } else if acked > start && acked < start + len {
+                // Partial acknowledgement: re-derive the hash at the acked offset.
+                job.hash = Some(catch_up(job.hash.take(), file, acked, counters).await?);
+            } else {
+                return Err(ProviderError::new(
+                    ErrorKind::OffsetMismatch,
+                    format!("the provider acknowledged offset {acked} after a chunk {start}..{}", start + len),
+                )
+                .into());
+            }
+            job.acked = acked;
+            job.failures = 0;
+            self.store.put(job).await?;
+            self.progress.acked(job.id, acked);
+        }
+        Ok(())
+    }
+
+    async fn finalize(
+        &self,
+        job: &mut Job,
+        provider: &Provider,
+        request: &UploadRequest<'_>,
+    ) -> Result<AttemptEnd, Stop> {
+        check_unchanged(job)?;
+        let sha256 = match (&job.hash, &job.sha256) {
+            (_, Some(done)) if job.state == JobState::Finalizing => done.clone(),
+            (Some(hash), known) if hash.length() == request.size => {
+                let sha = hash.finish_hex();
+                if known.as_ref().is_some_and(|k| *k != sha) {
+                    return Err(Stop::SourceChanged(
+                        "the content changed between the duplicate check and the upload".into(),
+                    ));
+                }
+                sha
+            }
+            _ => {
+                return Err(ProviderError::new(
+                    ErrorKind::OffsetMismatch,
+                    "hash state does not cover the whole file; resuming",
+                )
+                .into());
+            }
+        };
+        job.sha256 = Some(sha256.clone());
+        if job.state != JobState::Finalizing {
+            job.transition(JobState::Finalizing)?;
+            self.store.put(job).await?;
+        }
+        let mut session = job.session.clone().unwrap_or_default();
+        let delivery = provider.finalize(&mut session, request, &sha256).await?;
+        job.session = Some(session);
+        Ok(AttemptEnd::Delivered(delivery))
+    }
+
+    /// Abandon the current remote object and start a new one, naming the old
+    /// one in the receipt.
+    async fn replace_session(
+        &self,
+        job: &mut Job,
+        provider: &Provider,
+        session: &crate::providers::Session,
+        why: &str,
+    ) -> Result<(), Stop> {
+        tracing::warn!(job = job.id, reason = why, "starting a new remote upload");
+        if let Err(e) = provider.abandon(session).await {
+            tracing::warn!(job = job.id, error = %e, "could not delete the abandoned upload");
+        }
+        if let Some(old) = session.remote_id.clone().or_else(|| session.upload_url.clone()) {
+            job.replaced.push(old);
+        }
+        job.session = None;
+        job.acked = 0;
+        job.hash = None;
+        job.transition(JobState::Creating)?;
+        self.store.put(job).await?;
+        Ok(())
+    }
+
+    /// Same content already delivered to the same provider? Only candidates
+    /// with the same fingerprint are hashed in full.
+    async fn find_duplicate(&self, job: &mut Job, handle: &ProviderHandle) -> Result<Option<u64>, Stop> {
+        let path = job.source.clone();
+        let fingerprint = blocking_io(move || hashing::fingerprint(&path))
+            .await
+            .map_err(|e| source_error(job, &e))?;
+        job.fingerprint = Some(fingerprint.clone());
+        if !job.skip_duplicates {
+            return Ok(None);
+        }
+        let candidates = self.store.delivered_ids(&handle.config.name, &fingerprint)?;
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        let path = job.source.clone();
+        let sha = blocking_io(move || hashing::sha256_file(&path))
+            .await
+            .map_err(|e| source_error(job, &e))?;
+        job.sha256 = Some(sha.clone());
+        for id in candidates {
+            if let Ok(earlier) = self.store.get(id) {
+                if earlier.state == JobState::Done && earlier.sha256.as_deref() == Some(sha.as_str()) {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Wait out a backoff, waking early on shutdown. Answers false on shutdown.
+    pub async fn pause(&self, delay: Duration) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = shutdown.wait_for(|stop| *stop) => false,
+        }
+    }
+}
+
+async fn blocking_io<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Open the source and confirm it is still the version the job was made for.
+fn open_source(job: &Job) -> Result<(File, FileSignature), Stop> {
+    let file = File::open(&job.source).map_err(|e| source_error(job, &e))?;
+    let meta = file.metadata().map_err(|e| source_error(job, &e))?;
+    let signature = FileSignature::of(&meta);
+    if !signature.same_content(&job.signature) {
+        return Err(Stop::SourceChanged(format!(
+            "{} changed (size or modification time) since it was taken",
+            job.source.display()
+        )));
+    }
+    Ok((file, signature))
+}
+
+fn check_unchanged(job: &Job) -> Result<(), Stop> {
+    match std::fs::metadata(&job.source) {
+        Ok(meta) if FileSignature::of(&meta).same_content(&job.signature) => Ok(()),
+        Ok(_) => Err(Stop::SourceChanged(format!(
+            "{} changed while it was being uploaded",
+            job.source.display()
+        ))),
+        Err(e) => Err(source_error(job, &e)),
+    }
+}
+
+/// A source that vanished or cannot be read fails the job at once.
+fn source_error(job: &Job, error: &std::io::Error) -> Stop {
+    let message = match error.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "{} vanished before it was delivered",
+            job.source.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "cannot read {}: permission denied; give the hotfolder user read access",
+            job.source.display()
+        ),
+        std::io::ErrorKind::UnexpectedEof => {
+            return Stop::SourceChanged(format!("{} became shorter while it was read", job.source.display()));
+        }
+        _ => format!("cannot read {}: {error}", job.source.display()),
+    };
+    Stop::Provider(ProviderError::new(ErrorKind::Permanent, message))
+}
+
+/// Turn a provider error caused by reading the source into the source's own verdict.
+fn source_error_of(job: &Job, error: &ProviderError) -> Stop {
+    match check_unchanged(job) {
+        Err(stop) => stop,
+        Ok(()) => Stop::Provider(error.clone()),
+    }
+}
+
+/// Bring a hash checkpoint to `target` by reading the source: forward from
+/// the checkpoint when it is behind, from the start when it is ahead.
+async fn catch_up(
+    checkpoint: Option<ResumableSha256>,
+    file: &Arc<File>,
+    target: u64,
+    counters: &Arc<Counters>,
+) -> Result<ResumableSha256, Stop> {
+    let mut hasher = checkpoint.unwrap_or_default();
+    if hasher.length() > target {
+        hasher = ResumableSha256::default();
+    }
+    if hasher.length() == target {
+        return Ok(hasher);
+    }
+    let file = Arc::clone(file);
+    let counters = Arc::clone(counters);
+    blocking_io(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; PIECE as usize];
+        while hasher.length() < target {
+            let want = (target - hasher.length()).min(PIECE) as usize;
+            let n = file.read_at(&mut buf[..want], hasher.length())?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source shorter than the acknowledged offset",
+                ));
+            }
+            counters.read.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            hasher.update(&buf[..n]);
+        }
+        Ok(hasher)
+    })
+    .await
+    .map_err(|e| Stop::SourceChanged(format!("cannot re-read the source to resume: {e}")))
+}
+
+/// Record a failure on the job.
+pub fn note_failure(job: &mut Job, error: &ProviderError) {
+    job.last_error = Some(ErrorInfo {
+        reason: error.message.clone(),
+        status: error.status,
+        excerpt: error.excerpt.clone(),
+        at: jiff::Timestamp::now(),
+    });
+}

@@ -1,0 +1,93 @@
+//! Live progress of uploads in flight (bytes, rate, ETA) for `status`, the
+//! progress bar and later the status page. Nothing here is persisted: the
+//! store holds what was acknowledged; this holds what is moving now.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::chunk::Counters;
+use crate::state::Job;
+
+/// A snapshot for display.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    /// Bytes acknowledged plus bytes of the chunk in flight.
+    pub bytes: u64,
+    /// File size.
+    pub total: u64,
+    /// Average rate since this attempt started.
+    pub bytes_per_second: f64,
+    /// Seconds left at that rate.
+    pub eta_seconds: Option<f64>,
+}
+
+struct Live {
+    counters: Arc<Counters>,
+    acked: u64,
+    acked_at_start: u64,
+    total: u64,
+    started: Instant,
+}
+
+/// Progress of every job in flight. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct ProgressBoard {
+    live: Arc<Mutex<HashMap<u64, Live>>>,
+}
+
+impl ProgressBoard {
+    /// A job's attempt starts; returns the counters the engine updates.
+    pub fn start(&self, job: &Job) -> Arc<Counters> {
+        let counters = Arc::new(Counters::default());
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(
+                job.id,
+                Live {
+                    counters: Arc::clone(&counters),
+                    acked: job.acked,
+                    acked_at_start: job.acked,
+                    total: job.signature.size,
+                    started: Instant::now(),
+                },
+            );
+        }
+        counters
+    }
+
+    /// A chunk was acknowledged.
+    pub fn acked(&self, job: u64, offset: u64) {
+        if let Ok(mut live) = self.live.lock() {
+            if let Some(entry) = live.get_mut(&job) {
+                entry.acked = offset;
+                entry.counters.in_flight.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The attempt ended.
+    pub fn finish(&self, job: u64) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&job);
+        }
+    }
+
+    /// A snapshot of one job, if it is in flight.
+    pub fn get(&self, job: u64) -> Option<Progress> {
+        let live = self.live.lock().ok()?;
+        let entry = live.get(&job)?;
+        let bytes = (entry.acked + entry.counters.in_flight.load(Ordering::Relaxed)).min(entry.total);
+        let elapsed = entry.started.elapsed().as_secs_f64();
+        let moved = bytes.saturating_sub(entry.acked_at_start) as f64;
+        let rate = if elapsed > 0.0 { moved / elapsed } else { 0.0 };
+        Some(Progress {
+            bytes,
+            total: entry.total,
+            bytes_per_second: rate,
+            eta_seconds: (rate > 0.0).then(|| (entry.total - bytes) as f64 / rate),
+        })
+    }
+}
