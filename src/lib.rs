@@ -7,14 +7,20 @@
 //! chunk by chunk under the shared [`retry`] policy, hashing with [`hashing`]
 //! in the same pass; [`finish`] files the source into done/ or failed/ with a
 //! receipt or error report. [`daemon`] ties them together with workers and
-//! graceful shutdown; [`control`] answers `status`/`retry` while it runs; [`cli`]
-//! is the command line.
+//! graceful shutdown; [`jobs`] holds the status view and `retry`; [`control`]
+//! answers `status`/`retry` while the daemon runs; [`cli`] is the command line.
 
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod finish;
 pub mod hashing;
+pub mod jobs;
+pub mod providers;
 pub mod retry;
 pub mod route;
-pub mod providers;
+pub mod shutdown;
 pub mod state;
 pub mod upload;
+pub mod watch;

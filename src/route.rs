@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::{Glob, GlobMatcher};
 use serde_json::Value;
 
 use crate::config::{Config, Duplicates, Rule, Unmatched};
@@ -52,12 +52,10 @@ pub struct Router {
     unmatched: Unmatched,
 }
 
-/// A glob on relative paths where `*` stays within one folder and `**` spans folders.
+/// A glob on relative paths, with the same semantics as watch include/exclude
+/// (`*` may cross folders, so `*.mp4` matches at any depth).
 pub fn path_glob(pattern: &str) -> Result<GlobMatcher, globset::Error> {
-    Ok(GlobBuilder::new(pattern)
-        .literal_separator(true)
-        .build()?
-        .compile_matcher())
+    Ok(Glob::new(pattern)?.compile_matcher())
 }
 
 impl Router {
@@ -267,7 +265,7 @@ mod tests {
         assert!(route.sidecar.is_some());
         std::fs::write(video.with_extension("json"), "{not json").unwrap();
         assert!(router.route(&facts(rel, &video)).unwrap_err().0.contains("clip.json"));
-        // `*` does not cross folders; size bound routes to b.
+        // Outside promo/: the size bound routes to b.
         let rel = Path::new("promo.mp4");
         assert_eq!(router.route(&facts(rel, rel)).unwrap().unwrap().provider, "b");
         let mut small = facts(rel, rel);

@@ -362,7 +362,7 @@ impl Engine {
         let mut shutdown = self.shutdown.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,
-            _ = shutdown.wait_for(|stop| *stop) => false,
+            () = crate::shutdown::stopped(&mut shutdown) => false,
         }
     }
 }

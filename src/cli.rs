@@ -1,0 +1,327 @@
+//! The command line: clap arguments in one place, turned into calls on the
+//! library. Errors are split by kind so `main` can pick the exit code:
+//! 2 for usage and configuration, 1 for run-time failures.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, ConfigError, LogFormat};
+use crate::control::{self, Request, Response};
+use crate::jobs::{self, JobView};
+use crate::route::{FileFacts, Router};
+use crate::state::{JobState, Store};
+
+/// hotfolder: watch folders, upload finished video files resumably, file them into done/ or failed/.
+#[derive(Debug, Parser)]
+#[command(name = "hotfolder", version, propagate_version = true)]
+pub struct Cli {
+    /// Config file (YAML).
+    #[arg(short, long, global = true, env = "HOTFOLDER_CONFIG", default_value = "hotfolder.yaml")]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground: watch, route, upload, file. Logs go to stderr.
+    Run,
+    /// Validate the config and print it resolved (secrets masked); for each PATH, show the watch, rule, provider and metadata that would take it.
+    Check {
+        /// Files to dry-run through the routing rules.
+        paths: Vec<PathBuf>,
+    },
+    /// One row per job: id, file, provider, state, progress, attempts, last error.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed jobs back in the queue, moving their files back from failed/.
+    Retry {
+        /// Job ids (see `hotfolder status`).
+        #[arg(required_unless_present = "failed")]
+        jobs: Vec<u64>,
+        /// Retry every failed job.
+        #[arg(long, conflicts_with = "jobs")]
+        failed: bool,
+    },
+}
+
+/// A failure, by the exit code it deserves.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Configuration problem: exit 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Wrong use of the command: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// Anything at run time: exit 1.
+    #[error("{0:#}")]
+    Runtime(#[from] anyhow::Error),
+}
+
+impl CliError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) | CliError::Usage(_) => 2,
+            CliError::Runtime(_) => 1,
+        }
+    }
+}
+
+/// Run the parsed command line.
+///
+/// # Errors
+/// [`CliError`] with the exit code to use.
+pub fn execute(cli: Cli) -> Result<(), CliError> {
+    let config = config::load(&cli.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Run => {
+            init_logging(&config);
+            runtime.block_on(run(config))
+        }
+        Command::Check { paths } => check(&config, &paths),
+        Command::Status { json } => runtime.block_on(status(&config, json)),
+        Command::Retry { jobs, failed } => runtime.block_on(retry(&config, jobs, failed)),
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|e| {
+        eprintln!("warning: log.level {:?} is not a valid filter ({e}); using info", config.log.level);
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(config: Config) -> Result<(), CliError> {
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                tracing::error!("cannot listen for signals; stop with kill -9 only");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    crate::daemon::run(config, shutdown)
+        .await
+        .map_err(|e| CliError::Runtime(anyhow::Error::new(e)))
+}
+
+fn check(config: &Config, paths: &[PathBuf]) -> Result<(), CliError> {
+    let resolved = serde_yaml::to_string(config).context("cannot print the config")?;
+    println!("# {} is valid; resolved (secrets masked):\n{resolved}", config.file.display());
+    let router = Router::new(config);
+    let mut unroutable = 0;
+    for path in paths {
+        match explain(config, &router, path) {
+            Ok(text) => println!("{text}"),
+            Err(text) => {
+                unroutable += 1;
+                println!("{}: {text}", path.display());
+            }
+        }
+    }
+    if unroutable > 0 {
+        return Err(CliError::Usage(format!("{unroutable} of {} paths would not be taken", paths.len())));
+    }
+    Ok(())
+}
+
+fn explain(config: &Config, router: &Router, path: &Path) -> Result<String, String> {
+    let absolute = std::fs::canonicalize(path).map_err(|e| format!("cannot open: {e}"))?;
+    let meta = std::fs::metadata(&absolute).map_err(|e| format!("cannot read: {e}"))?;
+    let (watch, relpath) = config
+        .watches
+        .iter()
+        .find_map(|w| {
+            let root = w.path.canonicalize().ok()?;
+            absolute.strip_prefix(&root).ok().map(|rel| (w, rel.to_path_buf()))
+        })
+        .ok_or_else(|| "is not inside any watch folder".to_string())?;
+    let facts = FileFacts {
+        watch: &watch.name,
+        relpath: &relpath,
+        path: &absolute,
+        size: meta.len(),
+        mtime: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+    };
+    match router.route(&facts) {
+        Err(e) => Err(e.0),
+        Ok(None) => Err(format!(
+            "watch {}: no rule matches (unmatched: {:?})",
+            watch.name,
+            router.unmatched()
+        )),
+        Ok(Some(route)) => {
+            let metadata = serde_json::to_string(&route.metadata).unwrap_or_default();
+            let sidecar = route
+                .sidecar
+                .map(|s| format!("\n  sidecar: {}", s.display()))
+                .unwrap_or_default();
+            Ok(format!(
+                "{}\n  watch: {}\n  rule: {}\n  provider: {}\n  metadata: {metadata}{sidecar}",
+                path.display(),
+                watch.name,
+                route.rule,
+                route.provider
+            ))
+        }
+    }
+}
+
+/// Open the store for an offline command, explaining a lock held by a daemon
+/// that did not answer on its socket.
+fn open_store(config: &Config) -> Result<Store, CliError> {
+    Store::open(&config.state_dir).map_err(|e| CliError::Runtime(anyhow::Error::new(e)))
+}
+
+async fn status(config: &Config, json: bool) -> Result<(), CliError> {
+    let rows = match control::ask(&config.state_dir, &Request::Status)
+        .await
+        .context("the running daemon gave an unreadable answer")?
+    {
+        Some(Response::Jobs(rows)) => rows,
+        Some(Response::Error(e)) => return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}"))),
+        Some(_) => return Err(CliError::Runtime(anyhow::anyhow!("the daemon answered something else"))),
+        None => jobs::status(&open_store(config)?, None).context("cannot read jobs")?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).context("cannot print JSON")?);
+    } else {
+        print!("{}", table(&rows));
+    }
+    Ok(())
+}
+
+fn human_bytes(n: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{value:.0} B") } else { format!("{value:.1} {}", units[unit]) }
+}
+
+fn progress_cell(row: &JobView) -> String {
+    let percent = if row.size == 0 { 100.0 } else { row.bytes as f64 * 100.0 / row.size as f64 };
+    let mut cell = format!("{percent:.0}% of {}", human_bytes(row.size as f64));
+    if let Some(rate) = row.bytes_per_second {
+        cell.push_str(&format!(" {}/s", human_bytes(rate)));
+    }
+    if let Some(eta) = row.eta_seconds {
+        cell.push_str(&format!(" ETA {}", humantime::format_duration(std::time::Duration::from_secs(eta as u64))));
+    }
+    cell
+}
+
+/// The `status` table.
+pub fn table(rows: &[JobView]) -> String {
+    let header = ["ID", "FILE", "PROVIDER", "STATE", "PROGRESS", "ATTEMPTS", "LAST ERROR"];
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.id.to_string(),
+                if r.watch.is_empty() { r.file.clone() } else { format!("{}/{}", r.watch, r.file) },
+                r.provider.clone(),
+                r.state.clone(),
+                progress_cell(r),
+                r.attempts.to_string(),
+                r.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (i, cell) in row.iter().enumerate().take(6) {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cols: [&str; 7]| {
+        for (i, col) in cols.iter().enumerate() {
+            if i < 6 {
+                out.push_str(&format!("{col:<w$}  ", w = widths[i]));
+            } else {
+                out.push_str(col);
+            }
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+    };
+    line(header);
+    for row in &cells {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6]]);
+    }
+    if rows.is_empty() {
+        out.push_str("(no jobs yet)\n");
+    }
+    out
+}
+
+async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliError> {
+    let request = Request::Retry { jobs: ids.clone(), failed };
+    let (queued, errors) = match control::ask(&config.state_dir, &request)
+        .await
+        .context("the running daemon gave an unreadable answer")?
+    {
+        Some(Response::Retried { queued, errors }) => (queued, errors),
+        Some(Response::Error(e)) => return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}"))),
+        Some(_) => return Err(CliError::Runtime(anyhow::anyhow!("the daemon answered something else"))),
+        None => {
+            let store = open_store(config)?;
+            let mut ids = ids;
+            if failed {
+                let all = store.all().context("cannot read jobs")?;
+                ids.extend(all.iter().filter(|j| j.state == JobState::Failed).map(|j| j.id));
+            }
+            let mut queued = Vec::new();
+            let mut errors = Vec::new();
+            for id in ids {
+                match jobs::retry(&store, config, id).await {
+                    Ok(_) => queued.push(id),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            store.flush().await.context("cannot flush the state database")?;
+            (queued, errors)
+        }
+    };
+    for id in &queued {
+        println!("job {id} queued again");
+    }
+    if queued.is_empty() && errors.is_empty() {
+        println!("no failed jobs");
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Runtime(anyhow::anyhow!(errors.join("; "))))
+    }
+}

@@ -1,0 +1,153 @@
+//! Operations on jobs shared by the daemon, the control socket and the
+//! offline commands: the status view, and `retry` (which moves a failed file
+//! back from failed/ and queues its job again).
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::finish;
+use crate::state::{Job, JobState, Store, StoreError};
+use crate::upload::progress::{Progress, ProgressBoard};
+
+/// One row of `status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct JobView {
+    /// Job id.
+    pub id: u64,
+    /// Watch name.
+    pub watch: String,
+    /// Path relative to the watch.
+    pub file: String,
+    /// Provider name.
+    pub provider: String,
+    /// State name.
+    pub state: String,
+    /// Bytes acknowledged (or moving, when in flight).
+    pub bytes: u64,
+    /// File size.
+    pub size: u64,
+    /// Upload rate while in flight.
+    pub bytes_per_second: Option<f64>,
+    /// Seconds left while in flight.
+    pub eta_seconds: Option<f64>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+    /// Where the file was filed.
+    pub filed_to: Option<PathBuf>,
+    /// Remote id of the delivery.
+    pub remote_id: Option<String>,
+    /// Earlier job whose delivery this one duplicates.
+    pub duplicate_of: Option<u64>,
+    /// Bytes sent over all attempts (resends included).
+    pub bytes_sent: u64,
+}
+
+impl JobView {
+    /// The view of a job, with live progress if it is in flight.
+    pub fn of(job: &Job, live: Option<Progress>) -> Self {
+        let bytes = if job.state == JobState::Done { job.signature.size } else { job.acked };
+        JobView {
+            id: job.id,
+            watch: job.watch.clone(),
+            file: job.relpath.to_string_lossy().into_owned(),
+            provider: job.provider.clone(),
+            state: job.state.as_str().to_string(),
+            bytes: live.as_ref().map_or(bytes, |p| p.bytes),
+            size: job.signature.size,
+            bytes_per_second: live.as_ref().map(|p| p.bytes_per_second),
+            eta_seconds: live.as_ref().and_then(|p| p.eta_seconds),
+            attempts: job.attempts,
+            last_error: job.last_error.as_ref().map(|e| e.reason.clone()),
+            filed_to: job.filed_to.clone(),
+            remote_id: job.delivery.as_ref().map(|d| d.remote_id.clone()),
+            duplicate_of: job.duplicate_of,
+            bytes_sent: job.bytes_sent,
+        }
+    }
+}
+
+/// Every job as a view.
+///
+/// # Errors
+/// Store failures.
+pub fn status(store: &Store, progress: Option<&ProgressBoard>) -> Result<Vec<JobView>, StoreError> {
+    Ok(store
+        .all()?
+        .iter()
+        .map(|job| JobView::of(job, progress.and_then(|p| p.get(job.id))))
+        .collect())
+}
+
+/// Why a job could not be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Not in the failed state.
+    #[error("job {id} is {state}, not failed; only failed jobs can be retried")]
+    NotFailed {
+        /// Job id.
+        id: u64,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The file cannot be brought back.
+    #[error("job {id}: {message}")]
+    File {
+        /// Job id.
+        id: u64,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Put a failed job back in the queue: its file moves back from failed/ to
+/// the watch folder (a numbered name if the old one is taken), the error
+/// report is removed, and the job is `queued` again.
+///
+/// # Errors
+/// [`RetryError`] naming the job and the cause.
+pub async fn retry(store: &Store, config: &Config, id: u64) -> Result<Job, RetryError> {
+    let mut job = store.get(id)?;
+    if job.state != JobState::Failed {
+        return Err(RetryError::NotFailed { id, state: job.state.as_str() });
+    }
+    if let Some(filed) = job.filed_to.clone() {
+        let Some(watch) = config.watches.iter().find(|w| w.name == job.watch) else {
+            return Err(RetryError::File {
+                id,
+                message: format!("watch {:?} is no longer configured; move {} back by hand", job.watch, filed.display()),
+            });
+        };
+        if !filed.exists() {
+            return Err(RetryError::File {
+                id,
+                message: format!("its file is no longer at {}; put it back in the watch folder by hand", filed.display()),
+            });
+        }
+        let back = finish::move_unique(&filed, &watch.path.join(&job.relpath)).map_err(|e| RetryError::File {
+            id,
+            message: format!("cannot move {} back into {}: {e}", filed.display(), watch.path.display()),
+        })?;
+        let _ = std::fs::remove_file(finish::report_path(&filed, ".error.json"));
+        if let Some(sidecar) = job.sidecar_filed_to.take() {
+            if sidecar.exists() {
+                job.sidecar = finish::file_sidecar(&sidecar, &back).ok();
+            }
+        }
+        job.relpath = back.strip_prefix(&watch.path).map_or_else(|_| job.relpath.clone(), PathBuf::from);
+        job.source = back;
+        job.filed_to = None;
+    }
+    job.transition(JobState::Queued)?;
+    job.failures = 0;
+    job.last_error = None;
+    job.finished_at = None;
+    store.put(&mut job).await?;
+    Ok(job)
+}
