@@ -18,7 +18,13 @@ use crate::state::{JobState, Store};
 #[command(name = "hotfolder", version, propagate_version = true)]
 pub struct Cli {
     /// Config file (YAML).
-    #[arg(short, long, global = true, env = "HOTFOLDER_CONFIG", default_value = "hotfolder.yaml")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "HOTFOLDER_CONFIG",
+        default_value = "hotfolder.yaml"
+    )]
     pub config: PathBuf,
     /// What to do.
     #[command(subcommand)]
@@ -100,10 +106,15 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|e| {
-        eprintln!("warning: log.level {:?} is not a valid filter ({e}); using info", config.log.level);
+        eprintln!(
+            "warning: log.level {:?} is not a valid filter ({e}); using info",
+            config.log.level
+        );
         EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -113,7 +124,10 @@ fn init_logging(config: &Config) {
 async fn run(config: Config) -> Result<(), CliError> {
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM received"),
@@ -133,7 +147,10 @@ async fn run(config: Config) -> Result<(), CliError> {
 
 fn check(config: &Config, paths: &[PathBuf]) -> Result<(), CliError> {
     let resolved = serde_yaml::to_string(config).context("cannot print the config")?;
-    println!("# {} is valid; resolved (secrets masked):\n{resolved}", config.file.display());
+    println!(
+        "# {} is valid; resolved (secrets masked):\n{resolved}",
+        config.file.display()
+    );
     let router = Router::new(config);
     let mut unroutable = 0;
     for path in paths {
@@ -146,7 +163,10 @@ fn check(config: &Config, paths: &[PathBuf]) -> Result<(), CliError> {
         }
     }
     if unroutable > 0 {
-        return Err(CliError::Usage(format!("{unroutable} of {} paths would not be taken", paths.len())));
+        return Err(CliError::Usage(format!(
+            "{unroutable} of {} paths would not be taken",
+            paths.len()
+        )));
     }
     Ok(())
 }
@@ -159,7 +179,10 @@ fn explain(config: &Config, router: &Router, path: &Path) -> Result<String, Stri
         .iter()
         .find_map(|w| {
             let root = w.path.canonicalize().ok()?;
-            absolute.strip_prefix(&root).ok().map(|rel| (w, rel.to_path_buf()))
+            absolute
+                .strip_prefix(&root)
+                .ok()
+                .map(|rel| (w, rel.to_path_buf()))
         })
         .ok_or_else(|| "is not inside any watch folder".to_string())?;
     let facts = FileFacts {
@@ -205,12 +228,21 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
         .context("the running daemon gave an unreadable answer")?
     {
         Some(Response::Jobs(rows)) => rows,
-        Some(Response::Error(e)) => return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}"))),
-        Some(_) => return Err(CliError::Runtime(anyhow::anyhow!("the daemon answered something else"))),
+        Some(Response::Error(e)) => {
+            return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}")));
+        }
+        Some(_) => {
+            return Err(CliError::Runtime(anyhow::anyhow!(
+                "the daemon answered something else"
+            )));
+        }
         None => jobs::status(&open_store(config)?, None).context("cannot read jobs")?,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).context("cannot print JSON")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).context("cannot print JSON")?
+        );
     } else {
         print!("{}", table(&rows));
     }
@@ -225,30 +257,53 @@ fn human_bytes(n: f64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{value:.0} B") } else { format!("{value:.1} {}", units[unit]) }
+    if unit == 0 {
+        format!("{value:.0} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
 }
 
 fn progress_cell(row: &JobView) -> String {
-    let percent = if row.size == 0 { 100.0 } else { row.bytes as f64 * 100.0 / row.size as f64 };
+    let percent = if row.size == 0 {
+        100.0
+    } else {
+        row.bytes as f64 * 100.0 / row.size as f64
+    };
     let mut cell = format!("{percent:.0}% of {}", human_bytes(row.size as f64));
     if let Some(rate) = row.bytes_per_second {
         cell.push_str(&format!(" {}/s", human_bytes(rate)));
     }
     if let Some(eta) = row.eta_seconds {
-        cell.push_str(&format!(" ETA {}", humantime::format_duration(std::time::Duration::from_secs(eta as u64))));
+        cell.push_str(&format!(
+            " ETA {}",
+            humantime::format_duration(std::time::Duration::from_secs(eta as u64))
+        ));
     }
     cell
 }
 
 /// The `status` table.
 pub fn table(rows: &[JobView]) -> String {
-    let header = ["ID", "FILE", "PROVIDER", "STATE", "PROGRESS", "ATTEMPTS", "LAST ERROR"];
+    let header = [
+        "ID",
+        "FILE",
+        "PROVIDER",
+        "STATE",
+        "PROGRESS",
+        "ATTEMPTS",
+        "LAST ERROR",
+    ];
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
             [
                 r.id.to_string(),
-                if r.watch.is_empty() { r.file.clone() } else { format!("{}/{}", r.watch, r.file) },
+                if r.watch.is_empty() {
+                    r.file.clone()
+                } else {
+                    format!("{}/{}", r.watch, r.file)
+                },
                 r.provider.clone(),
                 r.state.clone(),
                 progress_cell(r),
@@ -277,7 +332,9 @@ pub fn table(rows: &[JobView]) -> String {
     };
     line(header);
     for row in &cells {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6]]);
+        line([
+            &row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6],
+        ]);
     }
     if rows.is_empty() {
         out.push_str("(no jobs yet)\n");
@@ -286,20 +343,33 @@ pub fn table(rows: &[JobView]) -> String {
 }
 
 async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliError> {
-    let request = Request::Retry { jobs: ids.clone(), failed };
+    let request = Request::Retry {
+        jobs: ids.clone(),
+        failed,
+    };
     let (queued, errors) = match control::ask(&config.state_dir, &request)
         .await
         .context("the running daemon gave an unreadable answer")?
     {
         Some(Response::Retried { queued, errors }) => (queued, errors),
-        Some(Response::Error(e)) => return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}"))),
-        Some(_) => return Err(CliError::Runtime(anyhow::anyhow!("the daemon answered something else"))),
+        Some(Response::Error(e)) => {
+            return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}")));
+        }
+        Some(_) => {
+            return Err(CliError::Runtime(anyhow::anyhow!(
+                "the daemon answered something else"
+            )));
+        }
         None => {
             let store = open_store(config)?;
             let mut ids = ids;
             if failed {
                 let all = store.all().context("cannot read jobs")?;
-                ids.extend(all.iter().filter(|j| j.state == JobState::Failed).map(|j| j.id));
+                ids.extend(
+                    all.iter()
+                        .filter(|j| j.state == JobState::Failed)
+                        .map(|j| j.id),
+                );
             }
             let mut queued = Vec::new();
             let mut errors = Vec::new();
@@ -309,7 +379,10 @@ async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliEr
                     Err(e) => errors.push(e.to_string()),
                 }
             }
-            store.flush().await.context("cannot flush the state database")?;
+            store
+                .flush()
+                .await
+                .context("cannot flush the state database")?;
             (queued, errors)
         }
     };

@@ -69,7 +69,8 @@ pub fn serve(
     // A stale socket from a killed daemon: the store lock proves no one else runs.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| (path.clone(), e))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| (path.clone(), e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| (path.clone(), e))?;
     Ok(tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -107,7 +108,11 @@ async fn answer(ctx: Arc<Context>, stream: UnixStream) {
 async fn retry(ctx: &Arc<Context>, mut ids: Vec<u64>, failed: bool) -> Response {
     if failed {
         match ctx.store.all() {
-            Ok(all) => ids.extend(all.iter().filter(|j| j.state == JobState::Failed).map(|j| j.id)),
+            Ok(all) => ids.extend(
+                all.iter()
+                    .filter(|j| j.state == JobState::Failed)
+                    .map(|j| j.id),
+            ),
             Err(e) => return Response::Error(e.to_string()),
         }
     }
@@ -139,5 +144,7 @@ pub async fn ask(state_dir: &Path, request: &Request) -> std::io::Result<Option<
     write.write_all(&bytes).await?;
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
-    serde_json::from_str(&line).map(Some).map_err(std::io::Error::other)
+    serde_json::from_str(&line)
+        .map(Some)
+        .map_err(std::io::Error::other)
 }

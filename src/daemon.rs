@@ -200,7 +200,14 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
         mtime: file.mtime,
     };
     let routed = ctx.router.route(&facts);
-    let mut job = Job::new(ctx.store.next_id()?, &file.watch, &file.relpath, &file.path, file.signature, "");
+    let mut job = Job::new(
+        ctx.store.next_id()?,
+        &file.watch,
+        &file.relpath,
+        &file.path,
+        file.signature,
+        "",
+    );
     let failure = match routed {
         Ok(Some(route)) => {
             job.provider = route.provider;
@@ -277,13 +284,17 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 tracing::info!(remote = %delivery.remote_id, "delivered");
                 job.delivery = Some(delivery);
                 if let Some(fingerprint) = &job.fingerprint {
-                    ctx.store.record_delivery(&job.provider, fingerprint, job.id)?;
+                    ctx.store
+                        .record_delivery(&job.provider, fingerprint, job.id)?;
                 }
                 job.transition(JobState::Filing)?;
                 ctx.store.put(job).await?;
             }
             AttemptEnd::Duplicate(earlier) => {
-                tracing::info!(earlier, "same content already delivered to this provider; skipped");
+                tracing::info!(
+                    earlier,
+                    "same content already delivered to this provider; skipped"
+                );
                 job.duplicate_of = Some(earlier);
                 job.transition(JobState::Filing)?;
                 ctx.store.put(job).await?;
@@ -307,10 +318,10 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
             }
             AttemptEnd::SourceChanged(why) => {
                 tracing::warn!(reason = %why, "source changed; abandoning this upload, the file will be taken again once stable");
-                if let Some(session) = &job.session {
-                    if let Err(e) = handle.provider.abandon(session).await {
-                        tracing::warn!(error = %e, "could not delete the abandoned upload");
-                    }
+                if let Some(session) = &job.session
+                    && let Err(e) = handle.provider.abandon(session).await
+                {
+                    tracing::warn!(error = %e, "could not delete the abandoned upload");
                 }
                 job.transition(JobState::Superseded)?;
                 ctx.store.put(job).await?;
@@ -335,7 +346,9 @@ async fn until_filed<T>(
     mut step: impl FnMut(&Job) -> Result<T, finish::FilingError>,
 ) -> Result<Option<T>, StoreError> {
     let backoff = crate::retry::Backoff::new(
-        ctx.providers.get(&job.provider).map_or_else(Default::default, |h| h.config.retry),
+        ctx.providers
+            .get(&job.provider)
+            .map_or_else(Default::default, |h| h.config.retry),
     );
     let mut failures = 0;
     loop {
@@ -345,15 +358,20 @@ async fn until_filed<T>(
                 failures += 1;
                 tracing::error!(error = %e, "cannot file the source; will try again (nothing is lost: the file stays where it is)");
                 let mut info = job.last_error.clone();
-                note_failure(job, &ProviderError::new(ErrorKind::Transient, e.to_string()));
-                if let (Some(previous), Some(now)) = (info.take(), job.last_error.as_mut()) {
-                    if job.state == JobState::Failing {
-                        // Keep the original failure reason for the report.
-                        now.reason = previous.reason;
-                    }
+                note_failure(
+                    job,
+                    &ProviderError::new(ErrorKind::Transient, e.to_string()),
+                );
+                if let (Some(previous), Some(now)) = (info.take(), job.last_error.as_mut())
+                    && job.state == JobState::Failing
+                {
+                    // Keep the original failure reason for the report.
+                    now.reason = previous.reason;
                 }
                 ctx.store.put(job).await?;
-                let delay = backoff.delay(failures.min(20), None).max(Duration::from_millis(500));
+                let delay = backoff
+                    .delay(failures.min(20), None)
+                    .max(Duration::from_millis(500));
                 if !ctx.engine.pause(delay).await {
                     return Ok(None);
                 }
@@ -369,7 +387,9 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
     };
     let receipt_at = match watch.after_success {
         AfterSuccess::Move => {
-            let Some(filed) = until_filed(ctx, job, |job| finish::file_source(job, &watch.done_dir)).await? else {
+            let Some(filed) =
+                until_filed(ctx, job, |job| finish::file_source(job, &watch.done_dir)).await?
+            else {
                 return Ok(());
             };
             job.filed_to = Some(filed.clone());
@@ -383,11 +403,14 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
             filed
         }
         AfterSuccess::Delete => {
-            for path in [Some(job.source.clone()), job.sidecar.clone()].into_iter().flatten() {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot delete delivered source");
-                    }
+            for path in [Some(job.source.clone()), job.sidecar.clone()]
+                .into_iter()
+                .flatten()
+            {
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot delete delivered source");
                 }
             }
             watch.done_dir.join(&job.relpath)
@@ -435,7 +458,9 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
         return ctx.store.put(job).await;
     };
     let report_at = if job.source.exists() || job.filed_to.is_some() {
-        let Some(filed) = until_filed(ctx, job, |job| finish::file_source(job, &watch.failed_dir)).await? else {
+        let Some(filed) =
+            until_filed(ctx, job, |job| finish::file_source(job, &watch.failed_dir)).await?
+        else {
             return Ok(());
         };
         job.filed_to = Some(filed.clone());

@@ -69,7 +69,11 @@ fn copy_across(from: &Path, to: &Path) -> io::Result<()> {
     let tmp = to.with_file_name(tmp_name);
     {
         let mut source = File::open(from)?;
-        let mut target = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp)?;
+        let mut target = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)?;
         io::copy(&mut source, &mut target)?;
         if let Ok(modified) = source.metadata().and_then(|m| m.modified()) {
             target.set_modified(modified)?;
@@ -143,10 +147,11 @@ fn already_filed(target: &Path, signature: &FileSignature) -> Option<PathBuf> {
 /// I/O errors, naming the paths.
 pub fn file_source(job: &Job, root: &Path) -> Result<PathBuf, FilingError> {
     let target = root.join(&job.relpath);
-    if let Some(done) = &job.filed_to {
-        if done.exists() && !job.source.exists() {
-            return Ok(done.clone());
-        }
+    if let Some(done) = &job.filed_to
+        && done.exists()
+        && !job.source.exists()
+    {
+        return Ok(done.clone());
     }
     if !job.source.exists() {
         return already_filed(&target, &job.signature).ok_or_else(|| FilingError {
@@ -205,7 +210,9 @@ pub fn write_report(path: &Path, report: &impl Serialize) -> Result<(), FilingEr
     let tmp = report_path(path, ".tmp");
     let body = serde_json::to_vec_pretty(report).map_err(|e| fail(io::Error::other(e)))?;
     let mut file = File::create(&tmp).map_err(fail)?;
-    file.write_all(&body).and_then(|()| file.sync_all()).map_err(fail)?;
+    file.write_all(&body)
+        .and_then(|()| file.sync_all())
+        .map_err(fail)?;
     fs::rename(&tmp, path).map_err(fail)?;
     sync_parent(path);
     Ok(())
@@ -290,9 +297,18 @@ mod tests {
 
     #[test]
     fn numbered_names() {
-        assert_eq!(numbered(Path::new("/d/clip.mp4"), 0), PathBuf::from("/d/clip.mp4"));
-        assert_eq!(numbered(Path::new("/d/clip.mp4"), 2), PathBuf::from("/d/clip-2.mp4"));
-        assert_eq!(numbered(Path::new("/d/noext"), 1), PathBuf::from("/d/noext-1"));
+        assert_eq!(
+            numbered(Path::new("/d/clip.mp4"), 0),
+            PathBuf::from("/d/clip.mp4")
+        );
+        assert_eq!(
+            numbered(Path::new("/d/clip.mp4"), 2),
+            PathBuf::from("/d/clip-2.mp4")
+        );
+        assert_eq!(
+            numbered(Path::new("/d/noext"), 1),
+            PathBuf::from("/d/noext-1")
+        );
     }
 
     #[test]
@@ -318,7 +334,12 @@ mod tests {
         let from = dir.path().join("src.bin");
         fs::write(&from, vec![7u8; 100_000]).unwrap();
         let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
-        File::options().write(true).open(&from).unwrap().set_modified(old).unwrap();
+        File::options()
+            .write(true)
+            .open(&from)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         let to = dir.path().join("dest.bin");
         copy_across(&from, &to).unwrap();
         assert!(!from.exists());

@@ -162,7 +162,11 @@ mod tests {
                 let saved = serde_json::to_string(&h).unwrap();
                 let mut h: ResumableSha256 = serde_json::from_str(&saved).unwrap();
                 h.update(&data[split..len]);
-                assert_eq!(h.finish_hex(), reference(&data[..len]), "len {len} split {split}");
+                assert_eq!(
+                    h.finish_hex(),
+                    reference(&data[..len]),
+                    "len {len} split {split}"
+                );
                 assert_eq!(h.length(), len as u64);
             }
         }

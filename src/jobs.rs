@@ -49,7 +49,11 @@ pub struct JobView {
 impl JobView {
     /// The view of a job, with live progress if it is in flight.
     pub fn of(job: &Job, live: Option<Progress>) -> Self {
-        let bytes = if job.state == JobState::Done { job.signature.size } else { job.acked };
+        let bytes = if job.state == JobState::Done {
+            job.signature.size
+        } else {
+            job.acked
+        };
         JobView {
             id: job.id,
             watch: job.watch.clone(),
@@ -115,32 +119,50 @@ pub enum RetryError {
 pub async fn retry(store: &Store, config: &Config, id: u64) -> Result<Job, RetryError> {
     let mut job = store.get(id)?;
     if job.state != JobState::Failed {
-        return Err(RetryError::NotFailed { id, state: job.state.as_str() });
+        return Err(RetryError::NotFailed {
+            id,
+            state: job.state.as_str(),
+        });
     }
     if let Some(filed) = job.filed_to.clone() {
         let Some(watch) = config.watches.iter().find(|w| w.name == job.watch) else {
             return Err(RetryError::File {
                 id,
-                message: format!("watch {:?} is no longer configured; move {} back by hand", job.watch, filed.display()),
+                message: format!(
+                    "watch {:?} is no longer configured; move {} back by hand",
+                    job.watch,
+                    filed.display()
+                ),
             });
         };
         if !filed.exists() {
             return Err(RetryError::File {
                 id,
-                message: format!("its file is no longer at {}; put it back in the watch folder by hand", filed.display()),
+                message: format!(
+                    "its file is no longer at {}; put it back in the watch folder by hand",
+                    filed.display()
+                ),
             });
         }
-        let back = finish::move_unique(&filed, &watch.path.join(&job.relpath)).map_err(|e| RetryError::File {
-            id,
-            message: format!("cannot move {} back into {}: {e}", filed.display(), watch.path.display()),
+        let back = finish::move_unique(&filed, &watch.path.join(&job.relpath)).map_err(|e| {
+            RetryError::File {
+                id,
+                message: format!(
+                    "cannot move {} back into {}: {e}",
+                    filed.display(),
+                    watch.path.display()
+                ),
+            }
         })?;
         let _ = std::fs::remove_file(finish::report_path(&filed, ".error.json"));
-        if let Some(sidecar) = job.sidecar_filed_to.take() {
-            if sidecar.exists() {
-                job.sidecar = finish::file_sidecar(&sidecar, &back).ok();
-            }
+        if let Some(sidecar) = job.sidecar_filed_to.take()
+            && sidecar.exists()
+        {
+            job.sidecar = finish::file_sidecar(&sidecar, &back).ok();
         }
-        job.relpath = back.strip_prefix(&watch.path).map_or_else(|_| job.relpath.clone(), PathBuf::from);
+        job.relpath = back
+            .strip_prefix(&watch.path)
+            .map_or_else(|_| job.relpath.clone(), PathBuf::from);
         job.source = back;
         job.filed_to = None;
     }

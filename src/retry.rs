@@ -67,7 +67,10 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     }
     let when = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
     let when = SystemTime::from(when);
-    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 #[cfg(test)]
@@ -108,7 +111,10 @@ mod tests {
             assert!(p.delay(1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
         }
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

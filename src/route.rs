@@ -65,7 +65,12 @@ impl Router {
             rules: config
                 .rules
                 .iter()
-                .map(|rule| (rule.clone(), rule.glob.as_deref().and_then(|g| path_glob(g).ok())))
+                .map(|rule| {
+                    (
+                        rule.clone(),
+                        rule.glob.as_deref().and_then(|g| path_glob(g).ok()),
+                    )
+                })
                 .collect(),
             unmatched: config.unmatched,
         }
@@ -170,9 +175,9 @@ pub fn render(template: &str, facts: &FileFacts<'_>) -> String {
             rest = &tail[2..];
             continue;
         }
-        if tail.starts_with('}') {
+        if let Some(after) = tail.strip_prefix('}') {
             out.push('}');
-            rest = &tail[1..];
+            rest = after;
             continue;
         }
         let Some(close) = tail.find('}') else {
@@ -195,9 +200,14 @@ fn placeholder(inner: &str, facts: &FileFacts<'_>) -> Option<String> {
         Some((name, format)) => (name, Some(format)),
         None => (inner, None),
     };
-    let lossy = |p: Option<&std::ffi::OsStr>| p.map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let lossy = |p: Option<&std::ffi::OsStr>| {
+        p.map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
     let time = |t: SystemTime| -> Option<String> {
-        let zoned = jiff::Timestamp::try_from(t).ok()?.to_zoned(jiff::tz::TimeZone::system());
+        let zoned = jiff::Timestamp::try_from(t)
+            .ok()?
+            .to_zoned(jiff::tz::TimeZone::system());
         Some(match format {
             Some(fmt) => jiff::fmt::strtime::format(fmt, &zoned).ok()?,
             None => zoned.timestamp().to_string(),
@@ -236,7 +246,10 @@ mod tests {
         let rel = Path::new("promo/x/My Clip.mp4");
         let f = facts(rel, rel);
         assert_eq!(render("{stem}", &f), "My Clip");
-        assert_eq!(render("{name}|{ext}|{dir}|{watch}|{size}", &f), "My Clip.mp4|mp4|promo/x|studio-a|2048");
+        assert_eq!(
+            render("{name}|{ext}|{dir}|{watch}|{size}", &f),
+            "My Clip.mp4|mp4|promo/x|studio-a|2048"
+        );
         assert_eq!(render("{{literal}} {unknown}", &f), "{literal} {unknown}");
         assert!(render("{mtime:%Y}", &f).starts_with("197"));
         assert_eq!(render("{now:%Y}", &f).len(), 4);
@@ -257,17 +270,33 @@ mod tests {
         let route = router.route(&facts(rel, &video)).unwrap().unwrap();
         assert_eq!(route.provider, "a");
         assert_eq!(route.metadata["title"], "clip");
-        assert_eq!(route.metadata["tags"], serde_json::json!(["promo", "studio-a"]));
-        std::fs::write(video.with_extension("json"), r#"{"title": "From sidecar", "public": true}"#).unwrap();
+        assert_eq!(
+            route.metadata["tags"],
+            serde_json::json!(["promo", "studio-a"])
+        );
+        std::fs::write(
+            video.with_extension("json"),
+            r#"{"title": "From sidecar", "public": true}"#,
+        )
+        .unwrap();
         let route = router.route(&facts(rel, &video)).unwrap().unwrap();
         assert_eq!(route.metadata["title"], "From sidecar");
         assert_eq!(route.metadata["public"], true);
         assert!(route.sidecar.is_some());
         std::fs::write(video.with_extension("json"), "{not json").unwrap();
-        assert!(router.route(&facts(rel, &video)).unwrap_err().0.contains("clip.json"));
+        assert!(
+            router
+                .route(&facts(rel, &video))
+                .unwrap_err()
+                .0
+                .contains("clip.json")
+        );
         // Outside promo/: the size bound routes to b.
         let rel = Path::new("promo.mp4");
-        assert_eq!(router.route(&facts(rel, rel)).unwrap().unwrap().provider, "b");
+        assert_eq!(
+            router.route(&facts(rel, rel)).unwrap().unwrap().provider,
+            "b"
+        );
         let mut small = facts(rel, rel);
         small.size = 10;
         assert_eq!(router.route(&small).unwrap(), None);

@@ -41,7 +41,10 @@ pub enum JobState {
 impl JobState {
     /// No more work will happen on a job in this state (until `retry`).
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Done | JobState::Failed | JobState::Superseded)
+        matches!(
+            self,
+            JobState::Done | JobState::Failed | JobState::Superseded
+        )
     }
 
     /// The explicit state machine.
@@ -54,7 +57,10 @@ impl JobState {
             (self, next),
             (Queued, Creating | Uploading | Filing | Superseded)
                 | (Creating, Uploading | Creating | Queued | Superseded)
-                | (Uploading, Uploading | Finalizing | Creating | Queued | Superseded)
+                | (
+                    Uploading,
+                    Uploading | Finalizing | Creating | Queued | Superseded
+                )
                 | (Finalizing, Filing | Queued)
                 | (Filing, Done)
                 | (Failing, Failed)
@@ -196,7 +202,14 @@ pub struct Job {
 
 impl Job {
     /// A new queued job.
-    pub fn new(id: u64, watch: &str, relpath: &Path, source: &Path, signature: FileSignature, provider: &str) -> Self {
+    pub fn new(
+        id: u64,
+        watch: &str,
+        relpath: &Path,
+        source: &Path,
+        signature: FileSignature,
+        provider: &str,
+    ) -> Self {
         let now = jiff::Timestamp::now();
         Job {
             version: JOB_RECORD_VERSION,
@@ -236,9 +249,10 @@ impl Job {
 
     /// The file name, for messages.
     pub fn file_name(&self) -> String {
-        self.relpath
-            .file_name()
-            .map_or_else(|| self.relpath.display().to_string(), |n| n.to_string_lossy().into_owned())
+        self.relpath.file_name().map_or_else(
+            || self.relpath.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
     }
 
     /// Move to `next`, refusing transitions the state machine does not allow.
@@ -294,7 +308,9 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     /// A record written by a newer hotfolder.
-    #[error("job {job} was written by a newer hotfolder (record version {version}); upgrade hotfolder")]
+    #[error(
+        "job {job} was written by a newer hotfolder (record version {version}); upgrade hotfolder"
+    )]
     TooNew {
         /// Job id.
         job: u64,
@@ -355,7 +371,11 @@ impl Store {
                 } else {
                     ""
                 };
-                StoreError::Open { path: path.clone(), source, hint }
+                StoreError::Open {
+                    path: path.clone(),
+                    source,
+                    hint,
+                }
             })?;
         Ok(Store {
             jobs: db.open_tree("jobs")?,
@@ -417,7 +437,10 @@ impl Store {
     /// # Errors
     /// [`StoreError::NotFound`], or a decode failure.
     pub fn get(&self, id: u64) -> Result<Job, StoreError> {
-        let bytes = self.jobs.get(id.to_be_bytes())?.ok_or(StoreError::NotFound(id))?;
+        let bytes = self
+            .jobs
+            .get(id.to_be_bytes())?
+            .ok_or(StoreError::NotFound(id))?;
         decode(&bytes)
     }
 
@@ -457,7 +480,12 @@ impl Store {
     ///
     /// # Errors
     /// Database failure.
-    pub fn record_delivery(&self, provider: &str, fingerprint: &str, job: u64) -> Result<(), StoreError> {
+    pub fn record_delivery(
+        &self,
+        provider: &str,
+        fingerprint: &str,
+        job: u64,
+    ) -> Result<(), StoreError> {
         let key = delivered_key(provider, fingerprint);
         let mut ids = self.delivered_ids(provider, fingerprint)?;
         if !ids.contains(&job) {
@@ -520,7 +548,8 @@ pub fn prepare_state_dir(state_dir: &Path) -> Result<(), StoreError> {
         .mode(0o700)
         .create(state_dir)
         .map_err(folder_error)?;
-    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(folder_error)
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(folder_error)
 }
 
 #[cfg(test)]
@@ -528,7 +557,12 @@ mod tests {
     use super::*;
 
     fn signature() -> FileSignature {
-        FileSignature { size: 5, mtime_ns: 1, dev: 1, ino: 2 }
+        FileSignature {
+            size: 5,
+            mtime_ns: 1,
+            dev: 1,
+            ino: 2,
+        }
     }
 
     #[tokio::test]
@@ -538,7 +572,14 @@ mod tests {
         {
             let store = Store::open(&state).unwrap();
             let id = store.next_id().unwrap();
-            let mut job = Job::new(id, "w", Path::new("a/b.mp4"), Path::new("/x/a/b.mp4"), signature(), "p");
+            let mut job = Job::new(
+                id,
+                "w",
+                Path::new("a/b.mp4"),
+                Path::new("/x/a/b.mp4"),
+                signature(),
+                "p",
+            );
             store.put(&mut job).await.unwrap();
             store.record_delivery("p", "fp", id).unwrap();
             store.flush().await.unwrap();
@@ -547,7 +588,10 @@ mod tests {
         let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
         let store = Store::open(&state).unwrap();
-        let job = store.latest_for("w", Path::new("a/b.mp4")).unwrap().unwrap();
+        let job = store
+            .latest_for("w", Path::new("a/b.mp4"))
+            .unwrap()
+            .unwrap();
         assert_eq!(job.state, JobState::Queued);
         assert_eq!(store.delivered_ids("p", "fp").unwrap(), vec![job.id]);
         assert!(store.next_id().unwrap() > job.id);
@@ -572,6 +616,12 @@ mod tests {
     #[test]
     fn newer_records_are_refused() {
         let bytes = br#"{"version": 99, "id": 4}"#;
-        assert!(matches!(decode(bytes), Err(StoreError::TooNew { job: 4, version: 99 })));
+        assert!(matches!(
+            decode(bytes),
+            Err(StoreError::TooNew {
+                job: 4,
+                version: 99
+            })
+        ));
     }
 }

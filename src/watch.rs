@@ -83,7 +83,10 @@ impl Filters {
     fn wanted(&self, relpath: &Path) -> bool {
         !self.ignored(relpath)
             && !self.exclude.is_match(relpath)
-            && self.include.as_ref().is_none_or(|inc| inc.is_match(relpath))
+            && self
+                .include
+                .as_ref()
+                .is_none_or(|inc| inc.is_match(relpath))
     }
 }
 
@@ -126,8 +129,15 @@ pub struct Scanner {
 impl Scanner {
     /// A scanner for `config`; `skip_roots` are folders never entered
     /// (every watch's done/failed folders).
-    pub fn new(config: WatchConfig, skip_roots: Vec<PathBuf>, counters: Arc<WatchCounters>) -> Self {
-        let root = config.path.canonicalize().unwrap_or_else(|_| config.path.clone());
+    pub fn new(
+        config: WatchConfig,
+        skip_roots: Vec<PathBuf>,
+        counters: Arc<WatchCounters>,
+    ) -> Self {
+        let root = config
+            .path
+            .canonicalize()
+            .unwrap_or_else(|_| config.path.clone());
         Scanner {
             filters: Filters::new(&config),
             root,
@@ -169,14 +179,19 @@ impl Scanner {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) => {
-                self.warn_once(dir, &format!("cannot list folder: {e}; check its permissions"));
+                self.warn_once(
+                    dir,
+                    &format!("cannot list folder: {e}; check its permissions"),
+                );
                 return;
             }
         };
         let mut files = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
-            let Ok(file_type) = entry.file_type() else { continue };
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
             if file_type.is_symlink() {
                 self.warn_once(&path, "symbolic link ignored (links are never followed)");
             } else if file_type.is_dir() {
@@ -240,9 +255,14 @@ impl Scanner {
 
     /// Record one observation of a file.
     fn observe(&mut self, path: &Path) {
-        let Ok(relpath) = path.strip_prefix(&self.root) else { return };
+        let Ok(relpath) = path.strip_prefix(&self.root) else {
+            return;
+        };
         if relpath.to_str().is_none() {
-            self.warn_once(path, "file name is not valid UTF-8; rename it to have it taken");
+            self.warn_once(
+                path,
+                "file name is not valid UTF-8; rename it to have it taken",
+            );
             return;
         }
         if !self.filters.wanted(relpath) {
@@ -263,12 +283,20 @@ impl Scanner {
         match self.candidates.get_mut(path) {
             Some(candidate) if candidate.seen == now => candidate.observations += 1,
             Some(candidate) => {
-                *candidate = Candidate { seen: now, since: Instant::now(), observations: 1 };
+                *candidate = Candidate {
+                    seen: now,
+                    since: Instant::now(),
+                    observations: 1,
+                };
             }
             None => {
                 self.candidates.insert(
                     path.to_path_buf(),
-                    Candidate { seen: now, since: Instant::now(), observations: 1 },
+                    Candidate {
+                        seen: now,
+                        since: Instant::now(),
+                        observations: 1,
+                    },
                 );
             }
         }
@@ -288,8 +316,11 @@ impl Scanner {
                 }
             };
             self.observe(&path);
-            let Some(candidate) = self.candidates.get(&path) else { continue };
-            let stable = candidate.observations >= 2 && candidate.since.elapsed() >= self.config.stable_for;
+            let Some(candidate) = self.candidates.get(&path) else {
+                continue;
+            };
+            let stable =
+                candidate.observations >= 2 && candidate.since.elapsed() >= self.config.stable_for;
             if !stable || candidate.seen.size < self.filters.min_size {
                 continue;
             }
@@ -299,7 +330,9 @@ impl Scanner {
             let seen = candidate.seen;
             self.candidates.remove(&path);
             self.offered.insert(path.clone(), seen);
-            let Ok(relpath) = path.strip_prefix(&self.root).map(Path::to_path_buf) else { continue };
+            let Ok(relpath) = path.strip_prefix(&self.root).map(Path::to_path_buf) else {
+                continue;
+            };
             self.counters.detected.fetch_add(1, Ordering::Relaxed);
             ready.push(ReadyFile {
                 watch: self.config.name.clone(),
@@ -337,16 +370,24 @@ fn has_marker(path: &Path) -> bool {
 /// A `.json`/`.yaml`/`.yml` file beside a video of the same stem travels with
 /// that video and is never taken on its own; `.ready`/`.done` markers neither.
 fn is_sidecar(path: &Path, exists: impl Fn(&Path) -> bool) -> bool {
-    let Some(ext) = path.extension().and_then(|e| e.to_str()) else { return false };
-    let Some(stem) = path.file_stem() else { return false };
+    let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
+        return false;
+    };
+    let Some(stem) = path.file_stem() else {
+        return false;
+    };
     if ext == "ready" || ext == "done" {
         return exists(&path.with_extension(""));
     }
     if !SIDECAR_EXTENSIONS.contains(&ext) {
         return false;
     }
-    let Some(dir) = path.parent() else { return false };
-    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    let Some(dir) = path.parent() else {
+        return false;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
     entries.flatten().any(|entry| {
         let other = entry.path();
         other != path
@@ -399,7 +440,8 @@ pub async fn run(
     let mut check = tokio::time::interval(scanner.check_every());
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let rescan_period = rescan_every.unwrap_or(Duration::from_secs(365 * 24 * 3600));
-    let mut rescan = tokio::time::interval_at(tokio::time::Instant::now() + rescan_period, rescan_period);
+    let mut rescan =
+        tokio::time::interval_at(tokio::time::Instant::now() + rescan_period, rescan_period);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -436,7 +478,8 @@ trait FilterAccess {
 
 impl FilterAccess for notify::Result<notify::Event> {
     fn filter_access(self) -> Option<notify::Event> {
-        self.ok().filter(|event| !matches!(event.kind, notify::EventKind::Access(_)))
+        self.ok()
+            .filter(|event| !matches!(event.kind, notify::EventKind::Access(_)))
     }
 }
 
@@ -472,7 +515,10 @@ mod tests {
             path.display(),
             stable_for.as_millis()
         );
-        crate::config::load_str(&path.join("c.yaml"), &text).unwrap().watches.remove(0)
+        crate::config::load_str(&path.join("c.yaml"), &text)
+            .unwrap()
+            .watches
+            .remove(0)
     }
 
     #[test]
@@ -491,7 +537,10 @@ mod tests {
         let config = watch_config(root, Duration::from_millis(30));
         let mut scanner = Scanner::new(config, vec![], Arc::default());
         scanner.full_scan();
-        assert!(scanner.check_candidates().is_empty(), "one observation is no proof");
+        assert!(
+            scanner.check_candidates().is_empty(),
+            "one observation is no proof"
+        );
         std::thread::sleep(Duration::from_millis(40));
         let ready = scanner.check_candidates();
         let names: Vec<_> = ready.iter().map(|r| r.relpath.clone()).collect();
@@ -512,7 +561,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("gone.mp4"), b"abc").unwrap();
         let counters = Arc::new(WatchCounters::default());
-        let mut scanner = Scanner::new(watch_config(dir.path(), Duration::from_secs(5)), vec![], Arc::clone(&counters));
+        let mut scanner = Scanner::new(
+            watch_config(dir.path(), Duration::from_secs(5)),
+            vec![],
+            Arc::clone(&counters),
+        );
         scanner.full_scan();
         std::fs::remove_file(dir.path().join("gone.mp4")).unwrap();
         assert!(scanner.check_candidates().is_empty());

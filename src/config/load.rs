@@ -225,18 +225,16 @@ pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigError> {
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
         index: &index,
     };
-    if !resolver.base.is_absolute() {
-        if let Ok(cwd) = std::env::current_dir() {
-            resolver.base = cwd.join(&resolver.base);
-        }
+    if !resolver.base.is_absolute()
+        && let Ok(cwd) = std::env::current_dir()
+    {
+        resolver.base = cwd.join(&resolver.base);
     }
     resolver.resolve(raw)
 }
 
 fn yaml_error(file: &Path, index: &PositionIndex, error: &serde_yaml::Error) -> ConfigError {
-    let (line, column) = error
-        .location()
-        .map_or((1, 1), |l| (l.line(), l.column()));
+    let (line, column) = error.location().map_or((1, 1), |l| (l.line(), l.column()));
     let mut message = error.to_string();
     if let Some(cut) = message.rfind(" at line ") {
         message.truncate(cut);
@@ -308,7 +306,13 @@ const TYPE_KEYS: &[(&str, &[&str])] = &[
     ("gcore", &["api_key", "api_key_file", "wait_until"]),
     (
         "movingimage",
-        &["username", "password", "password_file", "video_manager_id", "auth_url"],
+        &[
+            "username",
+            "password",
+            "password_file",
+            "video_manager_id",
+            "auth_url",
+        ],
     ),
     ("tus", &["endpoint", "headers"]),
 ];
@@ -345,7 +349,11 @@ impl Resolver<'_> {
         match (inline, file) {
             (Some(_), Some(_)) => Err(self.error(
                 &format!("{key}_file"),
-                format!("give either `{}` or `{}_file`, not both", leaf(key), leaf(key)),
+                format!(
+                    "give either `{}` or `{}_file`, not both",
+                    leaf(key),
+                    leaf(key)
+                ),
             )),
             (Some(secret), None) => Ok(Some(secret)),
             (None, Some(path)) => {
@@ -404,13 +412,13 @@ impl Resolver<'_> {
                 token: self.secret("http.token", http.token, http.token_file.as_ref())?,
             }),
         };
-        if let Some(http) = &http {
-            if http.listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(self.error(
-                    "http.listen",
-                    format!("{:?} is not an address such as 127.0.0.1:8787", http.listen),
-                ));
-            }
+        if let Some(http) = &http
+            && http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(self.error(
+                "http.listen",
+                format!("{:?} is not an address such as 127.0.0.1:8787", http.listen),
+            ));
         }
 
         let mut watches = Vec::new();
@@ -424,7 +432,10 @@ impl Resolver<'_> {
             if watches[..i].iter().any(|w| w.name == watch.name) {
                 return Err(self.error(
                     &format!("watches[{i}].name"),
-                    format!("watch name {:?} is used twice; names must be unique", watch.name),
+                    format!(
+                        "watch name {:?} is used twice; names must be unique",
+                        watch.name
+                    ),
                 ));
             }
         }
@@ -470,7 +481,10 @@ impl Resolver<'_> {
         let key = |k: &str| format!("watches[{i}].{k}");
         let name = raw.name.0.trim().to_string();
         if name.is_empty() || name.contains(['/', '\\']) {
-            return Err(self.error(&key("name"), "a watch needs a non-empty name without slashes"));
+            return Err(self.error(
+                &key("name"),
+                "a watch needs a non-empty name without slashes",
+            ));
         }
         if raw.path.trim().is_empty() {
             return Err(self.error(&key("path"), "a watch needs a path"));
@@ -563,8 +577,14 @@ impl Resolver<'_> {
         let present = [
             ("path", raw.path.is_some()),
             ("application_key", raw.application_key.is_some()),
-            ("application_secret_key", raw.application_secret_key.is_some()),
-            ("application_secret_key_file", raw.application_secret_key_file.is_some()),
+            (
+                "application_secret_key",
+                raw.application_secret_key.is_some(),
+            ),
+            (
+                "application_secret_key_file",
+                raw.application_secret_key_file.is_some(),
+            ),
             ("access_token", raw.access_token.is_some()),
             ("access_token_file", raw.access_token_file.is_some()),
             ("group_id", raw.group_id.is_some()),
@@ -587,11 +607,16 @@ impl Resolver<'_> {
             if is_set && !own_keys.contains(&field) {
                 return Err(self.error(
                     &key(field),
-                    format!("`{field}` does not apply to a provider of type {kind_name}; remove it"),
+                    format!(
+                        "`{field}` does not apply to a provider of type {kind_name}; remove it"
+                    ),
                 ));
             }
         }
-        let retry = raw.retry.as_ref().map_or(default_retry, |r| r.over(default_retry));
+        let retry = raw
+            .retry
+            .as_ref()
+            .map_or(default_retry, |r| r.over(default_retry));
         check_retry(self, &key("retry"), &retry)?;
         let chunk_size = raw
             .chunk_size
@@ -733,31 +758,36 @@ impl Resolver<'_> {
                 &key("provider"),
                 format!(
                     "no provider named {provider:?}; define it under `providers:` (defined: {})",
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             ));
         }
         let watch = raw.matcher.watch.map(|t| t.0);
-        if let Some(name) = &watch {
-            if !watches.iter().any(|w| &w.name == name) {
-                return Err(self.error(
-                    &key("match.watch"),
-                    format!("no watch named {name:?}; use a name from `watches:`"),
-                ));
-            }
+        if let Some(name) = &watch
+            && !watches.iter().any(|w| &w.name == name)
+        {
+            return Err(self.error(
+                &key("match.watch"),
+                format!("no watch named {name:?}; use a name from `watches:`"),
+            ));
         }
         let glob = raw.matcher.glob.map(|t| t.0);
-        if let Some(pattern) = &glob {
-            if let Err(e) = globset::Glob::new(pattern) {
-                return Err(self.error(
-                    &key("match.glob"),
-                    format!("{pattern:?} is not a valid glob: {}", e.kind()),
-                ));
-            }
+        if let Some(pattern) = &glob
+            && let Err(e) = globset::Glob::new(pattern)
+        {
+            return Err(self.error(
+                &key("match.glob"),
+                format!("{pattern:?} is not a valid glob: {}", e.kind()),
+            ));
         }
         let mut metadata = raw.metadata;
         for (name, value) in metadata.iter_mut() {
-            interpolate_json(value).map_err(|m| self.error(&key(&format!("metadata.{name}")), m))?;
+            interpolate_json(value)
+                .map_err(|m| self.error(&key(&format!("metadata.{name}")), m))?;
         }
         Ok(Rule {
             index: i,
@@ -775,7 +805,10 @@ impl Resolver<'_> {
     /// (the scanner skips them anyway, but an operator would be surprised).
     fn check_folders(&self, config: &Config) -> Result<(), ConfigError> {
         for (i, watch) in config.watches.iter().enumerate() {
-            for (field, dir) in [("done_dir", &watch.done_dir), ("failed_dir", &watch.failed_dir)] {
+            for (field, dir) in [
+                ("done_dir", &watch.done_dir),
+                ("failed_dir", &watch.failed_dir),
+            ] {
                 for other in &config.watches {
                     let Ok(rel) = dir.strip_prefix(&other.path) else {
                         continue;
@@ -783,7 +816,10 @@ impl Resolver<'_> {
                     if rel.as_os_str().is_empty() {
                         return Err(self.error(
                             &format!("watches[{i}].{field}"),
-                            format!("{} is the watched folder itself; choose a folder outside it", dir.display()),
+                            format!(
+                                "{} is the watched folder itself; choose a folder outside it",
+                                dir.display()
+                            ),
                         ));
                     }
                     let rel = rel.to_string_lossy().replace('\\', "/");
@@ -831,10 +867,7 @@ fn check_retry(r: &Resolver, key: &str, retry: &RetryConfig) -> Result<(), Confi
 fn check_url(r: &Resolver, key: &str, url: &str) -> Result<(), ConfigError> {
     match reqwest::Url::parse(url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
-        _ => Err(r.error(
-            key,
-            format!("{url:?} is not an http:// or https:// URL"),
-        )),
+        _ => Err(r.error(key, format!("{url:?} is not an http:// or https:// URL"))),
     }
 }
 
@@ -934,7 +967,10 @@ mod tests {
 
     #[test]
     fn unknown_key_is_located() {
-        let text = MINIMAL.replace("    path: /srv/drop/a\n", "    path: /srv/drop/a\n    stabel_for: 3s\n");
+        let text = MINIMAL.replace(
+            "    path: /srv/drop/a\n",
+            "    path: /srv/drop/a\n    stabel_for: 3s\n",
+        );
         let e = parse(&text).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (4, "watches[0]"), "{e}");
         assert!(e.message.contains("stabel_for"), "{e}");
@@ -953,13 +989,20 @@ mod tests {
     fn wrong_type_and_bad_size() {
         let e = parse(&format!("workers: many\n{MINIMAL}")).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (1, "workers"), "{e}");
-        let e = parse(&MINIMAL.replace("path: /srv/drop/a", "path: /srv/drop/a\n    min_size: 3 parsecs")).unwrap_err();
+        let e = parse(&MINIMAL.replace(
+            "path: /srv/drop/a",
+            "path: /srv/drop/a\n    min_size: 3 parsecs",
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "watches[0].min_size", "{e}");
     }
 
     #[test]
     fn done_dir_inside_watch_needs_exclude() {
-        let text = MINIMAL.replace("path: /srv/drop/a", "path: /srv/drop/a\n    done_dir: /srv/drop/a/done");
+        let text = MINIMAL.replace(
+            "path: /srv/drop/a",
+            "path: /srv/drop/a\n    done_dir: /srv/drop/a/done",
+        );
         let e = parse(&text).unwrap_err();
         assert_eq!(e.key, "watches[0].done_dir", "{e}");
         let ok = text.replace("done_dir:", "exclude: [\"done/**\"]\n    done_dir:");
@@ -968,11 +1011,13 @@ mod tests {
 
     #[test]
     fn provider_keys_checked_per_type() {
-        let e = parse(&MINIMAL.replace("path: /srv/out", "path: /srv/out, endpoint: http://x/")).unwrap_err();
+        let e = parse(&MINIMAL.replace("path: /srv/out", "path: /srv/out, endpoint: http://x/"))
+            .unwrap_err();
         assert_eq!(e.key, "providers.out.endpoint", "{e}");
-        let text = format!(
-            "{MINIMAL}  - match: {{}}\n    provider: av\n"
-        ).replace("providers:\n", "providers:\n  av: { type: apivideo, api_key: k, chunk_size: 1MiB }\n");
+        let text = format!("{MINIMAL}  - match: {{}}\n    provider: av\n").replace(
+            "providers:\n",
+            "providers:\n  av: { type: apivideo, api_key: k, chunk_size: 1MiB }\n",
+        );
         let e = parse(&text).unwrap_err();
         assert_eq!(e.key, "providers.av.chunk_size", "{e}");
         let e = parse(&MINIMAL.replace("type: folder", "type: dropbox")).unwrap_err();
@@ -986,7 +1031,10 @@ mod tests {
         std::fs::write(&key_file, "  s3cret\n").unwrap();
         let text = MINIMAL.replace(
             "providers:\n",
-            &format!("providers:\n  g:\n    type: gcore\n    api_key_file: {}\n", key_file.display()),
+            &format!(
+                "providers:\n  g:\n    type: gcore\n    api_key_file: {}\n",
+                key_file.display()
+            ),
         );
         let c = parse(&text).unwrap();
         match &c.providers["g"].kind {
@@ -995,7 +1043,8 @@ mod tests {
         }
         let shown = serde_json::to_string(&c).unwrap();
         assert!(!shown.contains("s3cret"));
-        let e = parse(&MINIMAL.replace("/srv/out", "\"${HOTFOLDER_TEST_SURELY_UNSET}\"")).unwrap_err();
+        let e =
+            parse(&MINIMAL.replace("/srv/out", "\"${HOTFOLDER_TEST_SURELY_UNSET}\"")).unwrap_err();
         assert!(e.message.contains("HOTFOLDER_TEST_SURELY_UNSET"), "{e}");
         assert_eq!(e.line, 5, "{e}");
         assert_eq!(e.key, "providers.out.path", "{e}");

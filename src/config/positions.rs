@@ -64,8 +64,14 @@ impl PositionIndex {
 
 /// One open container while walking the event stream.
 enum Frame {
-    Mapping { path: String, pending_key: Option<String> },
-    Sequence { path: String, next_index: usize },
+    Mapping {
+        path: String,
+        pending_key: Option<String>,
+    },
+    Sequence {
+        path: String,
+        next_index: usize,
+    },
 }
 
 #[derive(Default)]
@@ -85,7 +91,12 @@ fn join(parent: &str, key: &str) -> String {
 impl Builder {
     /// The path a new node (scalar or container) takes at this point, recording
     /// its position; `None` when the node is a mapping key.
-    fn place_node(&mut self, mark: Marker, scalar: Option<&str>, container: bool) -> Option<String> {
+    fn place_node(
+        &mut self,
+        mark: Marker,
+        scalar: Option<&str>,
+        container: bool,
+    ) -> Option<String> {
         let position = Position {
             line: mark.line(),
             column: mark.col() + 1,
@@ -155,9 +166,18 @@ mod tests {
         let text = "state_dir: ./s\nwatches:\n  - name: a\n    path: /x\nrules:\n  - match: {}\n    provider: p\n";
         let index = PositionIndex::build(text);
         assert_eq!(index.find("state_dir"), Position { line: 1, column: 1 });
-        assert_eq!(index.find("watches[0].path"), Position { line: 4, column: 5 });
-        assert_eq!(index.find("rules[0].provider"), Position { line: 7, column: 5 });
+        assert_eq!(
+            index.find("watches[0].path"),
+            Position { line: 4, column: 5 }
+        );
+        assert_eq!(
+            index.find("rules[0].provider"),
+            Position { line: 7, column: 5 }
+        );
         // Unknown leaf: nearest ancestor.
-        assert_eq!(index.find("rules[0].metadata.title"), Position { line: 6, column: 5 });
+        assert_eq!(
+            index.find("rules[0].metadata.title"),
+            Position { line: 6, column: 5 }
+        );
     }
 }

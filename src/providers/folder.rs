@@ -8,7 +8,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader};
+use super::{
+    Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
+};
 use crate::hashing;
 
 /// Folder under the destination holding partial files.
@@ -50,9 +52,9 @@ fn marker_path(partial: &Path) -> PathBuf {
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ProviderError> + Send + 'static,
 ) -> Result<T, ProviderError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ProviderError::new(ErrorKind::Transient, format!("worker thread failed: {e}")))?
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        ProviderError::new(ErrorKind::Transient, format!("worker thread failed: {e}"))
+    })?
 }
 
 impl Uploader for FolderProvider {
@@ -60,7 +62,8 @@ impl Uploader for FolderProvider {
         let dir = self.partial_dir();
         let partial = dir.join(request.job_id.to_string());
         blocking(move || {
-            fs::create_dir_all(&dir).map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
+            fs::create_dir_all(&dir)
+                .map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
             sweep_old_markers(&dir);
             OpenOptions::new()
                 .create(true)
@@ -96,7 +99,13 @@ impl Uploader for FolderProvider {
                         RemoteOffset::Gone
                     });
                 }
-                Err(e) => return Err(ProviderError::io("cannot inspect partial file", &partial, &e)),
+                Err(e) => {
+                    return Err(ProviderError::io(
+                        "cannot inspect partial file",
+                        &partial,
+                        &e,
+                    ));
+                }
             };
             if length > acknowledged {
                 // Bytes past the last checkpoint were never vouched for: drop them.
@@ -121,19 +130,21 @@ impl Uploader for FolderProvider {
         mut chunk: Chunk,
     ) -> Result<u64, ProviderError> {
         let partial = self.partial_path(session)?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .open(&partial)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => ProviderError::new(ErrorKind::Gone, format!("partial file {} vanished", partial.display())),
-                _ => ProviderError::io("cannot open partial file", &partial, &e),
-            })?;
+        let mut file =
+            OpenOptions::new()
+                .write(true)
+                .open(&partial)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => ProviderError::new(
+                        ErrorKind::Gone,
+                        format!("partial file {} vanished", partial.display()),
+                    ),
+                    _ => ProviderError::io("cannot open partial file", &partial, &e),
+                })?;
         let mut position = chunk.start;
-        while let Some(piece) = chunk
-            .next_piece()
-            .await
-            .map_err(|e| ProviderError::new(ErrorKind::Transient, format!("cannot read the source: {e}")))?
-        {
+        while let Some(piece) = chunk.next_piece().await.map_err(|e| {
+            ProviderError::new(ErrorKind::Transient, format!("cannot read the source: {e}"))
+        })? {
             let path = partial.clone();
             let piece_len = piece.len() as u64;
             file = blocking(move || {
@@ -146,11 +157,19 @@ impl Uploader for FolderProvider {
             position += piece_len;
         }
         let path = partial.clone();
-        blocking(move || file.sync_data().map_err(|e| ProviderError::io("cannot flush", &path, &e))).await?;
+        blocking(move || {
+            file.sync_data()
+                .map_err(|e| ProviderError::io("cannot flush", &path, &e))
+        })
+        .await?;
         Ok(chunk.end())
     }
 
-    async fn renew(&self, _session: &mut Session, _request: &UploadRequest<'_>) -> Result<(), ProviderError> {
+    async fn renew(
+        &self,
+        _session: &mut Session,
+        _request: &UploadRequest<'_>,
+    ) -> Result<(), ProviderError> {
         Ok(())
     }
 
@@ -178,7 +197,11 @@ impl Uploader for FolderProvider {
         match fs::remove_file(&partial) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ProviderError::io("cannot remove partial file", &partial, &e)),
+            Err(e) => Err(ProviderError::io(
+                "cannot remove partial file",
+                &partial,
+                &e,
+            )),
         }
     }
 }
@@ -194,34 +217,47 @@ fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathB
             Some(done) if done.exists() => Ok(done),
             _ => Err(ProviderError::new(
                 ErrorKind::Gone,
-                format!("partial file {} vanished before it was placed", partial.display()),
+                format!(
+                    "partial file {} vanished before it was placed",
+                    partial.display()
+                ),
             )),
         };
     }
-    let meta = fs::metadata(partial).map_err(|e| ProviderError::io("cannot inspect", partial, &e))?;
+    let meta =
+        fs::metadata(partial).map_err(|e| ProviderError::io("cannot inspect", partial, &e))?;
     if meta.len() != size {
         return Err(ProviderError::new(
             ErrorKind::OffsetMismatch,
-            format!("partial file {} holds {} bytes, expected {size}", partial.display(), meta.len()),
+            format!(
+                "partial file {} holds {} bytes, expected {size}",
+                partial.display(),
+                meta.len()
+            ),
         ));
     }
-    let actual = hashing::sha256_file(partial).map_err(|e| ProviderError::io("cannot verify", partial, &e))?;
+    let actual = hashing::sha256_file(partial)
+        .map_err(|e| ProviderError::io("cannot verify", partial, &e))?;
     if actual != sha256 {
         let _ = fs::remove_file(partial);
         return Err(ProviderError::new(
             ErrorKind::Gone,
-            format!("delivered bytes in {} do not match the source's sha256; starting over", partial.display()),
+            format!(
+                "delivered bytes in {} do not match the source's sha256; starting over",
+                partial.display()
+            ),
         ));
     }
     let parent = target.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(parent).map_err(|e| ProviderError::io("cannot create folder", parent, &e))?;
+    fs::create_dir_all(parent)
+        .map_err(|e| ProviderError::io("cannot create folder", parent, &e))?;
     // Reuse the name chosen before a crash if it already is this very file.
-    if let Some(done) = &recorded {
-        if same_file(partial, done) {
-            fs::remove_file(partial).map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
-            sync_dir(parent);
-            return Ok(done.clone());
-        }
+    if let Some(done) = &recorded
+        && same_file(partial, done)
+    {
+        fs::remove_file(partial).map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
+        sync_dir(parent);
+        return Ok(done.clone());
     }
     let mut n = 0;
     loop {
@@ -229,7 +265,8 @@ fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathB
         write_marker(&marker, &candidate)?;
         match fs::hard_link(partial, &candidate) {
             Ok(()) => {
-                fs::remove_file(partial).map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
+                fs::remove_file(partial)
+                    .map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
                 sync_dir(parent);
                 if let Some(dir) = partial.parent() {
                     sync_dir(dir);
@@ -243,7 +280,8 @@ fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathB
 }
 
 fn write_marker(marker: &Path, candidate: &Path) -> Result<(), ProviderError> {
-    let mut file = File::create(marker).map_err(|e| ProviderError::io("cannot write", marker, &e))?;
+    let mut file =
+        File::create(marker).map_err(|e| ProviderError::io("cannot write", marker, &e))?;
     file.write_all(candidate.as_os_str().as_encoded_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| ProviderError::io("cannot write", marker, &e))
@@ -265,7 +303,9 @@ pub fn sync_dir(dir: &Path) {
 }
 
 fn sweep_old_markers(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let old = entry

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::upload::chunk::Chunk;
 use crate::config::{ProviderConfig, ProviderKind};
+pub use crate::upload::chunk::Chunk;
 pub use folder::{FolderProvider, sync_dir};
 
 /// What the engine tells a provider about the file being delivered.
@@ -132,7 +132,9 @@ impl ProviderError {
     pub fn io(what: &str, path: &Path, error: &std::io::Error) -> Self {
         use std::io::ErrorKind as Io;
         let kind = match error.kind() {
-            Io::PermissionDenied | Io::ReadOnlyFilesystem | Io::InvalidInput => ErrorKind::Permanent,
+            Io::PermissionDenied | Io::ReadOnlyFilesystem | Io::InvalidInput => {
+                ErrorKind::Permanent
+            }
             _ => ErrorKind::Transient,
         };
         ProviderError::new(kind, format!("{what} {}: {error}", path.display()))
@@ -165,7 +167,11 @@ pub trait Uploader {
     ) -> Result<u64, ProviderError>;
 
     /// Renew an expired upload URL or token inside the session.
-    async fn renew(&self, session: &mut Session, request: &UploadRequest<'_>) -> Result<(), ProviderError>;
+    async fn renew(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+    ) -> Result<(), ProviderError>;
 
     /// Every byte is acknowledged: finalise (set metadata, publish, verify)
     /// and report the delivery. `sha256` is the content's hash.
@@ -245,7 +251,11 @@ impl Uploader for Provider {
         forward!(self, p => p.send(session, request, chunk))
     }
 
-    async fn renew(&self, session: &mut Session, request: &UploadRequest<'_>) -> Result<(), ProviderError> {
+    async fn renew(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+    ) -> Result<(), ProviderError> {
         forward!(self, p => p.renew(session, request))
     }
 

@@ -114,7 +114,9 @@ impl Chunk {
         .await
         .map_err(io::Error::other)??;
         self.position += piece.len() as u64;
-        self.counters.read.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        self.counters
+            .read
+            .fetch_add(piece.len() as u64, Ordering::Relaxed);
         self.counters
             .in_flight
             .fetch_add(piece.len() as u64, Ordering::Relaxed);

@@ -15,7 +15,9 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::ProviderConfig;
 use crate::hashing::{self, ResumableSha256};
-use crate::providers::{Delivery, ErrorKind, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader};
+use crate::providers::{
+    Delivery, ErrorKind, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader,
+};
 use crate::retry::Backoff;
 use crate::state::{ErrorInfo, FileSignature, Job, JobState, Store, StoreError};
 use chunk::{Chunk, Counters, PIECE};
@@ -126,10 +128,11 @@ impl Engine {
         if job.chunk_size == 0 {
             job.chunk_size = handle.config.chunk_size;
         }
-        if job.state == JobState::Queued && job.session.is_none() {
-            if let Some(earlier) = self.find_duplicate(job, handle).await? {
-                return Ok(AttemptEnd::Duplicate(earlier));
-            }
+        if job.state == JobState::Queued
+            && job.session.is_none()
+            && let Some(earlier) = self.find_duplicate(job, handle).await?
+        {
+            return Ok(AttemptEnd::Duplicate(earlier));
         }
         let file_name = job.file_name();
         let relpath = job.relpath.clone();
@@ -156,7 +159,10 @@ impl Engine {
                 Some(session) => session,
                 None => {
                     if job.state == JobState::Creating {
-                        tracing::warn!(job = job.id, "an earlier create call was interrupted; this provider may hold an orphaned object from it");
+                        tracing::warn!(
+                            job = job.id,
+                            "an earlier create call was interrupted; this provider may hold an orphaned object from it"
+                        );
                     }
                     job.transition(JobState::Creating)?;
                     self.store.put(job).await?;
@@ -175,7 +181,8 @@ impl Engine {
                 Ok(RemoteOffset::At(offset)) if offset <= signature.size => offset,
                 Ok(RemoteOffset::Unknown) => job.acked,
                 Ok(RemoteOffset::At(_) | RemoteOffset::Gone) => {
-                    self.replace_session(job, provider, &session, "the remote upload was gone").await?;
+                    self.replace_session(job, provider, &session, "the remote upload was gone")
+                        .await?;
                     continue;
                 }
                 Err(e) => {
@@ -193,10 +200,14 @@ impl Engine {
             job.acked = offset;
             job.hash = Some(hasher);
             job.session = Some(session);
-            match self.send_chunks(job, provider, &request, &file, signature, counters).await {
+            match self
+                .send_chunks(job, provider, &request, &file, signature, counters)
+                .await
+            {
                 Err(Stop::Provider(e)) if e.kind == ErrorKind::Gone => {
                     let session = job.session.take().unwrap_or_default();
-                    self.replace_session(job, provider, &session, &e.message).await?;
+                    self.replace_session(job, provider, &session, &e.message)
+                        .await?;
                     continue;
                 }
                 other => other?,
@@ -240,7 +251,9 @@ impl Engine {
                     if let Stop::SourceChanged(why) = source_error_of(job, &e) {
                         return Err(Stop::SourceChanged(why));
                     }
-                    job.bytes_sent += counters.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+                    job.bytes_sent += counters
+                        .in_flight
+                        .load(std::sync::atomic::Ordering::Relaxed);
                     return Err(e.into());
                 }
             };
@@ -254,7 +267,10 @@ impl Engine {
             } else {
                 return Err(ProviderError::new(
                     ErrorKind::OffsetMismatch,
-                    format!("the provider acknowledged offset {acked} after a chunk {start}..{}", start + len),
+                    format!(
+                        "the provider acknowledged offset {acked} after a chunk {start}..{}",
+                        start + len
+                    ),
                 )
                 .into());
             }
@@ -316,7 +332,11 @@ impl Engine {
         if let Err(e) = provider.abandon(session).await {
             tracing::warn!(job = job.id, error = %e, "could not delete the abandoned upload");
         }
-        if let Some(old) = session.remote_id.clone().or_else(|| session.upload_url.clone()) {
+        if let Some(old) = session
+            .remote_id
+            .clone()
+            .or_else(|| session.upload_url.clone())
+        {
             job.replaced.push(old);
         }
         job.session = None;
@@ -329,7 +349,11 @@ impl Engine {
 
     /// Same content already delivered to the same provider? Only candidates
     /// with the same fingerprint are hashed in full.
-    async fn find_duplicate(&self, job: &mut Job, handle: &ProviderHandle) -> Result<Option<u64>, Stop> {
+    async fn find_duplicate(
+        &self,
+        job: &mut Job,
+        handle: &ProviderHandle,
+    ) -> Result<Option<u64>, Stop> {
         let path = job.source.clone();
         let fingerprint = blocking_io(move || hashing::fingerprint(&path))
             .await
@@ -338,7 +362,9 @@ impl Engine {
         if !job.skip_duplicates {
             return Ok(None);
         }
-        let candidates = self.store.delivered_ids(&handle.config.name, &fingerprint)?;
+        let candidates = self
+            .store
+            .delivered_ids(&handle.config.name, &fingerprint)?;
         if candidates.is_empty() {
             return Ok(None);
         }
@@ -348,10 +374,11 @@ impl Engine {
             .map_err(|e| source_error(job, &e))?;
         job.sha256 = Some(sha.clone());
         for id in candidates {
-            if let Ok(earlier) = self.store.get(id) {
-                if earlier.state == JobState::Done && earlier.sha256.as_deref() == Some(sha.as_str()) {
-                    return Ok(Some(id));
-                }
+            if let Ok(earlier) = self.store.get(id)
+                && earlier.state == JobState::Done
+                && earlier.sha256.as_deref() == Some(sha.as_str())
+            {
+                return Ok(Some(id));
             }
         }
         Ok(None)
@@ -403,16 +430,18 @@ fn check_unchanged(job: &Job) -> Result<(), Stop> {
 /// A source that vanished or cannot be read fails the job at once.
 fn source_error(job: &Job, error: &std::io::Error) -> Stop {
     let message = match error.kind() {
-        std::io::ErrorKind::NotFound => format!(
-            "{} vanished before it was delivered",
-            job.source.display()
-        ),
+        std::io::ErrorKind::NotFound => {
+            format!("{} vanished before it was delivered", job.source.display())
+        }
         std::io::ErrorKind::PermissionDenied => format!(
             "cannot read {}: permission denied; give the hotfolder user read access",
             job.source.display()
         ),
         std::io::ErrorKind::UnexpectedEof => {
-            return Stop::SourceChanged(format!("{} became shorter while it was read", job.source.display()));
+            return Stop::SourceChanged(format!(
+                "{} became shorter while it was read",
+                job.source.display()
+            ));
         }
         _ => format!("cannot read {}: {error}", job.source.display()),
     };
@@ -456,7 +485,9 @@ async fn catch_up(
                     "source shorter than the acknowledged offset",
                 ));
             }
-            counters.read.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            counters
+                .read
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             hasher.update(&buf[..n]);
         }
         Ok(hasher)

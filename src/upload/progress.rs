@@ -60,11 +60,11 @@ impl ProgressBoard {
 
     /// A chunk was acknowledged.
     pub fn acked(&self, job: u64, offset: u64) {
-        if let Ok(mut live) = self.live.lock() {
-            if let Some(entry) = live.get_mut(&job) {
-                entry.acked = offset;
-                entry.counters.in_flight.store(0, Ordering::Relaxed);
-            }
+        if let Ok(mut live) = self.live.lock()
+            && let Some(entry) = live.get_mut(&job)
+        {
+            entry.acked = offset;
+            entry.counters.in_flight.store(0, Ordering::Relaxed);
         }
     }
 
@@ -79,7 +79,8 @@ impl ProgressBoard {
     pub fn get(&self, job: u64) -> Option<Progress> {
         let live = self.live.lock().ok()?;
         let entry = live.get(&job)?;
-        let bytes = (entry.acked + entry.counters.in_flight.load(Ordering::Relaxed)).min(entry.total);
+        let bytes =
+            (entry.acked + entry.counters.in_flight.load(Ordering::Relaxed)).min(entry.total);
         let elapsed = entry.started.elapsed().as_secs_f64();
         let moved = bytes.saturating_sub(entry.acked_at_start) as f64;
         let rate = if elapsed > 0.0 { moved / elapsed } else { 0.0 };
