@@ -1,0 +1,300 @@
+//! Shared fixtures for the integration tests: a temporary appliance folder
+//! (watch folder, outbox, done/failed, state), a config writer, the real
+//! binary spawned and killed on drop, and polling with a deadline.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_hotfolder")
+}
+
+/// A temporary appliance: `<root>/drop` watched, `<root>/outbox` the folder
+/// provider's target, `<root>/done/drop` and `<root>/failed/drop` by default.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub watch: PathBuf,
+    pub outbox: PathBuf,
+    pub done: PathBuf,
+    pub failed: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Fixture {
+    /// A fixture with the default config (stable_for 300ms).
+    pub fn new() -> Self {
+        Self::with_config("", "", "")
+    }
+
+    /// A fixture whose config gets `watch_extra` lines (indented 4) in the
+    /// watch, `provider_extra` in the folder provider and `top_extra` at top level.
+    pub fn with_config(watch_extra: &str, provider_extra: &str, top_extra: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("hotfolder-test-").tempdir().expect("temp dir");
+        let root = dir.path().to_path_buf();
+        let fixture = Fixture {
+            watch: root.join("drop"),
+            outbox: root.join("outbox"),
+            done: root.join("done/drop"),
+            failed: root.join("failed/drop"),
+            state: root.join("state"),
+            config: root.join("hotfolder.yaml"),
+            root,
+            dir,
+        };
+        fs::create_dir_all(&fixture.watch).expect("watch dir");
+        fixture.write_config(watch_extra, provider_extra, top_extra);
+        fixture
+    }
+
+    /// Rewrite the config.
+    pub fn write_config(&self, watch_extra: &str, provider_extra: &str, top_extra: &str) {
+        let text = format!(
+            "state_dir: ./state\nworkers: 4\nshutdown_timeout: 10s\nlog: {{ level: \"info,hotfolder=debug\" }}\n{top_extra}\n\
+defaults:\n  stable_for: 300ms\n  rescan_every: 2s\n  retry: {{ max_attempts: 3, initial_backoff: 100ms, max_backoff: 500ms }}\n\
+watches:\n  - name: drop\n    path: ./drop\n{watch}\n\
+providers:\n  archive:\n    type: folder\n    path: ./outbox\n{provider}\n\
+rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem}}\" }}\n",
+            watch = indent(watch_extra, 4),
+            provider = indent(provider_extra, 4),
+        );
+        fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Write a raw config file.
+    pub fn write_raw_config(&self, text: &str) {
+        fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Run `hotfolder ARGS -c <config>` to completion.
+    pub fn hotfolder(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run hotfolder")
+    }
+
+    /// `hotfolder status --json`, parsed.
+    pub fn status(&self) -> Vec<serde_json::Value> {
+        let out = self.hotfolder(&["status", "--json"]);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Start the daemon.
+    pub fn start(&self) -> Daemon {
+        self.start_with(Command::new(bin()))
+    }
+
+    /// Start the daemon as an unprivileged user when the tests run as root
+    /// (root ignores file modes, which the permission tests rely on).
+    pub fn start_unprivileged(&self) -> Daemon {
+        if !is_root() {
+            return self.start();
+        }
+        make_world_accessible(&self.root);
+        let mut command = Command::new("setpriv");
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(bin());
+        self.start_with(command)
+    }
+
+    fn start_with(&self, mut command: Command) -> Daemon {
+        let log = self.root.join(format!("daemon-{}.log", unique()));
+        let log_file = fs::File::create(&log).expect("log file");
+        let child = command
+            .arg("run")
+            .arg("-c")
+            .arg(&self.config)
+            .current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log clone"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn hotfolder run");
+        let daemon = Daemon { child, log };
+        wait_for("the daemon to start", Duration::from_secs(20), || {
+            daemon.log().contains("hotfolder running").then_some(())
+        });
+        daemon
+    }
+
+    /// Files under `dir` (relative paths, sorted), skipping hidden folders.
+    pub fn files_in(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        collect(dir, dir, &mut out);
+        out.sort();
+        out
+    }
+}
+
+fn collect(base: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            if !name.starts_with('.') {
+                collect(base, &path, out);
+            }
+        } else {
+            out.push(path.strip_prefix(base).unwrap_or(&path).to_string_lossy().into_owned());
+        }
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn indent(text: &str, spaces: usize) -> String {
+    let pad = " ".repeat(spaces);
+    text.lines().map(|l| format!("{pad}{l}\n")).collect()
+}
+
+/// True when the tests run as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// chmod a+rwx every folder and a+rw every file below `root` (and root's
+/// parents' traversal), so an unprivileged daemon can work there.
+pub fn make_world_accessible(root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o777));
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(meta) = fs::metadata(&path) {
+                let mode = meta.permissions().mode();
+                if mode & 0o777 != 0 {
+                    let _ = fs::set_permissions(&path, fs::Permissions::from_mode(mode | 0o666));
+                }
+            }
+        }
+    }
+}
+
+/// A running `hotfolder run`, killed with SIGKILL when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill with a valid pid and signal number.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `deadline` for the exit; answers the status
+    /// and how long the exit took.
+    pub fn terminate(&mut self, deadline: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        self.signal(libc::SIGTERM);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status, start.elapsed());
+            }
+            assert!(start.elapsed() < deadline, "daemon did not exit within {deadline:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Poll `check` every 20 ms until it answers `Some`, or panic after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// sha256 of a file, hex.
+pub fn sha256(path: &Path) -> String {
+    let mut hasher = Sha256::new();
+    let mut file = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::io::copy(&mut file, &mut hasher).expect("hash");
+    hex::encode(hasher.finalize())
+}
+
+/// Write `size` pseudo-random bytes (deterministic per seed), creating folders.
+pub fn write_random(path: &Path, size: u64, seed: u64) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).expect("mkdir");
+    }
+    let mut file = fs::File::create(path).expect("create");
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for chunk in buf.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let bytes = state.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        file.write_all(&buf[..n]).expect("write");
+        left -= n as u64;
+    }
+    file.sync_all().expect("sync");
+}
+
+/// Jobs in a state.
+pub fn in_state<'a>(rows: &'a [serde_json::Value], state: &str) -> Vec<&'a serde_json::Value> {
+    rows.iter().filter(|r| r["state"] == state).collect()
+}
