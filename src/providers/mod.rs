@@ -5,6 +5,8 @@
 //! [`Provider`] enum forwards to them (a fixed set needs no boxing).
 
 mod folder;
+pub mod http;
+mod tus;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ProviderConfig, ProviderKind};
 pub use crate::upload::chunk::Chunk;
 pub use folder::{FolderProvider, sync_dir};
+pub use tus::{TusProvider, mime_type};
 
 /// What the engine tells a provider about the file being delivered.
 #[derive(Debug, Clone)]
@@ -149,6 +152,17 @@ pub trait Uploader {
     /// session to persist before any byte is sent.
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError>;
 
+    /// Create the remote object and send the whole file with it, for
+    /// single-chunk files where the protocol allows it (tus
+    /// creation-with-upload). `Ok(None)` means "not offered: use create".
+    async fn create_with_data(
+        &self,
+        _request: &UploadRequest<'_>,
+        _chunk: Chunk,
+    ) -> Result<Option<(Session, u64)>, ProviderError> {
+        Ok(None)
+    }
+
     /// Ask where the remote side stands. `acknowledged` is the offset the
     /// engine persisted; protocols without a query answer [`RemoteOffset::Unknown`].
     async fn offset(
@@ -191,31 +205,44 @@ pub trait Uploader {
 pub enum Provider {
     /// Local or mounted directory.
     Folder(FolderProvider),
-    /// A provider type whose uploader is not in this build.
+    /// Any tus server.
+    Tus(TusProvider),
+    /// A provider that cannot upload: its type is not in this build, or its
+    /// settings could not be turned into a client.
     Unavailable {
-        /// The `type:` name.
-        type_name: &'static str,
+        /// Why, for the job's error report.
+        reason: String,
     },
 }
 
 impl Provider {
     /// Build the provider named in config.
     pub fn from_config(config: &ProviderConfig) -> Self {
-        match &config.kind {
-            ProviderKind::Folder { path } => Provider::Folder(FolderProvider::new(path.clone())),
-            other => Provider::Unavailable {
-                type_name: other.type_name(),
-            },
-        }
+        let built = match &config.kind {
+            ProviderKind::Folder { path } => Ok(Provider::Folder(FolderProvider::new(path.clone()))),
+            ProviderKind::Tus { endpoint, headers } => {
+                let headers: Vec<(String, String)> = headers
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.expose().to_string()))
+                    .collect();
+                let endpoint = config.base_url.as_deref().unwrap_or(endpoint);
+                TusProvider::new(endpoint, &headers, config.timeout).map(Provider::Tus)
+            }
+            other => Err(ProviderError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "provider type {} is not available in this build of hotfolder; route these files to another provider or upgrade",
+                    other.type_name()
+                ),
+            )),
+        };
+        built.unwrap_or_else(|e| Provider::Unavailable {
+            reason: format!("provider {}: {}", config.name, e.message),
+        })
     }
 
-    fn unavailable(type_name: &str) -> ProviderError {
-        ProviderError::new(
-            ErrorKind::Unavailable,
-            format!(
-                "provider type {type_name} is not available in this build of hotfolder; route these files to another provider or upgrade"
-            ),
-        )
+    fn unavailable(reason: &str) -> ProviderError {
+        ProviderError::new(ErrorKind::Unavailable, reason.to_string())
     }
 }
 
@@ -223,7 +250,8 @@ macro_rules! forward {
     ($self:ident, $p:ident => $call:expr) => {
         match $self {
             Provider::Folder($p) => $call.await,
-            Provider::Unavailable { type_name } => Err(Provider::unavailable(type_name)),
+            Provider::Tus($p) => $call.await,
+            Provider::Unavailable { reason } => Err(Provider::unavailable(reason)),
         }
     };
 }
@@ -231,6 +259,14 @@ macro_rules! forward {
 impl Uploader for Provider {
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
         forward!(self, p => p.create(request))
+    }
+
+    async fn create_with_data(
+        &self,
+        request: &UploadRequest<'_>,
+        chunk: Chunk,
+    ) -> Result<Option<(Session, u64)>, ProviderError> {
+        forward!(self, p => p.create_with_data(request, chunk))
     }
 
     async fn offset(

@@ -16,6 +16,25 @@ use crate::hashing::ResumableSha256;
 /// Bytes read from the source per piece.
 pub const PIECE: u64 = 1 << 20;
 
+/// Per-chunk checksum algorithms a protocol may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumAlgorithm {
+    /// SHA-1 (tus fallback).
+    Sha1,
+    /// SHA-256 (preferred).
+    Sha256,
+}
+
+impl ChecksumAlgorithm {
+    /// The name tus uses in `Upload-Checksum`.
+    pub fn tus_name(self) -> &'static str {
+        match self {
+            ChecksumAlgorithm::Sha1 => "sha1",
+            ChecksumAlgorithm::Sha256 => "sha256",
+        }
+    }
+}
+
 /// Byte counters of one job, shared with the progress board.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -121,6 +140,44 @@ impl Chunk {
             .in_flight
             .fetch_add(piece.len() as u64, Ordering::Relaxed);
         Ok(Some(piece))
+    }
+
+    /// The digest of this chunk's bytes, for protocols that want a checksum
+    /// header before the body. It reads the range once more (normally from the
+    /// page cache) without touching the file hash; memory stays one piece.
+    ///
+    /// # Errors
+    /// I/O errors, or `UnexpectedEof` when the source shrank.
+    pub async fn digest(&self, algorithm: ChecksumAlgorithm) -> io::Result<Vec<u8>> {
+        use sha2::Digest;
+        let file = Arc::clone(&self.file);
+        let counters = Arc::clone(&self.counters);
+        let (start, end) = (self.start, self.end());
+        tokio::task::spawn_blocking(move || {
+            let mut sha1 = sha1::Sha1::new();
+            let mut sha256 = sha2::Sha256::new();
+            let mut buf = vec![0u8; PIECE as usize];
+            let mut position = start;
+            while position < end {
+                let want = (end - position).min(PIECE) as usize;
+                let n = file.read_at(&mut buf[..want], position)?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the source file became shorter"));
+                }
+                match algorithm {
+                    ChecksumAlgorithm::Sha1 => sha1.update(&buf[..n]),
+                    ChecksumAlgorithm::Sha256 => sha256.update(&buf[..n]),
+                }
+                counters.read.fetch_add(n as u64, Ordering::Relaxed);
+                position += n as u64;
+            }
+            Ok(match algorithm {
+                ChecksumAlgorithm::Sha1 => sha1.finalize().to_vec(),
+                ChecksumAlgorithm::Sha256 => sha256.finalize().to_vec(),
+            })
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// The chunk as a byte stream, for an HTTP request body.

@@ -23,6 +23,10 @@ use crate::state::{ErrorInfo, FileSignature, Job, JobState, Store, StoreError};
 use chunk::{Chunk, Counters, PIECE};
 use progress::ProgressBoard;
 
+/// In-attempt recoveries (offset re-query, URL renewal, re-authentication)
+/// before the failure goes to the backoff policy instead.
+const MAX_RECOVERIES_PER_ATTEMPT: u32 = 5;
+
 /// A provider with its settings, backoff and concurrency limit.
 pub struct ProviderHandle {
     /// The backend.
@@ -150,6 +154,9 @@ impl Engine {
         if job.state == JobState::Finalizing {
             return self.finalize(job, provider, &request).await;
         }
+        let mut recoveries = 0;
+        // A job found in `creating` without a session crashed inside create.
+        let mut interrupted_create = job.state == JobState::Creating && job.session.is_none();
         loop {
             if self.stopping() {
                 return Err(Stop::Interrupted);
@@ -158,22 +165,32 @@ impl Engine {
             let mut session = match job.session.take() {
                 Some(session) => session,
                 None => {
-                    if job.state == JobState::Creating {
-                        tracing::warn!(
-                            job = job.id,
-                            "an earlier create call was interrupted; this provider may hold an orphaned object from it"
+                    if std::mem::take(&mut interrupted_create) && !matches!(provider, Provider::Folder(_)) {
+                        // No lookup by tag exists for this provider: name the possible orphan.
+                        let note = format!(
+                            "an interrupted create call may have left a remote object tagged hotfolder_job={}",
+                            job.id
                         );
+                        tracing::warn!(job = job.id, "{note}");
+                        job.replaced.push(note);
                     }
                     job.transition(JobState::Creating)?;
                     self.store.put(job).await?;
-                    let session = provider.create(&request).await?;
                     job.acked = 0;
                     job.hash = None;
-                    job.session = Some(session.clone());
-                    job.transition(JobState::Uploading)?;
                     job.started_at.get_or_insert_with(jiff::Timestamp::now);
-                    self.store.put(job).await?;
-                    session
+                    if let Some(session) = self
+                        .create_with_data(job, provider, &request, &file, signature, counters)
+                        .await?
+                    {
+                        session
+                    } else {
+                        let session = provider.create(&request).await?;
+                        job.session = Some(session.clone());
+                        job.transition(JobState::Uploading)?;
+                        self.store.put(job).await?;
+                        session
+                    }
                 }
             };
             // Learn where the server stands.
@@ -200,21 +217,75 @@ impl Engine {
             job.acked = offset;
             job.hash = Some(hasher);
             job.session = Some(session);
-            match self
-                .send_chunks(job, provider, &request, &file, signature, counters)
-                .await
-            {
+            match self.send_chunks(job, provider, &request, &file, signature, counters).await {
+                Ok(()) => return self.finalize(job, provider, &request).await,
                 Err(Stop::Provider(e)) if e.kind == ErrorKind::Gone => {
                     let session = job.session.take().unwrap_or_default();
-                    self.replace_session(job, provider, &session, &e.message)
-                        .await?;
-                    continue;
+                    self.replace_session(job, provider, &session, &e.message).await?;
                 }
-                other => other?,
+                // Answers the protocol resolves at once: ask the offset again,
+                // renew the URL, or authenticate again; a few per attempt.
+                Err(Stop::Provider(e))
+                    if recoveries < MAX_RECOVERIES_PER_ATTEMPT
+                        && matches!(
+                            e.kind,
+                            ErrorKind::OffsetMismatch | ErrorKind::RenewUpload | ErrorKind::Reauthenticate
+                        ) =>
+                {
+                    recoveries += 1;
+                    tracing::info!(job = job.id, error = %e, "recovering within the attempt");
+                    if e.kind == ErrorKind::RenewUpload {
+                        let mut session = job.session.take().unwrap_or_default();
+                        let renewed = provider.renew(&mut session, &request).await;
+                        job.session = Some(session);
+                        renewed?;
+                        self.store.put(job).await?;
+                    }
+                }
+                Err(other) => return Err(other),
             }
-            return self.finalize(job, provider, &request).await;
         }
     }
+
+    /// Creation with the whole file in the same request, for single-chunk
+    /// files where the provider offers it; `None` when it does not.
+    async fn create_with_data(
+        &self,
+        job: &mut Job,
+        provider: &Provider,
+        request: &UploadRequest<'_>,
+        file: &Arc<File>,
+        signature: FileSignature,
+        counters: &Arc<Counters>,
+    ) -> Result<Option<crate::providers::Session>, Stop> {
+        if signature.size == 0 || signature.size > job.chunk_size {
+            return Ok(None);
+        }
+        let hasher = Arc::new(Mutex::new(ResumableSha256::default()));
+        let chunk = Chunk::new(
+            Arc::clone(file),
+            0,
+            signature.size,
+            signature.size,
+            job.chunk_size,
+            Arc::clone(&hasher),
+            Arc::clone(counters),
+        );
+        let Some((session, acked)) = provider.create_with_data(request, chunk).await? else {
+            return Ok(None);
+        };
+        job.bytes_sent += counters.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        if acked == signature.size {
+            job.hash = hasher.lock().ok().map(|h| h.clone());
+            job.acked = acked;
+        }
+        job.session = Some(session.clone());
+        job.transition(JobState::Uploading)?;
+        self.store.put(job).await?;
+        self.progress.acked(job.id, job.acked);
+        Ok(Some(session))
+    }
+
 
     async fn send_chunks(
         &self,

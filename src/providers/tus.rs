@@ -1,0 +1,411 @@
+//! `type: tus`: any tus 1.0.0 server (PROTOCOLS §5), and the upload leg of
+//! Gcore. Discovery with OPTIONS; creation (with upload for single-chunk
+//! files when offered); HEAD for the server's offset; PATCH streamed from
+//! the file; checksums (sha256 when offered, else sha1); termination.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use tokio::sync::OnceCell;
+
+use super::http::{self, status_error, transport_error};
+use super::{Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader};
+use crate::upload::chunk::ChecksumAlgorithm;
+
+const TUS_VERSION: &str = "1.0.0";
+const OFFSET_OCTETS: &str = "application/offset+octet-stream";
+
+/// What the server said it supports.
+#[derive(Debug, Clone, Default)]
+struct Capabilities {
+    creation_with_upload: bool,
+    termination: bool,
+    checksum: Option<ChecksumAlgorithm>,
+    max_size: Option<u64>,
+}
+
+/// A tus client for one endpoint.
+pub struct TusProvider {
+    endpoint: Url,
+    headers: HeaderMap,
+    secrets: Vec<String>,
+    client: reqwest::Client,
+    capabilities: OnceCell<Capabilities>,
+}
+
+impl TusProvider {
+    /// A client for `endpoint`, sending `headers` (values are secrets) on
+    /// every request.
+    ///
+    /// # Errors
+    /// A permanent error for an unusable endpoint or header.
+    pub fn new(
+        endpoint: &str,
+        headers: &[(String, String)],
+        timeout: std::time::Duration,
+    ) -> Result<Self, ProviderError> {
+        let endpoint = Url::parse(endpoint).map_err(|e| {
+            ProviderError::new(ErrorKind::Permanent, format!("tus endpoint {endpoint:?} is not a URL: {e}"))
+        })?;
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            let bad = |what: &str| {
+                ProviderError::new(ErrorKind::Permanent, format!("tus header {name:?}: invalid {what}"))
+            };
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad("name"))?;
+            let mut value = HeaderValue::from_str(value).map_err(|_| bad("value"))?;
+            value.set_sensitive(true);
+            map.insert(name, value);
+        }
+        Ok(TusProvider {
+            endpoint,
+            headers: map,
+            secrets: headers.iter().map(|(_, v)| v.clone()).collect(),
+            client: http::client(timeout)?,
+            capabilities: OnceCell::new(),
+        })
+    }
+
+    fn secrets(&self) -> Vec<&str> {
+        self.secrets.iter().map(String::as_str).collect()
+    }
+
+    fn request(&self, method: Method, url: &Url) -> reqwest::RequestBuilder {
+        let builder = self.client.request(method.clone(), url.clone()).headers(self.headers.clone());
+        if method == Method::OPTIONS {
+            builder
+        } else {
+            builder.header("Tus-Resumable", TUS_VERSION)
+        }
+    }
+
+    /// OPTIONS once; a server that refuses OPTIONS is taken to offer core + creation.
+    async fn capabilities(&self) -> Result<&Capabilities, ProviderError> {
+        self.capabilities
+            .get_or_try_init(|| async {
+                let response = self
+                    .request(Method::OPTIONS, &self.endpoint)
+                    .send()
+                    .await
+                    .map_err(|e| transport_error("tus OPTIONS", &e))?;
+                let status = response.status();
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    return Err(status_error("tus OPTIONS", response, &self.secrets()).await);
+                }
+                if matches!(status.as_u16(), 401 | 403) {
+                    let mut error = status_error("tus OPTIONS", response, &self.secrets()).await;
+                    error.message.push_str("; check the provider's credentials (headers)");
+                    return Err(error);
+                }
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_ascii_lowercase()
+                };
+                let extensions: Vec<String> = header("tus-extension").split(',').map(|s| s.trim().to_string()).collect();
+                let algorithms: Vec<String> =
+                    header("tus-checksum-algorithm").split(',').map(|s| s.trim().to_string()).collect();
+                let has = |name: &str| extensions.iter().any(|e| e == name);
+                let checksum = if has("checksum") {
+                    if algorithms.iter().any(|a| a == "sha256") {
+                        Some(ChecksumAlgorithm::Sha256)
+                    } else if algorithms.iter().any(|a| a == "sha1") {
+                        Some(ChecksumAlgorithm::Sha1)
+                    } else {
+                        None
+                    }
+                } else {
+                    None
+                };
+                Ok(Capabilities {
+                    creation_with_upload: has("creation-with-upload"),
+                    termination: has("termination"),
+                    checksum,
+                    max_size: header("tus-max-size").parse().ok(),
+                })
+            })
+            .await
+    }
+
+    fn upload_url(&self, session: &Session) -> Result<Url, ProviderError> {
+        session
+            .upload_url
+            .as_deref()
+            .and_then(|u| Url::parse(u).ok())
+            .ok_or_else(|| ProviderError::new(ErrorKind::Gone, "the job has no tus upload URL"))
+    }
+
+    fn metadata_header(request: &UploadRequest<'_>) -> String {
+        let mut pairs = vec![
+            ("filename".to_string(), request.file_name.to_string()),
+            ("filetype".to_string(), mime_type(request.file_name).to_string()),
+            ("hotfolder_job".to_string(), request.job_id.to_string()),
+        ];
+        for (key, value) in request.metadata {
+            let text = match value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                serde_json::Value::Null => continue,
+                other => other.to_string(),
+            };
+            let key: String = key.chars().filter(|c| !c.is_whitespace() && *c != ',').collect();
+            if !key.is_empty() && !pairs.iter().any(|(k, _)| *k == key) {
+                pairs.push((key, text));
+            }
+        }
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{k} {}", BASE64.encode(v)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// POST the creation request, with the whole (single-chunk) file as body
+    /// when `chunk` is given.
+    async fn post_create(
+        &self,
+        request: &UploadRequest<'_>,
+        chunk: Option<Chunk>,
+    ) -> Result<(Session, u64), ProviderError> {
+        let caps = self.capabilities().await?.clone();
+        if let Some(max) = caps.max_size {
+            if request.size > max {
+                return Err(ProviderError::new(
+                    ErrorKind::Permanent,
+                    format!("the file is {} bytes but the tus server accepts at most {max}", request.size),
+                ));
+            }
+        }
+        let mut builder = self
+            .request(Method::POST, &self.endpoint)
+            .header("Upload-Length", request.size)
+            .header("Upload-Metadata", Self::metadata_header(request));
+        if let Some(chunk) = chunk {
+            builder = self.with_body(builder, chunk, caps.checksum).await?;
+        } else {
+            builder = builder.header("Content-Length", 0);
+        }
+        let response = builder.send().await.map_err(|e| transport_error("tus create", &e))?;
+        if response.status() != StatusCode::CREATED {
+            let mut error = status_error("tus create", response, &self.secrets()).await;
+            if error.status == Some(413) {
+                error.kind = ErrorKind::Permanent;
+            }
+            return Err(error);
+        }
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ProviderError::new(ErrorKind::Transient, "tus create: 201 without a Location header"))?;
+        let url = self.endpoint.join(location).map_err(|e| {
+            ProviderError::new(ErrorKind::Transient, format!("tus create: bad Location {location:?}: {e}"))
+        })?;
+        let offset = upload_offset(&response).unwrap_or(0);
+        let remote_id = url
+            .path_segments()
+            .and_then(|mut s| s.next_back().map(str::to_string))
+            .filter(|s| !s.is_empty());
+        Ok((
+            Session {
+                remote_id,
+                upload_url: Some(url.to_string()),
+                extra: Default::default(),
+            },
+            offset,
+        ))
+    }
+
+    async fn with_body(
+        &self,
+        builder: reqwest::RequestBuilder,
+        chunk: Chunk,
+        checksum: Option<ChecksumAlgorithm>,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let mut builder = builder
+            .header("Content-Type", OFFSET_OCTETS)
+            .header("Content-Length", chunk.len);
+        if let Some(algorithm) = checksum {
+            // The checksum header goes before the body: hash the chunk first.
+            let digest = chunk.digest(algorithm).await.map_err(|e| {
+                ProviderError::new(ErrorKind::Transient, format!("cannot read the source for the chunk checksum: {e}"))
+            })?;
+            builder = builder.header("Upload-Checksum", format!("{} {}", algorithm.tus_name(), BASE64.encode(digest)));
+        }
+        Ok(builder.body(reqwest::Body::wrap_stream(chunk.into_stream())))
+    }
+}
+
+fn upload_offset(response: &reqwest::Response) -> Option<u64> {
+    response.headers().get("upload-offset")?.to_str().ok()?.trim().parse().ok()
+}
+
+/// A MIME type from the file extension, for `filetype` metadata.
+pub fn mime_type(file_name: &str) -> &'static str {
+    let ext = file_name.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+    match ext.as_str() {
+        "mp4" | "m4v" => "video/mp4",
+        "mov" => "video/quicktime",
+        "mkv" => "video/x-matroska",
+        "webm" => "video/webm",
+        "avi" => "video/x-msvideo",
+        "mxf" => "application/mxf",
+        "ts" | "m2ts" => "video/mp2t",
+        "mpg" | "mpeg" => "video/mpeg",
+        _ => "application/octet-stream",
+    }
+}
+
+impl Uploader for TusProvider {
+    async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
+        self.post_create(request, None).await.map(|(session, _)| session)
+    }
+
+    async fn create_with_data(
+        &self,
+        request: &UploadRequest<'_>,
+        chunk: Chunk,
+    ) -> Result<Option<(Session, u64)>, ProviderError> {
+        if !self.capabilities().await?.creation_with_upload {
+            return Ok(None);
+        }
+        self.post_create(request, Some(chunk)).await.map(Some)
+    }
+
+    async fn offset(
+        &self,
+        session: &mut Session,
+        _request: &UploadRequest<'_>,
+        _acknowledged: u64,
+    ) -> Result<RemoteOffset, ProviderError> {
+        let url = self.upload_url(session)?;
+        let response = self
+            .request(Method::HEAD, &url)
+            .send()
+            .await
+            .map_err(|e| transport_error("tus HEAD", &e))?;
+        match response.status().as_u16() {
+            200 | 204 => upload_offset(&response).map(RemoteOffset::At).ok_or_else(|| {
+                ProviderError::new(ErrorKind::Transient, "tus HEAD: answer without a valid Upload-Offset")
+            }),
+            403 | 404 | 410 => Ok(RemoteOffset::Gone),
+            _ => Err(status_error("tus HEAD", response, &self.secrets()).await),
+        }
+    }
+
+    async fn send(
+        &self,
+        session: &mut Session,
+        _request: &UploadRequest<'_>,
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        let url = self.upload_url(session)?;
+        let checksum = self.capabilities().await?.checksum;
+        let start = chunk.start;
+        let builder = self.request(Method::PATCH, &url).header("Upload-Offset", start);
+        let builder = self.with_body(builder, chunk, checksum).await?;
+        let response = builder.send().await.map_err(|e| transport_error("tus PATCH", &e))?;
+        let status = response.status().as_u16();
+        match status {
+            200 | 204 => upload_offset(&response).ok_or_else(|| {
+                ProviderError::new(ErrorKind::OffsetMismatch, "tus PATCH: answer without a valid Upload-Offset")
+            }),
+            409 | 460 => {
+                let mut error = status_error("tus PATCH", response, &self.secrets()).await;
+                error.kind = ErrorKind::OffsetMismatch;
+                if status == 460 {
+                    error.message = "tus PATCH: the server's checksum of the chunk did not match; resending".into();
+                }
+                Err(error)
+            }
+            404 | 410 => Err(ProviderError::new(ErrorKind::Gone, "tus PATCH: the upload is gone (expired or deleted)")),
+            423 => {
+                let mut error = status_error("tus PATCH", response, &self.secrets()).await;
+                error.kind = ErrorKind::Transient;
+                Err(error)
+            }
+            _ => Err(status_error("tus PATCH", response, &self.secrets()).await),
+        }
+    }
+
+    async fn renew(&self, _session: &mut Session, _request: &UploadRequest<'_>) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    async fn finalize(
+        &self,
+        session: &mut Session,
+        _request: &UploadRequest<'_>,
+        _sha256: &str,
+    ) -> Result<Delivery, ProviderError> {
+        let url = self.upload_url(session)?;
+        Ok(Delivery {
+            remote_id: session.remote_id.clone().unwrap_or_else(|| url.to_string()),
+            url: Some(url.to_string()),
+            links: Default::default(),
+        })
+    }
+
+    async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
+        let url = self.upload_url(session)?;
+        if !self.capabilities().await.is_ok_and(|c| c.termination) {
+            tracing::warn!(upload = %url, "the tus server does not offer termination; the abandoned upload stays until it expires");
+            return Ok(());
+        }
+        let response = self
+            .request(Method::DELETE, &url)
+            .send()
+            .await
+            .map_err(|e| transport_error("tus DELETE", &e))?;
+        match response.status().as_u16() {
+            200 | 204 | 404 | 410 => Ok(()),
+            _ => Err(status_error("tus DELETE", response, &self.secrets()).await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_is_base64_pairs_with_job_tag() {
+        let metadata = [
+            ("title".to_string(), serde_json::json!("My clip")),
+            ("tags".to_string(), serde_json::json!(["a", "b"])),
+            ("public".to_string(), serde_json::json!(false)),
+        ]
+        .into_iter()
+        .collect();
+        let request = UploadRequest {
+            job_id: 42,
+            file_name: "clip.mp4",
+            relpath: std::path::Path::new("clip.mp4"),
+            size: 10,
+            metadata: &metadata,
+            chunk_size: 5,
+        };
+        let header = TusProvider::metadata_header(&request);
+        let pairs: Vec<(&str, String)> = header
+            .split(',')
+            .map(|pair| {
+                let (k, v) = pair.split_once(' ').unwrap();
+                (k, String::from_utf8(BASE64.decode(v).unwrap()).unwrap())
+            })
+            .collect();
+        assert!(pairs.contains(&("filename", "clip.mp4".into())));
+        assert!(pairs.contains(&("filetype", "video/mp4".into())));
+        assert!(pairs.contains(&("hotfolder_job", "42".into())));
+        assert!(pairs.contains(&("title", "My clip".into())));
+        assert!(pairs.contains(&("tags", "a,b".into())));
+        assert!(pairs.contains(&("public", "false".into())));
+    }
+}
