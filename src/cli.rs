@@ -47,6 +47,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upload files once, with a progress bar; resumable (run it again after an interruption). No watching, no moving.
+    Upload {
+        /// Provider name from the config.
+        #[arg(long)]
+        provider: String,
+        /// Files to upload.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Local simulators of the provider protocols, with fault injection, for trying a config and for tests.
+    Sandbox(crate::sandbox::SandboxOptions),
     /// Put failed jobs back in the queue, moving their files back from failed/.
     Retry {
         /// Job ids (see `hotfolder status`).
@@ -87,12 +98,20 @@ impl CliError {
 /// # Errors
 /// [`CliError`] with the exit code to use.
 pub fn execute(cli: Cli) -> Result<(), CliError> {
-    let config = config::load(&cli.config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let Command::Sandbox(options) = cli.command {
+        return runtime.block_on(sandbox(options));
+    }
+    let config = config::load(&cli.config)?;
     match cli.command {
+        Command::Sandbox(_) => Ok(()),
+        Command::Upload { provider, files } => {
+            init_logging(&config);
+            runtime.block_on(upload(config, &provider, &files))
+        }
         Command::Run => {
             init_logging(&config);
             runtime.block_on(run(config))
@@ -121,28 +140,76 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn run(config: Config) -> Result<(), CliError> {
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = int.recv() => tracing::info!("SIGINT received"),
-                }
-            }
-            _ => {
-                tracing::error!("cannot listen for signals; stop with kill -9 only");
-                std::future::pending::<()>().await;
+/// Resolves on the first SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
             }
         }
-    };
-    crate::daemon::run(config, shutdown)
+        _ => {
+            tracing::error!("cannot listen for signals; stop with kill -9 only");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), CliError> {
+    crate::daemon::run(config, stop_signal())
         .await
         .map_err(|e| CliError::Runtime(anyhow::Error::new(e)))
+}
+
+async fn sandbox(options: crate::sandbox::SandboxOptions) -> Result<(), CliError> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let listen = options.listen;
+    crate::sandbox::run(
+        options,
+        |address, data| {
+            println!("sandbox listening on http://{address} (tus: http://{address}/tus/files/); data in {}", data.display());
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        },
+        stop_signal(),
+    )
+    .await
+    .with_context(|| format!("sandbox on {listen}"))
+    .map_err(CliError::Runtime)
+}
+
+async fn upload(config: Config, provider: &str, files: &[PathBuf]) -> Result<(), CliError> {
+    if !config.providers.contains_key(provider) {
+        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+        return Err(CliError::Usage(format!(
+            "no provider named {provider:?} in {}; defined: {}",
+            config.file.display(),
+            known.join(", ")
+        )));
+    }
+    let outcomes = crate::oneshot::upload(config, provider, files, stop_signal()).await?;
+    let mut missing = 0;
+    for outcome in &outcomes {
+        println!("{}: {}", outcome.file.display(), outcome.message);
+        if !outcome.arrived {
+            missing += 1;
+        }
+    }
+    if missing > 0 {
+        return Err(CliError::Runtime(anyhow::anyhow!(
+            "{missing} of {} files did not arrive",
+            outcomes.len()
+        )));
+    }
+    Ok(())
 }
 
 fn check(config: &Config, paths: &[PathBuf]) -> Result<(), CliError> {

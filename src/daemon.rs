@@ -43,6 +43,43 @@ pub struct Context {
 }
 
 impl Context {
+    /// Everything job tasks share, for the daemon and for `hotfolder upload`
+    /// (which has no watches). Jobs handed to [`Context::spawn_job`] come out
+    /// of the returned receiver, to be run with [`run_job`].
+    pub fn new(
+        config: Config,
+        store: Store,
+        shutdown: watch::Receiver<bool>,
+        watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
+        watch_counters: HashMap<String, Arc<WatchCounters>>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
+        let progress = ProgressBoard::default();
+        let engine = Engine {
+            store: store.clone(),
+            progress: progress.clone(),
+            shutdown,
+        };
+        let providers = config
+            .providers
+            .iter()
+            .map(|(name, p)| (name.clone(), Arc::new(ProviderHandle::new(p))))
+            .collect();
+        let (job_tx, job_rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(Context {
+            router: Router::new(&config),
+            workers: Arc::new(Semaphore::new(config.workers)),
+            config,
+            store,
+            engine,
+            providers,
+            progress,
+            watch_counters,
+            watch_commands,
+            new_jobs: job_tx,
+        });
+        (ctx, job_rx)
+    }
+
     fn watch(&self, name: &str) -> Option<&WatchConfig> {
         self.config.watches.iter().find(|w| w.name == name)
     }
@@ -77,19 +114,7 @@ pub enum DaemonError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let progress = ProgressBoard::default();
-    let engine = Engine {
-        store: store.clone(),
-        progress: progress.clone(),
-        shutdown: stop_rx.clone(),
-    };
-    let providers = config
-        .providers
-        .iter()
-        .map(|(name, p)| (name.clone(), Arc::new(ProviderHandle::new(p))))
-        .collect();
     let (ready_tx, mut ready_rx) = mpsc::channel::<ReadyFile>(1024);
-    let (job_tx, mut job_rx) = mpsc::unbounded_channel::<Job>();
     let skip_roots: Vec<_> = config
         .watches
         .iter()
@@ -113,18 +138,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ));
     }
     drop(ready_tx);
-    let ctx = Arc::new(Context {
-        router: Router::new(&config),
-        workers: Arc::new(Semaphore::new(config.workers)),
+    let (ctx, mut job_rx) = Context::new(
         config,
         store,
-        engine,
-        providers,
-        progress,
-        watch_counters,
+        stop_rx.clone(),
         watch_commands,
-        new_jobs: job_tx,
-    });
+        watch_counters,
+    );
     let control = crate::control::serve(Arc::clone(&ctx), stop_rx.clone())
         .map_err(|(path, source)| DaemonError::Control { path, source })?;
 

@@ -8,7 +8,9 @@
 //! in the same pass; [`finish`] files the source into done/ or failed/ with a
 //! receipt or error report. [`daemon`] ties them together with workers and
 //! graceful shutdown; [`jobs`] holds the status view and `retry`; [`control`]
-//! answers `status`/`retry` while the daemon runs; [`cli`] is the command line.
+//! answers `status`/`retry` while the daemon runs; [`oneshot`] is `hotfolder
+//! upload`; [`sandbox`] simulates the providers for tests and trials; [`cli`] is
+//! the command line.
 
 pub mod cli;
 pub mod config;
@@ -17,9 +19,11 @@ pub mod daemon;
 pub mod finish;
 pub mod hashing;
 pub mod jobs;
+pub mod oneshot;
 pub mod providers;
 pub mod retry;
 pub mod route;
+pub mod sandbox;
 pub mod shutdown;
 pub mod state;
 pub mod upload;

@@ -173,6 +173,9 @@ impl Scanner {
         for path in vanished {
             self.forget(&path);
         }
+        // Operators (and tests) can tell from this line that every file
+        // present now has been looked at at least once.
+        tracing::debug!(watch = %self.config.name, files = seen.len(), "full scan done");
     }
 
     fn scan_dir(&mut self, dir: &Path, seen: &mut HashSet<PathBuf>) {
@@ -290,6 +293,7 @@ impl Scanner {
                 };
             }
             None => {
+                tracing::debug!(watch = %self.config.name, path = %path.display(), "new candidate; waiting until it is stable");
                 self.candidates.insert(
                     path.to_path_buf(),
                     Candidate {
@@ -325,6 +329,13 @@ impl Scanner {
                 continue;
             }
             if self.filters.require_marker && !has_marker(&path) {
+                continue;
+            }
+            // A `clip.json` seen before its `clip.mp4` arrived was a
+            // candidate of its own; now it is a sidecar that travels with
+            // the video and must not be delivered by itself.
+            if is_sidecar(&path, Path::is_file) {
+                self.candidates.remove(&path);
                 continue;
             }
             let seen = candidate.seen;

@@ -236,19 +236,41 @@ pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigError> {
 fn yaml_error(file: &Path, index: &PositionIndex, error: &serde_yaml::Error) -> ConfigError {
     let (line, column) = error.location().map_or((1, 1), |l| (l.line(), l.column()));
     let mut message = error.to_string();
-    if let Some(cut) = message.rfind(" at line ") {
+    // The location is printed as file:line:column already. A syntax error
+    // may carry a second, earlier position ("while scanning a quoted scalar
+    // at line 1 column 12"): that one says where the problem starts; keep it.
+    if let Some(cut) = message.rfind(" at line ")
+        && message[cut..] == format!(" at line {line} column {column}")
+    {
         message.truncate(cut);
     }
     // serde_yaml prefixes the key path ("watches[0]: missing field `path`")
-    // except for top-level keys; then the index names the key at that spot.
-    let (key, message) = match message.split_once(": ") {
-        Some((path, rest)) if !path.contains([' ', '"']) => (path.to_string(), rest.to_string()),
-        _ => (index.key_at(line, column).unwrap_or_default(), message),
+    // except for top-level keys.
+    let (path, message) = match message.split_once(": ") {
+        Some((path, rest)) if !path.contains([' ', '"']) => {
+            (Some(path.to_string()), rest.to_string())
+        }
+        _ => (None, message),
+    };
+    // An unknown or missing field is named in the key path itself
+    // (`watches[0].stabel_for`), so the operator sees which key to fix.
+    let field = ["unknown field `", "missing field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix)?.split('`').next())
+        .map(str::to_string);
+    let key = match (path, field) {
+        (Some(path), Some(field)) => format!("{path}.{field}"),
+        (Some(path), None) => path,
+        (None, Some(field)) => field,
+        (None, None) => index.key_at(line, column).unwrap_or_default(),
     };
     let hint = if message.starts_with("unknown field") {
         "; check the spelling against docs/CONFIG.md"
     } else if message.starts_with("missing field") {
         "; add it (see config.example.yaml)"
+    } else if index.is_empty() {
+        // The document does not parse at all: no key to name, so say what kind of problem it is.
+        "; this is a YAML syntax error: check the indentation, quotes and brackets on this line and the one before"
     } else {
         ""
     };

@@ -36,6 +36,12 @@ impl PositionIndex {
         }
     }
 
+    /// True when nothing was indexed: the document does not parse as YAML
+    /// (or is empty).
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
     /// The key written on `line` closest before `column`: names the key of a
     /// value the parser rejected when its error carries no key path.
     pub fn key_at(&self, line: usize, column: usize) -> Option<String> {

@@ -23,7 +23,12 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, ProviderError> {
         .read_timeout(timeout)
         .user_agent(concat!("hotfolder/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| ProviderError::new(ErrorKind::Permanent, format!("cannot build HTTP client: {e}")))
+        .map_err(|e| {
+            ProviderError::new(
+                ErrorKind::Permanent,
+                format!("cannot build HTTP client: {e}"),
+            )
+        })
 }
 
 /// A request that never got an answer: always worth retrying.
@@ -48,7 +53,14 @@ pub fn transport_error(what: &str, error: &reqwest::Error) -> ProviderError {
 pub fn retry_after(response: &Response) -> Option<Duration> {
     ["retry-after", "x-ratelimit-retry-after"]
         .iter()
-        .find_map(|name| response.headers().get(*name)?.to_str().ok().and_then(parse_retry_after))
+        .find_map(|name| {
+            response
+                .headers()
+                .get(*name)?
+                .to_str()
+                .ok()
+                .and_then(parse_retry_after)
+        })
 }
 
 /// Default classification of a status.
@@ -100,8 +112,14 @@ mod tests {
         assert_eq!(kind_of(StatusCode::TOO_MANY_REQUESTS), ErrorKind::Transient);
         assert_eq!(kind_of(StatusCode::BAD_GATEWAY), ErrorKind::Transient);
         assert_eq!(kind_of(StatusCode::UNAUTHORIZED), ErrorKind::Permanent);
-        assert_eq!(excerpt("  token abc123 bad ", &["abc123"]).unwrap(), "token *** bad");
+        assert_eq!(
+            excerpt("  token abc123 bad ", &["abc123"]).unwrap(),
+            "token *** bad"
+        );
         assert_eq!(excerpt("", &[]), None);
-        assert_eq!(excerpt(&"x".repeat(1000), &[]).unwrap().len(), EXCERPT_LIMIT);
+        assert_eq!(
+            excerpt(&"x".repeat(1000), &[]).unwrap().len(),
+            EXCERPT_LIMIT
+        );
     }
 }

@@ -206,7 +206,7 @@ pub enum Provider {
     /// Local or mounted directory.
     Folder(FolderProvider),
     /// Any tus server.
-    Tus(TusProvider),
+    Tus(Box<TusProvider>),
     /// A provider that cannot upload: its type is not in this build, or its
     /// settings could not be turned into a client.
     Unavailable {
@@ -219,14 +219,17 @@ impl Provider {
     /// Build the provider named in config.
     pub fn from_config(config: &ProviderConfig) -> Self {
         let built = match &config.kind {
-            ProviderKind::Folder { path } => Ok(Provider::Folder(FolderProvider::new(path.clone()))),
+            ProviderKind::Folder { path } => {
+                Ok(Provider::Folder(FolderProvider::new(path.clone())))
+            }
             ProviderKind::Tus { endpoint, headers } => {
                 let headers: Vec<(String, String)> = headers
                     .iter()
                     .map(|(name, value)| (name.clone(), value.expose().to_string()))
                     .collect();
                 let endpoint = config.base_url.as_deref().unwrap_or(endpoint);
-                TusProvider::new(endpoint, &headers, config.timeout).map(Provider::Tus)
+                TusProvider::new(endpoint, &headers, config.timeout)
+                    .map(|p| Provider::Tus(Box::new(p)))
             }
             other => Err(ProviderError::new(
                 ErrorKind::Unavailable,

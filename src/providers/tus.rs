@@ -10,7 +10,9 @@ use reqwest::{Method, StatusCode, Url};
 use tokio::sync::OnceCell;
 
 use super::http::{self, status_error, transport_error};
-use super::{Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader};
+use super::{
+    Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
+};
 use crate::upload::chunk::ChecksumAlgorithm;
 
 const TUS_VERSION: &str = "1.0.0";
@@ -46,12 +48,18 @@ impl TusProvider {
         timeout: std::time::Duration,
     ) -> Result<Self, ProviderError> {
         let endpoint = Url::parse(endpoint).map_err(|e| {
-            ProviderError::new(ErrorKind::Permanent, format!("tus endpoint {endpoint:?} is not a URL: {e}"))
+            ProviderError::new(
+                ErrorKind::Permanent,
+                format!("tus endpoint {endpoint:?} is not a URL: {e}"),
+            )
         })?;
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             let bad = |what: &str| {
-                ProviderError::new(ErrorKind::Permanent, format!("tus header {name:?}: invalid {what}"))
+                ProviderError::new(
+                    ErrorKind::Permanent,
+                    format!("tus header {name:?}: invalid {what}"),
+                )
             };
             let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad("name"))?;
             let mut value = HeaderValue::from_str(value).map_err(|_| bad("value"))?;
@@ -72,7 +80,10 @@ impl TusProvider {
     }
 
     fn request(&self, method: Method, url: &Url) -> reqwest::RequestBuilder {
-        let builder = self.client.request(method.clone(), url.clone()).headers(self.headers.clone());
+        let builder = self
+            .client
+            .request(method.clone(), url.clone())
+            .headers(self.headers.clone());
         if method == Method::OPTIONS {
             builder
         } else {
@@ -95,7 +106,9 @@ impl TusProvider {
                 }
                 if matches!(status.as_u16(), 401 | 403) {
                     let mut error = status_error("tus OPTIONS", response, &self.secrets()).await;
-                    error.message.push_str("; check the provider's credentials (headers)");
+                    error
+                        .message
+                        .push_str("; check the provider's credentials (headers)");
                     return Err(error);
                 }
                 let header = |name: &str| {
@@ -106,9 +119,14 @@ impl TusProvider {
                         .unwrap_or("")
                         .to_ascii_lowercase()
                 };
-                let extensions: Vec<String> = header("tus-extension").split(',').map(|s| s.trim().to_string()).collect();
-                let algorithms: Vec<String> =
-                    header("tus-checksum-algorithm").split(',').map(|s| s.trim().to_string()).collect();
+                let extensions: Vec<String> = header("tus-extension")
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .collect();
+                let algorithms: Vec<String> = header("tus-checksum-algorithm")
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .collect();
                 let has = |name: &str| extensions.iter().any(|e| e == name);
                 let checksum = if has("checksum") {
                     if algorithms.iter().any(|a| a == "sha256") {
@@ -142,7 +160,10 @@ impl TusProvider {
     fn metadata_header(request: &UploadRequest<'_>) -> String {
         let mut pairs = vec![
             ("filename".to_string(), request.file_name.to_string()),
-            ("filetype".to_string(), mime_type(request.file_name).to_string()),
+            (
+                "filetype".to_string(),
+                mime_type(request.file_name).to_string(),
+            ),
             ("hotfolder_job".to_string(), request.job_id.to_string()),
         ];
         for (key, value) in request.metadata {
@@ -156,7 +177,10 @@ impl TusProvider {
                 serde_json::Value::Null => continue,
                 other => other.to_string(),
             };
-            let key: String = key.chars().filter(|c| !c.is_whitespace() && *c != ',').collect();
+            let key: String = key
+                .chars()
+                .filter(|c| !c.is_whitespace() && *c != ',')
+                .collect();
             if !key.is_empty() && !pairs.iter().any(|(k, _)| *k == key) {
                 pairs.push((key, text));
             }
@@ -176,13 +200,16 @@ impl TusProvider {
         chunk: Option<Chunk>,
     ) -> Result<(Session, u64), ProviderError> {
         let caps = self.capabilities().await?.clone();
-        if let Some(max) = caps.max_size {
-            if request.size > max {
-                return Err(ProviderError::new(
-                    ErrorKind::Permanent,
-                    format!("the file is {} bytes but the tus server accepts at most {max}", request.size),
-                ));
-            }
+        if let Some(max) = caps.max_size
+            && request.size > max
+        {
+            return Err(ProviderError::new(
+                ErrorKind::Permanent,
+                format!(
+                    "the file is {} bytes but the tus server accepts at most {max}",
+                    request.size
+                ),
+            ));
         }
         let mut builder = self
             .request(Method::POST, &self.endpoint)
@@ -193,7 +220,10 @@ impl TusProvider {
         } else {
             builder = builder.header("Content-Length", 0);
         }
-        let response = builder.send().await.map_err(|e| transport_error("tus create", &e))?;
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| transport_error("tus create", &e))?;
         if response.status() != StatusCode::CREATED {
             let mut error = status_error("tus create", response, &self.secrets()).await;
             if error.status == Some(413) {
@@ -205,9 +235,17 @@ impl TusProvider {
             .headers()
             .get("location")
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ProviderError::new(ErrorKind::Transient, "tus create: 201 without a Location header"))?;
+            .ok_or_else(|| {
+                ProviderError::new(
+                    ErrorKind::Transient,
+                    "tus create: 201 without a Location header",
+                )
+            })?;
         let url = self.endpoint.join(location).map_err(|e| {
-            ProviderError::new(ErrorKind::Transient, format!("tus create: bad Location {location:?}: {e}"))
+            ProviderError::new(
+                ErrorKind::Transient,
+                format!("tus create: bad Location {location:?}: {e}"),
+            )
         })?;
         let offset = upload_offset(&response).unwrap_or(0);
         let remote_id = url
@@ -236,21 +274,38 @@ impl TusProvider {
         if let Some(algorithm) = checksum {
             // The checksum header goes before the body: hash the chunk first.
             let digest = chunk.digest(algorithm).await.map_err(|e| {
-                ProviderError::new(ErrorKind::Transient, format!("cannot read the source for the chunk checksum: {e}"))
+                ProviderError::new(
+                    ErrorKind::Transient,
+                    format!("cannot read the source for the chunk checksum: {e}"),
+                )
             })?;
-            builder = builder.header("Upload-Checksum", format!("{} {}", algorithm.tus_name(), BASE64.encode(digest)));
+            builder = builder.header(
+                "Upload-Checksum",
+                format!("{} {}", algorithm.tus_name(), BASE64.encode(digest)),
+            );
         }
         Ok(builder.body(reqwest::Body::wrap_stream(chunk.into_stream())))
     }
 }
 
 fn upload_offset(response: &reqwest::Response) -> Option<u64> {
-    response.headers().get("upload-offset")?.to_str().ok()?.trim().parse().ok()
+    response
+        .headers()
+        .get("upload-offset")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A MIME type from the file extension, for `filetype` metadata.
 pub fn mime_type(file_name: &str) -> &'static str {
-    let ext = file_name.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
+    let ext = file_name
+        .rsplit('.')
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
     match ext.as_str() {
         "mp4" | "m4v" => "video/mp4",
         "mov" => "video/quicktime",
@@ -266,7 +321,9 @@ pub fn mime_type(file_name: &str) -> &'static str {
 
 impl Uploader for TusProvider {
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
-        self.post_create(request, None).await.map(|(session, _)| session)
+        self.post_create(request, None)
+            .await
+            .map(|(session, _)| session)
     }
 
     async fn create_with_data(
@@ -293,9 +350,14 @@ impl Uploader for TusProvider {
             .await
             .map_err(|e| transport_error("tus HEAD", &e))?;
         match response.status().as_u16() {
-            200 | 204 => upload_offset(&response).map(RemoteOffset::At).ok_or_else(|| {
-                ProviderError::new(ErrorKind::Transient, "tus HEAD: answer without a valid Upload-Offset")
-            }),
+            200 | 204 => upload_offset(&response)
+                .map(RemoteOffset::At)
+                .ok_or_else(|| {
+                    ProviderError::new(
+                        ErrorKind::Transient,
+                        "tus HEAD: answer without a valid Upload-Offset",
+                    )
+                }),
             403 | 404 | 410 => Ok(RemoteOffset::Gone),
             _ => Err(status_error("tus HEAD", response, &self.secrets()).await),
         }
@@ -310,23 +372,36 @@ impl Uploader for TusProvider {
         let url = self.upload_url(session)?;
         let checksum = self.capabilities().await?.checksum;
         let start = chunk.start;
-        let builder = self.request(Method::PATCH, &url).header("Upload-Offset", start);
+        let builder = self
+            .request(Method::PATCH, &url)
+            .header("Upload-Offset", start);
         let builder = self.with_body(builder, chunk, checksum).await?;
-        let response = builder.send().await.map_err(|e| transport_error("tus PATCH", &e))?;
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| transport_error("tus PATCH", &e))?;
         let status = response.status().as_u16();
         match status {
             200 | 204 => upload_offset(&response).ok_or_else(|| {
-                ProviderError::new(ErrorKind::OffsetMismatch, "tus PATCH: answer without a valid Upload-Offset")
+                ProviderError::new(
+                    ErrorKind::OffsetMismatch,
+                    "tus PATCH: answer without a valid Upload-Offset",
+                )
             }),
             409 | 460 => {
                 let mut error = status_error("tus PATCH", response, &self.secrets()).await;
                 error.kind = ErrorKind::OffsetMismatch;
                 if status == 460 {
-                    error.message = "tus PATCH: the server's checksum of the chunk did not match; resending".into();
+                    error.message =
+                        "tus PATCH: the server's checksum of the chunk did not match; resending"
+                            .into();
                 }
                 Err(error)
             }
-            404 | 410 => Err(ProviderError::new(ErrorKind::Gone, "tus PATCH: the upload is gone (expired or deleted)")),
+            404 | 410 => Err(ProviderError::new(
+                ErrorKind::Gone,
+                "tus PATCH: the upload is gone (expired or deleted)",
+            )),
             423 => {
                 let mut error = status_error("tus PATCH", response, &self.secrets()).await;
                 error.kind = ErrorKind::Transient;
@@ -336,7 +411,11 @@ impl Uploader for TusProvider {
         }
     }
 
-    async fn renew(&self, _session: &mut Session, _request: &UploadRequest<'_>) -> Result<(), ProviderError> {
+    async fn renew(
+        &self,
+        _session: &mut Session,
+        _request: &UploadRequest<'_>,
+    ) -> Result<(), ProviderError> {
         Ok(())
     }
 

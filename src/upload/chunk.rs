@@ -162,7 +162,10 @@ impl Chunk {
                 let want = (end - position).min(PIECE) as usize;
                 let n = file.read_at(&mut buf[..want], position)?;
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the source file became shorter"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the source file became shorter",
+                    ));
                 }
                 match algorithm {
                     ChecksumAlgorithm::Sha1 => sha1.update(&buf[..n]),

@@ -165,7 +165,9 @@ impl Engine {
             let mut session = match job.session.take() {
                 Some(session) => session,
                 None => {
-                    if std::mem::take(&mut interrupted_create) && !matches!(provider, Provider::Folder(_)) {
+                    if std::mem::take(&mut interrupted_create)
+                        && !matches!(provider, Provider::Folder(_))
+                    {
                         // No lookup by tag exists for this provider: name the possible orphan.
                         let note = format!(
                             "an interrupted create call may have left a remote object tagged hotfolder_job={}",
@@ -179,17 +181,34 @@ impl Engine {
                     job.acked = 0;
                     job.hash = None;
                     job.started_at.get_or_insert_with(jiff::Timestamp::now);
-                    if let Some(session) = self
+                    let created = match self
                         .create_with_data(job, provider, &request, &file, signature, counters)
-                        .await?
+                        .await
                     {
-                        session
-                    } else {
-                        let session = provider.create(&request).await?;
-                        job.session = Some(session.clone());
-                        job.transition(JobState::Uploading)?;
-                        self.store.put(job).await?;
-                        session
+                        Ok(Some(session)) => Ok(session),
+                        Ok(None) => provider
+                            .create(&request)
+                            .await
+                            .map_err(Stop::Provider)
+                            .and_then(|session| {
+                                job.session = Some(session.clone());
+                                job.transition(JobState::Uploading)?;
+                                Ok(session)
+                            }),
+                        Err(e) => Err(e),
+                    };
+                    match created {
+                        Ok(session) => {
+                            self.store.put(job).await?;
+                            session
+                        }
+                        // The server answered: nothing was created, so no orphan to fear.
+                        Err(Stop::Provider(e)) if e.status.is_some() => {
+                            job.transition(JobState::Queued)?;
+                            self.store.put(job).await?;
+                            return Err(Stop::Provider(e));
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
             };
@@ -217,11 +236,15 @@ impl Engine {
             job.acked = offset;
             job.hash = Some(hasher);
             job.session = Some(session);
-            match self.send_chunks(job, provider, &request, &file, signature, counters).await {
+            match self
+                .send_chunks(job, provider, &request, &file, signature, counters)
+                .await
+            {
                 Ok(()) => return self.finalize(job, provider, &request).await,
                 Err(Stop::Provider(e)) if e.kind == ErrorKind::Gone => {
                     let session = job.session.take().unwrap_or_default();
-                    self.replace_session(job, provider, &session, &e.message).await?;
+                    self.replace_session(job, provider, &session, &e.message)
+                        .await?;
                 }
                 // Answers the protocol resolves at once: ask the offset again,
                 // renew the URL, or authenticate again; a few per attempt.
@@ -229,7 +252,9 @@ impl Engine {
                     if recoveries < MAX_RECOVERIES_PER_ATTEMPT
                         && matches!(
                             e.kind,
-                            ErrorKind::OffsetMismatch | ErrorKind::RenewUpload | ErrorKind::Reauthenticate
+                            ErrorKind::OffsetMismatch
+                                | ErrorKind::RenewUpload
+                                | ErrorKind::Reauthenticate
                         ) =>
                 {
                     recoveries += 1;
@@ -274,7 +299,9 @@ impl Engine {
         let Some((session, acked)) = provider.create_with_data(request, chunk).await? else {
             return Ok(None);
         };
-        job.bytes_sent += counters.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        job.bytes_sent += counters
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed);
         if acked == signature.size {
             job.hash = hasher.lock().ok().map(|h| h.clone());
             job.acked = acked;
@@ -285,7 +312,6 @@ impl Engine {
         self.progress.acked(job.id, job.acked);
         Ok(Some(session))
     }
-
 
     async fn send_chunks(
         &self,
