@@ -207,8 +207,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// of it, route it and record a job.
 async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError> {
     if let Some(job) = ctx.store.latest_for(&file.watch, &file.relpath)? {
-        let same = job.signature.same_content(&file.signature);
-        if !job.state.is_terminal() || (same && job.state != JobState::Superseded) {
+        // The very file a finished job left in place (after_success: leave, or
+        // a failure that could not be filed) is not taken again; a new file
+        // under the same name (another inode, or the old one was moved away)
+        // is, and the duplicate check decides whether it is uploaded.
+        let same_file = job.signature == file.signature;
+        let left_in_place = job.filed_to.is_none() && job.source == file.path;
+        if !job.state.is_terminal() || (same_file && left_in_place && job.state != JobState::Superseded) {
             return Ok(());
         }
     }
