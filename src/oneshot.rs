@@ -113,6 +113,9 @@ pub async fn upload(
                     .as_ref()
                     .map_or("unknown reason", |e| e.reason.as_str())
             ),
+            JobState::Superseded => {
+                "the file changed while it was uploading; the upload was abandoned: run the command again once the file is complete".into()
+            }
             other => format!(
                 "interrupted while {}; run the same command again to continue",
                 other.as_str()
