@@ -165,14 +165,6 @@ impl Uploader for FolderProvider {
         Ok(chunk.end())
     }
 
-    async fn renew(
-        &self,
-        _session: &mut Session,
-        _request: &UploadRequest<'_>,
-    ) -> Result<(), ProviderError> {
-        Ok(())
-    }
-
     async fn finalize(
         &self,
         session: &mut Session,

@@ -180,12 +180,15 @@ pub trait Uploader {
         chunk: Chunk,
     ) -> Result<u64, ProviderError>;
 
-    /// Renew an expired upload URL or token inside the session.
+    /// Renew an expired upload URL or token inside the session. Protocols
+    /// without renewal keep the default, which changes nothing.
     async fn renew(
         &self,
-        session: &mut Session,
-        request: &UploadRequest<'_>,
-    ) -> Result<(), ProviderError>;
+        _session: &mut Session,
+        _request: &UploadRequest<'_>,
+    ) -> Result<(), ProviderError> {
+        Ok(())
+    }
 
     /// Every byte is acknowledged: finalise (set metadata, publish, verify)
     /// and report the delivery. `sha256` is the content's hash.

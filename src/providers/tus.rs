@@ -411,14 +411,6 @@ impl Uploader for TusProvider {
         }
     }
 
-    async fn renew(
-        &self,
-        _session: &mut Session,
-        _request: &UploadRequest<'_>,
-    ) -> Result<(), ProviderError> {
-        Ok(())
-    }
-
     async fn finalize(
         &self,
         session: &mut Session,
