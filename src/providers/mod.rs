@@ -6,6 +6,7 @@
 
 mod folder;
 pub mod http;
+mod okru;
 mod tus;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ProviderConfig, ProviderKind};
 pub use crate::upload::chunk::Chunk;
 pub use folder::{FolderProvider, sync_dir};
+pub use okru::OkruProvider;
 pub use tus::{TusProvider, mime_type};
 
 /// What the engine tells a provider about the file being delivered.
@@ -210,6 +212,8 @@ pub enum Provider {
     Folder(FolderProvider),
     /// Any tus server.
     Tus(Box<TusProvider>),
+    /// OK.ru.
+    Okru(Box<OkruProvider>),
     /// A provider that cannot upload: its type is not in this build, or its
     /// settings could not be turned into a client.
     Unavailable {
@@ -234,6 +238,20 @@ impl Provider {
                 TusProvider::new(endpoint, &headers, config.timeout)
                     .map(|p| Provider::Tus(Box::new(p)))
             }
+            ProviderKind::Okru {
+                application_key,
+                application_secret_key,
+                access_token,
+                group_id,
+            } => OkruProvider::new(
+                config.base_url.as_deref(),
+                application_key,
+                application_secret_key.expose(),
+                access_token.expose(),
+                group_id.as_deref(),
+                config.timeout,
+            )
+            .map(|p| Provider::Okru(Box::new(p))),
             other => Err(ProviderError::new(
                 ErrorKind::Unavailable,
                 format!(
@@ -257,6 +275,7 @@ macro_rules! forward {
         match $self {
             Provider::Folder($p) => $call.await,
             Provider::Tus($p) => $call.await,
+            Provider::Okru($p) => $call.await,
             Provider::Unavailable { reason } => Err(Provider::unavailable(reason)),
         }
     };
