@@ -7,6 +7,7 @@
 //! on disk under `--data` so tests can compare bytes.
 
 mod faults;
+mod okru;
 mod tus;
 
 use std::net::SocketAddr;
@@ -52,6 +53,15 @@ pub struct SandboxOptions {
     /// Require `Authorization: Bearer TOKEN` on tus requests (401 otherwise).
     #[arg(long)]
     pub tus_token: Option<String>,
+    /// The OK.ru application key the simulator accepts.
+    #[arg(long, default_value = "sandbox-app-key")]
+    pub okru_application_key: String,
+    /// The OK.ru application secret key the simulator signs with.
+    #[arg(long, default_value = "sandbox-secret-key")]
+    pub okru_secret_key: String,
+    /// The OK.ru access token the simulator accepts.
+    #[arg(long, default_value = "sandbox-access-token")]
+    pub okru_access_token: String,
 }
 
 /// A per-connection trigger: a handler that wants to simulate a dropped
@@ -77,6 +87,8 @@ pub struct Sandbox {
     pub options: SandboxOptions,
     /// tus uploads.
     pub tus: tus::Uploads,
+    /// OK.ru videos.
+    pub okru: okru::Videos,
 }
 
 /// Run the sandbox until `shutdown` resolves; `ready` receives the bound
@@ -94,16 +106,19 @@ pub async fn run(
         None => std::env::temp_dir().join(format!("hotfolder-sandbox-{}", std::process::id())),
     };
     std::fs::create_dir_all(data.join("tus"))?;
+    std::fs::create_dir_all(data.join("okru"))?;
     let listener = TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     let sandbox = Arc::new(Sandbox {
         faults: Faults::new(&options),
         tus: tus::Uploads::load(&data.join("tus")),
+        okru: okru::Videos::load(&data.join("okru")),
         data: data.clone(),
         options,
     });
     let router = Router::new()
         .merge(tus::routes())
+        .merge(okru::routes())
         .route("/_sandbox/stats", axum::routing::get(faults::stats))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&sandbox),
