@@ -57,7 +57,7 @@ pub enum Command {
         files: Vec<PathBuf>,
     },
     /// Local simulators of the provider protocols, with fault injection, for trying a config and for tests.
-    Sandbox(crate::sandbox::SandboxOptions),
+    Sandbox(Box<crate::sandbox::SandboxOptions>),
     /// Put failed jobs back in the queue, moving their files back from failed/.
     Retry {
         /// Job ids (see `hotfolder status`).
@@ -103,7 +103,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         .build()
         .context("cannot start the async runtime")?;
     if let Command::Sandbox(options) = cli.command {
-        return runtime.block_on(sandbox(options));
+        return runtime.block_on(sandbox(*options));
     }
     let config = config::load(&cli.config)?;
     match cli.command {

@@ -339,6 +339,7 @@ pub struct Store {
     jobs: sled::Tree,
     sources: sled::Tree,
     delivered: sled::Tree,
+    meta: sled::Tree,
 }
 
 fn source_key(watch: &str, relpath: &Path) -> Vec<u8> {
@@ -381,6 +382,7 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             sources: db.open_tree("sources")?,
             delivered: db.open_tree("delivered")?,
+            meta: db.open_tree("meta")?,
             db,
         })
     }
@@ -390,8 +392,17 @@ impl Store {
     /// # Errors
     /// Database failure.
     pub fn next_id(&self) -> Result<u64, StoreError> {
-        // sled ids start at 0; keep ids human-friendly from 1.
-        Ok(self.db.generate_id()? + 1)
+        // A plain counter, not sled's generate_id (which leaps by a million
+        // after every restart): operators type these ids into `retry`.
+        let next = self.meta.update_and_fetch("next_job_id", |old| {
+            let last = old
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            Some((last + 1).to_be_bytes().to_vec())
+        })?;
+        Ok(next
+            .and_then(|b| b.as_ref().try_into().ok())
+            .map_or(1, u64::from_be_bytes))
     }
 
     /// Write a job durably (flushed before returning).
@@ -400,8 +411,7 @@ impl Store {
     /// Database failure.
     pub async fn put(&self, job: &mut Job) -> Result<(), StoreError> {
         self.put_buffered(job)?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.flush().await
     }
 
     /// Write a job without waiting for the disk (for progress that may be
@@ -428,7 +438,12 @@ impl Store {
     /// # Errors
     /// Database failure.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        // Not `flush_async`: in sled 0.34 concurrent `flush_async` calls can
+        // miss their wake-up and hang forever (spacejam/sled#1308, #1241),
+        // which froze every job of a busy daemon. The blocking `flush` has no
+        // such problem; it runs on the blocking pool.
+        let db = self.db.clone();
+        db.flush_async().await?;
         Ok(())
     }
 
@@ -611,6 +626,30 @@ mod tests {
         job.transition(Failing).unwrap();
         job.transition(Failed).unwrap();
         assert!(job.finished_at.is_some());
+    }
+
+    /// Many jobs flushing at once never hang (sled 0.34's `flush_async` did).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_puts_do_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..32 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                for n in 0..20 {
+                    let relpath = PathBuf::from(format!("{task}/{n}.mp4"));
+                    let id = store.next_id().unwrap();
+                    let mut job = Job::new(id, "w", &relpath, &relpath, signature(), "p");
+                    store.put(&mut job).await.unwrap();
+                }
+            });
+        }
+        let all = async { while tasks.join_next().await.is_some() {} };
+        tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .expect("concurrent puts finished");
+        assert_eq!(store.all().unwrap().len(), 32 * 20);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! persists whatever the provider reports. One file per provider; the
 //! [`Provider`] enum forwards to them (a fixed set needs no boxing).
 
+mod apivideo;
 mod folder;
 pub mod http;
 mod okru;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ProviderConfig, ProviderKind};
 pub use crate::upload::chunk::Chunk;
 pub use folder::{FolderProvider, sync_dir};
+pub use apivideo::{ApiVideoProvider, Credentials as ApiVideoCredentials, UploadMode};
 pub use okru::OkruProvider;
 pub use tus::{TusProvider, mime_type};
 
@@ -60,6 +62,17 @@ pub enum RemoteOffset {
     Unknown,
     /// The remote object is gone (expired, deleted): start a new one.
     Gone,
+}
+
+/// What a lookup for an object made by an interrupted create found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// The object tagged with this job: resume it.
+    Found(Session),
+    /// No such object: nothing was created, create now.
+    NotFound,
+    /// This provider cannot look objects up by tag.
+    Unsupported,
 }
 
 /// What a finished delivery produced; copied into the receipt.
@@ -154,6 +167,12 @@ pub trait Uploader {
     /// session to persist before any byte is sent.
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError>;
 
+    /// After a crash inside `create`, look for the object tagged with this
+    /// job before creating another (SPEC §4, "Nothing twice").
+    async fn find_created(&self, _request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
+        Ok(Lookup::Unsupported)
+    }
+
     /// Create the remote object and send the whole file with it, for
     /// single-chunk files where the protocol allows it (tus
     /// creation-with-upload). `Ok(None)` means "not offered: use create".
@@ -214,6 +233,8 @@ pub enum Provider {
     Tus(Box<TusProvider>),
     /// OK.ru.
     Okru(Box<OkruProvider>),
+    /// api.video.
+    Apivideo(Box<ApiVideoProvider>),
     /// A provider that cannot upload: its type is not in this build, or its
     /// settings could not be turned into a client.
     Unavailable {
@@ -252,6 +273,23 @@ impl Provider {
                 config.timeout,
             )
             .map(|p| Provider::Okru(Box::new(p))),
+            ProviderKind::Apivideo {
+                api_key,
+                upload_token,
+                environment,
+                upload_mode,
+            } => {
+                let base = config.base_url.clone().unwrap_or_else(|| {
+                    if environment == "production" { apivideo::PRODUCTION } else { apivideo::SANDBOX }.to_string()
+                });
+                let credentials = match (api_key, upload_token) {
+                    (Some(key), _) => ApiVideoCredentials::ApiKey(key.expose().to_string()),
+                    (None, Some(token)) => ApiVideoCredentials::UploadToken(token.expose().to_string()),
+                    (None, None) => ApiVideoCredentials::ApiKey(String::new()),
+                };
+                let mode = if upload_mode == "parts" { UploadMode::Parts } else { UploadMode::Bytes };
+                ApiVideoProvider::new(&base, credentials, mode, config.timeout).map(|p| Provider::Apivideo(Box::new(p)))
+            }
             other => Err(ProviderError::new(
                 ErrorKind::Unavailable,
                 format!(
@@ -276,6 +314,7 @@ macro_rules! forward {
             Provider::Folder($p) => $call.await,
             Provider::Tus($p) => $call.await,
             Provider::Okru($p) => $call.await,
+            Provider::Apivideo($p) => $call.await,
             Provider::Unavailable { reason } => Err(Provider::unavailable(reason)),
         }
     };
@@ -284,6 +323,10 @@ macro_rules! forward {
 impl Uploader for Provider {
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
         forward!(self, p => p.create(request))
+    }
+
+    async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
+        forward!(self, p => p.find_created(request))
     }
 
     async fn create_with_data(

@@ -6,6 +6,8 @@
 //! a bandwidth cap; deterministic with `--seed`. What it receives is kept
 //! on disk under `--data` so tests can compare bytes.
 
+mod apivideo;
+mod body;
 mod faults;
 mod okru;
 mod tus;
@@ -53,6 +55,12 @@ pub struct SandboxOptions {
     /// Require `Authorization: Bearer TOKEN` on tus requests (401 otherwise).
     #[arg(long)]
     pub tus_token: Option<String>,
+    /// The api.video API key the simulator accepts.
+    #[arg(long, default_value = "sandbox-api-key")]
+    pub apivideo_api_key: String,
+    /// The api.video delegated upload token the simulator accepts.
+    #[arg(long, default_value = "sandbox-upload-token")]
+    pub apivideo_upload_token: String,
     /// The OK.ru application key the simulator accepts.
     #[arg(long, default_value = "sandbox-app-key")]
     pub okru_application_key: String,
@@ -89,6 +97,8 @@ pub struct Sandbox {
     pub tus: tus::Uploads,
     /// OK.ru videos.
     pub okru: okru::Videos,
+    /// api.video videos and tokens.
+    pub apivideo: apivideo::ApiVideo,
 }
 
 /// Run the sandbox until `shutdown` resolves; `ready` receives the bound
@@ -107,23 +117,28 @@ pub async fn run(
     };
     std::fs::create_dir_all(data.join("tus"))?;
     std::fs::create_dir_all(data.join("okru"))?;
+    std::fs::create_dir_all(data.join("apivideo"))?;
     let listener = TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     let sandbox = Arc::new(Sandbox {
         faults: Faults::new(&options),
         tus: tus::Uploads::load(&data.join("tus")),
         okru: okru::Videos::load(&data.join("okru")),
+        apivideo: apivideo::ApiVideo::load(&data.join("apivideo")),
         data: data.clone(),
         options,
     });
     let router = Router::new()
         .merge(tus::routes())
         .merge(okru::routes())
+        .merge(apivideo::routes())
         .route("/_sandbox/stats", axum::routing::get(faults::stats))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&sandbox),
             faults::inject,
         ))
+        // Chunks are streamed to disk, never buffered: no body size limit.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(Arc::clone(&sandbox));
     ready(address, &data);
     tokio::pin!(shutdown);

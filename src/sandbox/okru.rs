@@ -70,13 +70,17 @@ impl Videos {
         let mut map = HashMap::new();
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "json") {
-                if let Some(video) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Video>(&b).ok()) {
-                    map.insert(video.video_id, video);
-                }
+            if path.extension().is_some_and(|e| e == "json")
+                && let Some(video) = std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Video>(&b).ok())
+            {
+                map.insert(video.video_id, video);
             }
         }
-        Videos { map: Mutex::new(map) }
+        Videos {
+            map: Mutex::new(map),
+        }
     }
 
     fn with<T>(&self, id: u64, f: impl FnOnce(&mut Video) -> T) -> Option<T> {
@@ -92,7 +96,13 @@ fn now() -> f64 {
 
 fn save(sandbox: &Sandbox, video: &Video) {
     if let Ok(bytes) = serde_json::to_vec_pretty(video) {
-        let _ = std::fs::write(sandbox.data.join("okru").join(format!("{}.json", video.video_id)), bytes);
+        let _ = std::fs::write(
+            sandbox
+                .data
+                .join("okru")
+                .join(format!("{}.json", video.video_id)),
+            bytes,
+        );
     }
 }
 
@@ -109,7 +119,12 @@ pub fn routes() -> Router<Arc<Sandbox>> {
 }
 
 async fn list(State(sandbox): State<Arc<Sandbox>>) -> Json<Vec<Video>> {
-    let mut videos: Vec<Video> = sandbox.okru.map.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+    let mut videos: Vec<Video> = sandbox
+        .okru
+        .map
+        .lock()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
     videos.sort_by_key(|v| v.video_id);
     Json(videos)
 }
@@ -122,7 +137,11 @@ fn md5_hex(text: &str) -> String {
     hex::encode(Md5::digest(text.as_bytes()))
 }
 
-async fn api_get(State(sandbox): State<Arc<Sandbox>>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
+async fn api_get(
+    State(sandbox): State<Arc<Sandbox>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
     let params = decode_form(query.as_deref().unwrap_or(""));
     api(&sandbox, params, &headers)
 }
@@ -154,7 +173,10 @@ fn api(sandbox: &Sandbox, params: BTreeMap<String, String>, headers: &HeaderMap)
     if params.get("access_token") != Some(&options.okru_access_token) {
         return error(102, "PARAM_SESSION_EXPIRED : Session expired");
     }
-    let secret = md5_hex(&format!("{}{}", options.okru_access_token, options.okru_secret_key));
+    let secret = md5_hex(&format!(
+        "{}{}",
+        options.okru_access_token, options.okru_secret_key
+    ));
     let mut text = String::new();
     for (key, value) in &params {
         if key != "access_token" && key != "session_key" && key != "sig" {
@@ -175,14 +197,21 @@ fn api(sandbox: &Sandbox, params: BTreeMap<String, String>, headers: &HeaderMap)
     }
 }
 
-fn get_upload_url(sandbox: &Sandbox, params: &BTreeMap<String, String>, headers: &HeaderMap) -> Response {
+fn get_upload_url(
+    sandbox: &Sandbox,
+    params: &BTreeMap<String, String>,
+    headers: &HeaderMap,
+) -> Response {
     let Some(file_name) = params.get("file_name").filter(|n| !n.is_empty()) else {
         return error(100, "PARAM : file_name is required");
     };
     let Some(file_size) = params.get("file_size").and_then(|s| s.parse::<u64>().ok()) else {
         return error(100, "PARAM : file_size must be a number of bytes");
     };
-    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
     let Ok(mut map) = sandbox.okru.map.lock() else {
         return error(2, "SERVICE : try later");
     };
@@ -222,10 +251,11 @@ fn update(sandbox: &Sandbox, params: &BTreeMap<String, String>) -> Response {
     let Some(title) = params.get("title").filter(|t| !t.is_empty()) else {
         return error(100, "PARAM : title is required");
     };
-    if let Some(privacy) = params.get("privacy") {
-        if privacy != "PUBLIC" && privacy != "FRIENDS" {
-            return error(100, "PARAM : privacy must be PUBLIC or FRIENDS");
-        }
+    if let Some(privacy) = params.get("privacy")
+        && privacy != "PUBLIC"
+        && privacy != "FRIENDS"
+    {
+        return error(100, "PARAM : privacy must be PUBLIC or FRIENDS");
     }
     let updated = sandbox.okru.with(vid, |v| {
         if v.received < v.file_size {
@@ -248,17 +278,21 @@ fn update(sandbox: &Sandbox, params: &BTreeMap<String, String>) -> Response {
     }
 }
 
-fn check_token(sandbox: &Sandbox, id: u64, query: &BTreeMap<String, String>) -> Result<Video, Response> {
+fn check_token(
+    sandbox: &Sandbox,
+    id: u64,
+    query: &BTreeMap<String, String>,
+) -> Result<Video, Response> {
     let Some(video) = sandbox.okru.with(id, |v| v.clone()) else {
         return Err((StatusCode::NOT_FOUND, "no such upload").into_response());
     };
     if query.get("token") != Some(&video.token) {
         return Err((StatusCode::FORBIDDEN, "bad upload token").into_response());
     }
-    if let Some(ttl) = sandbox.options.token_ttl {
-        if now() - video.issued_at > ttl.as_secs_f64() {
-            return Err((StatusCode::FORBIDDEN, "upload URL expired").into_response());
-        }
+    if let Some(ttl) = sandbox.options.token_ttl
+        && now() - video.issued_at > ttl.as_secs_f64()
+    {
+        return Err((StatusCode::FORBIDDEN, "upload URL expired").into_response());
     }
     Ok(video)
 }
@@ -273,8 +307,13 @@ async fn status(
         Err(refusal) => return refusal,
     };
     let last = video.received as i64 - 1;
-    let state = if video.received == video.file_size { "complete" } else { "partial" };
-    let mut response = Json(json!({"status": state, "total": video.file_size, "last_byte": last})).into_response();
+    let state = if video.received == video.file_size {
+        "complete"
+    } else {
+        "partial"
+    };
+    let mut response =
+        Json(json!({"status": state, "total": video.file_size, "last_byte": last})).into_response();
     if let Ok(range) = HeaderValue::from_str(&format!("bytes=0-{last}")) {
         response.headers_mut().insert("range", range);
     }
@@ -283,7 +322,11 @@ async fn status(
 
 /// `Content-Range: bytes FIRST-LAST/TOTAL`, inclusive.
 fn parse_range(headers: &HeaderMap) -> Option<(u64, u64, u64)> {
-    let text = headers.get("content-range")?.to_str().ok()?.strip_prefix("bytes ")?;
+    let text = headers
+        .get("content-range")?
+        .to_str()
+        .ok()?
+        .strip_prefix("bytes ")?;
     let (span, total) = text.split_once('/')?;
     let (first, last) = span.split_once('-')?;
     let (first, last, total) = (first.parse().ok()?, last.parse().ok()?, total.parse().ok()?);
@@ -303,20 +346,40 @@ async fn upload(
         Ok(video) => video,
         Err(refusal) => return refusal,
     };
-    if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/octet-stream") {
-        return (StatusCode::BAD_REQUEST, "Content-Type must be application/octet-stream").into_response();
+    if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/octet-stream")
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            "Content-Type must be application/octet-stream",
+        )
+            .into_response();
     }
     let Some((first, last, total)) = parse_range(&headers) else {
-        return (StatusCode::BAD_REQUEST, "Content-Range must be 'bytes FIRST-LAST/TOTAL'").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "Content-Range must be 'bytes FIRST-LAST/TOTAL'",
+        )
+            .into_response();
     };
     if total != video.file_size {
-        return (StatusCode::BAD_REQUEST, "Content-Range total differs from file_size").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "Content-Range total differs from file_size",
+        )
+            .into_response();
     }
     if first != video.received {
-        return (StatusCode::RANGE_NOT_SATISFIABLE, "range does not start at the next expected byte").into_response();
+        return (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range does not start at the next expected byte",
+        )
+            .into_response();
     }
     let expected = last - first + 1;
-    let Ok(mut file) = std::fs::OpenOptions::new().write(true).open(bin_path(&sandbox, id)) else {
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(bin_path(&sandbox, id))
+    else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "storage missing").into_response();
     };
     if file.seek(SeekFrom::Start(first)).is_err() {
@@ -332,11 +395,11 @@ async fn upload(
             break;
         };
         let mut cut = false;
-        if let Some(limit) = limit {
-            if received + bytes.len() as u64 >= limit {
-                bytes.truncate((limit - received) as usize);
-                cut = true;
-            }
+        if let Some(limit) = limit
+            && received + bytes.len() as u64 >= limit
+        {
+            bytes.truncate((limit - received) as usize);
+            cut = true;
         }
         if received + bytes.len() as u64 > expected {
             return (StatusCode::BAD_REQUEST, "body longer than Content-Range").into_response();
@@ -346,7 +409,9 @@ async fn upload(
             return (StatusCode::INTERNAL_SERVER_ERROR, "write failed").into_response();
         }
         received += bytes.len() as u64;
-        sandbox.okru.with(id, |v| v.bytes_received += bytes.len() as u64);
+        sandbox
+            .okru
+            .with(id, |v| v.bytes_received += bytes.len() as u64);
         if cut {
             broken = true;
             break;
@@ -372,5 +437,9 @@ async fn upload(
     if received < expected {
         return (StatusCode::BAD_REQUEST, "body shorter than Content-Range").into_response();
     }
-    if last + 1 == total { StatusCode::OK.into_response() } else { StatusCode::CREATED.into_response() }
+    if last + 1 == total {
+        StatusCode::OK.into_response()
+    } else {
+        StatusCode::CREATED.into_response()
+    }
 }

@@ -16,6 +16,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::config::ProviderConfig;
 use crate::hashing::{self, ResumableSha256};
 use crate::providers::{
+    Lookup,
     Delivery, ErrorKind, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader,
 };
 use crate::retry::Backoff;
@@ -165,16 +166,27 @@ impl Engine {
             let mut session = match job.session.take() {
                 Some(session) => session,
                 None => {
-                    if std::mem::take(&mut interrupted_create)
-                        && !matches!(provider, Provider::Folder(_))
-                    {
-                        // No lookup by tag exists for this provider: name the possible orphan.
-                        let note = format!(
-                            "an interrupted create call may have left a remote object tagged hotfolder_job={}",
-                            job.id
-                        );
-                        tracing::warn!(job = job.id, "{note}");
-                        job.replaced.push(note);
+                    if std::mem::take(&mut interrupted_create) {
+                        match provider.find_created(&request).await? {
+                            Lookup::Found(session) => {
+                                tracing::info!(job = job.id, remote = ?session.remote_id, "found the object an interrupted create made; resuming it");
+                                job.session = Some(session);
+                                job.transition(JobState::Uploading)?;
+                                self.store.put(job).await?;
+                                continue;
+                            }
+                            Lookup::NotFound => {}
+                            Lookup::Unsupported if matches!(provider, Provider::Folder(_)) => {}
+                            Lookup::Unsupported => {
+                                // No lookup by tag exists for this provider: name the possible orphan.
+                                let note = format!(
+                                    "an interrupted create call may have left a remote object tagged hotfolder_job={}",
+                                    job.id
+                                );
+                                tracing::warn!(job = job.id, "{note}");
+                                job.replaced.push(note);
+                            }
+                        }
                     }
                     job.transition(JobState::Creating)?;
                     self.store.put(job).await?;

@@ -1,0 +1,536 @@
+//! `type: apivideo`: api.video (PROTOCOLS §2). An API key is exchanged for a
+//! bearer token, refreshed before it expires, and re-obtained once on a 401;
+//! or a delegated upload token is used without auth. Videos are created
+//! tagged with the job id (so a crash inside create is recovered by listing),
+//! then filled by multipart chunks with `Content-Range: bytes` or `part K/N`.
+//! After a crash the received ranges in `/status` say where to resume.
+
+use std::time::{Duration, Instant};
+
+use reqwest::multipart::{Form, Part};
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use super::http::{self, excerpt, status_error, transport_error};
+use super::{
+    Chunk, Delivery, ErrorKind, Lookup, ProviderError, RemoteOffset, Session, UploadRequest,
+    Uploader,
+};
+
+/// Production API root.
+pub const PRODUCTION: &str = "https://ws.api.video";
+/// Sandbox API root.
+pub const SANDBOX: &str = "https://sandbox.api.video";
+
+/// Refresh this long before the token would expire.
+const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
+/// How chunks are labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadMode {
+    /// `Content-Range: bytes FIRST-LAST/TOTAL`.
+    Bytes,
+    /// `Content-Range: part K/N`.
+    Parts,
+}
+
+/// How this provider authenticates.
+pub enum Credentials {
+    /// An API key exchanged for bearer tokens.
+    ApiKey(String),
+    /// A delegated upload token (no API access).
+    UploadToken(String),
+}
+
+struct Token {
+    access: String,
+    refresh: String,
+    expires_at: Instant,
+}
+
+/// An api.video account.
+pub struct ApiVideoProvider {
+    base: Url,
+    credentials: Credentials,
+    mode: UploadMode,
+    client: reqwest::Client,
+    token: Mutex<Option<Token>>,
+}
+
+fn video_id(value: &Value) -> Option<String> {
+    value
+        .get("videoId")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+impl ApiVideoProvider {
+    /// A client for one account.
+    ///
+    /// # Errors
+    /// A permanent error for an unusable base URL.
+    pub fn new(
+        base: &str,
+        credentials: Credentials,
+        mode: UploadMode,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
+        let base = Url::parse(&format!("{}/", base.trim_end_matches('/'))).map_err(|e| {
+            ProviderError::new(
+                ErrorKind::Permanent,
+                format!("api.video base URL {base:?}: {e}"),
+            )
+        })?;
+        Ok(ApiVideoProvider {
+            base,
+            credentials,
+            mode,
+            client: http::client(timeout)?,
+            token: Mutex::new(None),
+        })
+    }
+
+    fn url(&self, path: &str) -> Result<Url, ProviderError> {
+        self.base.join(path.trim_start_matches('/')).map_err(|e| {
+            ProviderError::new(ErrorKind::Permanent, format!("api.video path {path}: {e}"))
+        })
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![match &self.credentials {
+            Credentials::ApiKey(k) | Credentials::UploadToken(k) => k.clone(),
+        }];
+        if let Ok(token) = self.token.try_lock()
+            && let Some(token) = token.as_ref()
+        {
+            secrets.push(token.access.clone());
+            secrets.push(token.refresh.clone());
+        }
+        secrets
+    }
+
+    async fn error(&self, what: &str, response: reqwest::Response) -> ProviderError {
+        let secrets = self.secrets();
+        let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let mut error = status_error(what, response, &refs).await;
+        if error.status == Some(401) {
+            error.kind = ErrorKind::Reauthenticate;
+        }
+        error
+    }
+
+    /// Exchange the key (or refresh token) for an access token.
+    async fn obtain(&self, refresh: Option<&str>) -> Result<Token, ProviderError> {
+        let Credentials::ApiKey(key) = &self.credentials else {
+            return Err(ProviderError::new(
+                ErrorKind::Permanent,
+                "api.video: no API key to authenticate with",
+            ));
+        };
+        let (path, body) = match refresh {
+            Some(refresh) => ("auth/refresh", json!({"refreshToken": refresh})),
+            None => ("auth/api-key", json!({"apiKey": key})),
+        };
+        let response = self
+            .client
+            .post(self.url(path)?)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| transport_error("api.video authentication", &e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let mut error = self.error("api.video authentication", response).await;
+            if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+                error.kind = ErrorKind::Permanent;
+                if refresh.is_none() {
+                    error
+                        .message
+                        .push_str("; the API key was refused: check api_key");
+                }
+            }
+            return Err(error);
+        }
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| transport_error("api.video authentication", &e))?;
+        let access = value.get("access_token").and_then(Value::as_str);
+        let refresh_token = value.get("refresh_token").and_then(Value::as_str);
+        let expires_in = value
+            .get("expires_in")
+            .and_then(Value::as_u64)
+            .unwrap_or(3600);
+        match (access, refresh_token) {
+            (Some(access), Some(refresh)) => Ok(Token {
+                access: access.to_string(),
+                refresh: refresh.to_string(),
+                expires_at: Instant::now() + Duration::from_secs(expires_in),
+            }),
+            _ => Err(ProviderError::new(
+                ErrorKind::Transient,
+                "api.video authentication: answer without access_token/refresh_token",
+            )),
+        }
+    }
+
+    /// A valid access token: obtained, or refreshed shortly before expiry.
+    async fn bearer(&self) -> Result<String, ProviderError> {
+        let mut slot = self.token.lock().await;
+        let refresh = match slot.as_ref() {
+            Some(token) if token.expires_at > Instant::now() + REFRESH_MARGIN => {
+                return Ok(token.access.clone());
+            }
+            Some(token) => Some(token.refresh.clone()),
+            None => None,
+        };
+        let token = match refresh {
+            Some(refresh) => match self.obtain(Some(&refresh)).await {
+                Ok(token) => token,
+                Err(_) => self.obtain(None).await?,
+            },
+            None => self.obtain(None).await?,
+        };
+        let access = token.access.clone();
+        *slot = Some(token);
+        Ok(access)
+    }
+
+    /// Forget the token after a 401, so the next call authenticates again.
+    async fn forget_token(&self) {
+        *self.token.lock().await = None;
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let builder = self.client.request(method, self.url(path)?);
+        match &self.credentials {
+            Credentials::ApiKey(_) => Ok(builder.bearer_auth(self.bearer().await?)),
+            Credentials::UploadToken(_) => Ok(builder),
+        }
+    }
+
+    /// Send an API call; a 401 forgets the token and asks for one retry.
+    async fn api(
+        &self,
+        what: &str,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| transport_error(what, &e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let error = self.error(what, response).await;
+        if error.kind == ErrorKind::Reauthenticate {
+            self.forget_token().await;
+        }
+        Err(error)
+    }
+
+    async fn status(&self, video: &str) -> Result<Value, ProviderError> {
+        let builder = self
+            .request(Method::GET, &format!("videos/{video}/status"))
+            .await?;
+        let response = self.api("api.video status", builder).await?;
+        response
+            .json()
+            .await
+            .map_err(|e| transport_error("api.video status", &e))
+    }
+
+    fn content_range(&self, chunk: &Chunk) -> String {
+        match self.mode {
+            UploadMode::Bytes => {
+                format!("bytes {}-{}/{}", chunk.start, chunk.end() - 1, chunk.total)
+            }
+            UploadMode::Parts => format!("part {}/{}", chunk.index + 1, chunk.count),
+        }
+    }
+}
+
+/// End of the contiguous prefix of `receivedBytes` (inclusive `from`/`to`).
+pub fn contiguous_prefix(status: &Value) -> u64 {
+    let mut ranges: Vec<(u64, u64)> = status
+        .pointer("/ingest/receivedBytes")
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|r| Some((r.get("from")?.as_u64()?, r.get("to")?.as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    ranges.sort_unstable();
+    let mut end = 0;
+    for (from, to) in ranges {
+        if from > end {
+            break;
+        }
+        end = end.max(to + 1);
+    }
+    end
+}
+
+fn finished_ingest(status: &Value) -> bool {
+    matches!(
+        status.pointer("/ingest/status").and_then(Value::as_str),
+        Some("uploaded" | "ingesting" | "ingested")
+    )
+}
+
+impl Uploader for ApiVideoProvider {
+    async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
+        if let Credentials::UploadToken(_) = self.credentials {
+            // The first chunk creates the video; its answer names it.
+            return Ok(Session::default());
+        }
+        let metadata = request.metadata;
+        let title = metadata
+            .get("title")
+            .and_then(Value::as_str)
+            .map_or_else(|| request.file_name.to_string(), str::to_string);
+        let mut body = json!({
+            "title": title,
+            "mp4Support": true,
+            "metadata": [{"key": "hotfolder_job", "value": request.job_id.to_string()}],
+        });
+        for key in ["description", "tags", "public"] {
+            if let Some(value) = metadata.get(key) {
+                body[key] = match (key, value) {
+                    ("tags", Value::String(s)) => {
+                        json!(s.split(',').map(str::trim).collect::<Vec<_>>())
+                    }
+                    _ => value.clone(),
+                };
+            }
+        }
+        let builder = self.request(Method::POST, "videos").await?.json(&body);
+        let response = self.api("api.video create", builder).await?;
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| transport_error("api.video create", &e))?;
+        let id = video_id(&value).ok_or_else(|| {
+            ProviderError::new(
+                ErrorKind::Transient,
+                "api.video create: answer without videoId",
+            )
+        })?;
+        Ok(Session {
+            remote_id: Some(id),
+            upload_url: None,
+            extra: Default::default(),
+        })
+    }
+
+    async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
+        if let Credentials::UploadToken(_) = self.credentials {
+            return Ok(Lookup::Unsupported);
+        }
+        let path = format!("videos?metadata[hotfolder_job]={}", request.job_id);
+        let builder = self.request(Method::GET, &path).await?;
+        let response = self.api("api.video list", builder).await?;
+        let value: Value = response
+            .json()
+            .await
+            .map_err(|e| transport_error("api.video list", &e))?;
+        let found = value
+            .get("data")
+            .and_then(Value::as_array)
+            .and_then(|items| items.iter().find_map(video_id));
+        Ok(match found {
+            Some(id) => Lookup::Found(Session {
+                remote_id: Some(id),
+                upload_url: None,
+                extra: Default::default(),
+            }),
+            None => Lookup::NotFound,
+        })
+    }
+
+    async fn offset(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        acknowledged: u64,
+    ) -> Result<RemoteOffset, ProviderError> {
+        let (Credentials::ApiKey(_), Some(id)) = (&self.credentials, session.remote_id.clone())
+        else {
+            // Delegated tokens cannot read status: trust what was acknowledged.
+            return Ok(RemoteOffset::Unknown);
+        };
+        let status = match self.status(&id).await {
+            Ok(status) => status,
+            Err(e) if e.status == Some(404) => return Ok(RemoteOffset::Gone),
+            Err(e) => return Err(e),
+        };
+        if finished_ingest(&status) {
+            return Ok(RemoteOffset::At(request.size));
+        }
+        let prefix = contiguous_prefix(&status);
+        let boundary = prefix - prefix % request.chunk_size.max(1);
+        Ok(RemoteOffset::At(acknowledged.min(boundary)))
+    }
+
+    async fn send(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        let end = chunk.end();
+        let range = self.content_range(&chunk);
+        let len = chunk.len;
+        let part = Part::stream_with_length(reqwest::Body::wrap_stream(chunk.into_stream()), len)
+            .file_name(request.file_name.to_string())
+            .mime_str("application/octet-stream")
+            .map_err(|e| ProviderError::new(ErrorKind::Permanent, format!("api.video: {e}")))?;
+        let mut form = Form::new();
+        let builder = match (&self.credentials, &session.remote_id) {
+            (Credentials::UploadToken(token), id) => {
+                if let Some(id) = id {
+                    form = form.text("videoId", id.clone());
+                }
+                let mut url = self.url("upload")?;
+                url.query_pairs_mut().append_pair("token", token);
+                self.client.post(url)
+            }
+            (Credentials::ApiKey(_), Some(id)) => {
+                self.request(Method::POST, &format!("videos/{id}/source"))
+                    .await?
+            }
+            (Credentials::ApiKey(_), None) => {
+                return Err(ProviderError::new(
+                    ErrorKind::Gone,
+                    "the job has no api.video video id",
+                ));
+            }
+        };
+        let response = builder
+            .header("Content-Range", range)
+            .multipart(form.part("file", part))
+            .send()
+            .await
+            .map_err(|e| transport_error("api.video upload", &e))?;
+        if response.status().is_success() {
+            let value: Value = response.json().await.unwrap_or(Value::Null);
+            if session.remote_id.is_none() {
+                session.remote_id = video_id(&value);
+            }
+            if let Some(assets) = value.get("assets") {
+                session.extra.insert("assets".into(), assets.clone());
+            }
+            return Ok(end);
+        }
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let secrets = self.secrets();
+        let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        if status == StatusCode::BAD_REQUEST
+            && body.to_ascii_lowercase().contains("already uploaded")
+        {
+            // A previous attempt completed before the crash: confirm with status.
+            if let Some(id) = session.remote_id.clone()
+                && finished_ingest(&self.status(&id).await?)
+            {
+                return Ok(request.size);
+            }
+        }
+        let mut error = ProviderError::new(
+            http::kind_of(status),
+            format!("api.video upload: the server answered {status}"),
+        );
+        error.status = Some(status.as_u16());
+        error.excerpt = excerpt(&body, &refs);
+        if let Some(text) = &error.excerpt {
+            error.message.push_str(&format!(" ({text})"));
+        }
+        match status.as_u16() {
+            401 => {
+                self.forget_token().await;
+                error.kind = ErrorKind::Reauthenticate;
+            }
+            404 => error.kind = ErrorKind::Gone,
+            _ => {}
+        }
+        Err(error)
+    }
+
+    async fn finalize(
+        &self,
+        session: &mut Session,
+        _request: &UploadRequest<'_>,
+        _sha256: &str,
+    ) -> Result<Delivery, ProviderError> {
+        let id = session.remote_id.clone().ok_or_else(|| {
+            ProviderError::new(ErrorKind::Gone, "the job has no api.video video id")
+        })?;
+        if !session.extra.contains_key("assets")
+            && let Credentials::ApiKey(_) = self.credentials
+        {
+            let builder = self.request(Method::GET, &format!("videos/{id}")).await?;
+            let value: Value = self
+                .api("api.video video", builder)
+                .await?
+                .json()
+                .await
+                .map_err(|e| transport_error("api.video video", &e))?;
+            if let Some(assets) = value.get("assets") {
+                session.extra.insert("assets".into(), assets.clone());
+            }
+        }
+        let assets = session.extra.get("assets").cloned().unwrap_or(Value::Null);
+        let mut links = serde_json::Map::new();
+        if let Value::Object(map) = &assets {
+            links.extend(map.clone());
+        }
+        Ok(Delivery {
+            url: assets
+                .get("player")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            remote_id: id,
+            links,
+        })
+    }
+
+    async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
+        let (Credentials::ApiKey(_), Some(id)) = (&self.credentials, &session.remote_id) else {
+            return Ok(());
+        };
+        let builder = self
+            .request(Method::DELETE, &format!("videos/{id}"))
+            .await?;
+        match self.api("api.video delete", builder).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status == Some(404) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_of_received_ranges() {
+        let status = json!({"ingest": {"status": "uploading", "receivedBytes": [
+            {"from": 0, "to": 99, "total": 300}, {"from": 200, "to": 299, "total": 300}, {"from": 100, "to": 149, "total": 300}
+        ]}});
+        assert_eq!(contiguous_prefix(&status), 150);
+        assert_eq!(
+            contiguous_prefix(&json!({"ingest": {"receivedBytes": []}})),
+            0
+        );
+        assert!(!finished_ingest(&status));
+        assert!(finished_ingest(&json!({"ingest": {"status": "ingested"}})));
+    }
+}
