@@ -6,9 +6,10 @@
 
 mod apivideo;
 mod folder;
+mod gcore;
 pub mod http;
 mod okru;
-mod tus;
+pub(crate) mod tus;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +21,7 @@ use crate::config::{ProviderConfig, ProviderKind};
 pub use crate::upload::chunk::Chunk;
 pub use folder::{FolderProvider, sync_dir};
 pub use apivideo::{ApiVideoProvider, Credentials as ApiVideoCredentials, UploadMode};
+pub use gcore::{GcoreProvider, WaitUntil};
 pub use okru::OkruProvider;
 pub use tus::{TusProvider, mime_type};
 
@@ -235,6 +237,8 @@ pub enum Provider {
     Okru(Box<OkruProvider>),
     /// api.video.
     Apivideo(Box<ApiVideoProvider>),
+    /// Gcore Video Streaming.
+    Gcore(Box<GcoreProvider>),
     /// A provider that cannot upload: its type is not in this build, or its
     /// settings could not be turned into a client.
     Unavailable {
@@ -290,6 +294,15 @@ impl Provider {
                 let mode = if upload_mode == "parts" { UploadMode::Parts } else { UploadMode::Bytes };
                 ApiVideoProvider::new(&base, credentials, mode, config.timeout).map(|p| Provider::Apivideo(Box::new(p)))
             }
+            ProviderKind::Gcore { api_key, wait_until } => {
+                let wait_until = match wait_until.as_str() {
+                    "ready" => WaitUntil::Ready,
+                    "viewable" => WaitUntil::Viewable,
+                    _ => WaitUntil::Uploaded,
+                };
+                GcoreProvider::new(config.base_url.as_deref(), api_key.expose(), wait_until, config.timeout)
+                    .map(|p| Provider::Gcore(Box::new(p)))
+            }
             other => Err(ProviderError::new(
                 ErrorKind::Unavailable,
                 format!(
@@ -315,6 +328,7 @@ macro_rules! forward {
             Provider::Tus($p) => $call.await,
             Provider::Okru($p) => $call.await,
             Provider::Apivideo($p) => $call.await,
+            Provider::Gcore($p) => $call.await,
             Provider::Unavailable { reason } => Err(Provider::unavailable(reason)),
         }
     };

@@ -34,6 +34,7 @@ pub struct TusProvider {
     secrets: Vec<String>,
     client: reqwest::Client,
     capabilities: OnceCell<Capabilities>,
+    extra_metadata: Vec<(String, String)>,
 }
 
 impl TusProvider {
@@ -72,7 +73,15 @@ impl TusProvider {
             secrets: headers.iter().map(|(_, v)| v.clone()).collect(),
             client: http::client(timeout)?,
             capabilities: OnceCell::new(),
+            extra_metadata: Vec::new(),
         })
+    }
+
+    /// Add `Upload-Metadata` pairs a service requires at creation (Gcore's
+    /// `token`, `video_id`, `client_id`).
+    pub fn with_metadata(mut self, pairs: Vec<(String, String)>) -> Self {
+        self.extra_metadata = pairs;
+        self
     }
 
     fn secrets(&self) -> Vec<&str> {
@@ -157,15 +166,16 @@ impl TusProvider {
             .ok_or_else(|| ProviderError::new(ErrorKind::Gone, "the job has no tus upload URL"))
     }
 
-    fn metadata_header(request: &UploadRequest<'_>) -> String {
-        let mut pairs = vec![
+    fn metadata_header(&self, request: &UploadRequest<'_>) -> String {
+        let mut pairs = self.extra_metadata.clone();
+        pairs.extend([
             ("filename".to_string(), request.file_name.to_string()),
             (
                 "filetype".to_string(),
                 mime_type(request.file_name).to_string(),
             ),
             ("hotfolder_job".to_string(), request.job_id.to_string()),
-        ];
+        ]);
         for (key, value) in request.metadata {
             let text = match value {
                 serde_json::Value::String(s) => s.clone(),
@@ -214,7 +224,7 @@ impl TusProvider {
         let mut builder = self
             .request(Method::POST, &self.endpoint)
             .header("Upload-Length", request.size)
-            .header("Upload-Metadata", Self::metadata_header(request));
+            .header("Upload-Metadata", self.metadata_header(request));
         if let Some(chunk) = chunk {
             builder = self.with_body(builder, chunk, caps.checksum).await?;
         } else {
@@ -464,7 +474,8 @@ mod tests {
             metadata: &metadata,
             chunk_size: 5,
         };
-        let header = TusProvider::metadata_header(&request);
+        let provider = TusProvider::new("http://127.0.0.1/files/", &[], std::time::Duration::from_secs(1)).unwrap();
+        let header = provider.metadata_header(&request);
         let pairs: Vec<(&str, String)> = header
             .split(',')
             .map(|pair| {

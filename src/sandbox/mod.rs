@@ -9,6 +9,7 @@
 mod apivideo;
 mod body;
 mod faults;
+mod gcore;
 mod okru;
 mod tus;
 
@@ -61,6 +62,9 @@ pub struct SandboxOptions {
     /// The api.video delegated upload token the simulator accepts.
     #[arg(long, default_value = "sandbox-upload-token")]
     pub apivideo_upload_token: String,
+    /// The Gcore API key the simulator accepts.
+    #[arg(long, default_value = "sandbox-gcore-key")]
+    pub gcore_api_key: String,
     /// The OK.ru application key the simulator accepts.
     #[arg(long, default_value = "sandbox-app-key")]
     pub okru_application_key: String,
@@ -99,6 +103,8 @@ pub struct Sandbox {
     pub okru: okru::Videos,
     /// api.video videos and tokens.
     pub apivideo: apivideo::ApiVideo,
+    /// Gcore videos and upload tokens.
+    pub gcore: gcore::Gcore,
 }
 
 /// Run the sandbox until `shutdown` resolves; `ready` receives the bound
@@ -118,6 +124,7 @@ pub async fn run(
     std::fs::create_dir_all(data.join("tus"))?;
     std::fs::create_dir_all(data.join("okru"))?;
     std::fs::create_dir_all(data.join("apivideo"))?;
+    std::fs::create_dir_all(data.join("gcore"))?;
     let listener = TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     let sandbox = Arc::new(Sandbox {
@@ -125,6 +132,7 @@ pub async fn run(
         tus: tus::Uploads::load(&data.join("tus")),
         okru: okru::Videos::load(&data.join("okru")),
         apivideo: apivideo::ApiVideo::load(&data.join("apivideo")),
+        gcore: gcore::Gcore::load(&data.join("gcore")),
         data: data.clone(),
         options,
     });
@@ -132,6 +140,7 @@ pub async fn run(
         .merge(tus::routes())
         .merge(okru::routes())
         .merge(apivideo::routes())
+        .merge(gcore::routes())
         .route("/_sandbox/stats", axum::routing::get(faults::stats))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&sandbox),

@@ -95,6 +95,11 @@ impl Uploads {
     }
 }
 
+/// `(offset, length)` of an upload, for simulators built on tus (Gcore).
+pub fn progress(sandbox: &Sandbox, id: &str) -> Option<(u64, u64)> {
+    sandbox.tus.with(id, |u| (u.offset, u.length))
+}
+
 fn save(sandbox: &Sandbox, upload: &Upload) {
     if let Ok(bytes) = serde_json::to_vec_pretty(upload) {
         let _ = std::fs::write(data_path(sandbox, &upload.id, "json"), bytes);
@@ -108,6 +113,15 @@ pub fn routes() -> Router<Arc<Sandbox>> {
         .route("/tus/files/", post(create).options(options))
         .route(
             "/tus/files/{id}",
+            axum::routing::head(head)
+                .patch(patch)
+                .delete(delete)
+                .options(options),
+        )
+        // Gcore's upload servers speak the same tus, with required metadata.
+        .route("/upload/", post(create).options(options))
+        .route(
+            "/upload/{id}",
             axum::routing::head(head)
                 .patch(patch)
                 .delete(delete)
@@ -223,6 +237,7 @@ async fn create(
     State(sandbox): State<Arc<Sandbox>>,
     reset: Option<Extension<ConnectionReset>>,
     reset_after: Option<Extension<ResetAfter>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -255,6 +270,15 @@ async fn create(
         Some(Ok(Ok(map))) => map,
         Some(Ok(Err(e))) => return refuse(StatusCode::BAD_REQUEST, &e),
         Some(Err(_)) => return refuse(StatusCode::BAD_REQUEST, "Upload-Metadata is not ASCII"),
+    };
+    let gcore_leg = uri.path().starts_with("/upload");
+    let gcore_video = if gcore_leg {
+        match super::gcore::check_upload_metadata(&sandbox, &metadata) {
+            Ok(video) => Some(video),
+            Err(refusal) => return refusal,
+        }
+    } else {
+        None
     };
     let id = format!(
         "{:016x}{:08x}",
@@ -295,7 +319,11 @@ async fn create(
             Err(refusal) => return refusal,
         }
     }
-    if let Ok(location) = HeaderValue::from_str(&format!("/tus/files/{id}")) {
+    if let Some(video) = gcore_video {
+        super::gcore::link_upload(&sandbox, video, &id);
+    }
+    let prefix = if gcore_leg { "/upload" } else { "/tus/files" };
+    if let Ok(location) = HeaderValue::from_str(&format!("{prefix}/{id}")) {
         response.headers_mut().insert("location", location);
     }
     response

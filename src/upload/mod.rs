@@ -16,8 +16,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::config::ProviderConfig;
 use crate::hashing::{self, ResumableSha256};
 use crate::providers::{
-    Lookup,
-    Delivery, ErrorKind, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader,
+    Delivery, ErrorKind, Lookup, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader,
 };
 use crate::retry::Backoff;
 use crate::state::{ErrorInfo, FileSignature, Job, JobState, Store, StoreError};
@@ -225,6 +224,7 @@ impl Engine {
                 }
             };
             // Learn where the server stands.
+            let before = session.clone();
             let offset = match provider.offset(&mut session, &request, job.acked).await {
                 Ok(RemoteOffset::At(offset)) if offset <= signature.size => offset,
                 Ok(RemoteOffset::Unknown) => job.acked,
@@ -247,7 +247,12 @@ impl Engine {
             }
             job.acked = offset;
             job.hash = Some(hasher);
+            let session_changed = session != before;
             job.session = Some(session);
+            if session_changed {
+                // e.g. an upload URL obtained while asking: persist it before any byte.
+                self.store.put(job).await?;
+            }
             match self
                 .send_chunks(job, provider, &request, &file, signature, counters)
                 .await
