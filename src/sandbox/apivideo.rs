@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use super::body::write_body;
 use super::faults::ResetAfter;
+use super::records;
 use super::{ConnectionReset, Sandbox};
 
 const MIN_CHUNK: u64 = 5 << 20;
@@ -78,20 +79,14 @@ fn now() -> f64 {
 impl ApiVideo {
     /// Load `<data>/apivideo/*.json`.
     pub fn load(dir: &std::path::Path) -> Self {
-        let state = ApiVideo::default();
-        if let Ok(mut videos) = state.videos.lock() {
-            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.extension().is_some_and(|e| e == "json")
-                    && let Some(v) = std::fs::read(&path)
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<Video>(&b).ok())
-                {
-                    videos.insert(v.video_id.clone(), v);
-                }
-            }
+        let videos = records::load::<Video>(dir)
+            .into_iter()
+            .map(|v| (v.video_id.clone(), v))
+            .collect();
+        ApiVideo {
+            videos: Mutex::new(videos),
+            ..ApiVideo::default()
         }
-        state
     }
 
     fn with<T>(&self, id: &str, f: impl FnOnce(&mut Video) -> T) -> Option<T> {
@@ -105,15 +100,13 @@ impl ApiVideo {
 }
 
 fn save(sandbox: &Sandbox, video: &Video) {
-    if let Ok(bytes) = serde_json::to_vec_pretty(video) {
-        let _ = std::fs::write(
-            sandbox
-                .data
-                .join("apivideo")
-                .join(format!("{}.json", video.video_id)),
-            bytes,
-        );
-    }
+    records::save(
+        &sandbox
+            .data
+            .join("apivideo")
+            .join(format!("{}.json", video.video_id)),
+        video,
+    );
 }
 
 fn bin_path(sandbox: &Sandbox, id: &str) -> std::path::PathBuf {

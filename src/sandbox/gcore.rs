@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::Sandbox;
+use super::{Sandbox, records};
 
 const CLIENT_ID: u64 = 4242;
 /// Upload tokens live four hours unless `--token-ttl` says otherwise.
@@ -64,21 +64,14 @@ fn now() -> f64 {
 impl Gcore {
     /// Load `<data>/gcore/*.json`.
     pub fn load(dir: &std::path::Path) -> Self {
-        let state = Gcore::default();
-        if let Ok(mut videos) = state.videos.lock() {
-            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.extension().is_some_and(|e| e == "json") {
-                    if let Some(v) = std::fs::read(&path)
-                        .ok()
-                        .and_then(|b| serde_json::from_slice::<Video>(&b).ok())
-                    {
-                        videos.insert(v.id, v);
-                    }
-                }
-            }
+        let videos = records::load::<Video>(dir)
+            .into_iter()
+            .map(|v| (v.id, v))
+            .collect();
+        Gcore {
+            videos: Mutex::new(videos),
+            ..Gcore::default()
         }
-        state
     }
 
     fn with<T>(&self, id: u64, f: impl FnOnce(&mut Video) -> T) -> Option<T> {
@@ -92,15 +85,13 @@ impl Gcore {
 }
 
 fn save(sandbox: &Sandbox, video: &Video) {
-    if let Ok(bytes) = serde_json::to_vec_pretty(video) {
-        let _ = std::fs::write(
-            sandbox
-                .data
-                .join("gcore")
-                .join(format!("{}.json", video.id)),
-            bytes,
-        );
-    }
+    records::save(
+        &sandbox
+            .data
+            .join("gcore")
+            .join(format!("{}.json", video.id)),
+        video,
+    );
 }
 
 /// The routes.
@@ -193,7 +184,11 @@ async fn create(
     let answer = video_json(&video, &host(&headers));
     videos.insert(id, video);
     // The documentation is unclear between the two shapes: give both.
-    let answer = if id % 2 == 0 { json!([answer]) } else { answer };
+    let answer = if id.is_multiple_of(2) {
+        json!([answer])
+    } else {
+        answer
+    };
     (StatusCode::CREATED, Json(answer)).into_response()
 }
 

@@ -11,6 +11,7 @@ mod body;
 mod faults;
 mod gcore;
 mod okru;
+mod records;
 mod tus;
 
 use std::net::SocketAddr;

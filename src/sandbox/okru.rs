@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::faults::ResetAfter;
+use super::records;
 use super::{ConnectionReset, Sandbox};
 
 /// One video as the simulator sees it (also `<data>/okru/<id>.json`).
@@ -67,17 +68,10 @@ pub struct Videos {
 impl Videos {
     /// Load `<data>/okru/*.json`.
     pub fn load(dir: &std::path::Path) -> Self {
-        let mut map = HashMap::new();
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "json")
-                && let Some(video) = std::fs::read(&path)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Video>(&b).ok())
-            {
-                map.insert(video.video_id, video);
-            }
-        }
+        let map = records::load::<Video>(dir)
+            .into_iter()
+            .map(|v| (v.video_id, v))
+            .collect();
         Videos {
             map: Mutex::new(map),
         }
@@ -95,15 +89,13 @@ fn now() -> f64 {
 }
 
 fn save(sandbox: &Sandbox, video: &Video) {
-    if let Ok(bytes) = serde_json::to_vec_pretty(video) {
-        let _ = std::fs::write(
-            sandbox
-                .data
-                .join("okru")
-                .join(format!("{}.json", video.video_id)),
-            bytes,
-        );
-    }
+    records::save(
+        &sandbox
+            .data
+            .join("okru")
+            .join(format!("{}.json", video.video_id)),
+        video,
+    );
 }
 
 fn bin_path(sandbox: &Sandbox, id: u64) -> std::path::PathBuf {

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use super::faults::ResetAfter;
-use super::{ConnectionReset, Sandbox};
+use super::{ConnectionReset, Sandbox, records};
 
 const MAX_SIZE: u64 = 64 << 30;
 const EXTENSIONS: &str = "creation,creation-with-upload,termination,checksum,expiration";
@@ -74,17 +74,10 @@ fn data_path(sandbox: &Sandbox, id: &str, ext: &str) -> PathBuf {
 impl Uploads {
     /// Load `<data>/tus/*.json`.
     pub fn load(dir: &std::path::Path) -> Self {
-        let mut map = HashMap::new();
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "json")
-                && let Some(upload) = std::fs::read(&path)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Upload>(&b).ok())
-            {
-                map.insert(upload.id.clone(), upload);
-            }
-        }
+        let map = records::load::<Upload>(dir)
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect();
         Uploads {
             map: Mutex::new(map),
         }
@@ -101,9 +94,7 @@ pub fn progress(sandbox: &Sandbox, id: &str) -> Option<(u64, u64)> {
 }
 
 fn save(sandbox: &Sandbox, upload: &Upload) {
-    if let Ok(bytes) = serde_json::to_vec_pretty(upload) {
-        let _ = std::fs::write(data_path(sandbox, &upload.id, "json"), bytes);
-    }
+    records::save(&data_path(sandbox, &upload.id, "json"), upload);
 }
 
 /// The routes.
