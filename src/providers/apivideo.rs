@@ -5,14 +5,14 @@
 //! then filled by multipart chunks with `Content-Range: bytes` or `part K/N`.
 //! After a crash the received ranges in `/status` say where to resume.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::multipart::{Form, Part};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
 
 use super::http::{self, excerpt, status_error, transport_error};
+use super::token::{Token, TokenCache};
 use super::{
     Chunk, Delivery, ErrorKind, Lookup, ProviderError, RemoteOffset, Session, UploadRequest,
     Uploader,
@@ -22,9 +22,6 @@ use super::{
 pub const PRODUCTION: &str = "https://ws.api.video";
 /// Sandbox API root.
 pub const SANDBOX: &str = "https://sandbox.api.video";
-
-/// Refresh this long before the token would expire.
-const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
 /// How chunks are labelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,19 +40,13 @@ pub enum Credentials {
     UploadToken(String),
 }
 
-struct Token {
-    access: String,
-    refresh: String,
-    expires_at: Instant,
-}
-
 /// An api.video account.
 pub struct ApiVideoProvider {
     base: Url,
     credentials: Credentials,
     mode: UploadMode,
     client: reqwest::Client,
-    token: Mutex<Option<Token>>,
+    tokens: TokenCache,
 }
 
 fn video_id(value: &Value) -> Option<String> {
@@ -87,7 +78,7 @@ impl ApiVideoProvider {
             credentials,
             mode,
             client: http::client(timeout)?,
-            token: Mutex::new(None),
+            tokens: TokenCache::default(),
         })
     }
 
@@ -101,12 +92,7 @@ impl ApiVideoProvider {
         let mut secrets = vec![match &self.credentials {
             Credentials::ApiKey(k) | Credentials::UploadToken(k) => k.clone(),
         }];
-        if let Ok(token) = self.token.try_lock()
-            && let Some(token) = token.as_ref()
-        {
-            secrets.push(token.access.clone());
-            secrets.push(token.refresh.clone());
-        }
+        secrets.extend(self.tokens.secrets());
         secrets
     }
 
@@ -163,11 +149,11 @@ impl ApiVideoProvider {
             .and_then(Value::as_u64)
             .unwrap_or(3600);
         match (access, refresh_token) {
-            (Some(access), Some(refresh)) => Ok(Token {
-                access: access.to_string(),
-                refresh: refresh.to_string(),
-                expires_at: Instant::now() + Duration::from_secs(expires_in),
-            }),
+            (Some(access), Some(refresh)) => Ok(Token::new(
+                access.to_string(),
+                Some(refresh.to_string()),
+                Duration::from_secs(expires_in),
+            )),
             _ => Err(ProviderError::new(
                 ErrorKind::Transient,
                 "api.video authentication: answer without access_token/refresh_token",
@@ -177,29 +163,14 @@ impl ApiVideoProvider {
 
     /// A valid access token: obtained, or refreshed shortly before expiry.
     async fn bearer(&self) -> Result<String, ProviderError> {
-        let mut slot = self.token.lock().await;
-        let refresh = match slot.as_ref() {
-            Some(token) if token.expires_at > Instant::now() + REFRESH_MARGIN => {
-                return Ok(token.access.clone());
-            }
-            Some(token) => Some(token.refresh.clone()),
-            None => None,
-        };
-        let token = match refresh {
-            Some(refresh) => match self.obtain(Some(&refresh)).await {
-                Ok(token) => token,
-                Err(_) => self.obtain(None).await?,
-            },
-            None => self.obtain(None).await?,
-        };
-        let access = token.access.clone();
-        *slot = Some(token);
-        Ok(access)
+        self.tokens
+            .bearer(|refresh| async move { self.obtain(refresh.as_deref()).await })
+            .await
     }
 
     /// Forget the token after a 401, so the next call authenticates again.
     async fn forget_token(&self) {
-        *self.token.lock().await = None;
+        self.tokens.forget().await;
     }
 
     async fn request(

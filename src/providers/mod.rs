@@ -8,7 +8,9 @@ mod apivideo;
 mod folder;
 mod gcore;
 pub mod http;
+mod movingimage;
 mod okru;
+mod token;
 pub(crate) mod tus;
 
 use std::collections::BTreeMap;
@@ -19,9 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ProviderConfig, ProviderKind};
 pub use crate::upload::chunk::Chunk;
-pub use folder::{FolderProvider, sync_dir};
 pub use apivideo::{ApiVideoProvider, Credentials as ApiVideoCredentials, UploadMode};
+pub use folder::{FolderProvider, sync_dir};
 pub use gcore::{GcoreProvider, WaitUntil};
+pub use movingimage::MovingimageProvider;
 pub use okru::OkruProvider;
 pub use tus::{TusProvider, mime_type};
 
@@ -239,6 +242,8 @@ pub enum Provider {
     Apivideo(Box<ApiVideoProvider>),
     /// Gcore Video Streaming.
     Gcore(Box<GcoreProvider>),
+    /// movingimage VideoManager Pro.
+    Movingimage(Box<MovingimageProvider>),
     /// A provider that cannot upload: its type is not in this build, or its
     /// settings could not be turned into a client.
     Unavailable {
@@ -284,32 +289,59 @@ impl Provider {
                 upload_mode,
             } => {
                 let base = config.base_url.clone().unwrap_or_else(|| {
-                    if environment == "production" { apivideo::PRODUCTION } else { apivideo::SANDBOX }.to_string()
+                    if environment == "production" {
+                        apivideo::PRODUCTION
+                    } else {
+                        apivideo::SANDBOX
+                    }
+                    .to_string()
                 });
                 let credentials = match (api_key, upload_token) {
                     (Some(key), _) => ApiVideoCredentials::ApiKey(key.expose().to_string()),
-                    (None, Some(token)) => ApiVideoCredentials::UploadToken(token.expose().to_string()),
+                    (None, Some(token)) => {
+                        ApiVideoCredentials::UploadToken(token.expose().to_string())
+                    }
                     (None, None) => ApiVideoCredentials::ApiKey(String::new()),
                 };
-                let mode = if upload_mode == "parts" { UploadMode::Parts } else { UploadMode::Bytes };
-                ApiVideoProvider::new(&base, credentials, mode, config.timeout).map(|p| Provider::Apivideo(Box::new(p)))
+                let mode = if upload_mode == "parts" {
+                    UploadMode::Parts
+                } else {
+                    UploadMode::Bytes
+                };
+                ApiVideoProvider::new(&base, credentials, mode, config.timeout)
+                    .map(|p| Provider::Apivideo(Box::new(p)))
             }
-            ProviderKind::Gcore { api_key, wait_until } => {
+            ProviderKind::Gcore {
+                api_key,
+                wait_until,
+            } => {
                 let wait_until = match wait_until.as_str() {
                     "ready" => WaitUntil::Ready,
                     "viewable" => WaitUntil::Viewable,
                     _ => WaitUntil::Uploaded,
                 };
-                GcoreProvider::new(config.base_url.as_deref(), api_key.expose(), wait_until, config.timeout)
-                    .map(|p| Provider::Gcore(Box::new(p)))
+                GcoreProvider::new(
+                    config.base_url.as_deref(),
+                    api_key.expose(),
+                    wait_until,
+                    config.timeout,
+                )
+                .map(|p| Provider::Gcore(Box::new(p)))
             }
-            other => Err(ProviderError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "provider type {} is not available in this build of hotfolder; route these files to another provider or upgrade",
-                    other.type_name()
-                ),
-            )),
+            ProviderKind::Movingimage {
+                username,
+                password,
+                video_manager_id,
+                auth_url,
+            } => MovingimageProvider::new(
+                config.base_url.as_deref(),
+                auth_url,
+                username,
+                password.expose(),
+                video_manager_id,
+                config.timeout,
+            )
+            .map(|p| Provider::Movingimage(Box::new(p))),
         };
         built.unwrap_or_else(|e| Provider::Unavailable {
             reason: format!("provider {}: {}", config.name, e.message),
@@ -329,6 +361,7 @@ macro_rules! forward {
             Provider::Okru($p) => $call.await,
             Provider::Apivideo($p) => $call.await,
             Provider::Gcore($p) => $call.await,
+            Provider::Movingimage($p) => $call.await,
             Provider::Unavailable { reason } => Err(Provider::unavailable(reason)),
         }
     };

@@ -1,6 +1,6 @@
 //! `type: tus`: any tus 1.0.0 server (PROTOCOLS §5), and the upload leg of
-//! Gcore. Discovery with OPTIONS; creation (with upload for single-chunk
-//! files when offered); HEAD for the server's offset; PATCH streamed from
+//! Gcore. Discovery with OPTIONS; creation (never with upload: see
+//! [`TusProvider::post_create`]); HEAD for the server's offset; PATCH streamed from
 //! the file; checksums (sha256 when offered, else sha1); termination.
 
 use base64::Engine as _;
@@ -21,7 +21,6 @@ const OFFSET_OCTETS: &str = "application/offset+octet-stream";
 /// What the server said it supports.
 #[derive(Debug, Clone, Default)]
 struct Capabilities {
-    creation_with_upload: bool,
     termination: bool,
     checksum: Option<ChecksumAlgorithm>,
     max_size: Option<u64>,
@@ -149,7 +148,6 @@ impl TusProvider {
                     None
                 };
                 Ok(Capabilities {
-                    creation_with_upload: has("creation-with-upload"),
                     termination: has("termination"),
                     checksum,
                     max_size: header("tus-max-size").parse().ok(),
@@ -202,15 +200,15 @@ impl TusProvider {
             .join(",")
     }
 
-    /// POST the creation request, with the whole (single-chunk) file as body
-    /// when `chunk` is given.
-    async fn post_create(
-        &self,
-        request: &UploadRequest<'_>,
-        chunk: Option<Chunk>,
-    ) -> Result<(Session, u64), ProviderError> {
-        let caps = self.capabilities().await?.clone();
-        if let Some(max) = caps.max_size
+    /// POST the creation request, without a body even where the server
+    /// offers creation-with-upload: the upload URL must be persisted before
+    /// the first byte goes out (PROTOCOLS, common rules). A body in the
+    /// creation request widens the one window no protocol closes (the
+    /// request fails after the server created the upload, so its URL never
+    /// reaches us) from one small request to a whole chunk's transfer, and a
+    /// connection dropped in it leaves an orphan upload that cannot be found.
+    async fn post_create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
+        if let Some(max) = self.capabilities().await?.max_size
             && request.size > max
         {
             return Err(ProviderError::new(
@@ -221,16 +219,11 @@ impl TusProvider {
                 ),
             ));
         }
-        let mut builder = self
+        let response = self
             .request(Method::POST, &self.endpoint)
             .header("Upload-Length", request.size)
-            .header("Upload-Metadata", self.metadata_header(request));
-        if let Some(chunk) = chunk {
-            builder = self.with_body(builder, chunk, caps.checksum).await?;
-        } else {
-            builder = builder.header("Content-Length", 0);
-        }
-        let response = builder
+            .header("Upload-Metadata", self.metadata_header(request))
+            .header("Content-Length", 0)
             .send()
             .await
             .map_err(|e| transport_error("tus create", &e))?;
@@ -257,19 +250,15 @@ impl TusProvider {
                 format!("tus create: bad Location {location:?}: {e}"),
             )
         })?;
-        let offset = upload_offset(&response).unwrap_or(0);
         let remote_id = url
             .path_segments()
             .and_then(|mut s| s.next_back().map(str::to_string))
             .filter(|s| !s.is_empty());
-        Ok((
-            Session {
-                remote_id,
-                upload_url: Some(url.to_string()),
-                extra: Default::default(),
-            },
-            offset,
-        ))
+        Ok(Session {
+            remote_id,
+            upload_url: Some(url.to_string()),
+            extra: Default::default(),
+        })
     }
 
     async fn with_body(
@@ -331,20 +320,7 @@ pub fn mime_type(file_name: &str) -> &'static str {
 
 impl Uploader for TusProvider {
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
-        self.post_create(request, None)
-            .await
-            .map(|(session, _)| session)
-    }
-
-    async fn create_with_data(
-        &self,
-        request: &UploadRequest<'_>,
-        chunk: Chunk,
-    ) -> Result<Option<(Session, u64)>, ProviderError> {
-        if !self.capabilities().await?.creation_with_upload {
-            return Ok(None);
-        }
-        self.post_create(request, Some(chunk)).await.map(Some)
+        self.post_create(request).await
     }
 
     async fn offset(
@@ -474,7 +450,12 @@ mod tests {
             metadata: &metadata,
             chunk_size: 5,
         };
-        let provider = TusProvider::new("http://127.0.0.1/files/", &[], std::time::Duration::from_secs(1)).unwrap();
+        let provider = TusProvider::new(
+            "http://127.0.0.1/files/",
+            &[],
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
         let header = provider.metadata_header(&request);
         let pairs: Vec<(&str, String)> = header
             .split(',')

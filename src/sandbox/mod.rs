@@ -10,6 +10,7 @@ mod apivideo;
 mod body;
 mod faults;
 mod gcore;
+mod movingimage;
 mod okru;
 mod records;
 mod tus;
@@ -66,6 +67,18 @@ pub struct SandboxOptions {
     /// The Gcore API key the simulator accepts.
     #[arg(long, default_value = "sandbox-gcore-key")]
     pub gcore_api_key: String,
+    /// The movingimage user name the simulator accepts.
+    #[arg(long, default_value = "sandbox-user")]
+    pub mi_username: String,
+    /// The movingimage password the simulator accepts.
+    #[arg(long, default_value = "sandbox-password")]
+    pub mi_password: String,
+    /// The movingimage video manager id the simulator serves.
+    #[arg(long, default_value = "1234")]
+    pub mi_video_manager_id: String,
+    /// movingimage storage quota in bytes (code 1101 past it; units allowed).
+    #[arg(long)]
+    pub mi_quota: Option<crate::config::ByteSize>,
     /// The OK.ru application key the simulator accepts.
     #[arg(long, default_value = "sandbox-app-key")]
     pub okru_application_key: String,
@@ -106,6 +119,8 @@ pub struct Sandbox {
     pub apivideo: apivideo::ApiVideo,
     /// Gcore videos and upload tokens.
     pub gcore: gcore::Gcore,
+    /// movingimage videos, tokens and upload URLs.
+    pub movingimage: movingimage::Movingimage,
 }
 
 /// Run the sandbox until `shutdown` resolves; `ready` receives the bound
@@ -126,6 +141,7 @@ pub async fn run(
     std::fs::create_dir_all(data.join("okru"))?;
     std::fs::create_dir_all(data.join("apivideo"))?;
     std::fs::create_dir_all(data.join("gcore"))?;
+    std::fs::create_dir_all(data.join("movingimage"))?;
     let listener = TcpListener::bind(options.listen).await?;
     let address = listener.local_addr()?;
     let sandbox = Arc::new(Sandbox {
@@ -134,6 +150,7 @@ pub async fn run(
         okru: okru::Videos::load(&data.join("okru")),
         apivideo: apivideo::ApiVideo::load(&data.join("apivideo")),
         gcore: gcore::Gcore::load(&data.join("gcore")),
+        movingimage: movingimage::Movingimage::load(&data.join("movingimage")),
         data: data.clone(),
         options,
     });
@@ -142,6 +159,7 @@ pub async fn run(
         .merge(okru::routes())
         .merge(apivideo::routes())
         .merge(gcore::routes())
+        .merge(movingimage::routes())
         .route("/_sandbox/stats", axum::routing::get(faults::stats))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&sandbox),

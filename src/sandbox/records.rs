@@ -18,9 +18,19 @@ pub fn load<T: DeserializeOwned>(dir: &Path) -> Vec<T> {
         .collect()
 }
 
-/// Write one record (best effort: the sandbox answers even if its disk is full).
+/// Write one record (best effort: the sandbox answers even if its disk is
+/// full), through a temporary name and a rename: a sandbox killed mid-write
+/// (tests restart it with SIGKILL) keeps the previous record rather than a
+/// truncated one that [`load`] would skip, losing the upload on restart.
 pub fn save<T: Serialize>(path: &Path, record: &T) {
     if let Ok(bytes) = serde_json::to_vec_pretty(record) {
-        let _ = std::fs::write(path, bytes);
+        // A name per write: two handlers saving the same record at once
+        // must not write into one temporary file.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temporary = path.with_extension(format!("json.{n}.tmp"));
+        if std::fs::write(&temporary, bytes).is_ok() {
+            let _ = std::fs::rename(&temporary, path);
+        }
     }
 }
