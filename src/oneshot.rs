@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::daemon::{Context, run_job};
+use crate::route::{FileFacts, Router};
 use crate::state::{FileSignature, Job, JobState, Store};
 
 /// How one file ended.
@@ -44,6 +45,7 @@ pub async fn upload(
     let store = Store::open(&config.state_dir).context(
         "cannot open the state database (if a daemon runs with this config, stop it or use a config with another state_dir)",
     )?;
+    let router = Router::new(&config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ctx, _jobs) = Context::new(
         config,
@@ -56,7 +58,7 @@ pub async fn upload(
     let mut tasks = JoinSet::new();
     let mut running = Vec::new();
     for file in files {
-        match prepare(&store, provider, file).await {
+        match prepare(&store, &router, provider, file).await {
             Ok(Prepared::Run(job)) => {
                 running.push((file.clone(), job.id, job.signature.size));
                 tasks.spawn(run_job(Arc::clone(&ctx), *job));
@@ -138,7 +140,12 @@ enum Prepared {
 }
 
 /// Find the job this file already has (to resume or report) or record a new one.
-async fn prepare(store: &Store, provider: &str, file: &Path) -> Result<Prepared, String> {
+async fn prepare(
+    store: &Store,
+    router: &Router,
+    provider: &str,
+    file: &Path,
+) -> Result<Prepared, String> {
     let path = std::fs::canonicalize(file).map_err(|e| format!("cannot open: {e}"))?;
     let meta = std::fs::metadata(&path).map_err(|e| format!("cannot read: {e}"))?;
     if !meta.is_file() {
@@ -166,12 +173,17 @@ async fn prepare(store: &Store, provider: &str, file: &Path) -> Result<Prepared,
     }
     let id = store.next_id().map_err(|e| e.to_string())?;
     let mut job = Job::new(id, "", key, &path, signature, provider);
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    job.metadata
-        .insert("title".into(), serde_json::Value::String(stem));
+    let name = PathBuf::from(path.file_name().unwrap_or_default());
+    let facts = FileFacts {
+        watch: "",
+        relpath: &name,
+        path: &path,
+        size: signature.size,
+        mtime: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+    };
+    let route = router.for_provider(provider, &facts).map_err(|e| e.0)?;
+    job.metadata = route.metadata;
+    job.skip_duplicates = route.duplicates == crate::config::Duplicates::Skip;
     store.put(&mut job).await.map_err(|e| e.to_string())?;
     Ok(Prepared::Run(Box::new(job)))
 }

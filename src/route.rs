@@ -86,14 +86,49 @@ impl Router {
     /// # Errors
     /// A sidecar that cannot be read or parsed.
     pub fn route(&self, facts: &FileFacts<'_>) -> Result<Option<Route>, RouteError> {
-        let Some((rule, _)) = self.rules.iter().find(|(rule, glob)| {
+        let rule = self.rules.iter().find(|(rule, glob)| {
             rule.watch.as_deref().is_none_or(|w| w == facts.watch)
                 && glob.as_ref().is_none_or(|g| g.is_match(facts.relpath))
                 && rule.min_size.is_none_or(|min| facts.size >= min)
                 && rule.max_size.is_none_or(|max| facts.size <= max)
-        }) else {
-            return Ok(None);
-        };
+        });
+        rule.map(|(rule, _)| self.render(rule, facts)).transpose()
+    }
+
+    /// For `hotfolder upload --provider NAME`: the metadata of the first rule
+    /// that routes to NAME (its watch and glob ignored: no watch is involved),
+    /// then the sidecar; just the title from the file name when no rule names it.
+    ///
+    /// # Errors
+    /// A sidecar that cannot be read or parsed.
+    pub fn for_provider(&self, provider: &str, facts: &FileFacts<'_>) -> Result<Route, RouteError> {
+        match self
+            .rules
+            .iter()
+            .find(|(rule, _)| rule.provider == provider)
+        {
+            Some((rule, _)) => self.render(rule, facts),
+            None => {
+                let fallback = Rule {
+                    index: 0,
+                    watch: None,
+                    glob: None,
+                    min_size: None,
+                    max_size: None,
+                    provider: provider.to_string(),
+                    metadata: BTreeMap::from([(
+                        "title".to_string(),
+                        Value::String("{stem}".into()),
+                    )]),
+                    duplicates: Duplicates::Skip,
+                };
+                self.render(&fallback, facts)
+            }
+        }
+    }
+
+    /// A rule's templates rendered for a file, then its sidecar on top.
+    fn render(&self, rule: &Rule, facts: &FileFacts<'_>) -> Result<Route, RouteError> {
         let mut metadata: BTreeMap<String, Value> = rule
             .metadata
             .iter()
@@ -105,13 +140,13 @@ impl Router {
                 metadata.insert(key, value);
             }
         }
-        Ok(Some(Route {
+        Ok(Route {
             rule: rule.index,
             provider: rule.provider.clone(),
             metadata,
             sidecar,
             duplicates: rule.duplicates,
-        }))
+        })
     }
 }
 
