@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -213,18 +213,13 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
         // is, and the duplicate check decides whether it is uploaded.
         let same_file = job.signature == file.signature;
         let left_in_place = job.filed_to.is_none() && job.source == file.path;
-        if !job.state.is_terminal() || (same_file && left_in_place && job.state != JobState::Superseded) {
+        if !job.state.is_terminal()
+            || (same_file && left_in_place && job.state != JobState::Superseded)
+        {
+            tracing::debug!(job = job.id, state = job.state.as_str(), file = %file.relpath.display(), "already covered by a job; not taken again");
             return Ok(());
         }
     }
-    let facts = FileFacts {
-        watch: &file.watch,
-        relpath: &file.relpath,
-        path: &file.path,
-        size: file.signature.size,
-        mtime: file.mtime,
-    };
-    let routed = ctx.router.route(&facts);
     let mut job = Job::new(
         ctx.store.next_id()?,
         &file.watch,
@@ -233,30 +228,14 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
         file.signature,
         "",
     );
-    let failure = match routed {
-        Ok(Some(route)) => {
-            job.provider = route.provider;
-            job.rule = Some(route.rule);
-            job.metadata = route.metadata;
-            job.sidecar = route.sidecar;
-            job.skip_duplicates = route.duplicates == Duplicates::Skip;
-            None
-        }
-        Ok(None) if ctx.router.unmatched() == Unmatched::Leave => {
+    let failure = match route_job(ctx, &mut job, file.mtime) {
+        Ok(true) => None,
+        Ok(false) if ctx.router.unmatched() == Unmatched::Leave => {
             tracing::info!(watch = %file.watch, file = %file.relpath.display(), "no rule matches; left in place (unmatched: leave)");
             return Ok(());
         }
-        Ok(None) => {
-            job.sidecar = crate::route::find_sidecar(&file.path);
-            Some(format!(
-                "no rule matches {}; add a rule for it or set `unmatched: leave`",
-                file.relpath.display()
-            ))
-        }
-        Err(e) => {
-            job.sidecar = crate::route::find_sidecar(&file.path);
-            Some(e.0)
-        }
+        Ok(false) => Some(unmatched_reason(&job)),
+        Err(reason) => Some(reason),
     };
     if let Some(reason) = failure {
         note_failure(&mut job, &ProviderError::new(ErrorKind::Permanent, reason));
@@ -266,6 +245,73 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
     tracing::info!(job = job.id, watch = %job.watch, file = %job.relpath.display(), provider = %job.provider, "new job");
     ctx.spawn_job(job);
     Ok(())
+}
+
+/// Route `job`'s source by the rules as they and its sidecar are now:
+/// provider, rule, metadata, sidecar. `Ok(false)` when no rule matches;
+/// `Err` with the reason when it cannot be routed (a broken sidecar). The
+/// sidecar is recorded either way so that it travels with the file.
+fn route_job(ctx: &Context, job: &mut Job, mtime: SystemTime) -> Result<bool, String> {
+    let routed = ctx.router.route(&FileFacts {
+        watch: &job.watch,
+        relpath: &job.relpath,
+        path: &job.source,
+        size: job.signature.size,
+        mtime,
+    });
+    match routed {
+        Ok(Some(route)) => {
+            job.provider = route.provider;
+            job.rule = Some(route.rule);
+            job.metadata = route.metadata;
+            job.sidecar = route.sidecar;
+            job.skip_duplicates = route.duplicates == Duplicates::Skip;
+            Ok(true)
+        }
+        Ok(None) => {
+            job.sidecar = crate::route::find_sidecar(&job.source);
+            Ok(false)
+        }
+        Err(e) => {
+            job.sidecar = crate::route::find_sidecar(&job.source);
+            Err(e.0)
+        }
+    }
+}
+
+fn unmatched_reason(job: &Job) -> String {
+    format!(
+        "no rule matches {}; add a rule for it or set `unmatched: leave`",
+        job.relpath.display()
+    )
+}
+
+/// A job that failed before any rule took it (a broken sidecar, no rule
+/// matching) has no provider. When it is retried, the operator has fixed the
+/// sidecar or the rules, so route it again instead of failing it for lack of
+/// a provider.
+async fn route_retried(ctx: &Context, job: &mut Job) -> Result<(), StoreError> {
+    let mtime = std::fs::metadata(&job.source)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let failure = match route_job(ctx, job, mtime) {
+        Ok(true) => None,
+        Ok(false) => Some(unmatched_reason(job)),
+        Err(reason) => Some(reason),
+    };
+    if let Some(reason) = failure {
+        note_failure(job, &ProviderError::new(ErrorKind::Permanent, reason));
+        job.transition(JobState::Failing)?;
+    } else {
+        tracing::info!(provider = %job.provider, "retried job routed");
+    }
+    ctx.store.put(job).await
+}
+
+/// Never routed: no rule was applied, and it came from a watch (one-shot
+/// uploads name their provider and have no watch).
+fn unrouted(job: &Job) -> bool {
+    job.state == JobState::Queued && job.rule.is_none() && !job.watch.is_empty()
 }
 
 /// Drive one job to a terminal state, or until shutdown.
@@ -282,6 +328,10 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
             JobState::Filing => return file_done(ctx, job).await,
             JobState::Failing => return file_failed(ctx, job).await,
             _ => {}
+        }
+        if unrouted(job) {
+            route_retried(ctx, job).await?;
+            continue;
         }
         let Some(handle) = ctx.providers.get(&job.provider).cloned() else {
             let reason = format!(

@@ -235,15 +235,10 @@ pub fn load_str(file: &Path, text: &str) -> Result<Config, ConfigError> {
 
 fn yaml_error(file: &Path, index: &PositionIndex, error: &serde_yaml::Error) -> ConfigError {
     let (line, column) = error.location().map_or((1, 1), |l| (l.line(), l.column()));
-    let mut message = error.to_string();
     // The location is printed as file:line:column already. A syntax error
     // may carry a second, earlier position ("while scanning a quoted scalar
     // at line 1 column 12"): that one says where the problem starts; keep it.
-    if let Some(cut) = message.rfind(" at line ")
-        && message[cut..] == format!(" at line {line} column {column}")
-    {
-        message.truncate(cut);
-    }
+    let message = without_position(&error.to_string(), line, column);
     // serde_yaml prefixes the key path ("watches[0]: missing field `path`")
     // except for top-level keys.
     let (path, message) = match message.split_once(": ") {
@@ -270,7 +265,7 @@ fn yaml_error(file: &Path, index: &PositionIndex, error: &serde_yaml::Error) -> 
         "; add it (see config.example.yaml)"
     } else if index.is_empty() {
         // The document does not parse at all: no key to name, so say what kind of problem it is.
-        "; this is a YAML syntax error: check the indentation, quotes and brackets on this line and the one before"
+        "; this is a YAML syntax error: check the indentation, quotes and brackets here and just above"
     } else {
         ""
     };
@@ -281,6 +276,24 @@ fn yaml_error(file: &Path, index: &PositionIndex, error: &serde_yaml::Error) -> 
         key,
         message: format!("{message}{hint}"),
     }
+}
+
+/// `message` without " at line L column C" for this very position.
+fn without_position(message: &str, line: usize, column: usize) -> String {
+    let here = format!(" at line {line} column {column}");
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(&here) {
+        let after = &rest[at + here.len()..];
+        out.push_str(&rest[..at]);
+        // " at line 8 column 1" is also the start of " at line 8 column 12".
+        if after.starts_with(|c: char| c.is_ascii_digit()) {
+            out.push_str(&here);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 struct Resolver<'a> {
@@ -994,7 +1007,11 @@ mod tests {
             "    path: /srv/drop/a\n    stabel_for: 3s\n",
         );
         let e = parse(&text).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (4, "watches[0]"), "{e}");
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (4, "watches[0].stabel_for"),
+            "{e}"
+        );
         assert!(e.message.contains("stabel_for"), "{e}");
         assert!(e.to_string().starts_with("/etc/hf/test.yaml:4:"), "{e}");
     }
