@@ -131,7 +131,10 @@ fn init_logging(config: &Config) {
         );
         EnvFilter::new("info")
     });
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
+        // Colour only on a terminal: journals and log files get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match config.log.format {

@@ -443,7 +443,9 @@ impl Store {
         // which froze every job of a busy daemon. The blocking `flush` has no
         // such problem; it runs on the blocking pool.
         let db = self.db.clone();
-        db.flush_async().await?;
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| sled::Error::Io(std::io::Error::other(e)))??;
         Ok(())
     }
 
@@ -628,27 +630,43 @@ mod tests {
         assert!(job.finished_at.is_some());
     }
 
-    /// Many jobs flushing at once never hang (sled 0.34's `flush_async` did).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_puts_do_not_hang() {
+    /// Many jobs flushing at once never hang (with sled 0.34's
+    /// `flush_async` this hung on every run). The writers run on a runtime
+    /// of their own so that a hang fails the test instead of freezing it.
+    #[test]
+    fn concurrent_puts_do_not_hang() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state")).unwrap();
-        let mut tasks = tokio::task::JoinSet::new();
-        for task in 0..32 {
-            let store = store.clone();
-            tasks.spawn(async move {
-                for n in 0..20 {
-                    let relpath = PathBuf::from(format!("{task}/{n}.mp4"));
-                    let id = store.next_id().unwrap();
-                    let mut job = Job::new(id, "w", &relpath, &relpath, signature(), "p");
-                    store.put(&mut job).await.unwrap();
+        let writer = store.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(4)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut tasks = tokio::task::JoinSet::new();
+                for task in 0..32 {
+                    let store = writer.clone();
+                    tasks.spawn(async move {
+                        for n in 0..20 {
+                            let relpath = PathBuf::from(format!("{task}/{n}.mp4"));
+                            let id = store.next_id().unwrap();
+                            let mut job = Job::new(id, "w", &relpath, &relpath, signature(), "p");
+                            store.put(&mut job).await.unwrap();
+                        }
+                    });
+                }
+                while let Some(result) = tasks.join_next().await {
+                    result.unwrap();
                 }
             });
-        }
-        let all = async { while tasks.join_next().await.is_some() {} };
-        tokio::time::timeout(std::time::Duration::from_secs(60), all)
-            .await
-            .expect("concurrent puts finished");
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("640 concurrent puts finish within a minute");
         assert_eq!(store.all().unwrap().len(), 32 * 20);
     }
 

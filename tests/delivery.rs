@@ -32,7 +32,11 @@ fn awkward_names_are_delivered_byte_identical_with_receipts() {
     fs::write(fx.watch.join("tiny.mp4"), b"too small").unwrap();
 
     let _daemon = fx.start();
-    fs::rename(fx.watch.join("renamed.mp4.part"), fx.watch.join("renamed.mp4")).unwrap();
+    fs::rename(
+        fx.watch.join("renamed.mp4.part"),
+        fx.watch.join("renamed.mp4"),
+    )
+    .unwrap();
 
     let expected = names.len() + 1;
     wait_for("every file done", Duration::from_secs(30), || {
@@ -40,17 +44,29 @@ fn awkward_names_are_delivered_byte_identical_with_receipts() {
         (common::in_state(&rows, "done").len() == expected).then_some(())
     });
     for (name, hash) in names.iter().zip(&hashes) {
-        assert_eq!(&sha256(&fx.outbox.join(name)), hash, "{name} delivered byte-identical");
+        assert_eq!(
+            &sha256(&fx.outbox.join(name)),
+            hash,
+            "{name} delivered byte-identical"
+        );
         assert!(fx.done.join(name).exists(), "{name} moved to done/");
-        assert!(!fx.watch.join(name).exists(), "{name} left the watch folder");
-        let receipt: serde_json::Value =
-            serde_json::from_slice(&fs::read(fx.done.join(format!("{name}.receipt.json"))).unwrap()).unwrap();
+        assert!(
+            !fx.watch.join(name).exists(),
+            "{name} left the watch folder"
+        );
+        let receipt: serde_json::Value = serde_json::from_slice(
+            &fs::read(fx.done.join(format!("{name}.receipt.json"))).unwrap(),
+        )
+        .unwrap();
         assert_eq!(receipt["sha256"], hash.as_str());
         assert_eq!(receipt["provider"], "archive");
         assert_eq!(receipt["file"], *name);
     }
     assert_eq!(sha256(&fx.outbox.join("renamed.mp4")), renamed_hash);
-    assert!(!fx.outbox.join("renamed.mp4.part").exists(), "the .part name is never taken");
+    assert!(
+        !fx.outbox.join("renamed.mp4.part").exists(),
+        "the .part name is never taken"
+    );
     // Ignored files untouched, never jobs.
     assert!(fx.watch.join(".hidden.mp4").exists());
     assert!(fx.watch.join("tiny.mp4").exists());
@@ -70,7 +86,10 @@ fn a_file_appended_in_bursts_is_taken_only_when_complete() {
         file.write_all(&vec![burst; 100_000]).unwrap();
         file.flush().unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        assert!(fx.status().is_empty(), "taken during burst {burst} while still growing");
+        assert!(
+            fx.status().is_empty(),
+            "taken during burst {burst} while still growing"
+        );
     }
     drop(file);
     let final_hash = sha256(&path);
@@ -79,7 +98,10 @@ fn a_file_appended_in_bursts_is_taken_only_when_complete() {
         (common::in_state(&rows, "done").len() == 1).then_some(())
     });
     assert_eq!(sha256(&fx.outbox.join("growing.mp4")), final_hash);
-    assert_eq!(fs::metadata(fx.outbox.join("growing.mp4")).unwrap().len(), 600_000);
+    assert_eq!(
+        fs::metadata(fx.outbox.join("growing.mp4")).unwrap().len(),
+        600_000
+    );
     assert!(daemon.log().contains("new job"), "{}", daemon.log());
     assert_eq!(fx.status().len(), 1, "exactly one job");
 }

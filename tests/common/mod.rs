@@ -3,6 +3,14 @@
 //! binary spawned and killed on drop, and polling with a deadline.
 #![allow(dead_code)]
 
+/// The OK.ru, api.video, Gcore and movingimage simulators as peers, for
+/// tests/{okru,apivideo,gcore,movingimage}.rs.
+pub mod providers;
+/// `hotfolder sandbox` as a peer, for tests/tus.rs.
+pub mod sandbox;
+/// The official tus server (npm) as a peer, for tests/tus_peer.rs.
+pub mod tus_peer;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,6 +23,14 @@ use sha2::{Digest, Sha256};
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_hotfolder")
 }
+
+/// Top-level keys the fixture's config sets unless `top_extra` sets them.
+const TOP_LEVEL_DEFAULTS: [(&str, &str); 4] = [
+    ("state_dir", "./state"),
+    ("workers", "4"),
+    ("shutdown_timeout", "10s"),
+    ("log", "{ level: \"info,hotfolder=debug\" }"),
+];
 
 /// A temporary appliance: `<root>/drop` watched, `<root>/outbox` the folder
 /// provider's target, `<root>/done/drop` and `<root>/failed/drop` by default.
@@ -38,7 +54,10 @@ impl Fixture {
     /// A fixture whose config gets `watch_extra` lines (indented 4) in the
     /// watch, `provider_extra` in the folder provider and `top_extra` at top level.
     pub fn with_config(watch_extra: &str, provider_extra: &str, top_extra: &str) -> Self {
-        let dir = tempfile::Builder::new().prefix("hotfolder-test-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("hotfolder-test-")
+            .tempdir()
+            .expect("temp dir");
         let root = dir.path().to_path_buf();
         let fixture = Fixture {
             watch: root.join("drop"),
@@ -55,10 +74,16 @@ impl Fixture {
         fixture
     }
 
-    /// Rewrite the config.
+    /// Rewrite the config. A key set at the start of a line in `top_extra`
+    /// replaces the fixture's default for it (e.g. `shutdown_timeout: 5s`).
     pub fn write_config(&self, watch_extra: &str, provider_extra: &str, top_extra: &str) {
+        let top_defaults: String = TOP_LEVEL_DEFAULTS
+            .iter()
+            .filter(|(key, _)| !top_extra.lines().any(|l| l.starts_with(&format!("{key}:"))))
+            .map(|(key, value)| format!("{key}: {value}\n"))
+            .collect();
         let text = format!(
-            "state_dir: ./state\nworkers: 4\nshutdown_timeout: 10s\nlog: {{ level: \"info,hotfolder=debug\" }}\n{top_extra}\n\
+            "{top_defaults}{top_extra}\n\
 defaults:\n  stable_for: 300ms\n  rescan_every: 2s\n  retry: {{ max_attempts: 3, initial_backoff: 100ms, max_backoff: 500ms }}\n\
 watches:\n  - name: drop\n    path: ./drop\n{watch}\n\
 providers:\n  archive:\n    type: folder\n    path: ./outbox\n{provider}\n\
@@ -89,8 +114,38 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
     /// `hotfolder status --json`, parsed.
     pub fn status(&self) -> Vec<serde_json::Value> {
         let out = self.hotfolder(&["status", "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Poll `status` until job `file` has `at_least` bytes delivered (live
+    /// progress while the daemon runs); answers the bytes seen.
+    pub fn wait_for_bytes(&self, file: &str, at_least: u64, deadline: Duration) -> u64 {
+        wait_for(
+            &format!("{at_least} bytes of {file} delivered"),
+            deadline,
+            || {
+                let rows = self.status();
+                let bytes = rows.iter().find(|r| r["file"] == file)?["bytes"].as_u64()?;
+                (bytes >= at_least).then_some(bytes)
+            },
+        )
+    }
+
+    /// Files in the folder provider's partial folder other than the
+    /// `.delivered` markers: data of unfinished deliveries.
+    pub fn partial_leftovers(&self) -> Vec<String> {
+        fs::read_dir(self.outbox.join(".hotfolder-partial"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.ends_with(".delivered"))
+            .collect()
     }
 
     /// Start the daemon.
@@ -106,7 +161,9 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
         }
         make_world_accessible(&self.root);
         let mut command = Command::new("setpriv");
-        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(bin());
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin());
         self.start_with(command)
     }
 
@@ -140,7 +197,9 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
 }
 
 fn collect(base: &Path, dir: &Path, out: &mut Vec<String>) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -149,7 +208,12 @@ fn collect(base: &Path, dir: &Path, out: &mut Vec<String>) {
                 collect(base, &path, out);
             }
         } else {
-            out.push(path.strip_prefix(base).unwrap_or(&path).to_string_lossy().into_owned());
+            out.push(
+                path.strip_prefix(base)
+                    .unwrap_or(&path)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
     }
 }
@@ -200,9 +264,19 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Everything it logged so far.
+    /// Everything it logged so far, without terminal colour codes (the
+    /// text log colours even when stderr is a file).
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// The `offset=` of every "resuming" line it logged, in order.
+    pub fn resume_offsets(&self) -> Vec<u64> {
+        self.log()
+            .lines()
+            .filter(|line| line.contains(" resuming "))
+            .filter_map(|line| field(line, "offset")?.parse().ok())
+            .collect()
     }
 
     /// Process id.
@@ -227,13 +301,23 @@ impl Daemon {
     /// SIGTERM, then wait up to `deadline` for the exit; answers the status
     /// and how long the exit took.
     pub fn terminate(&mut self, deadline: Duration) -> (ExitStatus, Duration) {
+        self.stop_with(libc::SIGTERM, deadline)
+    }
+
+    /// Send `signal`, then wait up to `deadline` for the exit; answers the
+    /// status and how long the exit took.
+    pub fn stop_with(&mut self, signal: i32, deadline: Duration) -> (ExitStatus, Duration) {
         let start = Instant::now();
-        self.signal(libc::SIGTERM);
+        self.signal(signal);
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return (status, start.elapsed());
             }
-            assert!(start.elapsed() < deadline, "daemon did not exit within {deadline:?}; log:\n{}", self.log());
+            assert!(
+                start.elapsed() < deadline,
+                "daemon did not exit within {deadline:?}; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -250,6 +334,30 @@ impl Drop for Daemon {
     }
 }
 
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value of `name=value` in a text log line.
+pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[start..].split_whitespace().next()
+}
+
 /// Poll `check` every 20 ms until it answers `Some`, or panic after `deadline`.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -257,7 +365,10 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Op
         if let Some(value) = check() {
             return value;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -270,13 +381,37 @@ pub fn sha256(path: &Path) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// True when two files hold the same bytes (cheaper than two sha256 passes
+/// in a debug build).
+pub fn same_bytes(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let open = |p: &Path| fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let (mut fa, mut fb) = (open(a), open(b));
+    if fa.metadata().expect("stat").len() != fb.metadata().expect("stat").len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).expect("read");
+        if n == 0 {
+            return true;
+        }
+        fb.read_exact(&mut bb[..n]).expect("read");
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
 /// Write `size` pseudo-random bytes (deterministic per seed), creating folders.
 pub fn write_random(path: &Path, size: u64, seed: u64) {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).expect("mkdir");
     }
     let mut file = fs::File::create(path).expect("create");
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut buf = vec![0u8; 1 << 20];
     let mut left = size;
     while left > 0 {
@@ -297,4 +432,69 @@ pub fn write_random(path: &Path, size: u64, seed: u64) {
 /// Jobs in a state.
 pub fn in_state<'a>(rows: &'a [serde_json::Value], state: &str) -> Vec<&'a serde_json::Value> {
     rows.iter().filter(|r| r["state"] == state).collect()
+}
+
+/// Config pieces beyond [`Fixture::with_config`]'s: more providers, and a
+/// rule list of its own (the fixture's default is one catch-all rule to
+/// `archive` with `title: "{stem}"`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConfigParts<'a> {
+    /// Lines in the watch (indented 4).
+    pub watch: &'a str,
+    /// Lines in the `archive` folder provider (indented 4).
+    pub archive: &'a str,
+    /// Top-level lines (e.g. `unmatched: fail`).
+    pub top: &'a str,
+    /// More providers (indented 2), e.g. `ro: { type: folder, path: ./ro }`.
+    pub providers: &'a str,
+    /// The rule list (indented 2); `None` keeps the catch-all rule.
+    pub rules: Option<&'a str>,
+}
+
+impl Fixture {
+    /// A fixture whose config is built from `parts`.
+    pub fn with_parts(parts: ConfigParts<'_>) -> Self {
+        let fixture = Self::new();
+        fixture.write_config_parts(parts);
+        fixture
+    }
+
+    /// Rewrite the config from `parts`: [`Fixture::write_config`], then the
+    /// extra providers spliced in and the rule list replaced.
+    pub fn write_config_parts(&self, parts: ConfigParts<'_>) {
+        self.write_config(parts.watch, parts.archive, parts.top);
+        let text = fs::read_to_string(&self.config).expect("read config");
+        let (head, default_rules) = text
+            .split_once("\nrules:\n")
+            .expect("the fixture config has rules");
+        let head = head.replacen(
+            "\nproviders:\n",
+            &format!("\nproviders:\n{}", indent(parts.providers, 2)),
+            1,
+        );
+        let rules = parts
+            .rules
+            .map_or_else(|| default_rules.to_string(), |r| indent(r, 2));
+        fs::write(&self.config, format!("{head}\nrules:\n{rules}")).expect("write config");
+    }
+}
+
+/// A JSON file (receipt, error report, sidecar), parsed.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// Set a file's or folder's permission bits (e.g. 0o000, 0o555).
+pub fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// How many lines of `log` contain every one of `needles`.
+pub fn log_lines_with(log: &str, needles: &[&str]) -> usize {
+    log.lines()
+        .filter(|line| needles.iter().all(|n| line.contains(n)))
+        .count()
 }
