@@ -326,11 +326,17 @@ impl Uploader for ApiVideoProvider {
         })
     }
 
+    /// The status's contiguous prefix, rounded down to a chunk boundary:
+    /// what the server confirms. Below the persisted acknowledgement (a
+    /// status that lags) the chunks from there are sent again; above it (a
+    /// crash between the server storing a chunk and the acknowledgement
+    /// being persisted) the upload goes on after it, as a server that wants
+    /// each range to continue the upload requires.
     async fn offset(
         &self,
         session: &mut Session,
         request: &UploadRequest<'_>,
-        acknowledged: u64,
+        _acknowledged: u64,
     ) -> Result<RemoteOffset, ProviderError> {
         let (Credentials::ApiKey(_), Some(id)) = (&self.credentials, session.remote_id.clone())
         else {
@@ -346,8 +352,9 @@ impl Uploader for ApiVideoProvider {
             return Ok(RemoteOffset::At(request.size));
         }
         let prefix = contiguous_prefix(&status);
-        let boundary = prefix - prefix % request.chunk_size.max(1);
-        Ok(RemoteOffset::At(acknowledged.min(boundary)))
+        let boundary =
+            prefix.min(request.size) - prefix.min(request.size) % request.chunk_size.max(1);
+        Ok(RemoteOffset::At(boundary))
     }
 
     async fn send(
@@ -427,6 +434,16 @@ impl Uploader for ApiVideoProvider {
             401 => {
                 self.forget_token().await;
                 error.kind = ErrorKind::Reauthenticate;
+            }
+            // With a delegated token the first chunk creates the video: a 404
+            // then is the token itself refused, which no new video can fix.
+            404 if matches!(self.credentials, Credentials::UploadToken(_))
+                && session.remote_id.is_none() =>
+            {
+                error.kind = ErrorKind::Permanent;
+                error
+                    .message
+                    .push_str("; the upload token was refused: check upload_token");
             }
             404 => error.kind = ErrorKind::Gone,
             _ => {}

@@ -33,19 +33,32 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, ProviderError> {
 
 /// A request that never got an answer: always worth retrying.
 pub fn transport_error(what: &str, error: &reqwest::Error) -> ProviderError {
+    // The innermost cause is the useful one (e.g. "connection reset by peer").
+    let mut source: &dyn std::error::Error = error;
+    while let Some(next) = source.source() {
+        source = next;
+    }
     let cause = if error.is_timeout() {
         "timed out".to_string()
     } else if error.is_connect() {
-        "could not connect".to_string()
+        // Name the server an operator has to check (a wrong endpoint, a
+        // server down) by host and port only.
+        let server = error
+            .url()
+            .and_then(|u| {
+                Some(format!(
+                    " to {}:{}",
+                    u.host_str()?,
+                    u.port_or_known_default()?
+                ))
+            })
+            .unwrap_or_default();
+        format!("could not connect{server} ({source})")
     } else {
-        // The innermost cause is the useful one (e.g. "connection reset by peer").
-        let mut source: &dyn std::error::Error = error;
-        while let Some(next) = source.source() {
-            source = next;
-        }
         source.to_string()
     };
-    // reqwest's message carries the URL, which may embed a token: leave it out.
+    // reqwest's message carries the whole URL, whose path or query may embed
+    // a token: leave it out.
     ProviderError::new(ErrorKind::Transient, format!("{what}: {cause}"))
 }
 

@@ -178,17 +178,6 @@ pub trait Uploader {
         Ok(Lookup::Unsupported)
     }
 
-    /// Create the remote object and send the whole file with it, for
-    /// single-chunk files where the protocol allows it (tus
-    /// creation-with-upload). `Ok(None)` means "not offered: use create".
-    async fn create_with_data(
-        &self,
-        _request: &UploadRequest<'_>,
-        _chunk: Chunk,
-    ) -> Result<Option<(Session, u64)>, ProviderError> {
-        Ok(None)
-    }
-
     /// Ask where the remote side stands. `acknowledged` is the offset the
     /// engine persisted; protocols without a query answer [`RemoteOffset::Unknown`].
     async fn offset(
@@ -374,14 +363,6 @@ impl Uploader for Provider {
 
     async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
         forward!(self, p => p.find_created(request))
-    }
-
-    async fn create_with_data(
-        &self,
-        request: &UploadRequest<'_>,
-        chunk: Chunk,
-    ) -> Result<Option<(Session, u64)>, ProviderError> {
-        forward!(self, p => p.create_with_data(request, chunk))
     }
 
     async fn offset(

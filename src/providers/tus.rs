@@ -229,8 +229,17 @@ impl TusProvider {
             .map_err(|e| transport_error("tus create", &e))?;
         if response.status() != StatusCode::CREATED {
             let mut error = status_error("tus create", response, &self.secrets()).await;
-            if error.status == Some(413) {
-                error.kind = ErrorKind::Permanent;
+            // Say what the operator has to fix for the answers that mean a
+            // wrong setting rather than a passing fault.
+            match error.status {
+                Some(413) => error.kind = ErrorKind::Permanent,
+                Some(401 | 403) => error
+                    .message
+                    .push_str("; check the provider's credentials (headers)"),
+                Some(404 | 405) => error
+                    .message
+                    .push_str("; check the provider's endpoint (the tus creation URL)"),
+                _ => {}
             }
             return Err(error);
         }

@@ -27,6 +27,12 @@ use progress::ProgressBoard;
 /// before the failure goes to the backoff policy instead.
 const MAX_RECOVERIES_PER_ATTEMPT: u32 = 5;
 
+/// New remote objects one attempt may start because the provider reported
+/// the current one gone, before the attempt fails instead: a provider that
+/// refuses every new object at once (a wrong delegated token answering 404,
+/// a URL lifetime shorter than one request) must not loop without end.
+const MAX_REPLACEMENTS_PER_ATTEMPT: u32 = 3;
+
 /// A provider with its settings, backoff and concurrency limit.
 pub struct ProviderHandle {
     /// The backend.
@@ -155,6 +161,7 @@ impl Engine {
             return self.finalize(job, provider, &request).await;
         }
         let mut recoveries = 0;
+        let mut replacements = 0;
         // A job found in `creating` without a session crashed inside create.
         let mut interrupted_create = job.state == JobState::Creating && job.session.is_none();
         loop {
@@ -192,22 +199,15 @@ impl Engine {
                     job.acked = 0;
                     job.hash = None;
                     job.started_at.get_or_insert_with(jiff::Timestamp::now);
-                    let created = match self
-                        .create_with_data(job, provider, &request, &file, signature, counters)
+                    let created = provider
+                        .create(&request)
                         .await
-                    {
-                        Ok(Some(session)) => Ok(session),
-                        Ok(None) => provider
-                            .create(&request)
-                            .await
-                            .map_err(Stop::Provider)
-                            .and_then(|session| {
-                                job.session = Some(session.clone());
-                                job.transition(JobState::Uploading)?;
-                                Ok(session)
-                            }),
-                        Err(e) => Err(e),
-                    };
+                        .map_err(Stop::Provider)
+                        .and_then(|session| {
+                            job.session = Some(session.clone());
+                            job.transition(JobState::Uploading)?;
+                            Ok(session)
+                        });
                     match created {
                         Ok(session) => {
                             self.store.put(job).await?;
@@ -229,8 +229,12 @@ impl Engine {
                 Ok(RemoteOffset::At(offset)) if offset <= signature.size => offset,
                 Ok(RemoteOffset::Unknown) => job.acked,
                 Ok(RemoteOffset::At(_) | RemoteOffset::Gone) => {
-                    self.replace_session(job, provider, &session, "the remote upload was gone")
-                        .await?;
+                    let why = "the remote upload was gone";
+                    check_replacements(
+                        &mut replacements,
+                        ProviderError::new(ErrorKind::Gone, why),
+                    )?;
+                    self.replace_session(job, provider, &session, why).await?;
                     continue;
                 }
                 Err(e) => {
@@ -259,6 +263,7 @@ impl Engine {
             {
                 Ok(()) => return self.finalize(job, provider, &request).await,
                 Err(Stop::Provider(e)) if e.kind == ErrorKind::Gone => {
+                    check_replacements(&mut replacements, e.clone())?;
                     let session = job.session.take().unwrap_or_default();
                     self.replace_session(job, provider, &session, &e.message)
                         .await?;
@@ -287,47 +292,6 @@ impl Engine {
                 Err(other) => return Err(other),
             }
         }
-    }
-
-    /// Creation with the whole file in the same request, for single-chunk
-    /// files where the provider offers it; `None` when it does not.
-    async fn create_with_data(
-        &self,
-        job: &mut Job,
-        provider: &Provider,
-        request: &UploadRequest<'_>,
-        file: &Arc<File>,
-        signature: FileSignature,
-        counters: &Arc<Counters>,
-    ) -> Result<Option<crate::providers::Session>, Stop> {
-        if signature.size == 0 || signature.size > job.chunk_size {
-            return Ok(None);
-        }
-        let hasher = Arc::new(Mutex::new(ResumableSha256::default()));
-        let chunk = Chunk::new(
-            Arc::clone(file),
-            0,
-            signature.size,
-            signature.size,
-            job.chunk_size,
-            Arc::clone(&hasher),
-            Arc::clone(counters),
-        );
-        let Some((session, acked)) = provider.create_with_data(request, chunk).await? else {
-            return Ok(None);
-        };
-        job.bytes_sent += counters
-            .in_flight
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if acked == signature.size {
-            job.hash = hasher.lock().ok().map(|h| h.clone());
-            job.acked = acked;
-        }
-        job.session = Some(session.clone());
-        job.transition(JobState::Uploading)?;
-        self.store.put(job).await?;
-        self.progress.acked(job.id, job.acked);
-        Ok(Some(session))
     }
 
     async fn send_chunks(
@@ -514,6 +478,22 @@ async fn blocking_io<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(std::io::Error::other)?
+}
+
+/// Count one more forced replacement in this attempt; past the limit the
+/// attempt fails (transient: the backoff policy and `max_attempts` decide
+/// what follows) with the provider's last word.
+fn check_replacements(replacements: &mut u32, mut last: ProviderError) -> Result<(), Stop> {
+    *replacements += 1;
+    if *replacements > MAX_REPLACEMENTS_PER_ATTEMPT {
+        last.kind = ErrorKind::Transient;
+        last.message = format!(
+            "{MAX_REPLACEMENTS_PER_ATTEMPT} new remote uploads in one attempt were all reported gone; last: {}",
+            last.message
+        );
+        return Err(Stop::Provider(last));
+    }
+    Ok(())
 }
 
 /// Open the source and confirm it is still the version the job was made for.
