@@ -12,7 +12,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
 
 use super::http::{self, excerpt, status_error, transport_error};
-use super::token::{Token, TokenCache};
+use super::token::{Refusal, Token, TokenCache};
 use super::{
     Chunk, Delivery, ErrorKind, Lookup, ProviderError, RemoteOffset, Session, UploadRequest,
     Uploader,
@@ -131,9 +131,12 @@ impl ApiVideoProvider {
             if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
                 error.kind = ErrorKind::Permanent;
                 if refresh.is_none() {
-                    error
-                        .message
-                        .push_str("; the API key was refused: check api_key");
+                    error.message.push_str(match status.as_u16() {
+                        404 | 405 => {
+                            "; no authentication endpoint there: check base_url (or environment)"
+                        }
+                        _ => "; the API key was refused: check api_key",
+                    });
                 }
             }
             return Err(error);
@@ -168,39 +171,54 @@ impl ApiVideoProvider {
             .await
     }
 
-    /// Forget the token after a 401, so the next call authenticates again.
-    async fn forget_token(&self) {
-        self.tokens.forget().await;
+    /// A 401 on a request that carried `token`: forget the token and ask
+    /// for one retry, or, when the token was already that re-authentication,
+    /// fail for good (SPEC §3.4).
+    async fn refused(&self, error: &mut ProviderError, token: Option<&str>) {
+        error.kind = ErrorKind::Reauthenticate;
+        if let Some(token) = token
+            && self.tokens.refused(token).await == Refusal::StillRefused
+        {
+            error.kind = ErrorKind::Permanent;
+            error.message.push_str(
+                "; the access token was refused again right after a new authentication: check the API key's rights and this machine's clock",
+            );
+        }
     }
 
-    async fn request(
-        &self,
-        method: Method,
-        path: &str,
-    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+    async fn request(&self, method: Method, path: &str) -> Result<Call, ProviderError> {
         let builder = self.client.request(method, self.url(path)?);
         match &self.credentials {
-            Credentials::ApiKey(_) => Ok(builder.bearer_auth(self.bearer().await?)),
-            Credentials::UploadToken(_) => Ok(builder),
+            Credentials::ApiKey(_) => {
+                let token = self.bearer().await?;
+                Ok(Call {
+                    builder: builder.bearer_auth(&token),
+                    token: Some(token),
+                })
+            }
+            Credentials::UploadToken(_) => Ok(Call {
+                builder,
+                token: None,
+            }),
         }
     }
 
     /// Send an API call; a 401 forgets the token and asks for one retry.
-    async fn api(
-        &self,
-        what: &str,
-        builder: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ProviderError> {
-        let response = builder
+    async fn api(&self, what: &str, call: Call) -> Result<reqwest::Response, ProviderError> {
+        let response = call
+            .builder
             .send()
             .await
             .map_err(|e| transport_error(what, &e))?;
         if response.status().is_success() {
+            if let Some(token) = &call.token {
+                self.tokens.accepted(token).await;
+            }
             return Ok(response);
         }
-        let error = self.error(what, response).await;
-        if error.kind == ErrorKind::Reauthenticate {
-            self.forget_token().await;
+        let mut error = self.error(what, response).await;
+        if error.status == Some(401) {
+            self.refused(&mut error, call.token.as_deref()).await;
         }
         Err(error)
     }
@@ -222,6 +240,21 @@ impl ApiVideoProvider {
                 format!("bytes {}-{}/{}", chunk.start, chunk.end() - 1, chunk.total)
             }
             UploadMode::Parts => format!("part {}/{}", chunk.index + 1, chunk.count),
+        }
+    }
+}
+
+/// A request and the access token it carries (none with a delegated token).
+struct Call {
+    builder: reqwest::RequestBuilder,
+    token: Option<String>,
+}
+
+impl Call {
+    fn json(self, body: &Value) -> Self {
+        Call {
+            builder: self.builder.json(body),
+            token: self.token,
         }
     }
 }
@@ -282,8 +315,8 @@ impl Uploader for ApiVideoProvider {
                 };
             }
         }
-        let builder = self.request(Method::POST, "videos").await?.json(&body);
-        let response = self.api("api.video create", builder).await?;
+        let call = self.request(Method::POST, "videos").await?.json(&body);
+        let response = self.api("api.video create", call).await?;
         let value: Value = response
             .json()
             .await
@@ -371,14 +404,17 @@ impl Uploader for ApiVideoProvider {
             .mime_str("application/octet-stream")
             .map_err(|e| ProviderError::new(ErrorKind::Permanent, format!("api.video: {e}")))?;
         let mut form = Form::new();
-        let builder = match (&self.credentials, &session.remote_id) {
+        let call = match (&self.credentials, &session.remote_id) {
             (Credentials::UploadToken(token), id) => {
                 if let Some(id) = id {
                     form = form.text("videoId", id.clone());
                 }
                 let mut url = self.url("upload")?;
                 url.query_pairs_mut().append_pair("token", token);
-                self.client.post(url)
+                Call {
+                    builder: self.client.post(url),
+                    token: None,
+                }
             }
             (Credentials::ApiKey(_), Some(id)) => {
                 self.request(Method::POST, &format!("videos/{id}/source"))
@@ -391,13 +427,17 @@ impl Uploader for ApiVideoProvider {
                 ));
             }
         };
-        let response = builder
+        let response = call
+            .builder
             .header("Content-Range", range)
             .multipart(form.part("file", part))
             .send()
             .await
             .map_err(|e| transport_error("api.video upload", &e))?;
         if response.status().is_success() {
+            if let Some(token) = &call.token {
+                self.tokens.accepted(token).await;
+            }
             let value: Value = response.json().await.unwrap_or(Value::Null);
             if session.remote_id.is_none() {
                 session.remote_id = video_id(&value);
@@ -431,10 +471,7 @@ impl Uploader for ApiVideoProvider {
             error.message.push_str(&format!(" ({text})"));
         }
         match status.as_u16() {
-            401 => {
-                self.forget_token().await;
-                error.kind = ErrorKind::Reauthenticate;
-            }
+            401 => self.refused(&mut error, call.token.as_deref()).await,
             // With a delegated token the first chunk creates the video: a 404
             // then is the token itself refused, which no new video can fix.
             404 if matches!(self.credentials, Credentials::UploadToken(_))

@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::http::{self, excerpt, status_error, transport_error};
-use super::token::{Token, TokenCache};
+use super::token::{Refusal, Token, TokenCache};
 use super::{
     Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
 };
@@ -157,9 +157,10 @@ impl MovingimageProvider {
             if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
                 error.kind = ErrorKind::Permanent;
                 if refresh.is_none() {
-                    error.message.push_str(
-                        "; the user name or password was refused: check username and password",
-                    );
+                    error.message.push_str(match status.as_u16() {
+                        404 | 405 => "; no token endpoint there: check auth_url",
+                        _ => "; the user name or password was refused: check username and password",
+                    });
                 }
             }
             return Err(error);
@@ -212,7 +213,7 @@ impl MovingimageProvider {
             self.video_manager,
             path.trim_start_matches('/')
         );
-        let mut builder = self.client.request(method, url).bearer_auth(bearer);
+        let mut builder = self.client.request(method, url).bearer_auth(&bearer);
         if let Some(body) = body {
             builder = builder.json(&body);
         }
@@ -221,12 +222,18 @@ impl MovingimageProvider {
             .await
             .map_err(|e| transport_error(what, &e))?;
         if response.status().is_success() {
+            self.tokens.accepted(&bearer).await;
             return Ok(response);
         }
         let mut error = self.error(what, response).await;
         if error.status == Some(401) {
-            self.tokens.forget().await;
             error.kind = ErrorKind::Reauthenticate;
+            if self.tokens.refused(&bearer).await == Refusal::StillRefused {
+                error.kind = ErrorKind::Permanent;
+                error.message.push_str(
+                    "; the access token was refused again right after a new login: check the user's rights and this machine's clock",
+                );
+            }
         }
         if error.excerpt.as_deref().and_then(application_code) == Some(1101) {
             error.kind = ErrorKind::Permanent;

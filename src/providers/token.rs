@@ -1,6 +1,8 @@
 //! Bearer tokens that expire: obtained on first use, refreshed shortly
 //! before they expire, forgotten after a 401 so the next call authenticates
-//! again. Shared by api.video and movingimage.
+//! again, and a token refused again right after that re-authentication
+//! reported as such (SPEC §3.4: authentication still refused after one
+//! re-authentication is permanent). Shared by api.video and movingimage.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -23,6 +25,8 @@ pub struct Token {
     pub expires_at: Instant,
     /// Its lifetime when issued (decides the refresh margin).
     pub lifetime: Duration,
+    /// Obtained after a refusal and not accepted by the server yet.
+    after_refusal: bool,
 }
 
 impl Token {
@@ -33,6 +37,7 @@ impl Token {
             refresh,
             expires_at: Instant::now() + lifetime,
             lifetime,
+            after_refusal: false,
         }
     }
 
@@ -42,10 +47,27 @@ impl Token {
     }
 }
 
+/// What a 401 on a request made with a token means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Forgotten: authenticate again and retry once.
+    Reauthenticate,
+    /// The token was the re-authentication after a refusal, and it was
+    /// refused too: retrying cannot help.
+    StillRefused,
+}
+
 /// One provider's current token.
 #[derive(Default)]
 pub struct TokenCache {
-    slot: Mutex<Option<Token>>,
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    token: Option<Token>,
+    /// A token was refused; the next one obtained is the re-authentication.
+    refused: bool,
 }
 
 impl TokenCache {
@@ -61,35 +83,90 @@ impl TokenCache {
         Fut: Future<Output = Result<Token, ProviderError>>,
     {
         let mut slot = self.slot.lock().await;
-        if let Some(token) = slot.as_ref().filter(|t| t.fresh()) {
+        if let Some(token) = slot.token.as_ref().filter(|t| t.fresh()) {
             return Ok(token.access.clone());
         }
-        let refreshed = match slot.as_ref().and_then(|t| t.refresh.clone()) {
+        let refreshed = match slot.token.as_ref().and_then(|t| t.refresh.clone()) {
             Some(refresh) => obtain(Some(refresh)).await.ok(),
             None => None,
         };
-        let token = match refreshed {
+        let mut token = match refreshed {
             Some(token) => token,
             None => obtain(None).await?,
         };
+        // A re-authentication stays one until the server accepts its token.
+        let unproven = slot.token.as_ref().is_some_and(|t| t.after_refusal);
+        token.after_refusal = std::mem::take(&mut slot.refused) || unproven;
         let access = token.access.clone();
-        *slot = Some(token);
+        slot.token = Some(token);
         Ok(access)
     }
 
-    /// Forget the token (after a 401).
-    pub async fn forget(&self) {
-        *self.slot.lock().await = None;
+    /// The server refused `access` (a 401): forget it so the next call
+    /// authenticates again, unless it was itself that re-authentication.
+    /// A refusal of an older token than the current one changes nothing.
+    pub async fn refused(&self, access: &str) -> Refusal {
+        let mut slot = self.slot.lock().await;
+        let Some(current) = slot.token.as_ref().filter(|t| t.access == access) else {
+            return Refusal::Reauthenticate;
+        };
+        let again = current.after_refusal;
+        slot.token = None;
+        slot.refused = true;
+        if again {
+            Refusal::StillRefused
+        } else {
+            Refusal::Reauthenticate
+        }
+    }
+
+    /// The server accepted `access`: it is no longer an unproven re-authentication.
+    pub async fn accepted(&self, access: &str) {
+        let mut slot = self.slot.lock().await;
+        if let Some(token) = slot.token.as_mut().filter(|t| t.access == access) {
+            token.after_refusal = false;
+        }
     }
 
     /// The current token's secrets, to redact from error excerpts.
     pub fn secrets(&self) -> Vec<String> {
         match self.slot.try_lock() {
             Ok(slot) => slot
+                .token
                 .iter()
                 .flat_map(|t| std::iter::once(t.access.clone()).chain(t.refresh.clone()))
                 .collect(),
             Err(_) => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_refused_right_after_reauthentication_is_final() {
+        let issued = AtomicU32::new(0);
+        let obtain = |_refresh: Option<String>| {
+            let n = issued.fetch_add(1, Ordering::Relaxed);
+            async move { Ok(Token::new(format!("t{n}"), None, Duration::from_secs(3600))) }
+        };
+        let cache = TokenCache::default();
+        let first = cache.bearer(obtain).await.unwrap();
+        cache.accepted(&first).await;
+        assert_eq!(cache.refused(&first).await, Refusal::Reauthenticate);
+        let second = cache.bearer(obtain).await.unwrap();
+        assert_ne!(first, second);
+        // A late refusal of the older token changes nothing.
+        assert_eq!(cache.refused(&first).await, Refusal::Reauthenticate);
+        assert_eq!(cache.bearer(obtain).await.unwrap(), second);
+        assert_eq!(cache.refused(&second).await, Refusal::StillRefused);
+        // Once a re-authentication is accepted, a later refusal starts over.
+        let third = cache.bearer(obtain).await.unwrap();
+        cache.accepted(&third).await;
+        assert_eq!(cache.refused(&third).await, Refusal::Reauthenticate);
     }
 }

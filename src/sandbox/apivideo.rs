@@ -68,6 +68,15 @@ pub struct ApiVideo {
     videos: Mutex<HashMap<String, Video>>,
     access: Mutex<HashMap<String, Token>>,
     refresh: Mutex<HashMap<String, ()>>,
+    /// Tokens issued for the API key, and for refresh tokens.
+    grants: Grants,
+}
+
+/// How many tokens were issued, by grant (`GET /_sandbox/apivideo/auth`).
+#[derive(Default)]
+pub struct Grants {
+    api_key: std::sync::atomic::AtomicU64,
+    refresh: std::sync::atomic::AtomicU64,
 }
 
 fn now() -> f64 {
@@ -124,6 +133,7 @@ pub fn routes() -> Router<Arc<Sandbox>> {
         .route("/videos/{id}/source", post(source))
         .route("/upload", post(delegated))
         .route("/_sandbox/apivideo", get(dump))
+        .route("/_sandbox/apivideo/auth", get(grants))
 }
 
 fn problem(status: StatusCode, title: &str) -> Response {
@@ -168,6 +178,11 @@ async fn auth(State(sandbox): State<Arc<Sandbox>>, Json(body): Json<Value>) -> R
     {
         return problem(StatusCode::UNAUTHORIZED, "The API key is invalid.");
     }
+    sandbox
+        .apivideo
+        .grants
+        .api_key
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     issue_tokens(&sandbox)
 }
 
@@ -185,6 +200,11 @@ async fn refresh(State(sandbox): State<Arc<Sandbox>>, Json(body): Json<Value>) -
     if !known {
         return problem(StatusCode::BAD_REQUEST, "The refresh token is invalid.");
     }
+    sandbox
+        .apivideo
+        .grants
+        .refresh
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     issue_tokens(&sandbox)
 }
 
@@ -430,6 +450,16 @@ async fn status(
     };
     Json(json!({"ingest": {"status": state, "filesize": total, "receivedBytes": ranges}, "encoding": {"playable": false}}))
         .into_response()
+}
+
+/// `GET /_sandbox/apivideo/auth`: tokens issued per grant since start.
+async fn grants(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
+    let grants = &sandbox.apivideo.grants;
+    let ordering = std::sync::atomic::Ordering::Relaxed;
+    Json(json!({
+        "api_key": grants.api_key.load(ordering),
+        "refresh": grants.refresh.load(ordering),
+    }))
 }
 
 async fn dump(State(sandbox): State<Arc<Sandbox>>) -> Json<Vec<Video>> {

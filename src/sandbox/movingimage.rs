@@ -76,6 +76,15 @@ pub struct Movingimage {
     refresh: Mutex<HashMap<String, ()>>,
     upload_tokens: Mutex<HashMap<String, (String, Issued)>>,
     answers: Mutex<u64>,
+    /// Tokens issued for the password, and for refresh tokens.
+    grants: Grants,
+}
+
+/// How many tokens were issued, by grant (`GET /_sandbox/movingimage/auth`).
+#[derive(Default)]
+pub struct Grants {
+    password: std::sync::atomic::AtomicU64,
+    refresh: std::sync::atomic::AtomicU64,
 }
 
 fn now() -> f64 {
@@ -133,6 +142,7 @@ pub fn routes() -> Router<Arc<Sandbox>> {
         .route("/v1/vms/{vm}/videos/{id}/url", get(upload_url))
         .route("/mi/upload/{id}", post(upload))
         .route("/_sandbox/movingimage", get(dump))
+        .route("/_sandbox/movingimage/auth", get(grants))
 }
 
 fn api_error(status: StatusCode, code: i64, message: &str) -> Response {
@@ -197,6 +207,11 @@ async fn token(State(sandbox): State<Arc<Sandbox>>, body: String) -> Response {
             {
                 return oidc_error("invalid_grant");
             }
+            sandbox
+                .movingimage
+                .grants
+                .password
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             issue(&sandbox)
         }
         Some("refresh_token") => {
@@ -208,6 +223,11 @@ async fn token(State(sandbox): State<Arc<Sandbox>>, body: String) -> Response {
                 .map(|mut r| r.remove(&refresh).is_some())
                 .unwrap_or(false);
             if known {
+                sandbox
+                    .movingimage
+                    .grants
+                    .refresh
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 issue(&sandbox)
             } else {
                 (
@@ -565,6 +585,16 @@ async fn delete(
         }
         None => api_error(StatusCode::NOT_FOUND, 404, "video not found"),
     }
+}
+
+/// `GET /_sandbox/movingimage/auth`: tokens issued per grant since start.
+async fn grants(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
+    let grants = &sandbox.movingimage.grants;
+    let ordering = std::sync::atomic::Ordering::Relaxed;
+    Json(json!({
+        "password": grants.password.load(ordering),
+        "refresh": grants.refresh.load(ordering),
+    }))
 }
 
 async fn dump(State(sandbox): State<Arc<Sandbox>>) -> Json<Vec<Video>> {
