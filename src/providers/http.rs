@@ -22,6 +22,9 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, ProviderError> {
         .connect_timeout(timeout.min(Duration::from_secs(30)))
         .read_timeout(timeout)
         .user_agent(concat!("hotfolder/", env!("CARGO_PKG_VERSION")))
+        // Below common server keep-alive limits (Node's is 5 s), so a pooled
+        // connection is not reused just as the server closes it.
+        .pool_idle_timeout(Duration::from_secs(4))
         .build()
         .map_err(|e| {
             ProviderError::new(
