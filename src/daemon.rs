@@ -455,6 +455,27 @@ async fn until_filed<T>(
     }
 }
 
+/// Move the source below `root` (retrying until it works; `None` on
+/// shutdown), record where it went, then move its sidecar beside it.
+async fn file_with_sidecar(
+    ctx: &Context,
+    job: &mut Job,
+    root: &std::path::Path,
+) -> Result<Option<std::path::PathBuf>, StoreError> {
+    let Some(filed) = until_filed(ctx, job, |job| finish::file_source(job, root)).await? else {
+        return Ok(None);
+    };
+    job.filed_to = Some(filed.clone());
+    ctx.store.put(job).await?;
+    if let Some(sidecar) = job.sidecar.clone().filter(|s| s.exists()) {
+        match finish::file_sidecar(&sidecar, &filed) {
+            Ok(moved) => job.sidecar_filed_to = Some(moved),
+            Err(e) => tracing::warn!(error = %e, "sidecar left in place"),
+        }
+    }
+    Ok(Some(filed))
+}
+
 async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
     let Some(watch) = ctx.watch(&job.watch).cloned() else {
         job.transition(JobState::Done)?;
@@ -462,19 +483,9 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
     };
     let receipt_at = match watch.after_success {
         AfterSuccess::Move => {
-            let Some(filed) =
-                until_filed(ctx, job, |job| finish::file_source(job, &watch.done_dir)).await?
-            else {
+            let Some(filed) = file_with_sidecar(ctx, job, &watch.done_dir).await? else {
                 return Ok(());
             };
-            job.filed_to = Some(filed.clone());
-            ctx.store.put(job).await?;
-            if let Some(sidecar) = job.sidecar.clone().filter(|s| s.exists()) {
-                match finish::file_sidecar(&sidecar, &filed) {
-                    Ok(moved) => job.sidecar_filed_to = Some(moved),
-                    Err(e) => tracing::warn!(error = %e, "sidecar left in place"),
-                }
-            }
             filed
         }
         AfterSuccess::Delete => {
@@ -533,19 +544,9 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
         return ctx.store.put(job).await;
     };
     let report_at = if job.source.exists() || job.filed_to.is_some() {
-        let Some(filed) =
-            until_filed(ctx, job, |job| finish::file_source(job, &watch.failed_dir)).await?
-        else {
+        let Some(filed) = file_with_sidecar(ctx, job, &watch.failed_dir).await? else {
             return Ok(());
         };
-        job.filed_to = Some(filed.clone());
-        ctx.store.put(job).await?;
-        if let Some(sidecar) = job.sidecar.clone().filter(|s| s.exists()) {
-            match finish::file_sidecar(&sidecar, &filed) {
-                Ok(moved) => job.sidecar_filed_to = Some(moved),
-                Err(e) => tracing::warn!(error = %e, "sidecar left in place"),
-            }
-        }
         filed
     } else {
         watch.failed_dir.join(&job.relpath)

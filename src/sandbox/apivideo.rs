@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use super::body::write_body;
 use super::faults::ResetAfter;
 use super::records;
+use super::tokens::BearerTokens;
 use super::{ConnectionReset, Sandbox};
 
 const MIN_CHUNK: u64 = 5 << 20;
@@ -58,31 +59,11 @@ pub struct Video {
     pub delegated: bool,
 }
 
-struct Token {
-    expires_at: f64,
-}
-
 /// Videos and tokens (videos reloaded from disk at start).
 #[derive(Default)]
 pub struct ApiVideo {
     videos: Mutex<HashMap<String, Video>>,
-    access: Mutex<HashMap<String, Token>>,
-    refresh: Mutex<HashMap<String, ()>>,
-    /// Tokens issued for the API key, and for refresh tokens.
-    grants: Grants,
-}
-
-/// How many tokens were issued, by grant (`GET /_sandbox/apivideo/auth`).
-#[derive(Default)]
-pub struct Grants {
-    api_key: std::sync::atomic::AtomicU64,
-    refresh: std::sync::atomic::AtomicU64,
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    tokens: BearerTokens,
 }
 
 impl ApiVideo {
@@ -150,25 +131,12 @@ fn problem(status: StatusCode, title: &str) -> Response {
         .into_response()
 }
 
-fn issue_tokens(sandbox: &Sandbox) -> Response {
+fn issue_tokens(sandbox: &Sandbox, refreshed: bool) -> Response {
     let ttl = sandbox
         .options
         .token_ttl
         .map_or(3600.0, |d| d.as_secs_f64());
-    let access = format!("at-{:016x}", rand::random::<u64>());
-    let refresh = format!("rt-{:016x}", rand::random::<u64>());
-    if let (Ok(mut a), Ok(mut r)) = (
-        sandbox.apivideo.access.lock(),
-        sandbox.apivideo.refresh.lock(),
-    ) {
-        a.insert(
-            access.clone(),
-            Token {
-                expires_at: now() + ttl,
-            },
-        );
-        r.insert(refresh.clone(), ());
-    }
+    let (access, refresh) = sandbox.apivideo.tokens.issue("", ttl, refreshed);
     Json(json!({"token_type": "Bearer", "access_token": access, "refresh_token": refresh, "expires_in": ttl.ceil() as u64}))
         .into_response()
 }
@@ -178,12 +146,7 @@ async fn auth(State(sandbox): State<Arc<Sandbox>>, Json(body): Json<Value>) -> R
     {
         return problem(StatusCode::UNAUTHORIZED, "The API key is invalid.");
     }
-    sandbox
-        .apivideo
-        .grants
-        .api_key
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    issue_tokens(&sandbox)
+    issue_tokens(&sandbox, false)
 }
 
 async fn refresh(State(sandbox): State<Arc<Sandbox>>, Json(body): Json<Value>) -> Response {
@@ -191,36 +154,14 @@ async fn refresh(State(sandbox): State<Arc<Sandbox>>, Json(body): Json<Value>) -
         .get("refreshToken")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let known = sandbox
-        .apivideo
-        .refresh
-        .lock()
-        .map(|mut r| r.remove(token).is_some())
-        .unwrap_or(false);
-    if !known {
+    if !sandbox.apivideo.tokens.redeem(token) {
         return problem(StatusCode::BAD_REQUEST, "The refresh token is invalid.");
     }
-    sandbox
-        .apivideo
-        .grants
-        .refresh
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    issue_tokens(&sandbox)
+    issue_tokens(&sandbox, true)
 }
 
 fn authorize(sandbox: &Sandbox, headers: &HeaderMap) -> Result<(), Response> {
-    let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    let valid = sandbox
-        .apivideo
-        .access
-        .lock()
-        .map(|a| a.get(bearer).is_some_and(|t| t.expires_at > now()))
-        .unwrap_or(false);
-    if valid {
+    if sandbox.apivideo.tokens.authorized(headers) {
         Ok(())
     } else {
         Err(problem(
@@ -454,12 +395,8 @@ async fn status(
 
 /// `GET /_sandbox/apivideo/auth`: tokens issued per grant since start.
 async fn grants(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
-    let grants = &sandbox.apivideo.grants;
-    let ordering = std::sync::atomic::Ordering::Relaxed;
-    Json(json!({
-        "api_key": grants.api_key.load(ordering),
-        "refresh": grants.refresh.load(ordering),
-    }))
+    let (api_key, refresh) = sandbox.apivideo.tokens.grants();
+    Json(json!({"api_key": api_key, "refresh": refresh}))
 }
 
 async fn dump(State(sandbox): State<Arc<Sandbox>>) -> Json<Vec<Video>> {

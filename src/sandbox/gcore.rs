@@ -20,6 +20,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::tokens::now;
 use super::{Sandbox, records};
 
 const CLIENT_ID: u64 = 4242;
@@ -53,12 +54,6 @@ struct UploadToken {
 pub struct Gcore {
     videos: Mutex<BTreeMap<u64, Video>>,
     tokens: Mutex<HashMap<String, UploadToken>>,
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Gcore {

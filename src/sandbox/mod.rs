@@ -13,6 +13,7 @@ mod gcore;
 mod movingimage;
 mod okru;
 mod records;
+mod tokens;
 mod tus;
 
 use std::net::SocketAddr;

@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 
 use super::body::write_body;
 use super::faults::ResetAfter;
+use super::tokens::{BearerTokens, now};
 use super::{ConnectionReset, Sandbox, records};
 
 /// Default access-token lifetime, as the real service.
@@ -72,25 +73,9 @@ struct Issued {
 #[derive(Default)]
 pub struct Movingimage {
     videos: Mutex<BTreeMap<String, Video>>,
-    access: Mutex<HashMap<String, Issued>>,
-    refresh: Mutex<HashMap<String, ()>>,
+    tokens: BearerTokens,
     upload_tokens: Mutex<HashMap<String, (String, Issued)>>,
     answers: Mutex<u64>,
-    /// Tokens issued for the password, and for refresh tokens.
-    grants: Grants,
-}
-
-/// How many tokens were issued, by grant (`GET /_sandbox/movingimage/auth`).
-#[derive(Default)]
-pub struct Grants {
-    password: std::sync::atomic::AtomicU64,
-    refresh: std::sync::atomic::AtomicU64,
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Movingimage {
@@ -149,23 +134,12 @@ fn api_error(status: StatusCode, code: i64, message: &str) -> Response {
     (status, Json(json!({"code": code, "message": message}))).into_response()
 }
 
-fn issue(sandbox: &Sandbox) -> Response {
+fn issue(sandbox: &Sandbox, refreshed: bool) -> Response {
     let lifetime = sandbox
         .options
         .token_ttl
         .map_or(ACCESS_LIFETIME, |d| d.as_secs_f64());
-    let access = format!("mi-at-{:016x}", rand::random::<u64>());
-    let refresh = format!("mi-rt-{:016x}", rand::random::<u64>());
-    let state = &sandbox.movingimage;
-    if let (Ok(mut a), Ok(mut r)) = (state.access.lock(), state.refresh.lock()) {
-        a.insert(
-            access.clone(),
-            Issued {
-                expires_at: now() + lifetime,
-            },
-        );
-        r.insert(refresh.clone(), ());
-    }
+    let (access, refresh) = sandbox.movingimage.tokens.issue("mi-", lifetime, refreshed);
     Json(json!({
         "access_token": access,
         "expires_in": lifetime.ceil() as u64,
@@ -207,28 +181,12 @@ async fn token(State(sandbox): State<Arc<Sandbox>>, body: String) -> Response {
             {
                 return oidc_error("invalid_grant");
             }
-            sandbox
-                .movingimage
-                .grants
-                .password
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            issue(&sandbox)
+            issue(&sandbox, false)
         }
         Some("refresh_token") => {
             let refresh = form.get("refresh_token").cloned().unwrap_or_default();
-            let known = sandbox
-                .movingimage
-                .refresh
-                .lock()
-                .map(|mut r| r.remove(&refresh).is_some())
-                .unwrap_or(false);
-            if known {
-                sandbox
-                    .movingimage
-                    .grants
-                    .refresh
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                issue(&sandbox)
+            if sandbox.movingimage.tokens.redeem(&refresh) {
+                issue(&sandbox, true)
             } else {
                 (
                     StatusCode::BAD_REQUEST,
@@ -246,18 +204,7 @@ async fn token(State(sandbox): State<Arc<Sandbox>>, body: String) -> Response {
 }
 
 fn authorize(sandbox: &Sandbox, vm: &str, headers: &HeaderMap) -> Result<(), Response> {
-    let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    let valid = sandbox
-        .movingimage
-        .access
-        .lock()
-        .map(|a| a.get(bearer).is_some_and(|t| t.expires_at > now()))
-        .unwrap_or(false);
-    if !valid {
+    if !sandbox.movingimage.tokens.authorized(headers) {
         return Err(api_error(
             StatusCode::UNAUTHORIZED,
             401,
@@ -589,12 +536,8 @@ async fn delete(
 
 /// `GET /_sandbox/movingimage/auth`: tokens issued per grant since start.
 async fn grants(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
-    let grants = &sandbox.movingimage.grants;
-    let ordering = std::sync::atomic::Ordering::Relaxed;
-    Json(json!({
-        "password": grants.password.load(ordering),
-        "refresh": grants.refresh.load(ordering),
-    }))
+    let (password, refresh) = sandbox.movingimage.tokens.grants();
+    Json(json!({"password": password, "refresh": refresh}))
 }
 
 async fn dump(State(sandbox): State<Arc<Sandbox>>) -> Json<Vec<Video>> {

@@ -26,6 +26,7 @@ use serde_json::json;
 
 use super::faults::ResetAfter;
 use super::records;
+use super::tokens::now;
 use super::{ConnectionReset, Sandbox};
 
 /// One video as the simulator sees it (also `<data>/okru/<id>.json`).
@@ -80,12 +81,6 @@ impl Videos {
     fn with<T>(&self, id: u64, f: impl FnOnce(&mut Video) -> T) -> Option<T> {
         self.map.lock().ok()?.get_mut(&id).map(f)
     }
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn save(sandbox: &Sandbox, video: &Video) {

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -27,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use super::faults::ResetAfter;
+use super::tokens::now;
 use super::{ConnectionReset, Sandbox, records};
 
 const MAX_SIZE: u64 = 64 << 30;
@@ -59,12 +59,6 @@ pub struct Upload {
 #[derive(Default)]
 pub struct Uploads {
     map: Mutex<HashMap<String, Upload>>,
-}
-
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn data_path(sandbox: &Sandbox, id: &str, ext: &str) -> PathBuf {
