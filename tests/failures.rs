@@ -9,26 +9,11 @@ use std::fs;
 use std::time::Duration;
 
 use common::{
-    ConfigParts, Fixture, chmod, in_state, log_lines_with, read_json, sha256, wait_for,
+    ConfigParts, Fixture, chmod, log_lines_with, read_json, sha256, wait_for, wait_for_outcome,
     write_random,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Wait until `done` jobs are done and `failed` jobs failed (and no others exist).
-fn wait_for_outcome(fx: &Fixture, done: usize, failed: usize) -> Vec<serde_json::Value> {
-    wait_for(
-        &format!("{done} done and {failed} failed"),
-        DEADLINE,
-        || {
-            let rows = fx.status();
-            (in_state(&rows, "done").len() == done
-                && in_state(&rows, "failed").len() == failed
-                && rows.len() == done + failed)
-                .then_some(rows)
-        },
-    )
-}
 
 fn row<'a>(rows: &'a [serde_json::Value], file: &str) -> &'a serde_json::Value {
     rows.iter()

@@ -12,8 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::providers::{
-    GENEROUS_RETRY, MIB, assert_secret_absent, fault_options, gcore_provider, id_of, wait_done,
-    wait_failed,
+    BadCredentials, MIB, ProviderCase, assert_receipt, gcore_provider, id_of, wait_done,
 };
 use common::sandbox::{Sandbox, TusUpload};
 use common::{Fixture, sha256, write_random};
@@ -22,23 +21,25 @@ use serde_json::Value;
 const CHUNK: u64 = 2 * MIB;
 const METADATA: &str = r#"{ title: "{stem}", description: "From {watch}: {name}" }"#;
 
-fn stem(name: &str) -> &str {
-    name.rsplit_once('.').map_or(name, |(s, _)| s)
-}
+/// Gcore at the sandbox, its videos found by name (`{stem}`).
+const GCORE: ProviderCase = ProviderCase {
+    simulator: "gcore",
+    label: "Gcore",
+    name: "gc",
+    entry: gcore_provider,
+    metadata: METADATA,
+    chunk: CHUNK,
+    record_key: "name",
+    by_stem: true,
+    title_key: "name",
+    deletes: true,
+    delivered: |fx, sandbox, name, size, hash| assert_delivered(fx, sandbox, name, size, hash).0,
+};
 
-/// The only live Gcore video named `title`, and the tus upload carrying it.
-fn only_video(sandbox: &Sandbox, title: &str) -> (Value, TusUpload) {
-    let mut videos: Vec<Value> = sandbox
-        .records_where("gcore", "name", title)
-        .into_iter()
-        .filter(|v| v["deleted"] != true)
-        .collect();
-    assert_eq!(
-        videos.len(),
-        1,
-        "exactly one live Gcore video named {title}: {videos:?}"
-    );
-    let video = videos.remove(0);
+/// The only live Gcore video of file `name` (named from its stem), and the
+/// tus upload carrying it.
+fn only_video(sandbox: &Sandbox, name: &str) -> (Value, TusUpload) {
+    let video = GCORE.only_video(sandbox, name);
     let upload_id = video["upload"].as_str().unwrap_or_default().to_string();
     let upload = sandbox
         .uploads()
@@ -58,7 +59,7 @@ fn assert_delivered(
     size: u64,
     hash: &str,
 ) -> (Value, TusUpload) {
-    let (video, upload) = only_video(sandbox, stem(name));
+    let (video, upload) = only_video(sandbox, name);
     let id = id_of(&video, "id");
     assert!(upload.complete(), "{upload:?}");
     assert_eq!(upload.length, size, "{upload:?}");
@@ -80,10 +81,7 @@ fn assert_delivered(
         hash,
         "{name} arrived byte-identical"
     );
-    let receipt = fx.receipt(name);
-    assert_eq!(receipt["remote_id"], id.as_str(), "{receipt}");
-    assert_eq!(receipt["sha256"], hash, "{receipt}");
-    assert!(fx.done.join(name).exists(), "{name} filed in done/");
+    assert_receipt(fx, name, &id, hash);
     (video, upload)
 }
 
@@ -92,75 +90,14 @@ fn assert_delivered(
 /// the video's id and client; each receipt names its video.
 #[test]
 fn three_sizes_arrive_byte_identical_with_their_names() {
-    let fx = Fixture::new();
-    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &[]);
-    let provider = gcore_provider(
-        "gc",
-        &sandbox,
-        &format!("chunk_size: 2MiB, {GENEROUS_RETRY}"),
-    );
-    fx.write_provider_config(&provider, "gc", METADATA);
-    let files = fx.write_sizes(1);
-
-    let started = Instant::now();
-    let daemon = fx.start();
-    wait_done(&fx, &daemon, files.len(), Duration::from_secs(60));
-    eprintln!("three sizes to Gcore in {:?}", started.elapsed());
-
-    for (name, size, hash) in &files {
-        let (video, _) = assert_delivered(&fx, &sandbox, name, *size, hash);
-        assert_eq!(
-            video["description"],
-            format!("From drop: {name}"),
-            "{video}"
-        );
-    }
-    assert_eq!(
-        sandbox.records("gcore").len(),
-        files.len(),
-        "no other video was made"
-    );
+    GCORE.three_sizes(|_, _, _| {});
 }
 
 /// Through 500s, dropped connections and 429s: every file arrives, as
 /// exactly one live video with one complete tus upload.
 #[test]
 fn faults_one_complete_video_per_file() {
-    let fx = Fixture::new();
-    let seed = std::env::var("GCORE_SEED").unwrap_or_else(|_| "5".into());
-    let options = fault_options(&seed);
-    let options: Vec<&str> = options.iter().map(String::as_str).collect();
-    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &options);
-    let provider = gcore_provider(
-        "gc",
-        &sandbox,
-        &format!("chunk_size: 1MiB, {GENEROUS_RETRY}"),
-    );
-    fx.write_provider_config(&provider, "gc", METADATA);
-    let files = fx.write_sizes(10);
-
-    let started = Instant::now();
-    let daemon = fx.start();
-    wait_done(&fx, &daemon, files.len(), Duration::from_secs(90));
-    eprintln!(
-        "three sizes to Gcore through faults in {:?}",
-        started.elapsed()
-    );
-
-    let stats = sandbox.stats();
-    assert!(
-        stats.failures > 0 && stats.resets > 0 && stats.rate_limited > 0,
-        "the faults were injected: {stats:?}"
-    );
-    for (name, size, hash) in &files {
-        assert_delivered(&fx, &sandbox, name, *size, hash);
-    }
-    let live = sandbox
-        .records("gcore")
-        .into_iter()
-        .filter(|v| v["deleted"] != true)
-        .count();
-    assert_eq!(live, files.len(), "no other live video");
+    GCORE.faults(MIB);
 }
 
 /// `kill -9` about a third of the way in, then a restart: the job asks the
@@ -169,17 +106,8 @@ fn faults_one_complete_video_per_file() {
 #[test]
 fn kill_9_resumes_from_the_servers_offset() {
     const SIZE: u64 = 24 * MIB;
-    let fx = Fixture::new();
-    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &["--throttle", "8MiB"]);
-    let provider = gcore_provider(
-        "gc",
-        &sandbox,
-        &format!("chunk_size: 2MiB, {GENEROUS_RETRY}"),
-    );
-    fx.write_provider_config(&provider, "gc", METADATA);
-    let source = fx.watch.join("crash.mp4");
-    write_random(&source, SIZE, 3);
-    let hash = sha256(&source);
+    let (fx, sandbox) = GCORE.setup(&["--throttle", "8MiB"]);
+    let hash = ProviderCase::drop_file(&fx, "crash.mp4", SIZE, 3).hash;
 
     let started = Instant::now();
     let mut daemon = fx.start();
@@ -218,20 +146,8 @@ fn kill_9_resumes_from_the_servers_offset() {
 #[test]
 fn an_upload_token_expiring_after_the_start_does_not_break_the_upload() {
     const SIZE: u64 = 24 * MIB;
-    let fx = Fixture::new();
-    let sandbox = Sandbox::start(
-        &fx.root.join("sandbox"),
-        &["--token-ttl", "1s", "--throttle", "8MiB"],
-    );
-    let provider = gcore_provider(
-        "gc",
-        &sandbox,
-        &format!("chunk_size: 2MiB, {GENEROUS_RETRY}"),
-    );
-    fx.write_provider_config(&provider, "gc", METADATA);
-    let source = fx.watch.join("long.mp4");
-    write_random(&source, SIZE, 4);
-    let hash = sha256(&source);
+    let (fx, sandbox) = GCORE.setup(&["--token-ttl", "1s", "--throttle", "8MiB"]);
+    let hash = ProviderCase::drop_file(&fx, "long.mp4", SIZE, 4).hash;
 
     let daemon = fx.start();
     let first = sandbox.wait_for_offset("long.mp4", 1, Duration::from_secs(30));
@@ -259,50 +175,24 @@ fn an_upload_token_expiring_after_the_start_does_not_break_the_upload() {
 #[test]
 fn a_wrong_api_key_fails_at_once_without_leaking() {
     const BAD_KEY: &str = "wrong-gcore-key-e04c1b";
-    let fx = Fixture::new();
-    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &[]);
-    let provider = gcore_provider(
-        "gc",
-        &sandbox,
-        &format!("api_key: \"{BAD_KEY}\", chunk_size: 1MiB, {GENEROUS_RETRY}"),
+    GCORE.wrong_credentials(
+        &[BadCredentials {
+            provider: "gc",
+            settings: format!("api_key: \"{BAD_KEY}\""),
+            status: Some(401),
+            causes: &["API key was refused"],
+        }],
+        MIB,
+        2,
+        &[BAD_KEY],
     );
-    fx.write_provider_config(&provider, "gc", METADATA);
-    write_random(&fx.watch.join("clip.mp4"), 3 * MIB, 1);
-
-    let daemon = fx.start();
-    wait_failed(&fx, 1, Duration::from_secs(30));
-
-    let report = fx.error_report("clip.mp4");
-    assert_eq!(report["provider"], "gc", "{report}");
-    assert_eq!(report["status"], 401, "{report}");
-    let reason = report["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("Gcore"), "the report names Gcore: {report}");
-    assert!(
-        reason.contains("API key was refused"),
-        "the report names the cause: {report}"
-    );
-    assert_eq!(report["attempts"], 1, "not retried: {report}");
-    let stats = sandbox.stats();
-    assert!(
-        stats.requests <= 2,
-        "one request, at most one more: {stats:?}"
-    );
-    assert!(sandbox.records("gcore").is_empty());
-    assert_secret_absent(&fx, &daemon, BAD_KEY);
 }
 
 /// `wait_until: ready` through `hotfolder upload`: the command returns only
 /// once the video's status reached `ready`, and says where it plays.
 #[test]
 fn wait_until_ready_waits_for_ready() {
-    let fx = Fixture::new();
-    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &[]);
-    let provider = gcore_provider(
-        "gc",
-        &sandbox,
-        &format!("chunk_size: 2MiB, wait_until: ready, {GENEROUS_RETRY}"),
-    );
-    fx.write_provider_config(&provider, "gc", METADATA);
+    let (fx, sandbox) = GCORE.setup_with(&[], "wait_until: ready", CHUNK);
     let clip = fx.root.join("clips/ready.mp4");
     write_random(&clip, 3 * MIB, 6);
     let hash = sha256(&clip);
@@ -329,7 +219,7 @@ fn wait_until_ready_waits_for_ready() {
         out.status
     );
 
-    let (video, upload) = only_video(&sandbox, "ready");
+    let (video, upload) = only_video(&sandbox, "ready.mp4");
     assert_eq!(video["status"], "ready", "{video}");
     assert!(upload.complete(), "{upload:?}");
     assert_eq!(sha256(&sandbox.bin(&upload.id)), hash);

@@ -9,26 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    ConfigParts, Daemon, Fixture, chmod, in_state, log_lines_with, read_json, sha256, wait_for,
-    write_random,
+    ConfigParts, Daemon, Fixture, chmod, log_lines_with, read_json, sha256, wait_for,
+    wait_for_outcome, write_random,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Wait until exactly `done` jobs are done and `failed` failed, and no others exist.
-fn wait_for_outcome(fx: &Fixture, done: usize, failed: usize) -> Vec<serde_json::Value> {
-    wait_for(
-        &format!("{done} done and {failed} failed"),
-        DEADLINE,
-        || {
-            let rows = fx.status();
-            (in_state(&rows, "done").len() == done
-                && in_state(&rows, "failed").len() == failed
-                && rows.len() == done + failed)
-                .then_some(rows)
-        },
-    )
-}
 
 /// Full scans the daemon finished so far.
 fn scans(daemon: &Daemon) -> usize {
@@ -152,16 +137,29 @@ fn a_sidecar_overrides_the_title_and_travels_with_the_filed_video() {
 
 const MP4_ONLY: &str = "- match: { glob: \"*.mp4\" }\n  provider: archive";
 
-#[test]
-fn unmatched_fail_files_the_file_with_a_report() {
+/// A running daemon with `unmatched: <mode>` and only `*.mp4` routed, a
+/// `notes.txt` no rule matches (answered with its mtime) and a `clip.mp4`
+/// (random bytes from `seed`) dropped in.
+fn unmatched_run(mode: &str, seed: u64) -> (Fixture, Daemon, std::time::SystemTime) {
+    let top = format!("unmatched: {mode}");
     let fx = Fixture::with_parts(ConfigParts {
-        top: "unmatched: fail",
+        top: &top,
         rules: Some(MP4_ONLY),
         ..Default::default()
     });
-    let _daemon = fx.start();
+    let daemon = fx.start();
     fs::write(fx.watch.join("notes.txt"), b"not a video").unwrap();
-    write_random(&fx.watch.join("clip.mp4"), 100_000, 14);
+    let mtime = fs::metadata(fx.watch.join("notes.txt"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    write_random(&fx.watch.join("clip.mp4"), 100_000, seed);
+    (fx, daemon, mtime)
+}
+
+#[test]
+fn unmatched_fail_files_the_file_with_a_report() {
+    let (fx, _daemon, _) = unmatched_run("fail", 14);
     wait_for_outcome(&fx, 1, 1);
     let report = read_json(&fx.failed.join("notes.txt.error.json"));
     let reason = report["reason"].as_str().unwrap();
@@ -180,18 +178,7 @@ fn unmatched_fail_files_the_file_with_a_report() {
 
 #[test]
 fn unmatched_leave_leaves_the_file_and_makes_no_job() {
-    let fx = Fixture::with_parts(ConfigParts {
-        top: "unmatched: leave",
-        rules: Some(MP4_ONLY),
-        ..Default::default()
-    });
-    let daemon = fx.start();
-    fs::write(fx.watch.join("notes.txt"), b"not a video").unwrap();
-    let mtime = fs::metadata(fx.watch.join("notes.txt"))
-        .unwrap()
-        .modified()
-        .unwrap();
-    write_random(&fx.watch.join("clip.mp4"), 100_000, 15);
+    let (fx, daemon, mtime) = unmatched_run("leave", 15);
     wait_for_outcome(&fx, 1, 0);
     wait_for("the daemon to leave notes.txt", DEADLINE, || {
         (log_lines_with(

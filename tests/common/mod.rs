@@ -498,3 +498,19 @@ pub fn log_lines_with(log: &str, needles: &[&str]) -> usize {
         .filter(|line| needles.iter().all(|n| line.contains(n)))
         .count()
 }
+
+/// Wait (30 s at most) until exactly `done` jobs are done and `failed`
+/// failed, and no others exist; answers the status rows.
+pub fn wait_for_outcome(fx: &Fixture, done: usize, failed: usize) -> Vec<serde_json::Value> {
+    wait_for(
+        &format!("{done} done and {failed} failed"),
+        Duration::from_secs(30),
+        || {
+            let rows = fx.status();
+            (in_state(&rows, "done").len() == done
+                && in_state(&rows, "failed").len() == failed
+                && rows.len() == done + failed)
+                .then_some(rows)
+        },
+    )
+}
