@@ -139,6 +139,39 @@ fn expired_upload_url_is_replaced_and_named_in_the_receipt() {
     );
 }
 
+/// Upload URLs that always expire before an upload can finish: each 403
+/// replaces the video, but not forever. After ten replacements the job
+/// fails with a report that says why, instead of filling the account with
+/// half-uploaded videos.
+#[test]
+fn endless_url_expiry_fails_the_job_after_a_bounded_number_of_videos() {
+    let (fx, sandbox) = OKRU.setup_with(&["--token-ttl", "300ms", "--throttle", "2MiB"], "", MIB);
+    ProviderCase::drop_file(&fx, "never.mp4", 4 * MIB, 9);
+
+    let daemon = fx.start();
+    let report = common::wait_for("the job to fail", Duration::from_secs(60), || {
+        let path = fx.failed.join("never.mp4.error.json");
+        path.exists().then(|| common::read_json(&path))
+    });
+    let reason = report["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("invalidated 10 remote uploads"), "{report}");
+    let videos = sandbox.records_where("okru", "file_name", "never.mp4");
+    assert_eq!(
+        videos.len(),
+        11,
+        "ten replaced and the last one: {videos:?}"
+    );
+    assert!(
+        videos.iter().all(|v| v["updated"] != true),
+        "none was finalised"
+    );
+    assert!(
+        fx.failed.join("never.mp4").exists(),
+        "the source is kept in failed/"
+    );
+    drop(daemon);
+}
+
 /// A wrong access token and a wrong secret key: each job fails at once
 /// with a report naming the provider and the cause; one API call each,
 /// and neither secret shows up in the reports, status or the log.

@@ -33,6 +33,13 @@ const MAX_RECOVERIES_PER_ATTEMPT: u32 = 5;
 /// a URL lifetime shorter than one request) must not loop without end.
 const MAX_REPLACEMENTS_PER_ATTEMPT: u32 = 3;
 
+/// Remote objects one job may abandon over its whole life (across attempts
+/// and restarts) before it fails for good: chunk progress resets the retry
+/// budget, so a provider whose upload URLs always expire before an upload
+/// can finish (OK.ru replaces the video each time) would otherwise loop,
+/// leaving a trail of half-filled videos.
+const MAX_REPLACEMENTS_PER_JOB: usize = 10;
+
 /// A provider with its settings, backoff and concurrency limit.
 pub struct ProviderHandle {
     /// The backend.
@@ -406,6 +413,15 @@ impl Engine {
         session: &crate::providers::Session,
         why: &str,
     ) -> Result<(), Stop> {
+        if job.replaced.len() >= MAX_REPLACEMENTS_PER_JOB {
+            return Err(Stop::Provider(ProviderError::new(
+                ErrorKind::Permanent,
+                format!(
+                    "the provider invalidated {} remote uploads of this file (last: {why}); uploads do not finish within the provider's limits (e.g. upload URL lifetime): check the link speed, chunk_size and the provider account",
+                    job.replaced.len()
+                ),
+            )));
+        }
         tracing::warn!(job = job.id, reason = why, "starting a new remote upload");
         if let Err(e) = provider.abandon(session).await {
             tracing::warn!(job = job.id, error = %e, "could not delete the abandoned upload");
