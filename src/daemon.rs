@@ -37,6 +37,8 @@ pub struct Context {
     pub progress: ProgressBoard,
     /// Watch counters by watch name.
     pub watch_counters: HashMap<String, Arc<WatchCounters>>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
     router: Router,
     new_jobs: mpsc::UnboundedSender<Job>,
@@ -54,10 +56,12 @@ impl Context {
         watch_counters: HashMap<String, Arc<WatchCounters>>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
         let progress = ProgressBoard::default();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let engine = Engine {
             store: store.clone(),
             progress: progress.clone(),
             shutdown,
+            metrics: Arc::clone(&metrics),
         };
         let providers = config
             .providers
@@ -73,6 +77,7 @@ impl Context {
             engine,
             providers,
             progress,
+            metrics,
             watch_counters,
             watch_commands,
             new_jobs: job_tx,
@@ -96,6 +101,16 @@ pub enum DaemonError {
     /// The store could not be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The HTTP status API could not listen.
+    #[error(
+        "cannot listen on http.listen {listen}: {source}; choose a free address or remove `http:`"
+    )]
+    Http {
+        /// The configured address.
+        listen: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The control socket could not be set up.
     #[error("cannot open the control socket {path}: {source}")]
     Control {
@@ -145,6 +160,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         watch_commands,
         watch_counters,
     );
+    let api = match &ctx.config.http {
+        Some(http) => Some(
+            crate::api::serve(Arc::clone(&ctx), &http.listen, stop_rx.clone())
+                .await
+                .map_err(|source| DaemonError::Http {
+                    listen: http.listen.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let control = crate::control::serve(Arc::clone(&ctx), stop_rx.clone())
         .map_err(|(path, source)| DaemonError::Control { path, source })?;
 
@@ -197,6 +223,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     watch_tasks.abort_all();
     control.abort();
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     ctx.store.flush().await?;
     crate::control::remove_socket(&ctx.config.state_dir);
     tracing::info!("stopped; state flushed");
@@ -357,6 +386,11 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
         match end {
             AttemptEnd::Delivered(delivery) => {
                 tracing::info!(remote = %delivery.remote_id, "delivered");
+                let seconds = job
+                    .started_at
+                    .map(|started| (jiff::Timestamp::now() - started).get_seconds() as f64);
+                ctx.metrics
+                    .upload_finished(&job.provider, "delivered", seconds);
                 job.delivery = Some(delivery);
                 if let Some(fingerprint) = &job.fingerprint {
                     ctx.store
@@ -370,6 +404,8 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                     earlier,
                     "same content already delivered to this provider; skipped"
                 );
+                ctx.metrics
+                    .upload_finished(&job.provider, "duplicate", None);
                 job.duplicate_of = Some(earlier);
                 job.transition(JobState::Filing)?;
                 ctx.store.put(job).await?;
@@ -380,10 +416,20 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 let permanent = matches!(error.kind, ErrorKind::Permanent | ErrorKind::Unavailable);
                 if permanent || handle.backoff.exhausted(job.failures) {
                     tracing::error!(error = %error, attempts = job.attempts, "job failed");
+                    ctx.metrics.upload_finished(&job.provider, "failed", None);
                     job.transition(JobState::Failing)?;
                     ctx.store.put(job).await?;
                     continue;
                 }
+                let reason = match error.status {
+                    Some(status) => format!("http_{status}"),
+                    None => format!("{:?}", error.kind).to_ascii_lowercase(),
+                };
+                ctx.metrics.add(
+                    "hotfolder_retries_total",
+                    vec![("provider", job.provider.clone()), ("reason", reason)],
+                    1,
+                );
                 let delay = handle.backoff.delay(job.failures, error.retry_after);
                 tracing::warn!(error = %error, failures = job.failures, retry_in = ?delay, "attempt failed; will retry");
                 ctx.store.put(job).await?;
@@ -392,6 +438,8 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 }
             }
             AttemptEnd::SourceChanged(why) => {
+                ctx.metrics
+                    .upload_finished(&job.provider, "superseded", None);
                 tracing::warn!(reason = %why, "source changed; abandoning this upload, the file will be taken again once stable");
                 if let Some(session) = &job.session
                     && let Err(e) = handle.provider.abandon(session).await

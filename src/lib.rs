@@ -12,6 +12,7 @@
 //! upload`; [`sandbox`] simulates the providers for tests and trials; [`cli`] is
 //! the command line.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod finish;
 pub mod hashing;
 pub mod jobs;
+pub mod metrics;
 pub mod oneshot;
 pub mod providers;
 pub mod retry;

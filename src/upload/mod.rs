@@ -108,6 +108,8 @@ pub struct Engine {
     pub progress: ProgressBoard,
     /// Becomes `true` when the daemon stops taking work.
     pub shutdown: watch::Receiver<bool>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Engine {
@@ -119,8 +121,18 @@ impl Engine {
     /// Cancel-safe at the chunk level: the store always holds a resumable state.
     pub async fn attempt(&self, job: &mut Job, handle: &ProviderHandle) -> AttemptEnd {
         let counters = self.progress.start(job);
+        let sent_before = job.bytes_sent;
         let result = self.attempt_inner(job, handle, &counters).await;
-        job.source_bytes_read += counters.read.load(std::sync::atomic::Ordering::Relaxed);
+        let read = counters.read.load(std::sync::atomic::Ordering::Relaxed);
+        job.source_bytes_read += read;
+        self.metrics
+            .source_bytes_read
+            .fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.add(
+            "hotfolder_bytes_uploaded_total",
+            vec![("provider", handle.config.name.clone())],
+            job.bytes_sent.saturating_sub(sent_before),
+        );
         self.progress.finish(job.id);
         match result {
             Ok(end) => end,

@@ -75,6 +75,11 @@ impl ProgressBoard {
         }
     }
 
+    /// How many attempts are moving bytes now.
+    pub fn in_flight(&self) -> usize {
+        self.live.lock().map_or(0, |live| live.len())
+    }
+
     /// A snapshot of one job, if it is in flight.
     pub fn get(&self, job: u64) -> Option<Progress> {
         let live = self.live.lock().ok()?;

@@ -1,0 +1,210 @@
+//! The HTTP status API (SPEC §5) when `http.listen` is set: `/healthz`,
+//! `/metrics` (Prometheus text), `/api/jobs` (filter with `?state=`),
+//! `/api/jobs/{id}`, `POST /api/jobs/{id}/retry`. With `http.token`, every
+//! route but `/healthz` needs `Authorization: Bearer TOKEN`. Answers never
+//! carry secrets: job views hold no session, URLs or credentials.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::daemon::Context;
+use crate::jobs::{self, JobView};
+use crate::metrics::Gauge;
+use crate::state::{JobState, StoreError};
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+fn store_error(e: &StoreError) -> Response {
+    match e {
+        StoreError::NotFound(id) => error(StatusCode::NOT_FOUND, format!("no job {id}")),
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+/// Bind and serve until shutdown.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn serve(
+    ctx: Arc<Context>,
+    listen: &str,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "HTTP status API listening");
+    let app = router(ctx);
+    Ok(tokio::spawn(async move {
+        let stopped = async move { crate::shutdown::stopped(&mut shutdown).await };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP status API stopped");
+        }
+    }))
+}
+
+/// The routes, with bearer auth on all but `/healthz`.
+pub fn router(ctx: Arc<Context>) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/jobs", get(list))
+        .route("/api/jobs/{id}", get(show))
+        .route("/api/jobs/{id}/retry", post(retry))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&ctx),
+            authorize,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(protected)
+        .with_state(ctx)
+}
+
+async fn authorize(State(ctx): State<Arc<Context>>, request: Request, next: Next) -> Response {
+    let Some(token) = ctx.config.http.as_ref().and_then(|h| h.token.as_ref()) else {
+        return next.run(request).await;
+    };
+    let expected = format!("Bearer {}", token.expose());
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        next.run(request).await
+    } else {
+        let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        response
+    }
+}
+
+/// Compare without an early exit, so timing does not reveal the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct Filter {
+    state: Option<String>,
+}
+
+async fn list(State(ctx): State<Arc<Context>>, Query(filter): Query<Filter>) -> Response {
+    match jobs::status(&ctx.store, Some(&ctx.progress)) {
+        Ok(rows) => {
+            let rows: Vec<JobView> = rows
+                .into_iter()
+                .filter(|r| filter.state.as_deref().is_none_or(|s| r.state == s))
+                .collect();
+            Json(rows).into_response()
+        }
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn show(State(ctx): State<Arc<Context>>, Path(id): Path<u64>) -> Response {
+    match ctx.store.get(id) {
+        Ok(job) => Json(JobView::of(&job, ctx.progress.get(id))).into_response(),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn retry(State(ctx): State<Arc<Context>>, Path(id): Path<u64>) -> Response {
+    match jobs::retry(&ctx.store, &ctx.config, id).await {
+        Ok(job) => {
+            let view = JobView::of(&job, None);
+            ctx.spawn_job(job);
+            Json(view).into_response()
+        }
+        Err(jobs::RetryError::Store(e)) => store_error(&e),
+        Err(e @ jobs::RetryError::NotFailed { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    }
+}
+
+async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
+    let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for state in [
+        JobState::Queued,
+        JobState::Creating,
+        JobState::Uploading,
+        JobState::Finalizing,
+        JobState::Filing,
+        JobState::Done,
+        JobState::Failing,
+        JobState::Failed,
+        JobState::Superseded,
+    ] {
+        by_state.insert(state.as_str(), 0);
+    }
+    let jobs = match ctx.store.all() {
+        Ok(jobs) => jobs,
+        Err(e) => return store_error(&e),
+    };
+    for job in &jobs {
+        *by_state.entry(job.state.as_str()).or_default() += 1;
+    }
+    let in_flight = ctx.progress.in_flight() as f64;
+    let waiting = jobs.iter().filter(|j| !j.state.is_terminal()).count() as f64 - in_flight;
+    let mut gauges: Vec<Gauge> = by_state
+        .into_iter()
+        .map(|(state, n)| {
+            (
+                "hotfolder_jobs",
+                "Jobs by state.",
+                vec![("state", state.to_string())],
+                n as f64,
+            )
+        })
+        .collect();
+    gauges.push((
+        "hotfolder_queue_depth",
+        "Unfinished jobs not uploading right now.",
+        vec![],
+        waiting.max(0.0),
+    ));
+    gauges.push((
+        "hotfolder_uploads_in_flight",
+        "Uploads moving bytes right now.",
+        vec![],
+        in_flight,
+    ));
+    for (watch, counters) in &ctx.watch_counters {
+        use std::sync::atomic::Ordering;
+        gauges.push((
+            "hotfolder_files_detected_total",
+            "Files found complete and offered, by watch.",
+            vec![("watch", watch.clone())],
+            counters.detected.load(Ordering::Relaxed) as f64,
+        ));
+        gauges.push((
+            "hotfolder_files_vanished_total",
+            "Files that disappeared before they were complete, by watch.",
+            vec![("watch", watch.clone())],
+            counters.vanished.load(Ordering::Relaxed) as f64,
+        ));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ctx.metrics.render(&gauges),
+    )
+        .into_response()
+}
