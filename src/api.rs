@@ -59,6 +59,7 @@ pub async fn serve(
 /// The routes, with bearer auth on all but `/healthz`.
 pub fn router(ctx: Arc<Context>) -> Router {
     let protected = Router::new()
+        .route("/", get(page))
         .route("/metrics", get(metrics))
         .route("/api/jobs", get(list))
         .route("/api/jobs/{id}", get(show))
@@ -73,6 +74,20 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .with_state(ctx)
 }
 
+/// The status page: self-contained (no external assets), it polls `/api/jobs`.
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        STATUS_PAGE,
+    )
+        .into_response()
+}
+
 async fn authorize(State(ctx): State<Arc<Context>>, request: Request, next: Next) -> Response {
     let Some(token) = ctx.config.http.as_ref().and_then(|h| h.token.as_ref()) else {
         return next.run(request).await;
@@ -81,8 +96,19 @@ async fn authorize(State(ctx): State<Arc<Context>>, request: Request, next: Next
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // A browser cannot add a header when it opens the page: `/?token=` opens
+    // it, and the page sends the token as a header on every API call.
+    let page_token = (request.uri().path() == "/")
+        .then(|| request.uri().query())
+        .flatten()
+        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")))
+        .map(|t| format!("Bearer {t}"));
+    if given
+        .or(page_token)
+        .is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes()))
+    {
         next.run(request).await
     } else {
         let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");

@@ -1,0 +1,140 @@
+//! The status page in a real browser (Debian's headless Chromium): loaded
+//! while an upload runs, it shows the job uploading with its progress, a
+//! failed job with its reason and a Retry button. A screenshot is kept in
+//! `target/test-artifacts/status-page.png`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::sandbox::{Sandbox, http};
+use common::{Fixture, in_state, wait_for, write_random};
+
+const TOKEN: &str = "page-token-8c2f";
+
+fn chromium() -> &'static str {
+    let path = "/usr/bin/chromium";
+    assert!(
+        Path::new(path).exists(),
+        "Debian's chromium is not installed at {path}; run scripts/test (it installs it with apt-get)"
+    );
+    path
+}
+
+/// Run headless Chromium on `url` with `extra` arguments; answers stdout.
+fn browse(url: &str, extra: &[&str], profile: &Path) -> String {
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=4000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_page_shows_live_progress_failures_and_a_retry_button() {
+    let address = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let fx = Fixture::with_config(
+        "",
+        "",
+        &format!("http: {{ listen: \"{address}\", token: \"{TOKEN}\" }}"),
+    );
+    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &["--throttle", "1MiB"]);
+    // Route the big file to the slow tus sandbox, everything else to the folder.
+    let text = std::fs::read_to_string(&fx.config).unwrap();
+    let text = text
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  slow: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
+                sandbox.endpoint()
+            ),
+        )
+        .replace(
+            "rules:\n",
+            "rules:\n  - match: { glob: \"big*\" }\n    provider: slow\n",
+        );
+    fx.write_raw_config(&text);
+    std::fs::write(fx.watch.join("broken.json"), b"{oops").unwrap();
+    write_random(&fx.watch.join("broken.mp4"), 10_000, 1);
+    write_random(&fx.watch.join("big.mp4"), 30 << 20, 2);
+    let _daemon = fx.start();
+    wait_for(
+        "one failed job and one upload under way",
+        Duration::from_secs(30),
+        || {
+            let rows = fx.status();
+            let uploading = rows
+                .iter()
+                .any(|r| r["state"] == "uploading" && r["bytes"].as_u64() > Some(0));
+            (in_state(&rows, "failed").len() == 1 && uploading).then_some(())
+        },
+    );
+
+    // Without the token the page is refused.
+    let (status, _) = http(&address, "GET", "/", &[]).unwrap();
+    assert_eq!(status, 401);
+
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{address}/?token={TOKEN}");
+    let dom = browse(&url, &["--dump-dom"], profile.path());
+    assert!(dom.contains("hotfolder"), "{dom}");
+    assert!(
+        dom.contains("big.mp4") && dom.contains("uploading"),
+        "the upload is listed: {dom}"
+    );
+    assert!(dom.contains("% of 30.0 MiB"), "progress is shown: {dom}");
+    assert!(
+        dom.contains("MiB/s") || dom.contains("KiB/s"),
+        "the rate is shown: {dom}"
+    );
+    assert!(
+        dom.contains("failed") && dom.contains("broken.json"),
+        "the failure and its reason: {dom}"
+    );
+    assert!(dom.contains(">Retry</button>"), "a retry button: {dom}");
+    assert!(
+        dom.contains("<div id=\"error\"></div>"),
+        "no error shown: {dom}"
+    );
+
+    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    browse(
+        &url,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,500",
+        ],
+        profile.path(),
+    );
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 5_000,
+        "a real PNG screenshot"
+    );
+}
