@@ -196,6 +196,22 @@ fn routes_answer_with_auth_on() {
     assert!(!daemon.log().contains(TOKEN), "the log shows the token");
     let check = fx.hotfolder(&["check"]);
     assert!(!String::from_utf8_lossy(&check.stdout).contains(TOKEN));
+    for args in [&["status"][..], &["status", "--json"][..]] {
+        let out = fx.hotfolder(args);
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains(TOKEN),
+            "status {args:?}"
+        );
+    }
+    // Receipts and error reports written so far.
+    for dir in [&fx.done, &fx.failed] {
+        for name in Fixture::files_in(dir) {
+            if name.ends_with(".json") {
+                let text = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+                assert!(!text.contains(TOKEN), "{name} shows the token");
+            }
+        }
+    }
 }
 
 #[test]
