@@ -580,9 +580,11 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
             tracing::error!(error = %e, "cannot write the receipt");
         }
     }
+    // Done is done: a retried error from earlier on would only mislead status.
+    job.last_error = None;
     job.transition(JobState::Done)?;
     ctx.store.put(job).await?;
-    tracing::info!(filed_to = ?job.filed_to, "done");
+    tracing::info!(filed_to = %job.filed_to.as_deref().map_or_else(|| "(left in place)".into(), |p| p.display().to_string()), "done");
     Ok(())
 }
 
@@ -616,7 +618,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     if let Err(e) = finish::write_report(&path, &report) {
         tracing::error!(error = %e, "cannot write the error report");
     }
-    tracing::warn!(reason = report.reason, filed_to = ?job.filed_to, "failed");
+    tracing::warn!(reason = report.reason, filed_to = %job.filed_to.as_deref().map_or_else(|| "(not moved)".into(), |p| p.display().to_string()), "failed");
     job.transition(JobState::Failed)?;
     ctx.store.put(job).await?;
     Ok(())

@@ -36,9 +36,12 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
     };
     let (from_c, to_c) = (c(from)?, c(to)?);
+    // The raw system call, not libc's wrapper: musl (the static build) has
+    // no renameat2 wrapper. ENOSYS on old kernels falls back below.
     // SAFETY: both are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
-        libc::renameat2(
+        libc::syscall(
+            libc::SYS_renameat2,
             libc::AT_FDCWD,
             from_c.as_ptr(),
             libc::AT_FDCWD,

@@ -375,6 +375,7 @@ impl Engine {
             job.failures = 0;
             self.store.put(job).await?;
             self.progress.acked(job.id, acked);
+            tracing::debug!(job = job.id, offset = acked, "chunk acknowledged");
         }
         Ok(())
     }
