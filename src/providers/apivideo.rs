@@ -327,11 +327,7 @@ impl Uploader for ApiVideoProvider {
                 "api.video create: answer without videoId",
             )
         })?;
-        Ok(Session {
-            remote_id: Some(id),
-            upload_url: None,
-            extra: Default::default(),
-        })
+        Ok(Session::for_remote(id))
     }
 
     async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
@@ -350,11 +346,7 @@ impl Uploader for ApiVideoProvider {
             .and_then(Value::as_array)
             .and_then(|items| items.iter().find_map(video_id));
         Ok(match found {
-            Some(id) => Lookup::Found(Session {
-                remote_id: Some(id),
-                upload_url: None,
-                extra: Default::default(),
-            }),
+            Some(id) => Lookup::Found(Session::for_remote(id)),
             None => Lookup::NotFound,
         })
     }
@@ -494,9 +486,7 @@ impl Uploader for ApiVideoProvider {
         _request: &UploadRequest<'_>,
         _sha256: &str,
     ) -> Result<Delivery, ProviderError> {
-        let id = session.remote_id.clone().ok_or_else(|| {
-            ProviderError::new(ErrorKind::Gone, "the job has no api.video video id")
-        })?;
+        let id = session.remote_id_or_gone("api.video")?;
         if !session.extra.contains_key("assets")
             && let Credentials::ApiKey(_) = self.credentials
         {
@@ -533,11 +523,7 @@ impl Uploader for ApiVideoProvider {
         let builder = self
             .request(Method::DELETE, &format!("videos/{id}"))
             .await?;
-        match self.api("api.video delete", builder).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.status == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+        http::gone_is_deleted(self.api("api.video delete", builder).await)
     }
 }
 

@@ -275,11 +275,7 @@ impl Uploader for GcoreProvider {
         })?;
         // The tus session starts in `offset`, once this video id is persisted,
         // so a failure there retries on the same video instead of a new one.
-        Ok(Session {
-            remote_id: Some(id),
-            upload_url: None,
-            extra: Default::default(),
-        })
+        Ok(Session::for_remote(id))
     }
 
     async fn offset(
@@ -289,9 +285,7 @@ impl Uploader for GcoreProvider {
         acknowledged: u64,
     ) -> Result<RemoteOffset, ProviderError> {
         if session.upload_url.is_none() {
-            let video = session.remote_id.clone().ok_or_else(|| {
-                ProviderError::new(ErrorKind::Gone, "the job has no Gcore video id")
-            })?;
+            let video = session.remote_id_or_gone("Gcore")?;
             let (tus, endpoint) = self.start_tus(request, &video).await?;
             session.upload_url = tus.upload_url;
             session.extra.insert("endpoint".into(), json!(endpoint));
@@ -319,10 +313,7 @@ impl Uploader for GcoreProvider {
         _request: &UploadRequest<'_>,
         _sha256: &str,
     ) -> Result<Delivery, ProviderError> {
-        let id = session
-            .remote_id
-            .clone()
-            .ok_or_else(|| ProviderError::new(ErrorKind::Gone, "the job has no Gcore video id"))?;
+        let id = session.remote_id_or_gone("Gcore")?;
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_secs(1);
         let video = loop {
@@ -380,18 +371,14 @@ impl Uploader for GcoreProvider {
         let Some(id) = &session.remote_id else {
             return Ok(());
         };
-        match self
-            .call(
+        http::gone_is_deleted(
+            self.call(
                 "Gcore delete",
                 Method::DELETE,
                 &format!("streaming/videos/{id}"),
                 None,
             )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.status == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+            .await,
+        )
     }
 }

@@ -107,6 +107,18 @@ pub async fn status_error(what: &str, response: Response, secrets: &[&str]) -> P
     }
 }
 
+/// A delete whose object is already gone (404) did what was asked.
+///
+/// # Errors
+/// Any other failure of the delete.
+pub fn gone_is_deleted<T>(result: Result<T, ProviderError>) -> Result<(), ProviderError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.status == Some(404) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Trim and redact an answer body for reports.
 pub fn excerpt(body: &str, secrets: &[&str]) -> Option<String> {
     let mut text: String = body.trim().chars().take(EXCERPT_LIMIT).collect();

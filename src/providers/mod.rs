@@ -58,6 +58,27 @@ pub struct Session {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+impl Session {
+    /// A session that so far knows only the remote object's id.
+    pub fn for_remote(id: String) -> Self {
+        Session {
+            remote_id: Some(id),
+            ..Session::default()
+        }
+    }
+
+    /// The remote id, or a `Gone` error naming the provider (a session
+    /// without one cannot be resumed: a new object is needed).
+    pub fn remote_id_or_gone(&self, provider: &str) -> Result<String, ProviderError> {
+        self.remote_id.clone().ok_or_else(|| {
+            ProviderError::new(
+                ErrorKind::Gone,
+                format!("the job has no {provider} video id"),
+            )
+        })
+    }
+}
+
 /// Where the remote side stands, as the provider can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemoteOffset {

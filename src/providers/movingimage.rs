@@ -299,11 +299,7 @@ impl Uploader for MovingimageProvider {
             )
         })?;
         // The upload URL is fetched in `offset`, after this id is persisted.
-        Ok(Session {
-            remote_id: Some(id),
-            upload_url: None,
-            extra: Default::default(),
-        })
+        Ok(Session::for_remote(id))
     }
 
     async fn offset(
@@ -373,9 +369,7 @@ impl Uploader for MovingimageProvider {
         session: &mut Session,
         _request: &UploadRequest<'_>,
     ) -> Result<(), ProviderError> {
-        let video = session.remote_id.clone().ok_or_else(|| {
-            ProviderError::new(ErrorKind::Gone, "the job has no movingimage video id")
-        })?;
+        let video = session.remote_id_or_gone("movingimage")?;
         session.upload_url = Some(self.fetch_upload_url(&video).await?);
         Ok(())
     }
@@ -386,9 +380,7 @@ impl Uploader for MovingimageProvider {
         _request: &UploadRequest<'_>,
         _sha256: &str,
     ) -> Result<Delivery, ProviderError> {
-        let id = session.remote_id.clone().ok_or_else(|| {
-            ProviderError::new(ErrorKind::Gone, "the job has no movingimage video id")
-        })?;
+        let id = session.remote_id_or_gone("movingimage")?;
         Ok(Delivery {
             url: Some(format!("{}/{}/videos/{id}", self.base, self.video_manager)),
             remote_id: id,
@@ -400,19 +392,15 @@ impl Uploader for MovingimageProvider {
         let Some(id) = &session.remote_id else {
             return Ok(());
         };
-        match self
-            .api(
+        http::gone_is_deleted(
+            self.api(
                 "movingimage delete",
                 Method::DELETE,
                 &format!("videos/{id}"),
                 None,
             )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.status == Some(404) => Ok(()),
-            Err(e) => Err(e),
-        }
+            .await,
+        )
     }
 }
 

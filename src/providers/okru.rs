@@ -314,10 +314,7 @@ impl Uploader for OkruProvider {
         request: &UploadRequest<'_>,
         _sha256: &str,
     ) -> Result<Delivery, ProviderError> {
-        let video_id = session
-            .remote_id
-            .clone()
-            .ok_or_else(|| ProviderError::new(ErrorKind::Gone, "the job has no OK.ru video id"))?;
+        let video_id = session.remote_id_or_gone("OK.ru")?;
         let metadata = request.metadata;
         let title = text(metadata, "title").unwrap_or_else(|| request.file_name.to_string());
         let public = metadata

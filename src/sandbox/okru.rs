@@ -10,7 +10,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -19,11 +19,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use futures_util::StreamExt;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::body::write_body;
 use super::faults::ResetAfter;
 use super::records;
 use super::tokens::now;
@@ -372,38 +372,24 @@ async fn upload(
     if file.seek(SeekFrom::Start(first)).is_err() {
         return (StatusCode::INTERNAL_SERVER_ERROR, "seek failed").into_response();
     }
-    let limit = reset_after.map(|Extension(ResetAfter(n))| n);
-    let mut stream = body.into_data_stream();
-    let mut received = 0u64;
-    let mut broken = false;
-    while let Some(frame) = stream.next().await {
-        let Ok(mut bytes) = frame else {
-            broken = true;
-            break;
-        };
-        let mut cut = false;
-        if let Some(limit) = limit
-            && received + bytes.len() as u64 >= limit
-        {
-            bytes.truncate((limit - received) as usize);
-            cut = true;
-        }
-        if received + bytes.len() as u64 > expected {
-            return (StatusCode::BAD_REQUEST, "body longer than Content-Range").into_response();
-        }
-        sandbox.faults.pace(bytes.len()).await;
-        if file.write_all(&bytes).is_err() {
-            return (StatusCode::INTERNAL_SERVER_ERROR, "write failed").into_response();
-        }
-        received += bytes.len() as u64;
-        sandbox
-            .okru
-            .with(id, |v| v.bytes_received += bytes.len() as u64);
-        if cut {
-            broken = true;
-            break;
-        }
-    }
+    let cut_after = reset_after.map(|Extension(ResetAfter(n))| n);
+    let outcome = write_body(
+        &sandbox.faults,
+        body.into_data_stream(),
+        &mut file,
+        expected,
+        cut_after,
+        |bytes| {
+            sandbox
+                .okru
+                .with(id, |v| v.bytes_received += bytes.len() as u64);
+        },
+    )
+    .await;
+    let Ok(arrived) = outcome else {
+        return (StatusCode::BAD_REQUEST, "body longer than Content-Range").into_response();
+    };
+    let (received, broken) = (arrived.bytes, arrived.broken);
     // A chunk counts only when whole: the range must be stored completely.
     let complete_chunk = !broken && received == expected;
     let snapshot = sandbox.okru.with(id, |v| {
@@ -415,10 +401,12 @@ async fn upload(
     if let Some(video) = &snapshot {
         save(&sandbox, video);
     }
+    if arrived.cut
+        && let Some(Extension(reset)) = reset
+    {
+        return reset.drop_connection().await;
+    }
     if broken {
-        if let (Some(_), Some(Extension(reset))) = (limit, reset) {
-            return reset.drop_connection().await;
-        }
         return (StatusCode::BAD_REQUEST, "connection broke").into_response();
     }
     if received < expected {

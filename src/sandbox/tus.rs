@@ -9,7 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -21,10 +21,10 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use super::body::write_body;
 use super::faults::ResetAfter;
 use super::tokens::now;
 use super::{ConnectionReset, Sandbox, records};
@@ -500,45 +500,32 @@ async fn receive(
         .map_err(|_| refuse(StatusCode::NOT_FOUND, "upload data missing"))?;
     file.seek(SeekFrom::Start(offset))
         .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "seek failed"))?;
-    let limit = reset_after.map(|Extension(ResetAfter(n))| n);
-    let mut stream = body.into_data_stream();
-    let mut received: u64 = 0;
-    let mut broken = false;
-    while let Some(frame) = stream.next().await {
-        let Ok(mut bytes) = frame else {
-            broken = true;
-            break;
-        };
-        let mut cut = false;
-        if let Some(limit) = limit
-            && received + bytes.len() as u64 >= limit
-        {
-            bytes.truncate((limit - received) as usize);
-            cut = true;
-        }
-        if offset + received + bytes.len() as u64 > length {
-            return Err(refuse(
-                StatusCode::BAD_REQUEST,
-                "body goes past Upload-Length",
-            ));
-        }
-        sandbox.faults.pace(bytes.len()).await;
-        file.write_all(&bytes)
-            .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "sandbox write failed"))?;
-        match &mut checksum {
-            Some(Checksum::Sha1(h, _)) => h.update(&bytes),
-            Some(Checksum::Sha256(h, _)) => h.update(&bytes),
-            None => {}
-        }
-        received += bytes.len() as u64;
-        sandbox
-            .tus
-            .with(id, |u| u.bytes_received += bytes.len() as u64);
-        if cut {
-            broken = true;
-            break;
-        }
-    }
+    let cut_after = reset_after.map(|Extension(ResetAfter(n))| n);
+    let outcome = write_body(
+        &sandbox.faults,
+        body.into_data_stream(),
+        &mut file,
+        length - offset,
+        cut_after,
+        |bytes| {
+            match &mut checksum {
+                Some(Checksum::Sha1(h, _)) => h.update(bytes),
+                Some(Checksum::Sha256(h, _)) => h.update(bytes),
+                None => {}
+            }
+            sandbox
+                .tus
+                .with(id, |u| u.bytes_received += bytes.len() as u64);
+        },
+    )
+    .await;
+    let Ok(arrived) = outcome else {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "body goes past Upload-Length",
+        ));
+    };
+    let (received, broken) = (arrived.bytes, arrived.broken);
     let verified = match checksum {
         None => true,
         Some(_) if broken => false,
@@ -557,8 +544,7 @@ async fn receive(
     if let Some(upload) = &upload {
         save(sandbox, upload);
     }
-    if limit.is_some()
-        && broken
+    if arrived.cut
         && let Some(Extension(reset)) = reset
     {
         return Err(reset.drop_connection().await);
