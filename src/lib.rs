@@ -18,6 +18,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod finish;
+pub mod group_commit;
 pub mod hashing;
 pub mod jobs;
 pub mod metrics;

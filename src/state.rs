@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::group_commit::GroupCommit;
 use crate::hashing::ResumableSha256;
 use crate::providers::{Delivery, Session};
 
@@ -335,7 +336,7 @@ pub enum StoreError {
 /// The sled-backed job store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
+    commit: GroupCommit,
     jobs: sled::Tree,
     sources: sled::Tree,
     delivered: sled::Tree,
@@ -378,12 +379,18 @@ impl Store {
                     hint,
                 }
             })?;
+        let flushed = db.clone();
         Ok(Store {
+            // Not `flush_async`: in sled 0.34 concurrent `flush_async` calls
+            // can miss their wake-up and hang forever (spacejam/sled#1308,
+            // #1241), which froze every job of a busy daemon. The blocking
+            // `flush` has no such problem; the group commit runs it on the
+            // blocking pool, one at a time, for everyone waiting.
+            commit: GroupCommit::new(move || flushed.flush().map(drop).map_err(|e| e.to_string())),
             jobs: db.open_tree("jobs")?,
             sources: db.open_tree("sources")?,
             delivered: db.open_tree("delivered")?,
             meta: db.open_tree("meta")?,
-            db,
         })
     }
 
@@ -438,15 +445,10 @@ impl Store {
     /// # Errors
     /// Database failure.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        // Not `flush_async`: in sled 0.34 concurrent `flush_async` calls can
-        // miss their wake-up and hang forever (spacejam/sled#1308, #1241),
-        // which froze every job of a busy daemon. The blocking `flush` has no
-        // such problem; it runs on the blocking pool.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        self.commit
+            .flush()
             .await
-            .map_err(|e| sled::Error::Io(std::io::Error::other(e)))??;
-        Ok(())
+            .map_err(|e| StoreError::from(sled::Error::Io(std::io::Error::other(e))))
     }
 
     /// Read one job.

@@ -7,6 +7,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::{
     Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
@@ -17,17 +19,39 @@ use crate::hashing;
 pub const PARTIAL_DIR: &str = ".hotfolder-partial";
 
 /// Markers of delivered jobs older than this are swept when jobs start.
-const MARKER_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+const MARKER_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Markers are swept at most this often: a sweep reads the whole partial
+/// folder, which holds a marker per delivery of the last week, so sweeping
+/// at every job made a burst of small files quadratic.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// Delivers into a directory.
 pub struct FolderProvider {
     dest: PathBuf,
+    /// When markers were last swept (`None`: not yet since start).
+    last_sweep: Mutex<Option<Instant>>,
 }
 
 impl FolderProvider {
     /// A provider writing below `dest`.
     pub fn new(dest: PathBuf) -> Self {
-        FolderProvider { dest }
+        FolderProvider {
+            dest,
+            last_sweep: Mutex::new(None),
+        }
+    }
+
+    /// True when a marker sweep is due; marks it done.
+    fn sweep_due(&self) -> bool {
+        let Ok(mut last) = self.last_sweep.lock() else {
+            return false;
+        };
+        let due = last.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
     }
 
     fn partial_dir(&self) -> PathBuf {
@@ -61,10 +85,13 @@ impl Uploader for FolderProvider {
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
         let dir = self.partial_dir();
         let partial = dir.join(request.job_id.to_string());
+        let sweep = self.sweep_due();
         blocking(move || {
             fs::create_dir_all(&dir)
                 .map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
-            sweep_old_markers(&dir);
+            if sweep {
+                sweep_old_markers(&dir);
+            }
             OpenOptions::new()
                 .create(true)
                 .truncate(true)

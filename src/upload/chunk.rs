@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::Stream;
+use tokio::task::JoinHandle;
 
 use crate::hashing::ResumableSha256;
 
@@ -57,7 +58,12 @@ pub struct Chunk {
     /// Chunks in the whole file.
     pub count: u64,
     file: Arc<File>,
-    position: u64,
+    /// Where the next read starts (one piece ahead of what was handed out).
+    read_position: u64,
+    /// The read of the next piece, started before it is asked for. Dropped
+    /// with the chunk when a send fails: the read then only touches this
+    /// chunk's own hasher, which the engine discards.
+    ahead: Option<JoinHandle<io::Result<Bytes>>>,
     hasher: Arc<Mutex<ResumableSha256>>,
     counters: Arc<Counters>,
 }
@@ -82,7 +88,8 @@ impl Chunk {
             index: start / chunk_size.max(1),
             count: total.div_ceil(chunk_size.max(1)).max(1),
             file,
-            position: start,
+            read_position: start,
+            ahead: None,
             hasher,
             counters,
         }
@@ -100,18 +107,43 @@ impl Chunk {
 
     /// The next piece of at most [`PIECE`] bytes, or `None` at the chunk's end.
     ///
+    /// Reads one piece ahead: while the caller sends (or writes) this piece,
+    /// the next one is read and hashed on the blocking pool, so reading and
+    /// hashing overlap the network instead of adding to it.
+    ///
     /// # Errors
     /// An I/O error, or `UnexpectedEof` when the source shrank.
     pub async fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
-        let remaining = self.end() - self.position;
+        let reading = match self.ahead.take() {
+            Some(reading) => reading,
+            None => match self.start_read() {
+                Some(reading) => reading,
+                None => return Ok(None),
+            },
+        };
+        let piece = reading.await.map_err(io::Error::other)??;
+        self.ahead = self.start_read();
+        self.counters
+            .in_flight
+            .fetch_add(piece.len() as u64, Ordering::Relaxed);
+        Ok(Some(piece))
+    }
+
+    /// Start reading (and hashing) the piece at `read_position`, if any is
+    /// left. Reads are strictly one at a time, so the hash sees the pieces
+    /// in order.
+    fn start_read(&mut self) -> Option<JoinHandle<io::Result<Bytes>>> {
+        let remaining = self.end() - self.read_position;
         if remaining == 0 {
-            return Ok(None);
+            return None;
         }
         let want = remaining.min(PIECE) as usize;
         let file = Arc::clone(&self.file);
         let hasher = Arc::clone(&self.hasher);
-        let offset = self.position;
-        let piece = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
+        let counters = Arc::clone(&self.counters);
+        let offset = self.read_position;
+        self.read_position += want as u64;
+        Some(tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
             let mut buf = vec![0u8; want];
             let mut filled = 0;
             while filled < want {
@@ -128,18 +160,9 @@ impl Chunk {
                 .lock()
                 .map_err(|_| io::Error::other("hash state poisoned"))?
                 .update(&buf);
+            counters.read.fetch_add(want as u64, Ordering::Relaxed);
             Ok(Bytes::from(buf))
-        })
-        .await
-        .map_err(io::Error::other)??;
-        self.position += piece.len() as u64;
-        self.counters
-            .read
-            .fetch_add(piece.len() as u64, Ordering::Relaxed);
-        self.counters
-            .in_flight
-            .fetch_add(piece.len() as u64, Ordering::Relaxed);
-        Ok(Some(piece))
+        }))
     }
 
     /// The digest of this chunk's bytes, for protocols that want a checksum
