@@ -12,7 +12,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde_json::{Value, json};
 
 use super::http::{self, excerpt, status_error, transport_error};
-use super::token::{Refusal, Token, TokenCache};
+use super::token::{self, Refusal, Token, TokenCache};
 use super::{
     Chunk, Delivery, ErrorKind, Lookup, ProviderError, RemoteOffset, Session, UploadRequest,
     Uploader,
@@ -127,19 +127,16 @@ impl ApiVideoProvider {
             .map_err(|e| transport_error("api.video authentication", &e))?;
         let status = response.status();
         if !status.is_success() {
-            let mut error = self.error("api.video authentication", response).await;
-            if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
-                error.kind = ErrorKind::Permanent;
-                if refresh.is_none() {
-                    error.message.push_str(match status.as_u16() {
-                        404 | 405 => {
-                            "; no authentication endpoint there: check base_url (or environment)"
-                        }
-                        _ => "; the API key was refused: check api_key",
-                    });
-                }
-            }
-            return Err(error);
+            let error = self.error("api.video authentication", response).await;
+            return Err(token::login_refused(
+                error,
+                status,
+                refresh.is_some(),
+                token::LoginHints {
+                    no_endpoint: "; no authentication endpoint there: check base_url (or environment)",
+                    refused: "; the API key was refused: check api_key",
+                },
+            ));
         }
         let value: Value = response
             .json()

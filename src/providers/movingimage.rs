@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::http::{self, excerpt, status_error, transport_error};
-use super::token::{Refusal, Token, TokenCache};
+use super::token::{self, Refusal, Token, TokenCache};
 use super::{
     Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
 };
@@ -153,17 +153,16 @@ impl MovingimageProvider {
             .map_err(|e| transport_error("movingimage login", &e))?;
         let status = response.status();
         if !status.is_success() {
-            let mut error = self.error("movingimage login", response).await;
-            if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
-                error.kind = ErrorKind::Permanent;
-                if refresh.is_none() {
-                    error.message.push_str(match status.as_u16() {
-                        404 | 405 => "; no token endpoint there: check auth_url",
-                        _ => "; the user name or password was refused: check username and password",
-                    });
-                }
-            }
-            return Err(error);
+            let error = self.error("movingimage login", response).await;
+            return Err(token::login_refused(
+                error,
+                status,
+                refresh.is_some(),
+                token::LoginHints {
+                    no_endpoint: "; no token endpoint there: check auth_url",
+                    refused: "; the user name or password was refused: check username and password",
+                },
+            ));
         }
         let value: Value = response
             .json()

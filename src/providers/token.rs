@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use super::ProviderError;
+use reqwest::StatusCode;
+
+use super::{ErrorKind, ProviderError};
 
 /// Refresh this long before expiry, or at a fifth of a short lifetime.
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
@@ -139,6 +141,35 @@ impl TokenCache {
             Err(_) => Vec::new(),
         }
     }
+}
+
+/// What an operator should check when a login is refused.
+pub struct LoginHints {
+    /// The address answered 404/405: no login endpoint there.
+    pub no_endpoint: &'static str,
+    /// Any other client error: the credentials were refused.
+    pub refused: &'static str,
+}
+
+/// Classify a refused login answer: a client error other than 429 will not
+/// change by retrying, so it is permanent; a first login (not a refresh)
+/// also names the setting to check.
+pub fn login_refused(
+    mut error: ProviderError,
+    status: StatusCode,
+    refreshing: bool,
+    hints: LoginHints,
+) -> ProviderError {
+    if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+        error.kind = ErrorKind::Permanent;
+        if !refreshing {
+            error.message.push_str(match status.as_u16() {
+                404 | 405 => hints.no_endpoint,
+                _ => hints.refused,
+            });
+        }
+    }
+    error
 }
 
 #[cfg(test)]

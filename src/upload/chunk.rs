@@ -62,6 +62,45 @@ impl Drop for PooledPiece {
     }
 }
 
+/// Fill `buf` from `file` at `offset`; a short file is `UnexpectedEof`,
+/// which the engine reports as a source that changed.
+fn read_source_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the source file became shorter while it was being read",
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// Read `start..end` of `file` a piece at a time, handing each piece to
+/// `each` and counting it as read; memory stays one piece.
+///
+/// # Errors
+/// I/O errors, or `UnexpectedEof` when the file is shorter than `end`.
+pub(crate) fn read_range(
+    file: &File,
+    start: u64,
+    end: u64,
+    counters: &Counters,
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    let mut buf = vec![0u8; (end - start).min(PIECE) as usize];
+    let mut position = start;
+    while position < end {
+        let want = (end - position).min(PIECE) as usize;
+        read_source_at(file, &mut buf[..want], position)?;
+        each(&buf[..want]);
+        counters.read.fetch_add(want as u64, Ordering::Relaxed);
+        position += want as u64;
+    }
+    Ok(())
+}
+
 /// Per-chunk checksum algorithms a protocol may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChecksumAlgorithm {
@@ -190,22 +229,11 @@ impl Chunk {
         self.read_position += want as u64;
         Some(tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
             let mut piece = PooledPiece::with_len(want);
-            let buf = &mut piece.0;
-            let mut filled = 0;
-            while filled < want {
-                let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the source file became shorter while it was being read",
-                    ));
-                }
-                filled += n;
-            }
+            read_source_at(&file, &mut piece.0, offset)?;
             hasher
                 .lock()
                 .map_err(|_| io::Error::other("hash state poisoned"))?
-                .update(buf);
+                .update(&piece.0);
             counters.read.fetch_add(want as u64, Ordering::Relaxed);
             Ok(Bytes::from_owner(piece))
         }))
@@ -225,24 +253,10 @@ impl Chunk {
         tokio::task::spawn_blocking(move || {
             let mut sha1 = sha1::Sha1::new();
             let mut sha256 = sha2::Sha256::new();
-            let mut buf = vec![0u8; PIECE as usize];
-            let mut position = start;
-            while position < end {
-                let want = (end - position).min(PIECE) as usize;
-                let n = file.read_at(&mut buf[..want], position)?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the source file became shorter",
-                    ));
-                }
-                match algorithm {
-                    ChecksumAlgorithm::Sha1 => sha1.update(&buf[..n]),
-                    ChecksumAlgorithm::Sha256 => sha256.update(&buf[..n]),
-                }
-                counters.read.fetch_add(n as u64, Ordering::Relaxed);
-                position += n as u64;
-            }
+            read_range(&file, start, end, &counters, |piece| match algorithm {
+                ChecksumAlgorithm::Sha1 => sha1.update(piece),
+                ChecksumAlgorithm::Sha256 => sha256.update(piece),
+            })?;
             Ok(match algorithm {
                 ChecksumAlgorithm::Sha1 => sha1.finalize().to_vec(),
                 ChecksumAlgorithm::Sha256 => sha256.finalize().to_vec(),

@@ -20,7 +20,7 @@ use crate::providers::{
 };
 use crate::retry::Backoff;
 use crate::state::{ErrorInfo, FileSignature, Job, JobState, Store, StoreError};
-use chunk::{Chunk, Counters, PIECE};
+use chunk::{Chunk, Counters};
 use progress::ProgressBoard;
 
 /// In-attempt recoveries (offset re-query, URL renewal, re-authentication)
@@ -597,22 +597,10 @@ async fn catch_up(
     let file = Arc::clone(file);
     let counters = Arc::clone(counters);
     blocking_io(move || {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; PIECE as usize];
-        while hasher.length() < target {
-            let want = (target - hasher.length()).min(PIECE) as usize;
-            let n = file.read_at(&mut buf[..want], hasher.length())?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "source shorter than the acknowledged offset",
-                ));
-            }
-            counters
-                .read
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            hasher.update(&buf[..n]);
-        }
+        let start = hasher.length();
+        chunk::read_range(&file, start, target, &counters, |piece| {
+            hasher.update(piece);
+        })?;
         Ok(hasher)
     })
     .await
