@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,7 +14,8 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{AfterSuccess, Config, Duplicates, Unmatched, WatchConfig};
-use crate::finish::{self, DuplicateOf, ErrorReport, Receipt};
+use crate::finish::{self, Carried, DuplicateOf, ErrorReport, Receipt};
+use crate::lifecycle::Outcome;
 use crate::providers::{ErrorKind, ProviderError, Uploader};
 use crate::route::{FileFacts, Router};
 use crate::state::{Job, JobState, Store, StoreError};
@@ -268,7 +270,7 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
     };
     if let Some(reason) = failure {
         note_failure(&mut job, &ProviderError::new(ErrorKind::Permanent, reason));
-        job.transition(JobState::Failing)?;
+        job.apply(Outcome::Permanent);
     }
     ctx.store.put(&mut job).await?;
     tracing::info!(job = job.id, watch = %job.watch, file = %job.relpath.display(), provider = %job.provider, "new job");
@@ -330,7 +332,7 @@ async fn route_retried(ctx: &Context, job: &mut Job) -> Result<(), StoreError> {
     };
     if let Some(reason) = failure {
         note_failure(job, &ProviderError::new(ErrorKind::Permanent, reason));
-        job.transition(JobState::Failing)?;
+        job.apply(Outcome::Permanent);
     } else {
         tracing::info!(provider = %job.provider, "retried job routed");
     }
@@ -343,10 +345,95 @@ fn unrouted(job: &Job) -> bool {
     job.state == JobState::Queued && job.rule.is_none() && !job.watch.is_empty()
 }
 
-/// Drive one job to a terminal state, or until shutdown.
-pub async fn run_job(ctx: Arc<Context>, mut job: Job) {
+/// Drive one job to a terminal state, or until shutdown. The job runs in a
+/// task of its own so that an error or a panic inside it is caught here:
+/// logged with the job id, counted, recorded on the job (so `status` shows
+/// it), and the job is tried again after a backoff, or failed with a
+/// report once its retry budget is spent. A job is never left silently
+/// unfinished.
+pub async fn run_job(ctx: Arc<Context>, job: Job) {
+    let id = job.id;
     let span = tracing::info_span!("job", id = job.id, file = %job.relpath.display(), provider = %job.provider);
-    let _ = tracing::Instrument::instrument(drive(&ctx, &mut job), span).await;
+    let mut job = Some(job);
+    let mut task_failures = 0u32;
+    loop {
+        let owned = ctx.clone();
+        let start = job.take();
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut job = match start {
+                    Some(job) => job,
+                    None => owned.store.get(id)?,
+                };
+                drive(&owned, &mut job).await
+            },
+            span.clone(),
+        ));
+        let why = match task.await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
+            Err(_) => return, // cancelled: the daemon is stopping
+        };
+        task_failures += 1;
+        ctx.metrics.add("hotfolder_job_task_failures_total", vec![], 1);
+        tracing::error!(job = id, error = %why, "job task failed (a bug or a store failure); recorded on the job");
+        match record_task_failure(&ctx, id, &why, task_failures).await {
+            Some(delay) => {
+                if !ctx.engine.pause(delay).await {
+                    return;
+                }
+            }
+            None => return,
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Note a failed job task on its record. Answers how long to wait before
+/// running it again, or `None` when it should not run again now: it is
+/// finished, or the store cannot be read, or it is stuck in filing (then
+/// it shows in `status` with the reason and is tried at the next start).
+async fn record_task_failure(ctx: &Context, id: u64, why: &str, failures: u32) -> Option<Duration> {
+    let mut job = match ctx.store.get(id) {
+        Ok(job) => job,
+        Err(e) => {
+            tracing::error!(job = id, error = %e, "cannot read the job after its task failed; it resumes at the next start");
+            return None;
+        }
+    };
+    if job.state.is_terminal() {
+        return None;
+    }
+    let backoff = ctx
+        .providers
+        .get(&job.provider)
+        .map_or_else(|| crate::retry::Backoff::new(Default::default()), |h| h.backoff);
+    let reason = format!("internal error in job {id}: {why}");
+    note_failure(&mut job, &ProviderError::new(ErrorKind::Transient, reason));
+    let exhausted = backoff.exhausted(failures);
+    if exhausted && job.state.is_uploading() {
+        job.apply(Outcome::Permanent);
+    } else if exhausted {
+        let _ = ctx.store.put(&mut job).await;
+        return None;
+    }
+    if let Err(e) = ctx.store.put(&mut job).await {
+        tracing::error!(job = id, error = %e, "cannot record the failure; the job resumes at the next start");
+        return None;
+    }
+    Some(if exhausted {
+        Duration::ZERO
+    } else {
+        backoff.delay(failures, None)
+    })
 }
 
 async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
@@ -358,6 +445,13 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
             JobState::Failing => return file_failed(ctx, job).await,
             _ => {}
         }
+        if job.filing.is_some() || job.filed_to.is_some() {
+            // A retried job whose file is not back in the watch folder yet.
+            if !bring_back(ctx, job).await? {
+                return Ok(());
+            }
+            continue;
+        }
         if unrouted(job) {
             route_retried(ctx, job).await?;
             continue;
@@ -368,7 +462,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 job.provider, job.id
             );
             note_failure(job, &ProviderError::new(ErrorKind::Permanent, reason));
-            job.transition(JobState::Failing)?;
+            job.apply(Outcome::Permanent);
             ctx.store.put(job).await?;
             continue;
         };
@@ -381,6 +475,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
             } => permits,
         };
         job.attempts += 1;
+        crate::failpoint::active("job::attempt");
         let end = ctx.engine.attempt(job, &handle).await;
         drop(permits);
         match end {
@@ -396,7 +491,8 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                     ctx.store
                         .record_delivery(&job.provider, fingerprint, job.id)?;
                 }
-                job.transition(JobState::Filing)?;
+                crate::failpoint::crash("finalize::after");
+                job.apply(Outcome::Delivered);
                 ctx.store.put(job).await?;
             }
             AttemptEnd::Duplicate(earlier) => {
@@ -407,7 +503,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 ctx.metrics
                     .upload_finished(&job.provider, "duplicate", None);
                 job.duplicate_of = Some(earlier);
-                job.transition(JobState::Filing)?;
+                job.apply(Outcome::Duplicate);
                 ctx.store.put(job).await?;
             }
             AttemptEnd::Failed(error) => {
@@ -417,7 +513,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 if permanent || handle.backoff.exhausted(job.failures) {
                     tracing::error!(error = %error, attempts = job.attempts, "job failed");
                     ctx.metrics.upload_finished(&job.provider, "failed", None);
-                    job.transition(JobState::Failing)?;
+                    job.apply(Outcome::Permanent);
                     ctx.store.put(job).await?;
                     continue;
                 }
@@ -432,6 +528,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 );
                 let delay = handle.backoff.delay(job.failures, error.retry_after);
                 tracing::warn!(error = %error, failures = job.failures, retry_in = ?delay, "attempt failed; will retry");
+                job.apply(Outcome::Transient);
                 ctx.store.put(job).await?;
                 if !ctx.engine.pause(delay).await {
                     return Ok(());
@@ -441,16 +538,10 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 ctx.metrics
                     .upload_finished(&job.provider, "superseded", None);
                 tracing::warn!(reason = %why, "source changed; abandoning this upload, the file will be taken again once stable");
-                if let Some(session) = &job.session
-                    && let Err(e) = handle.provider.abandon(session).await
-                {
-                    tracing::warn!(error = %e, "could not delete the abandoned upload");
-                }
-                job.transition(JobState::Superseded)?;
+                abandon_session(job, &handle).await;
+                job.apply(Outcome::SourceChanged);
                 ctx.store.put(job).await?;
-                if let Some(commands) = ctx.watch_commands.get(&job.watch) {
-                    let _ = commands.send(WatchCommand::Reoffer(job.source.clone()));
-                }
+                reoffer(ctx, job);
                 return Ok(());
             }
             AttemptEnd::Interrupted => {
@@ -461,81 +552,232 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
     }
 }
 
-/// Retry a filing step with backoff until it works or shutdown comes; the
-/// file stays where it is meanwhile (nothing is lost).
-async fn until_filed<T>(
-    ctx: &Context,
-    job: &mut Job,
-    mut step: impl FnMut(&Job) -> Result<T, finish::FilingError>,
-) -> Result<Option<T>, StoreError> {
+/// Give up the job's remote upload (deleted where the protocol allows); one
+/// that cannot be deleted is named in the job's `replaced` list, so the
+/// receipt or report tells someone to remove it.
+async fn abandon_session(job: &mut Job, handle: &ProviderHandle) {
+    let Some(session) = job.session.take() else {
+        return;
+    };
+    if let Err(e) = handle.provider.abandon(&session).await {
+        tracing::warn!(error = %e, "could not delete the abandoned upload");
+        if let Some(name) = session.remote_id.clone().or(session.upload_url.clone()) {
+            job.replaced.push(format!("{name} (not deleted: {e})"));
+        }
+    }
+}
+
+/// Ask the job's watch to look at its source again (it changed).
+fn reoffer(ctx: &Context, job: &Job) {
+    if let Some(commands) = ctx.watch_commands.get(&job.watch) {
+        let _ = commands.send(WatchCommand::Reoffer(job.source.clone()));
+    }
+}
+
+/// How a filing step ended.
+enum Filed {
+    /// The file is here now.
+    At(PathBuf),
+    /// It cannot be moved (gone, or no free name): the job ends with the
+    /// file where it is; the reason is on the job.
+    LeftInPlace,
+    /// Shutdown came while waiting to try again.
+    Stopped,
+}
+
+/// Move the job's source below `root` keeping its relative path, through a
+/// recorded intent (SPEC §3.6): the free name is chosen and persisted
+/// first, then the move is made, then its result recorded. A crash at any
+/// point is finished from the intent by the next start, never repeated.
+/// Transient failures (a full disk, a mount gone) are retried with backoff;
+/// the file stays where it is meanwhile.
+async fn file_below(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, StoreError> {
+    if let Some(filed) = &job.filed_to {
+        return Ok(Filed::At(filed.clone()));
+    }
     let backoff = crate::retry::Backoff::new(
         ctx.providers
             .get(&job.provider)
             .map_or_else(Default::default, |h| h.config.retry),
     );
+    let target = root.join(&job.relpath);
     let mut failures = 0;
     loop {
-        match step(job) {
-            Ok(value) => return Ok(Some(value)),
+        let step = match job.filing.clone() {
+            None => {
+                let (from, to) = (job.source.clone(), target.clone());
+                blocking(move || crate::finish::plan(&from, &to))
+                    .await
+                    .map(|intent| (Some(intent), None))
+            }
+            Some(intent) => {
+                let signature = job.signature;
+                blocking(move || crate::finish::carry_out(&intent, &signature))
+                    .await
+                    .map(|carried| (None, Some(carried)))
+            }
+        };
+        match step {
+            Ok((Some(intent), _)) => {
+                job.filing = Some(intent);
+                ctx.store.put(job).await?;
+            }
+            Ok((_, Some(Carried::Moved(to)))) => {
+                crate::failpoint::crash("filing::after_move");
+                job.filed_to = Some(to.clone());
+                job.filing = None;
+                ctx.store.put(job).await?;
+                return Ok(Filed::At(to));
+            }
+            Ok((_, Some(Carried::NameTaken))) => {
+                job.filing = None;
+            }
+            Ok((None, None)) => unreachable_step(),
+            Err(e) if e.permanent => {
+                tracing::error!(error = %e, "cannot file the source; it stays where it is");
+                note_filing_failure(job, &e);
+                job.filing = None;
+                ctx.store.put(job).await?;
+                return Ok(Filed::LeftInPlace);
+            }
             Err(e) => {
                 failures += 1;
                 tracing::error!(error = %e, "cannot file the source; will try again (nothing is lost: the file stays where it is)");
-                let mut info = job.last_error.clone();
-                note_failure(
-                    job,
-                    &ProviderError::new(ErrorKind::Transient, e.to_string()),
-                );
-                if let (Some(previous), Some(now)) = (info.take(), job.last_error.as_mut())
-                    && job.state == JobState::Failing
-                {
-                    // Keep the original failure reason for the report.
-                    now.reason = previous.reason;
-                }
+                note_filing_failure(job, &e);
                 ctx.store.put(job).await?;
                 let delay = backoff
                     .delay(failures.min(20), None)
                     .max(Duration::from_millis(500));
                 if !ctx.engine.pause(delay).await {
-                    return Ok(None);
+                    return Ok(Filed::Stopped);
                 }
             }
         }
     }
 }
 
-/// Move the source below `root` (retrying until it works; `None` on
-/// shutdown), record where it went, then move its sidecar beside it.
-async fn file_with_sidecar(
-    ctx: &Context,
-    job: &mut Job,
-    root: &std::path::Path,
-) -> Result<Option<std::path::PathBuf>, StoreError> {
-    let Some(filed) = until_filed(ctx, job, |job| finish::file_source(job, root)).await? else {
-        return Ok(None);
-    };
-    job.filed_to = Some(filed.clone());
-    ctx.store.put(job).await?;
-    if let Some(sidecar) = job.sidecar.clone().filter(|s| s.exists()) {
-        match finish::file_sidecar(&sidecar, &filed) {
+fn unreachable_step() {
+    tracing::error!("a filing step answered neither an intent nor a result");
+}
+
+/// Record a filing failure, keeping the reason a failing job failed for.
+fn note_filing_failure(job: &mut Job, error: &crate::finish::FilingError) {
+    let original = job.last_error.clone();
+    note_failure(
+        job,
+        &ProviderError::new(ErrorKind::Transient, error.to_string()),
+    );
+    if let (Some(previous), Some(now)) = (original, job.last_error.as_mut())
+        && job.state == JobState::Failing
+    {
+        now.reason = format!("{} (and then: {})", previous.reason, now.reason);
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::finish::FilingError> + Send + 'static,
+) -> Result<T, crate::finish::FilingError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::finish::FilingError {
+                path: PathBuf::new(),
+                message: format!("filing thread failed: {e}"),
+                permanent: false,
+            })
+        })
+}
+
+/// File the source below `root`, then its sidecar beside it.
+async fn file_with_sidecar(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, StoreError> {
+    let filed = file_below(ctx, job, root).await?;
+    if let Filed::At(filed) = &filed
+        && let Some(sidecar) = job.sidecar.clone().filter(|s| s.exists())
+    {
+        let video = filed.clone();
+        match blocking(move || crate::finish::file_sidecar(&sidecar, &video)).await {
             Ok(moved) => job.sidecar_filed_to = Some(moved),
             Err(e) => tracing::warn!(error = %e, "sidecar left in place"),
         }
     }
-    Ok(Some(filed))
+    Ok(filed)
+}
+
+/// Write the job's receipt or error report as `<at><suffix>`, once: the
+/// name is chosen (never one that is taken) and recorded first, so a
+/// restart finds the report it wrote before a crash instead of writing a
+/// second one.
+async fn write_report_once(
+    ctx: &Context,
+    job: &mut Job,
+    at: &Path,
+    suffix: &str,
+    report: &impl serde::Serialize,
+) -> Result<(), StoreError> {
+    if let Some(written) = &job.report
+        && crate::finish::is_report_of(written, job.id)
+    {
+        return Ok(());
+    }
+    let wanted = finish::report_path(at, suffix);
+    for _ in 0..crate::fsx::MAX_NUMBERED {
+        let path = match crate::fsx::free_name(&wanted) {
+            Ok(path) => path,
+            Err(e) => {
+                tracing::error!(path = %wanted.display(), error = %e, "cannot write the report");
+                return Ok(());
+            }
+        };
+        job.report = Some(path.clone());
+        ctx.store.put(job).await?;
+        match finish::write_report(&path, report) {
+            Ok(()) => {
+                crate::failpoint::crash("report::after_write");
+                return Ok(());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot write the report");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
+    if let Some(handle) = ctx.providers.get(&job.provider)
+        && let Some(session) = &job.session
+    {
+        // The delivery is recorded: the provider's own bookkeeping for an
+        // idempotent finalisation (the folder provider's marker) can go.
+        handle.provider.release(session).await;
+    }
     let Some(watch) = ctx.watch(&job.watch).cloned() else {
-        job.transition(JobState::Done)?;
+        job.apply(Outcome::Filed);
         return ctx.store.put(job).await;
     };
+    if job.filed_to.is_none() && job.filing.is_none() && source_changed(job) {
+        // Overwritten after the upload finished: the remote video holds the
+        // earlier version; the new one is taken as a new file.
+        let earlier = job
+            .delivery
+            .as_ref()
+            .map_or_else(|| "(duplicate)".into(), |d| d.remote_id.clone());
+        tracing::warn!(remote = %earlier, "source changed after delivery; the new version will be uploaded as a new file");
+        job.replaced
+            .push(format!("{earlier} (holds the version before the source changed)"));
+        job.apply(Outcome::SourceChanged);
+        ctx.store.put(job).await?;
+        reoffer(ctx, job);
+        return Ok(());
+    }
     let receipt_at = match watch.after_success {
-        AfterSuccess::Move => {
-            let Some(filed) = file_with_sidecar(ctx, job, &watch.done_dir).await? else {
-                return Ok(());
-            };
-            filed
-        }
+        AfterSuccess::Move => match file_with_sidecar(ctx, job, &watch.done_dir).await? {
+            Filed::At(filed) => filed,
+            Filed::LeftInPlace => watch.done_dir.join(&job.relpath),
+            Filed::Stopped => return Ok(()),
+        },
         AfterSuccess::Delete => {
             for path in [Some(job.source.clone()), job.sidecar.clone()]
                 .into_iter()
@@ -575,29 +817,44 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
             }),
             replaced: &job.replaced,
         };
-        let path = finish::report_path(&receipt_at, ".receipt.json");
-        if let Err(e) = finish::write_report(&path, &receipt) {
-            tracing::error!(error = %e, "cannot write the receipt");
-        }
+        let receipt = serde_json::to_value(&receipt).unwrap_or_default();
+        write_report_once(ctx, job, &receipt_at, ".receipt.json", &receipt).await?;
     }
     // Done is done: a retried error from earlier on would only mislead status.
     job.last_error = None;
-    job.transition(JobState::Done)?;
+    job.apply(Outcome::Filed);
     ctx.store.put(job).await?;
     tracing::info!(filed_to = %job.filed_to.as_deref().map_or_else(|| "(left in place)".into(), |p| p.display().to_string()), "done");
     Ok(())
 }
 
+/// The source is there but is not the version this job delivered.
+fn source_changed(job: &Job) -> bool {
+    std::fs::metadata(&job.source)
+        .is_ok_and(|meta| !crate::state::FileSignature::of(&meta).same_content(&job.signature))
+}
+
 async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
+    // A failed upload is given up, not left half-filled on the server (or
+    // as a partial file in a folder destination).
+    if job.session.is_some()
+        && job.delivery.is_none()
+        && let Some(handle) = ctx.providers.get(&job.provider).cloned()
+    {
+        abandon_session(job, &handle).await;
+        ctx.store.put(job).await?;
+    }
     let Some(watch) = ctx.watch(&job.watch).cloned() else {
-        job.transition(JobState::Failed)?;
+        job.apply(Outcome::Filed);
         return ctx.store.put(job).await;
     };
-    let report_at = if job.source.exists() || job.filed_to.is_some() {
-        let Some(filed) = file_with_sidecar(ctx, job, &watch.failed_dir).await? else {
-            return Ok(());
-        };
-        filed
+    let present = job.source.exists() || job.filed_to.is_some() || job.filing.is_some();
+    let report_at = if present {
+        match file_with_sidecar(ctx, job, &watch.failed_dir).await? {
+            Filed::At(filed) => filed,
+            Filed::LeftInPlace => watch.failed_dir.join(&job.relpath),
+            Filed::Stopped => return Ok(()),
+        }
     } else {
         watch.failed_dir.join(&job.relpath)
     };
@@ -614,12 +871,29 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
         failed_at: jiff::Timestamp::now(),
         retry_with: format!("hotfolder retry {}", job.id),
     };
-    let path = finish::report_path(&report_at, ".error.json");
-    if let Err(e) = finish::write_report(&path, &report) {
-        tracing::error!(error = %e, "cannot write the error report");
-    }
-    tracing::warn!(reason = report.reason, filed_to = %job.filed_to.as_deref().map_or_else(|| "(not moved)".into(), |p| p.display().to_string()), "failed");
-    job.transition(JobState::Failed)?;
+    let report = serde_json::to_value(&report).unwrap_or_default();
+    write_report_once(ctx, job, &report_at, ".error.json", &report).await?;
+    tracing::warn!(reason = %error.as_ref().map_or("unknown", |e| e.reason.as_str()), filed_to = %job.filed_to.as_deref().map_or_else(|| "(not moved)".into(), |p| p.display().to_string()), "failed");
+    job.apply(Outcome::Filed);
     ctx.store.put(job).await?;
     Ok(())
+}
+
+/// Finish a `retry`: move the file back from failed/ into the watch
+/// folder through a recorded intent (the job is queued before the file
+/// moves, so the watch never takes it as a new file). Answers false on
+/// shutdown.
+async fn bring_back(ctx: &Context, job: &mut Job) -> Result<bool, StoreError> {
+    match crate::jobs::bring_back(&ctx.store, &ctx.config, job).await {
+        Ok(()) => Ok(true),
+        Err(crate::jobs::RetryError::Store(e)) => Err(e),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot bring the retried file back");
+            note_failure(job, &ProviderError::new(ErrorKind::Permanent, e.to_string()));
+            job.filing = None;
+            job.apply(Outcome::Permanent);
+            ctx.store.put(job).await?;
+            Ok(true)
+        }
+    }
 }

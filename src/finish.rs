@@ -3,182 +3,176 @@
 //! overwriting (numbered suffix), and across filesystems by copy, fsync,
 //! then delete. Every step can be repeated after a crash.
 
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::state::{FileSignature, Job};
+use crate::fsx;
+use crate::state::{FileSignature, FilingIntent};
 
-/// `clip.mp4` → `clip-2.mp4` for n = 2; n = 0 is the path itself.
-pub fn numbered(path: &Path, n: u32) -> PathBuf {
-    if n == 0 {
-        return path.to_path_buf();
-    }
-    let stem = path.file_stem().unwrap_or_default();
-    let mut name = OsString::from(stem);
-    name.push(format!("-{n}"));
-    if let Some(ext) = path.extension() {
-        name.push(".");
-        name.push(ext);
-    }
-    path.with_file_name(name)
-}
-
-/// Rename without replacing an existing file: `AlreadyExists` if taken,
-/// `CrossesDevices` (EXDEV) if on another filesystem.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
-    };
-    let (from_c, to_c) = (c(from)?, c(to)?);
-    // The raw system call, not libc's wrapper: musl (the static build) has
-    // no renameat2 wrapper. ENOSYS on old kernels falls back below.
-    // SAFETY: both are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            from_c.as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    match error.raw_os_error() {
-        // Filesystems without RENAME_NOREPLACE: a hard link is just as exclusive.
-        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
-            fs::hard_link(from, to)?;
-            fs::remove_file(from)
-        }
-        _ => Err(error),
-    }
-}
-
-/// Copy to a hidden temporary beside `to`, fsync, keep the mtime, then
-/// rename into place without replacing; the source is deleted last.
-fn copy_across(from: &Path, to: &Path) -> io::Result<()> {
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(to.file_name().unwrap_or_default());
-    tmp_name.push(".hotfolder-tmp");
-    let tmp = to.with_file_name(tmp_name);
-    {
-        let mut source = File::open(from)?;
-        let mut target = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&tmp)?;
-        io::copy(&mut source, &mut target)?;
-        if let Ok(modified) = source.metadata().and_then(|m| m.modified()) {
-            target.set_modified(modified)?;
-        }
-        target.sync_all()?;
-    }
-    if let Err(e) = rename_noreplace(&tmp, to) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    sync_parent(to);
-    fs::remove_file(from)
-}
-
-fn sync_parent(path: &Path) {
-    if let Some(dir) = path.parent() {
-        crate::providers::sync_dir(dir);
-    }
-}
-
-/// Move `from` to `target` or the first free numbered variant of it.
+/// Choose where `from` goes below `target`: the first free numbered name,
+/// and the hidden temporary a copy across filesystems would use. The
+/// caller records the intent before [`carry_out`] acts on it.
 ///
 /// # Errors
-/// I/O errors other than a taken name.
-pub fn move_unique(from: &Path, target: &Path) -> io::Result<PathBuf> {
+/// [`FilingError`] when the folder cannot be made or no name is free.
+pub fn plan(from: &Path, target: &Path) -> Result<FilingIntent, FilingError> {
     if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent)?;
+        fs::create_dir_all(parent).map_err(|e| FilingError::io(parent, "cannot create folder", e))?;
     }
-    for n in 0..10_000 {
-        let candidate = numbered(target, n);
-        let moved = match rename_noreplace(from, &candidate) {
-            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-                if candidate.exists() {
-                    continue;
-                }
-                copy_across(from, &candidate)
-            }
-            other => other,
-        };
-        match moved {
-            Ok(()) => {
-                sync_parent(&candidate);
-                sync_parent(from);
-                return Ok(candidate);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        format!("no free name for {} after 10000 tries", target.display()),
-    ))
-}
-
-/// Where a source ended up if an earlier (interrupted) filing already moved
-/// it: the numbered variant of `target` with the same size and mtime.
-fn already_filed(target: &Path, signature: &FileSignature) -> Option<PathBuf> {
-    (0..10_000)
-        .map(|n| numbered(target, n))
-        .take_while(|candidate| candidate.exists())
-        .find(|candidate| {
-            fs::metadata(candidate).is_ok_and(|m| FileSignature::of(&m).same_content(signature))
-        })
-}
-
-/// Move the job's source below `root` keeping its relative path; idempotent.
-/// Answers where it went.
-///
-/// # Errors
-/// I/O errors, naming the paths.
-pub fn file_source(job: &Job, root: &Path) -> Result<PathBuf, FilingError> {
-    let target = root.join(&job.relpath);
-    if let Some(done) = &job.filed_to
-        && done.exists()
-        && !job.source.exists()
-    {
-        return Ok(done.clone());
-    }
-    if !job.source.exists() {
-        return already_filed(&target, &job.signature).ok_or_else(|| FilingError {
-            path: job.source.clone(),
-            message: "the source vanished before it could be filed".into(),
-        });
-    }
-    move_unique(&job.source, &target).map_err(|e| FilingError {
-        path: target.clone(),
-        message: format!("cannot move {} there: {e}", job.source.display()),
+    let to = fsx::free_name(target).map_err(|e| FilingError::io(target, "cannot file", e))?;
+    Ok(FilingIntent {
+        from: from.to_path_buf(),
+        temporary: Some(fsx::temporary_beside(&to)),
+        to,
     })
 }
 
-/// Move a sidecar next to where its video was filed, named after it.
+/// What carrying out an intent came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Carried {
+    /// The file is at the intent's `to`.
+    Moved(PathBuf),
+    /// Someone else took the chosen name meanwhile: plan again.
+    NameTaken,
+}
+
+/// Make the move an intent describes, or finish it if a crash interrupted
+/// it: a rename (or a copy through the temporary, then removal of the
+/// source, across filesystems). Idempotent: whatever step a crash stopped
+/// at, calling it again ends with the file at `to` exactly once.
+/// `signature` is the version of the file being moved (a rename keeps its
+/// inode; a copy keeps its size and modification time).
+///
+/// # Errors
+/// [`FilingError`] naming the path; `vanished` when neither the source nor
+/// a finished move exists.
+pub fn carry_out(intent: &FilingIntent, signature: &FileSignature) -> Result<Carried, FilingError> {
+    let FilingIntent {
+        from,
+        to,
+        temporary,
+    } = intent;
+    let source = fs::symlink_metadata(from).ok();
+    let target = fs::symlink_metadata(to).ok();
+    // A rename keeps size and modification time (and the inode, but inode
+    // numbers are reused); a copy keeps size and modification time.
+    let ours = |meta: &fs::Metadata| FileSignature::of(meta).same_content(signature);
+    match (&source, &target) {
+        // Moved before a crash (or by the hard-link fallback, which leaves
+        // two names of one file until the source's name is removed).
+        (None, Some(meta)) if ours(meta) => {
+            remove_temporary(temporary);
+            return Ok(Carried::Moved(to.clone()));
+        }
+        (None, _) => {
+            return Err(FilingError::vanished(from));
+        }
+        (Some(src), Some(dst)) => {
+            // A copy finished before the crash, or a link not yet unlinked.
+            let copied = fsx::same_file(src, dst)
+                || (temporary.is_some()
+                    && ours(dst)
+                    && fsx::same_bytes(from, to).unwrap_or(false));
+            if !copied {
+                return Ok(Carried::NameTaken);
+            }
+            remove_source(from)?;
+            remove_temporary(temporary);
+            return Ok(Carried::Moved(to.clone()));
+        }
+        (Some(_), None) => {}
+    }
+    remove_temporary(temporary);
+    match fsx::rename_noreplace(from, to) {
+        Ok(()) => {
+            fsx::sync_parent(to);
+            fsx::sync_parent(from);
+            Ok(Carried::Moved(to.clone()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Carried::NameTaken),
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+            let temporary = temporary
+                .as_deref()
+                .ok_or_else(|| FilingError::io(to, "cannot copy there", e))?;
+            copy_across(from, temporary, to)
+        }
+        Err(e) => Err(FilingError::io(to, &format!("cannot move {} there", from.display()), e)),
+    }
+}
+
+/// Copy into the hidden temporary, fsync, rename it into place without
+/// replacing, then remove the source: the source goes last.
+fn copy_across(from: &Path, temporary: &Path, to: &Path) -> Result<Carried, FilingError> {
+    fsx::copy_to_temporary(from, temporary)
+        .map_err(|e| FilingError::io(to, &format!("cannot copy {} there", from.display()), e))?;
+    match fsx::rename_noreplace(temporary, to) {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = fs::remove_file(temporary);
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                return Ok(Carried::NameTaken);
+            }
+            return Err(FilingError::io(to, "cannot place the copy", e));
+        }
+    }
+    fsx::sync_parent(to);
+    crate::failpoint::crash("filing::after_copy");
+    remove_source(from)?;
+    Ok(Carried::Moved(to.to_path_buf()))
+}
+
+fn remove_source(from: &Path) -> Result<(), FilingError> {
+    match fs::remove_file(from) {
+        Ok(()) => {
+            fsx::sync_parent(from);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FilingError::io(from, "cannot remove the source after copying it", e)),
+    }
+}
+
+fn remove_temporary(temporary: &Option<PathBuf>) {
+    if let Some(temporary) = temporary {
+        let _ = fs::remove_file(temporary);
+    }
+}
+
+/// Move a sidecar next to where its video was filed, named after it, never
+/// over anything.
 ///
 /// # Errors
 /// I/O errors, naming the paths.
 pub fn file_sidecar(sidecar: &Path, filed_video: &Path) -> Result<PathBuf, FilingError> {
     let ext = sidecar.extension().unwrap_or_default();
     let target = filed_video.with_extension(ext);
-    move_unique(sidecar, &target).map_err(|e| FilingError {
-        path: target,
-        message: format!("cannot move sidecar {} there: {e}", sidecar.display()),
-    })
+    for _ in 0..fsx::MAX_NUMBERED {
+        let to = fsx::free_name(&target).map_err(|e| FilingError::io(&target, "cannot file sidecar", e))?;
+        match fsx::rename_noreplace(sidecar, &to) {
+            Ok(()) => {
+                fsx::sync_parent(&to);
+                return Ok(to);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                let temporary = fsx::temporary_beside(&to);
+                if let Carried::Moved(to) = copy_across(sidecar, &temporary, &to)? {
+                    return Ok(to);
+                }
+            }
+            Err(e) => {
+                return Err(FilingError::io(
+                    &to,
+                    &format!("cannot move sidecar {} there", sidecar.display()),
+                    e,
+                ));
+            }
+        }
+    }
+    Err(FilingError::io(&target, "cannot file sidecar", fsx::no_free_name(&target)))
 }
 
 /// A filing step failed; the file stays where it was.
@@ -189,6 +183,27 @@ pub struct FilingError {
     pub path: PathBuf,
     /// What went wrong.
     pub message: String,
+    /// Trying again cannot help as things stand (the source is gone, no
+    /// free name is left): the job ends with the file left where it is.
+    pub permanent: bool,
+}
+
+impl FilingError {
+    fn io(path: &Path, what: &str, error: io::Error) -> Self {
+        FilingError {
+            path: path.to_path_buf(),
+            permanent: fsx::is_no_free_name(&error),
+            message: format!("{what}: {error}"),
+        }
+    }
+
+    fn vanished(path: &Path) -> Self {
+        FilingError {
+            path: path.to_path_buf(),
+            message: "the file vanished before it could be filed".into(),
+            permanent: true,
+        }
+    }
 }
 
 /// `<file>.receipt.json` or `<file>.error.json` for a filed file.
@@ -198,27 +213,31 @@ pub fn report_path(filed: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Write a JSON report atomically (temp file, fsync, rename).
+/// Write a JSON report as a new file at `path` (temporary, fsync, rename
+/// that never replaces): `AlreadyExists` when the name is taken, so a
+/// report a user may need is never overwritten.
 ///
 /// # Errors
 /// I/O errors, naming the path.
-pub fn write_report(path: &Path, report: &impl Serialize) -> Result<(), FilingError> {
-    let fail = |e: io::Error| FilingError {
-        path: path.to_path_buf(),
-        message: format!("cannot write report: {e}"),
-    };
+pub fn write_report(path: &Path, report: &impl Serialize) -> Result<(), io::Error> {
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(fail)?;
+        fs::create_dir_all(parent)?;
     }
-    let tmp = report_path(path, ".tmp");
-    let body = serde_json::to_vec_pretty(report).map_err(|e| fail(io::Error::other(e)))?;
-    let mut file = File::create(&tmp).map_err(fail)?;
-    file.write_all(&body)
-        .and_then(|()| file.sync_all())
-        .map_err(fail)?;
-    fs::rename(&tmp, path).map_err(fail)?;
-    sync_parent(path);
-    Ok(())
+    let body = serde_json::to_vec_pretty(report).map_err(io::Error::other)?;
+    fsx::write_new(path, &body)
+}
+
+/// True when `path` holds a report written for job `job` (so a restart
+/// after a crash recognises its own report instead of writing another).
+pub fn is_report_of(path: &Path, job: u64) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        job: u64,
+    }
+    fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Head>(&bytes).ok())
+        .is_some_and(|head| head.job == job)
 }
 
 /// The receipt of a delivered (or duplicate-skipped) job.
@@ -298,55 +317,85 @@ pub struct ErrorReport<'a> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn numbered_names() {
-        assert_eq!(
-            numbered(Path::new("/d/clip.mp4"), 0),
-            PathBuf::from("/d/clip.mp4")
-        );
-        assert_eq!(
-            numbered(Path::new("/d/clip.mp4"), 2),
-            PathBuf::from("/d/clip-2.mp4")
-        );
-        assert_eq!(
-            numbered(Path::new("/d/noext"), 1),
-            PathBuf::from("/d/noext-1")
-        );
+    fn signature_of(path: &Path) -> FileSignature {
+        FileSignature::of(&fs::metadata(path).unwrap())
     }
 
     #[test]
-    fn move_never_overwrites() {
+    fn a_taken_name_gets_a_number_and_nothing_is_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a.mp4");
         let target = dir.path().join("out/x.mp4");
         fs::create_dir_all(target.parent().unwrap()).unwrap();
         fs::write(&target, b"existing").unwrap();
         fs::write(&a, b"new").unwrap();
-        let moved = move_unique(&a, &target).unwrap();
-        assert_eq!(moved, dir.path().join("out/x-1.mp4"));
+        let intent = plan(&a, &target).unwrap();
+        assert_eq!(intent.to, dir.path().join("out/x-1.mp4"));
+        let carried = carry_out(&intent, &signature_of(&a)).unwrap();
+        assert_eq!(carried, Carried::Moved(intent.to.clone()));
         assert_eq!(fs::read(&target).unwrap(), b"existing");
-        assert_eq!(fs::read(&moved).unwrap(), b"new");
+        assert_eq!(fs::read(&intent.to).unwrap(), b"new");
         assert!(!a.exists());
     }
 
     #[test]
-    fn cross_device_copy_keeps_content_and_mtime() {
-        // /dev/shm is a different filesystem from the temp dir on most machines;
-        // copy_across is exercised directly either way.
+    fn a_name_taken_after_planning_is_reported_not_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let from = dir.path().join("src.bin");
-        fs::write(&from, vec![7u8; 100_000]).unwrap();
-        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
-        File::options()
-            .write(true)
-            .open(&from)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        let to = dir.path().join("dest.bin");
-        copy_across(&from, &to).unwrap();
-        assert!(!from.exists());
-        assert_eq!(fs::read(&to).unwrap(), vec![7u8; 100_000]);
-        assert_eq!(fs::metadata(&to).unwrap().modified().unwrap(), old);
+        let a = dir.path().join("a.mp4");
+        fs::write(&a, b"new").unwrap();
+        let intent = plan(&a, &dir.path().join("x.mp4")).unwrap();
+        fs::write(&intent.to, b"someone else's").unwrap();
+        assert_eq!(carry_out(&intent, &signature_of(&a)).unwrap(), Carried::NameTaken);
+        assert_eq!(fs::read(&intent.to).unwrap(), b"someone else's");
+        assert!(a.exists());
+    }
+
+    #[test]
+    fn carrying_out_again_after_the_move_finds_it_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.mp4");
+        fs::write(&a, b"content").unwrap();
+        let signature = signature_of(&a);
+        let intent = plan(&a, &dir.path().join("x.mp4")).unwrap();
+        carry_out(&intent, &signature).unwrap();
+        // As after a crash between the rename and the record.
+        assert_eq!(
+            carry_out(&intent, &signature).unwrap(),
+            Carried::Moved(intent.to.clone())
+        );
+        // Another file that appeared under the name is not taken for ours.
+        fs::remove_file(&intent.to).unwrap();
+        fs::write(&intent.to, b"another file, longer").unwrap();
+        assert!(carry_out(&intent, &signature).unwrap_err().permanent);
+    }
+
+    #[test]
+    fn an_interrupted_copy_is_finished_without_a_second_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.mp4");
+        fs::write(&a, vec![3u8; 10_000]).unwrap();
+        let signature = signature_of(&a);
+        let intent = plan(&a, &dir.path().join("x.mp4")).unwrap();
+        // As a crash after the copy was placed, before the source went.
+        fsx::copy_to_temporary(&a, intent.temporary.as_ref().unwrap()).unwrap();
+        fs::rename(intent.temporary.as_ref().unwrap(), &intent.to).unwrap();
+        assert_eq!(
+            carry_out(&intent, &signature).unwrap(),
+            Carried::Moved(intent.to.clone())
+        );
+        assert!(!a.exists());
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.mp4")]);
+    }
+
+    #[test]
+    fn reports_are_never_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clip.mp4.receipt.json");
+        write_report(&path, &serde_json::json!({"job": 1})).unwrap();
+        let e = write_report(&path, &serde_json::json!({"job": 2})).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(is_report_of(&path, 1));
+        assert!(!is_report_of(&path, 2));
     }
 }

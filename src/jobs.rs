@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::finish;
+use crate::finish::{self, Carried};
+use crate::lifecycle::Outcome;
 use crate::state::{Job, JobState, Store, StoreError};
 use crate::upload::progress::{Progress, ProgressBoard};
 
@@ -110,9 +111,13 @@ pub enum RetryError {
     },
 }
 
-/// Put a failed job back in the queue: its file moves back from failed/ to
-/// the watch folder (a numbered name if the old one is taken), the error
-/// report is removed, and the job is `queued` again.
+/// Put a failed job back in the queue: the job is `queued` (and recorded)
+/// first, then its file moves back from failed/ into the watch folder (a
+/// numbered name if the old one is taken) and its error report is removed.
+/// Queued first, so that the watch, seeing the file come back, finds it
+/// covered by this job and never makes a second one; a crash before the
+/// move is finished by the daemon, which brings the file back before it
+/// uploads it.
 ///
 /// # Errors
 /// [`RetryError`] naming the job and the cause.
@@ -124,52 +129,88 @@ pub async fn retry(store: &Store, config: &Config, id: u64) -> Result<Job, Retry
             state: job.state.as_str(),
         });
     }
-    if let Some(filed) = job.filed_to.clone() {
-        let Some(watch) = config.watches.iter().find(|w| w.name == job.watch) else {
-            return Err(RetryError::File {
-                id,
-                message: format!(
-                    "watch {:?} is no longer configured; move {} back by hand",
-                    job.watch,
-                    filed.display()
-                ),
-            });
-        };
-        if !filed.exists() {
-            return Err(RetryError::File {
-                id,
-                message: format!(
-                    "its file is no longer at {}; put it back in the watch folder by hand",
-                    filed.display()
-                ),
-            });
-        }
-        let back = finish::move_unique(&filed, &watch.path.join(&job.relpath)).map_err(|e| {
-            RetryError::File {
-                id,
-                message: format!(
-                    "cannot move {} back into {}: {e}",
-                    filed.display(),
-                    watch.path.display()
-                ),
-            }
-        })?;
-        let _ = std::fs::remove_file(finish::report_path(&filed, ".error.json"));
-        if let Some(sidecar) = job.sidecar_filed_to.take()
-            && sidecar.exists()
-        {
-            job.sidecar = finish::file_sidecar(&sidecar, &back).ok();
-        }
-        job.relpath = back
-            .strip_prefix(&watch.path)
-            .map_or_else(|_| job.relpath.clone(), PathBuf::from);
-        job.source = back;
-        job.filed_to = None;
+    if let Some(report) = job.report.take()
+        && finish::is_report_of(&report, job.id)
+    {
+        let _ = std::fs::remove_file(report);
     }
-    job.transition(JobState::Queued)?;
+    job.apply(Outcome::Retry);
     job.failures = 0;
     job.last_error = None;
-    job.finished_at = None;
     store.put(&mut job).await?;
+    bring_back(store, config, &mut job).await?;
     Ok(job)
+}
+
+/// Move a retried job's file back from failed/ into its watch folder,
+/// recording the chosen name (and the job's new relative path) before the
+/// move. Nothing to do when the file was never moved.
+///
+/// # Errors
+/// [`RetryError`] naming the job and the cause.
+pub async fn bring_back(store: &Store, config: &Config, job: &mut Job) -> Result<(), RetryError> {
+    let id = job.id;
+    let Some(filed) = job.filed_to.clone() else {
+        job.filing = None;
+        return Ok(());
+    };
+    let Some(watch) = config.watches.iter().find(|w| w.name == job.watch) else {
+        return Err(RetryError::File {
+            id,
+            message: format!(
+                "watch {:?} is no longer configured; move {} back by hand",
+                job.watch,
+                filed.display()
+            ),
+        });
+    };
+    let file_error = |message: String| RetryError::File { id, message };
+    for _ in 0..crate::fsx::MAX_NUMBERED {
+        let intent = match job.filing.clone() {
+            Some(intent) => intent,
+            None => {
+                if !filed.exists() {
+                    return Err(file_error(format!(
+                        "its file is no longer at {}; put it back in the watch folder by hand",
+                        filed.display()
+                    )));
+                }
+                let intent = finish::plan(&filed, &watch.path.join(&job.relpath))
+                    .map_err(|e| file_error(format!("cannot move {} back: {e}", filed.display())))?;
+                job.relpath = intent
+                    .to
+                    .strip_prefix(&watch.path)
+                    .map_or_else(|_| job.relpath.clone(), PathBuf::from);
+                job.source = intent.to.clone();
+                job.filing = Some(intent.clone());
+                store.put(job).await?;
+                intent
+            }
+        };
+        let signature = job.signature;
+        let carried = tokio::task::spawn_blocking(move || finish::carry_out(&intent, &signature))
+            .await
+            .map_err(|e| file_error(format!("filing thread failed: {e}")))?
+            .map_err(|e| file_error(format!("cannot move {} back: {e}", filed.display())))?;
+        match carried {
+            Carried::NameTaken => job.filing = None,
+            Carried::Moved(back) => {
+                crate::failpoint::active("retry::after_move");
+                if let Some(sidecar) = job.sidecar_filed_to.take()
+                    && sidecar.exists()
+                {
+                    job.sidecar = finish::file_sidecar(&sidecar, &back).ok();
+                }
+                job.source = back;
+                job.filed_to = None;
+                job.filing = None;
+                store.put(job).await?;
+                return Ok(());
+            }
+        }
+    }
+    Err(file_error(format!(
+        "no free name to move {} back to",
+        filed.display()
+    )))
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    hotfolder::failpoint::setup();
     let cli = match hotfolder::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -160,8 +160,7 @@ async fn prepare(
         match job.state {
             JobState::Done => return Ok(Prepared::AlreadyThere(job.id)),
             JobState::Failed => {
-                job.transition(JobState::Queued)
-                    .map_err(|e| e.to_string())?;
+                job.apply(crate::lifecycle::Outcome::Retry);
                 job.failures = 0;
                 job.last_error = None;
                 store.put(&mut job).await.map_err(|e| e.to_string())?;

@@ -10,10 +10,6 @@ use rand::Rng;
 
 use crate::config::RetryConfig;
 
-/// Longest `Retry-After` we honour; a server asking for more is treated as
-/// asking for this much (the job is retried later, not abandoned).
-const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
-
 /// Backoff decisions for one provider.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -38,7 +34,8 @@ impl Backoff {
 
     /// How long to wait after the `failures`-th consecutive failure (1-based):
     /// a uniformly random time below `min(max, initial * 2^(failures-1))`,
-    /// but never less than the server's `Retry-After`.
+    /// but never less than the server's `Retry-After`, itself capped at
+    /// `max_backoff` (a server asking for a year is asked again later).
     pub fn delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
         let exponent = failures.saturating_sub(1).min(31);
         let ceiling = self
@@ -52,18 +49,22 @@ impl Backoff {
             rand::rng().random_range(Duration::ZERO..=ceiling)
         };
         match retry_after {
-            Some(asked) => jittered.max(asked.min(RETRY_AFTER_CAP)),
+            Some(asked) => jittered.max(asked.min(self.config.max_backoff)),
             None => jittered,
         }
     }
 }
 
 /// Parse a `Retry-After` (or `X-RateLimit-Retry-After`) value: delta seconds
-/// or an HTTP date.
+/// or an HTTP date. Saturating: an absurd number is a very long wait, never
+/// a panic.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        if seconds.is_nan() || seconds < 0.0 {
+            return None;
+        }
+        return Some(Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX));
     }
     let when = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
     let when = SystemTime::from(when);
@@ -116,5 +117,16 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn absurd_retry_after_saturates_and_is_capped_at_max_backoff() {
+        for absurd in ["1e30", "99999999999999999999999", "inf"] {
+            assert_eq!(parse_retry_after(absurd), Some(Duration::MAX), "{absurd}");
+        }
+        assert_eq!(parse_retry_after("-3"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+        let p = policy();
+        assert_eq!(p.delay(1, Some(Duration::MAX)), Duration::from_secs(10));
     }
 }

@@ -8,82 +8,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::group_commit::GroupCommit;
+pub use crate::lifecycle::JobState;
+use crate::lifecycle::{Outcome, next};
 use crate::hashing::ResumableSha256;
 use crate::providers::{Delivery, Session};
 
 /// Version tag written into every job record.
 pub const JOB_RECORD_VERSION: u32 = 1;
-
-/// Where a job stands. Transitions are checked by [`JobState::can_become`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    /// Waiting for a worker.
-    Queued,
-    /// The create call is (or may be) in flight: on restart, look for the
-    /// remote object before creating another.
-    Creating,
-    /// Remote session exists; chunks are going out.
-    Uploading,
-    /// Every byte acknowledged; provider finalisation under way.
-    Finalizing,
-    /// Delivered; the source is being moved to done/ with its receipt.
-    Filing,
-    /// Finished: delivered (or a duplicate skipped) and filed.
-    Done,
-    /// Failed for good; the source is being moved to failed/ with its report.
-    Failing,
-    /// Finished: failed and filed, waiting for `retry`.
-    Failed,
-    /// The source changed or vanished before delivery; a new job takes over.
-    Superseded,
-}
-
-impl JobState {
-    /// No more work will happen on a job in this state (until `retry`).
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Done | JobState::Failed | JobState::Superseded
-        )
-    }
-
-    /// The explicit state machine.
-    pub fn can_become(self, next: JobState) -> bool {
-        use JobState::*;
-        if next == Failing {
-            return !self.is_terminal() && self != Failing;
-        }
-        matches!(
-            (self, next),
-            (Queued, Creating | Uploading | Filing | Superseded)
-                | (Creating, Uploading | Creating | Queued | Superseded)
-                | (
-                    Uploading,
-                    Uploading | Finalizing | Creating | Queued | Superseded
-                )
-                | (Finalizing, Filing | Queued)
-                | (Filing, Done)
-                | (Failing, Failed)
-                | (Failed, Queued)
-        )
-    }
-
-    /// The snake_case name used in status output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Creating => "creating",
-            JobState::Uploading => "uploading",
-            JobState::Finalizing => "finalizing",
-            JobState::Filing => "filing",
-            JobState::Done => "done",
-            JobState::Failing => "failing",
-            JobState::Failed => "failed",
-            JobState::Superseded => "superseded",
-        }
-    }
-}
 
 /// What identifies one version of a source file: if any of it changes, the
 /// content may have changed.
@@ -116,6 +47,19 @@ impl FileSignature {
     pub fn same_content(&self, other: &FileSignature) -> bool {
         self.size == other.size && self.mtime_ns == other.mtime_ns
     }
+}
+
+/// A move recorded before it is made (SPEC §3.6: a crash never loses the
+/// file and never files it twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilingIntent {
+    /// Where the file is.
+    pub from: PathBuf,
+    /// The free name chosen for it.
+    pub to: PathBuf,
+    /// The hidden temporary that a copy across filesystems writes first.
+    #[serde(default)]
+    pub temporary: Option<PathBuf>,
 }
 
 /// The last failure of a job, for status and error reports (secrets removed
@@ -189,6 +133,16 @@ pub struct Job {
     pub filed_to: Option<PathBuf>,
     /// Where the sidecar was filed.
     pub sidecar_filed_to: Option<PathBuf>,
+    /// The move about to be made (into done/ or failed/, or back into the
+    /// watch folder for `retry`), recorded before it is made so that a
+    /// crash in the middle is finished from what was meant.
+    #[serde(default)]
+    pub filing: Option<FilingIntent>,
+    /// The receipt or error report about to be written (or written) for
+    /// this filing: a restart finds its own report instead of writing a
+    /// second one beside it.
+    #[serde(default)]
+    pub report: Option<PathBuf>,
     /// Remote objects abandoned or possibly orphaned on the way.
     pub replaced: Vec<String>,
     /// Created.
@@ -240,6 +194,8 @@ impl Job {
             duplicate_of: None,
             filed_to: None,
             sidecar_filed_to: None,
+            filing: None,
+            report: None,
             replaced: Vec::new(),
             created_at: now,
             started_at: None,
@@ -256,23 +212,20 @@ impl Job {
         )
     }
 
-    /// Move to `next`, refusing transitions the state machine does not allow.
-    ///
-    /// # Errors
-    /// [`StoreError::Transition`] when `next` is not reachable from here.
-    pub fn transition(&mut self, next: JobState) -> Result<(), StoreError> {
-        if !self.state.can_become(next) {
-            return Err(StoreError::Transition {
-                job: self.id,
-                from: self.state,
-                to: next,
-            });
+    /// Apply what the job's owner learned: the state becomes what the
+    /// lifecycle table says. Answers the new state.
+    pub fn apply(&mut self, outcome: Outcome) -> JobState {
+        let to = next(self.state, outcome);
+        if to != self.state {
+            tracing::debug!(job = self.id, from = self.state.as_str(), to = to.as_str(), ?outcome, "state");
         }
-        self.state = next;
-        if next.is_terminal() {
-            self.finished_at = Some(jiff::Timestamp::now());
+        self.state = to;
+        if to.is_terminal() {
+            self.finished_at.get_or_insert_with(jiff::Timestamp::now);
+        } else {
+            self.finished_at = None;
         }
-        Ok(())
+        to
     }
 }
 
@@ -317,16 +270,6 @@ pub enum StoreError {
         job: u64,
         /// Its version.
         version: u32,
-    },
-    /// The state machine forbids this step (a bug, reported rather than hidden).
-    #[error("job {job} cannot go from {from:?} to {to:?}")]
-    Transition {
-        /// Job id.
-        job: u64,
-        /// Current state.
-        from: JobState,
-        /// Requested state.
-        to: JobState,
     },
     /// No such job.
     #[error("no job {0}; `hotfolder status` lists the jobs")]
@@ -617,19 +560,15 @@ mod tests {
     }
 
     #[test]
-    fn state_machine() {
-        use JobState::*;
-        assert!(Queued.can_become(Creating));
-        assert!(Uploading.can_become(Failing));
-        assert!(!Done.can_become(Failing));
-        assert!(!Done.can_become(Queued));
-        assert!(Failed.can_become(Queued));
-        assert!(!Queued.can_become(Done));
+    fn applying_outcomes_stamps_the_finish() {
+        use crate::lifecycle::Outcome;
         let mut job = Job::new(1, "w", Path::new("a"), Path::new("/a"), signature(), "p");
-        assert!(job.transition(Done).is_err());
-        job.transition(Failing).unwrap();
-        job.transition(Failed).unwrap();
+        assert_eq!(job.apply(Outcome::Filed), JobState::Queued);
+        assert_eq!(job.apply(Outcome::Permanent), JobState::Failing);
+        assert_eq!(job.apply(Outcome::Filed), JobState::Failed);
         assert!(job.finished_at.is_some());
+        assert_eq!(job.apply(Outcome::Retry), JobState::Queued);
+        assert!(job.finished_at.is_none());
     }
 
     /// Many jobs flushing at once never hang (with sled 0.34's

@@ -141,15 +141,18 @@ fn a_full_quota_fails_the_job_at_once() {
         "the report names the quota: {report}"
     );
     assert_eq!(report["attempts"], 1, "not retried: {report}");
-    let video = MOVINGIMAGE.only_video(&sandbox, "big.mp4");
+    let videos = sandbox.records_where("movingimage", "file_name", "big.mp4");
+    assert_eq!(videos.len(), 1, "{videos:?}");
+    let video = &videos[0];
     assert_eq!(
         video["chunks"], 2,
         "stopped at the chunk past the quota: {video}"
     );
+    assert_eq!(video["deleted"], true, "the failed upload was given up: {video}");
     assert_eq!(
         sandbox.stats().requests,
-        6,
-        "login, create, URL, three chunks"
+        7,
+        "login, create, URL, three chunks, and the delete of the abandoned video"
     );
 }
 

@@ -7,55 +7,36 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use super::{
-    Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
+    Chunk, Delivery, ErrorKind, Lookup, ProviderError, RemoteOffset, Session, UploadRequest,
+    Uploader,
 };
+use crate::fsx;
 use crate::hashing;
 
 /// Folder under the destination holding partial files.
 pub const PARTIAL_DIR: &str = ".hotfolder-partial";
 
-/// Markers of delivered jobs older than this are swept when jobs start.
-const MARKER_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// Markers are swept at most this often: a sweep reads the whole partial
-/// folder, which holds a marker per delivery of the last week, so sweeping
-/// at every job made a burst of small files quadratic.
-const SWEEP_EVERY: Duration = Duration::from_secs(3600);
-
 /// Delivers into a directory.
 pub struct FolderProvider {
     dest: PathBuf,
-    /// When markers were last swept (`None`: not yet since start).
-    last_sweep: Mutex<Option<Instant>>,
 }
 
 impl FolderProvider {
     /// A provider writing below `dest`.
     pub fn new(dest: PathBuf) -> Self {
-        FolderProvider {
-            dest,
-            last_sweep: Mutex::new(None),
-        }
-    }
-
-    /// True when a marker sweep is due; marks it done.
-    fn sweep_due(&self) -> bool {
-        let Ok(mut last) = self.last_sweep.lock() else {
-            return false;
-        };
-        let due = last.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
-        if due {
-            *last = Some(Instant::now());
-        }
-        due
+        FolderProvider { dest }
     }
 
     fn partial_dir(&self) -> PathBuf {
         self.dest.join(PARTIAL_DIR)
+    }
+
+    /// The partial file of a job: one name per job, so a crash inside
+    /// `create` is found again by [`Uploader::find_created`].
+    fn partial_for(&self, job_id: u64) -> PathBuf {
+        self.partial_dir().join(job_id.to_string())
     }
 
     fn partial_path(&self, session: &Session) -> Result<PathBuf, ProviderError> {
@@ -84,21 +65,17 @@ async fn blocking<T: Send + 'static>(
 impl Uploader for FolderProvider {
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
         let dir = self.partial_dir();
-        let partial = dir.join(request.job_id.to_string());
-        let sweep = self.sweep_due();
+        let partial = self.partial_for(request.job_id);
         blocking(move || {
             fs::create_dir_all(&dir)
                 .map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
-            if sweep {
-                sweep_old_markers(&dir);
-            }
             OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .write(true)
                 .open(&partial)
                 .map_err(|e| ProviderError::io("cannot create partial file", &partial, &e))?;
-            sync_dir(&dir);
+            fsx::sync_dir(&dir);
             Ok(Session {
                 remote_id: None,
                 upload_url: Some(partial.to_string_lossy().into_owned()),
@@ -106,6 +83,19 @@ impl Uploader for FolderProvider {
             })
         })
         .await
+    }
+
+    async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
+        let partial = self.partial_for(request.job_id);
+        Ok(if partial.exists() {
+            Lookup::Found(Session {
+                remote_id: None,
+                upload_url: Some(partial.to_string_lossy().into_owned()),
+                extra: Default::default(),
+            })
+        } else {
+            Lookup::NotFound
+        })
     }
 
     async fn offset(
@@ -213,7 +203,7 @@ impl Uploader for FolderProvider {
 
     async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
         let partial = self.partial_path(session)?;
-        match fs::remove_file(&partial) {
+        let removed = match fs::remove_file(&partial) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(ProviderError::io(
@@ -221,7 +211,26 @@ impl Uploader for FolderProvider {
                 &partial,
                 &e,
             )),
-        }
+        };
+        let _ = fs::remove_file(marker_path(&partial));
+        remove_if_empty(&self.partial_dir());
+        removed
+    }
+
+    async fn release(&self, session: &Session) {
+        let Ok(partial) = self.partial_path(session) else {
+            return;
+        };
+        let dir = self.partial_dir();
+        let _ = blocking(move || {
+            let marker = marker_path(&partial);
+            if fs::remove_file(&marker).is_ok() {
+                fsx::sync_dir(&dir);
+            }
+            remove_if_empty(&dir);
+            Ok(())
+        })
+        .await;
     }
 }
 
@@ -275,27 +284,31 @@ fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathB
         && same_file(partial, done)
     {
         fs::remove_file(partial).map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
-        sync_dir(parent);
+        fsx::sync_dir(parent);
         return Ok(done.clone());
     }
-    let mut n = 0;
-    loop {
-        let candidate = crate::finish::numbered(target, n);
+    for n in 0..fsx::MAX_NUMBERED {
+        let candidate = fsx::numbered(target, n);
+        if fsx::name_taken(&candidate) {
+            continue;
+        }
         write_marker(&marker, &candidate)?;
-        match fs::hard_link(partial, &candidate) {
+        match fsx::rename_noreplace(partial, &candidate) {
             Ok(()) => {
-                fs::remove_file(partial)
-                    .map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
-                sync_dir(parent);
+                fsx::sync_dir(parent);
                 if let Some(dir) = partial.parent() {
-                    sync_dir(dir);
+                    fsx::sync_dir(dir);
                 }
                 return Ok(candidate);
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(ProviderError::io("cannot place file at", &candidate, &e)),
         }
     }
+    Err(ProviderError::new(
+        ErrorKind::Permanent,
+        fsx::no_free_name(target).to_string(),
+    ))
 }
 
 fn write_marker(marker: &Path, candidate: &Path) -> Result<(), ProviderError> {
@@ -314,27 +327,13 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// fsync a directory so a rename or link in it survives a power cut.
-pub fn sync_dir(dir: &Path) {
-    if let Ok(handle) = File::open(dir) {
-        let _ = handle.sync_all();
-    }
-}
-
-fn sweep_old_markers(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let old = entry
-            .metadata()
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > MARKER_MAX_AGE);
-        if old && path.extension().is_some_and(|e| e == "delivered") {
-            let _ = fs::remove_file(path);
-        }
+/// Remove the partial folder once nothing of ours is in it, so a finished
+/// destination holds the delivered files and nothing else. A job creating
+/// its partial file at the same moment makes the folder again.
+fn remove_if_empty(dir: &Path) {
+    if fs::remove_dir(dir).is_ok()
+        && let Some(parent) = dir.parent()
+    {
+        fsx::sync_dir(parent);
     }
 }

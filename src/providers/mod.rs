@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ProviderConfig, ProviderKind};
 pub use crate::upload::chunk::Chunk;
 pub use apivideo::{ApiVideoProvider, Credentials as ApiVideoCredentials, UploadMode};
-pub use folder::{FolderProvider, sync_dir};
+pub use folder::FolderProvider;
 pub use gcore::{GcoreProvider, WaitUntil};
 pub use movingimage::MovingimageProvider;
 pub use okru::OkruProvider;
@@ -238,6 +238,12 @@ pub trait Uploader {
     /// Give up the remote object (source changed, or replaced); deletes it
     /// where the protocol allows.
     async fn abandon(&self, session: &Session) -> Result<(), ProviderError>;
+
+    /// The delivery is durably recorded by the engine: drop whatever the
+    /// provider kept only to make a repeated `finalize` idempotent (the
+    /// folder provider's marker), so nothing of ours stays behind. Called
+    /// again after a crash; best effort.
+    async fn release(&self, _session: &Session) {}
 }
 
 /// A configured provider, ready to upload.
@@ -423,5 +429,11 @@ impl Uploader for Provider {
 
     async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
         forward!(self, p => p.abandon(session))
+    }
+
+    async fn release(&self, session: &Session) {
+        if let Provider::Folder(p) = self {
+            p.release(session).await;
+        }
     }
 }

@@ -16,6 +16,11 @@ use super::{ErrorKind, ProviderError};
 /// Refresh this long before expiry, or at a fifth of a short lifetime.
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
+/// Longest lifetime believed: a server's `expires_in` beyond this (or one
+/// too large to add to a clock) is taken as this, and the token is renewed
+/// after a day like any other.
+const LONGEST_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// An access token and how to renew it.
 #[derive(Clone)]
 pub struct Token {
@@ -34,6 +39,7 @@ pub struct Token {
 impl Token {
     /// A token issued now, living `lifetime`.
     pub fn new(access: String, refresh: Option<String>, lifetime: Duration) -> Self {
+        let lifetime = lifetime.min(LONGEST_LIFETIME);
         Token {
             access,
             refresh,

@@ -1,6 +1,7 @@
 //! Fault injection shared by every simulator: a middleware that, per
 //! request, may answer 429 (every Nth request), 500 (before the body is
-//! read), or mark the request for a dropped connection mid-body; and a
+//! read), 502 (after the request was handled), or mark the request for a
+//! dropped connection mid-body; and a
 //! bandwidth cap that simulators apply while they read bodies.
 
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct Faults {
     fail_rate: f64,
     reset_rate: f64,
     rate_limit_every: u64,
+    retry_after: HeaderValue,
+    gateway_rate: f64,
     throttle: Option<f64>,
     next_free: tokio::sync::Mutex<tokio::time::Instant>,
     /// Requests seen (sandbox endpoints excluded).
@@ -38,6 +41,8 @@ pub struct Faults {
     pub resets: AtomicU64,
     /// 429s injected.
     pub rate_limited: AtomicU64,
+    /// 502s sent after the request was handled.
+    pub gateway_errors: AtomicU64,
 }
 
 impl Faults {
@@ -48,12 +53,16 @@ impl Faults {
             fail_rate: options.fail_rate.clamp(0.0, 1.0),
             reset_rate: options.reset_rate.clamp(0.0, 1.0),
             rate_limit_every: options.rate_limit_every,
+            retry_after: HeaderValue::from_str(&options.retry_after)
+                .unwrap_or_else(|_| HeaderValue::from_static("1")),
+            gateway_rate: options.gateway_rate.clamp(0.0, 1.0),
             throttle: options.throttle.map(|b| b.0 as f64).filter(|b| *b > 0.0),
             next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            gateway_errors: AtomicU64::new(0),
         }
     }
 
@@ -96,10 +105,10 @@ pub async fn inject(
             (StatusCode::TOO_MANY_REQUESTS, "rate limited by the sandbox").into_response();
         response
             .headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
+            .insert("retry-after", faults.retry_after.clone());
         response
             .headers_mut()
-            .insert("x-ratelimit-retry-after", HeaderValue::from_static("1"));
+            .insert("x-ratelimit-retry-after", faults.retry_after.clone());
         return response;
     }
     if faults.roll() < faults.fail_rate {
@@ -122,7 +131,13 @@ pub async fn inject(
         let after = (faults.roll() * length as f64) as u64;
         request.extensions_mut().insert(ResetAfter(after));
     }
-    next.run(request).await
+    let response = next.run(request).await;
+    if faults.gateway_rate > 0.0 && faults.roll() < faults.gateway_rate {
+        faults.gateway_errors.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::BAD_GATEWAY, "injected: the answer was lost behind a gateway")
+            .into_response();
+    }
+    response
 }
 
 /// `GET /_sandbox/stats`: request and fault counters.
@@ -133,5 +148,6 @@ pub async fn stats(State(sandbox): State<Arc<Sandbox>>) -> axum::Json<serde_json
         "failures": f.failures.load(Ordering::Relaxed),
         "resets": f.resets.load(Ordering::Relaxed),
         "rate_limited": f.rate_limited.load(Ordering::Relaxed),
+        "gateway_errors": f.gateway_errors.load(Ordering::Relaxed),
     }))
 }

@@ -47,6 +47,15 @@ pub struct SandboxOptions {
     /// Every Nth request gets 429 with `Retry-After: 1` (0: never).
     #[arg(long, default_value_t = 0)]
     pub rate_limit_every: u64,
+    /// The `Retry-After` value those 429s carry, as sent (servers have sent
+    /// absurd ones: `1e30`).
+    #[arg(long, default_value = "1")]
+    pub retry_after: String,
+    /// Probability (0..1) that a request is handled (the video created, the
+    /// chunk stored) and then answered 502 Bad Gateway, as a proxy in front
+    /// of a service does when the service's answer is lost.
+    #[arg(long, default_value_t = 0.0)]
+    pub gateway_rate: f64,
     /// Lifetime of tokens and upload URLs; tus uploads expire after this long without activity.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub token_ttl: Option<Duration>,

@@ -15,6 +15,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::ProviderConfig;
 use crate::hashing::{self, ResumableSha256};
+use crate::lifecycle::Outcome;
 use crate::providers::{
     Delivery, ErrorKind, Lookup, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader,
 };
@@ -39,6 +40,9 @@ const MAX_REPLACEMENTS_PER_ATTEMPT: u32 = 3;
 /// can finish (OK.ru replaces the video each time) would otherwise loop,
 /// leaving a trail of half-filled videos.
 const MAX_REPLACEMENTS_PER_JOB: usize = 10;
+
+/// How often the source is looked at while a provider finalises.
+const SOURCE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A provider with its settings, backoff and concurrency limit.
 pub struct ProviderHandle {
@@ -196,7 +200,7 @@ impl Engine {
                             Lookup::Found(session) => {
                                 tracing::info!(job = job.id, remote = ?session.remote_id, "found the object an interrupted create made; resuming it");
                                 job.session = Some(session);
-                                job.transition(JobState::Uploading)?;
+                                job.apply(Outcome::Created);
                                 self.store.put(job).await?;
                                 continue;
                             }
@@ -213,8 +217,9 @@ impl Engine {
                             }
                         }
                     }
-                    job.transition(JobState::Creating)?;
+                    job.apply(Outcome::CreateStarted);
                     self.store.put(job).await?;
+                    crate::failpoint::crash("create::before");
                     job.acked = 0;
                     job.hash = None;
                     job.started_at.get_or_insert_with(jiff::Timestamp::now);
@@ -222,19 +227,28 @@ impl Engine {
                         .create(&request)
                         .await
                         .map_err(Stop::Provider)
-                        .and_then(|session| {
+                        .map(|session| {
+                            crate::failpoint::crash("create::after");
                             job.session = Some(session.clone());
-                            job.transition(JobState::Uploading)?;
-                            Ok(session)
+                            job.apply(Outcome::Created);
+                            session
                         });
                     match created {
                         Ok(session) => {
                             self.store.put(job).await?;
                             session
                         }
-                        // The server answered: nothing was created, so no orphan to fear.
+                        // A gateway's error can come after the service behind
+                        // it acted: as with a lost answer, the job stays
+                        // `creating`, so the next attempt looks for the object
+                        // (or names the possible orphan) before creating.
+                        Err(Stop::Provider(e)) if e.status.is_some_and(is_gateway_error) => {
+                            tracing::warn!(job = job.id, status = e.status, "the create call answered with a gateway error; the service may have created the object, so the next attempt looks for it first");
+                            return Err(Stop::Provider(e));
+                        }
+                        // The service itself answered: nothing was created.
                         Err(Stop::Provider(e)) if e.status.is_some() => {
-                            job.transition(JobState::Queued)?;
+                            job.apply(Outcome::CreateRefused);
                             self.store.put(job).await?;
                             return Err(Stop::Provider(e));
                         }
@@ -265,9 +279,7 @@ impl Engine {
                 tracing::info!(job = job.id, file = %job.relpath.display(), offset, size = signature.size, "resuming");
             }
             let hasher = catch_up(job.hash.take(), &file, offset, counters).await?;
-            if job.state != JobState::Uploading {
-                job.transition(JobState::Uploading)?;
-            }
+            job.apply(Outcome::Created);
             job.acked = offset;
             job.hash = Some(hasher);
             let session_changed = session != before;
@@ -354,6 +366,7 @@ impl Engine {
                     return Err(e.into());
                 }
             };
+            crate::failpoint::crash("chunk::acknowledged");
             job.bytes_sent += len;
             let hasher = hasher.lock().map(|h| h.clone()).unwrap_or_default();
             if acked == start + len {
@@ -372,6 +385,7 @@ impl Engine {
                 .into());
             }
             job.acked = acked;
+            job.apply(Outcome::Acknowledged);
             job.failures = 0;
             self.store.put(job).await?;
             self.progress.acked(job.id, acked);
@@ -408,11 +422,22 @@ impl Engine {
         };
         job.sha256 = Some(sha256.clone());
         if job.state != JobState::Finalizing {
-            job.transition(JobState::Finalizing)?;
+            job.apply(Outcome::Uploaded);
             self.store.put(job).await?;
         }
         let mut session = job.session.clone().unwrap_or_default();
-        let delivery = provider.finalize(&mut session, request, &sha256).await?;
+        let delivery = {
+            // Finalising can take long (Gcore waits for `ready`): the source
+            // is watched meanwhile, and a change stops it (SPEC §3.5).
+            let finalizing = provider.finalize(&mut session, request, &sha256);
+            tokio::pin!(finalizing);
+            loop {
+                tokio::select! {
+                    result = &mut finalizing => break result?,
+                    () = tokio::time::sleep(SOURCE_CHECK_EVERY) => check_unchanged(job)?,
+                }
+            }
+        };
         job.session = Some(session);
         Ok(AttemptEnd::Delivered(delivery))
     }
@@ -449,7 +474,7 @@ impl Engine {
         job.session = None;
         job.acked = 0;
         job.hash = None;
-        job.transition(JobState::Creating)?;
+        job.apply(Outcome::CreateStarted);
         self.store.put(job).await?;
         Ok(())
     }
@@ -605,6 +630,12 @@ async fn catch_up(
     })
     .await
     .map_err(|e| Stop::SourceChanged(format!("cannot re-read the source to resume: {e}")))
+}
+
+/// 502, 503 and 504: answers a gateway or proxy may give after the service
+/// behind it acted, so they prove nothing about what was done.
+fn is_gateway_error(status: u16) -> bool {
+    matches!(status, 502..=504)
 }
 
 /// Record a failure on the job.

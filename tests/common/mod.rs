@@ -136,6 +136,16 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
         )
     }
 
+    /// How many receipts `name` has in done/ (`name.receipt.json`,
+    /// `name.receipt-1.json`, ...).
+    pub fn receipt_count(&self, name: &str) -> usize {
+        let prefix = format!("{name}.receipt");
+        Self::files_in(&self.done)
+            .iter()
+            .filter(|f| f.starts_with(&prefix) && f.ends_with(".json"))
+            .count()
+    }
+
     /// Files in the folder provider's partial folder other than the
     /// `.delivered` markers: data of unfinished deliveries.
     pub fn partial_leftovers(&self) -> Vec<String> {
@@ -151,6 +161,35 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
     /// Start the daemon.
     pub fn start(&self) -> Daemon {
         self.start_with(Command::new(bin()))
+    }
+
+    /// Start the daemon with failpoints set (`FAILPOINTS`, see
+    /// src/failpoint.rs), e.g. `"filing::after_move=return"`.
+    pub fn start_with_failpoints(&self, failpoints: &str) -> Daemon {
+        let mut command = Command::new(bin());
+        command.env("FAILPOINTS", failpoints);
+        self.start_with(command)
+    }
+
+    /// Start the daemon with failpoints that stop it (abort) at a step,
+    /// and wait until it has stopped there; panics if it exits any other
+    /// way or not within `deadline` (e.g. a binary built without
+    /// `--features failpoints`, whose points never fire).
+    pub fn run_until_failpoint(&self, failpoints: &str, deadline: Duration) -> String {
+        let mut daemon = self.start_with_failpoints(failpoints);
+        let status = wait_for(
+            &format!("the daemon to stop at failpoint {failpoints}"),
+            deadline,
+            || daemon.child.try_wait().expect("try_wait"),
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "the daemon should have stopped at {failpoints} (is the test binary built with --features failpoints?); it exited with {status}; log:\n{}",
+            daemon.log()
+        );
+        daemon.log()
     }
 
     /// Start the daemon as an unprivileged user when the tests run as root

@@ -65,6 +65,9 @@ pub struct Stats {
     pub resets: u64,
     /// 429s injected.
     pub rate_limited: u64,
+    /// 502s sent after the request was handled.
+    #[serde(default)]
+    pub gateway_errors: u64,
 }
 
 /// A running `hotfolder sandbox`, killed (SIGKILL) when dropped.

@@ -1,0 +1,341 @@
+//! Filesystem steps that never overwrite and survive a power cut, shared by
+//! filing ([`crate::finish`]) and the folder provider: a rename that refuses
+//! to replace (with fallbacks for mounts that lack `RENAME_NOREPLACE` or
+//! hard links), numbered free names with a bound, copies across
+//! filesystems through an exclusive hidden temporary, and directory fsync.
+//! It knows nothing of jobs.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Numbered names tried (`clip.mp4`, `clip-1.mp4`, ...) before giving up:
+/// a folder holding ten thousand versions of one name is a folder someone
+/// must look at, not one to keep probing.
+pub const MAX_NUMBERED: u32 = 10_000;
+
+/// Serialises the last-resort "check, then rename" on mounts that can
+/// neither refuse a replacing rename nor hard-link: within this process no
+/// two moves can pick the same free name.
+static PLAIN_RENAME: Mutex<()> = Mutex::new(());
+
+/// `clip.mp4` → `clip-2.mp4` for n = 2; n = 0 is the path itself.
+pub fn numbered(path: &Path, n: u32) -> PathBuf {
+    if n == 0 {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().unwrap_or_default();
+    let mut name = OsString::from(stem);
+    name.push(format!("-{n}"));
+    if let Some(ext) = path.extension() {
+        name.push(".");
+        name.push(ext);
+    }
+    path.with_file_name(name)
+}
+
+/// True when something (a file, folder or dangling symlink) has this name.
+pub fn name_taken(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
+}
+
+/// The first of `target`, `target-1`, ... that is free.
+///
+/// # Errors
+/// `AlreadyExists` naming the path after [`MAX_NUMBERED`] taken names.
+pub fn free_name(target: &Path) -> io::Result<PathBuf> {
+    (0..MAX_NUMBERED)
+        .map(|n| numbered(target, n))
+        .find(|candidate| !name_taken(candidate))
+        .ok_or_else(|| no_free_name(target))
+}
+
+/// The error [`free_name`] gives when every numbered name is taken.
+pub fn no_free_name(target: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "no free name for {} among {MAX_NUMBERED} numbered names; clear out that folder",
+            target.display()
+        ),
+    )
+}
+
+/// True for an error [`free_name`] gives up with.
+pub fn is_no_free_name(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::AlreadyExists && error.to_string().starts_with("no free name")
+}
+
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn renameat2_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    if crate::failpoint::active("fsx::no_renameat2") {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let (from_c, to_c) = (c_path(from)?, c_path(to)?);
+    // The raw system call, not libc's wrapper: musl (the static build) has
+    // no renameat2 wrapper.
+    // SAFETY: both are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
+    if crate::failpoint::active("fsx::no_hard_links") {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    fs::hard_link(from, to)
+}
+
+/// The filesystem does not offer this operation at all (as opposed to
+/// refusing it for this file).
+fn unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
+    )
+}
+
+/// Rename without replacing an existing file: `AlreadyExists` if the name
+/// is taken, `CrossesDevices` (EXDEV) across filesystems. Where the mount
+/// has no `RENAME_NOREPLACE`, a hard link then unlink is just as exclusive;
+/// where it has neither (some FUSE and SMB mounts), a rename after an
+/// existence check made under this process's lock.
+///
+/// # Errors
+/// The I/O error of the last way tried.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let error = match renameat2_noreplace(from, to) {
+        Ok(()) => return Ok(()),
+        Err(e) if !unsupported(&e) => return Err(e),
+        Err(e) => e,
+    };
+    match hard_link(from, to) {
+        Ok(()) => return fs::remove_file(from),
+        Err(e) if !unsupported(&e) => return Err(e),
+        Err(link) => tracing::debug!(rename = %error, link = %link, "no exclusive rename on this mount; checking, then renaming"),
+    }
+    let _only_us = PLAIN_RENAME.lock().unwrap_or_else(|e| e.into_inner());
+    if name_taken(to) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists", to.display()),
+        ));
+    }
+    fs::rename(from, to)
+}
+
+/// A hidden name beside `to` for a temporary that is unique to this call.
+pub fn temporary_beside(to: &Path) -> PathBuf {
+    let mut name = OsString::from(".");
+    name.push(to.file_name().unwrap_or_default());
+    name.push(format!(".hotfolder-{:016x}", rand::random::<u64>()));
+    to.with_file_name(name)
+}
+
+/// Create `path` exclusively (never through a symlink, never over an
+/// existing file) for writing.
+///
+/// # Errors
+/// `AlreadyExists` if the name is taken; other I/O errors.
+pub fn create_exclusive(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(path)
+}
+
+/// Copy `from` into a new file at `temporary` (exclusive), keeping its
+/// modification time, and fsync it.
+///
+/// # Errors
+/// I/O errors; the temporary is removed on failure.
+pub fn copy_to_temporary(from: &Path, temporary: &Path) -> io::Result<()> {
+    let copy = || -> io::Result<()> {
+        let mut source = File::open(from)?;
+        let mut target = create_exclusive(temporary)?;
+        io::copy(&mut source, &mut target)?;
+        if let Ok(modified) = source.metadata().and_then(|m| m.modified()) {
+            target.set_modified(modified)?;
+        }
+        target.sync_all()
+    };
+    copy().inspect_err(|_| {
+        let _ = fs::remove_file(temporary);
+    })
+}
+
+/// Write `bytes` as a new file at `path`: through a hidden temporary,
+/// fsynced, renamed into place without replacing anything.
+///
+/// # Errors
+/// `AlreadyExists` when `path` is taken; other I/O errors.
+pub fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let temporary = temporary_beside(path);
+    let written = create_exclusive(&temporary).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    let placed = written.and_then(|()| rename_noreplace(&temporary, path));
+    if placed.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    placed?;
+    sync_parent(path);
+    Ok(())
+}
+
+/// Same device and inode: two names of one file.
+pub fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+/// True when both files hold the same bytes.
+///
+/// # Errors
+/// I/O errors reading either.
+pub fn same_bytes(a: &Path, b: &Path) -> io::Result<bool> {
+    use std::io::Read;
+    let (mut a, mut b) = (File::open(a)?, File::open(b)?);
+    if a.metadata()?.len() != b.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut x, mut y) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = a.read(&mut x)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        b.read_exact(&mut y[..n])?;
+        if x[..n] != y[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+/// fsync a directory so a rename or link in it survives a power cut.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(handle) = File::open(dir) {
+        let _ = handle.sync_all();
+    }
+}
+
+/// fsync the folder holding `path`.
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        sync_dir(dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_names() {
+        assert_eq!(
+            numbered(Path::new("/d/clip.mp4"), 0),
+            PathBuf::from("/d/clip.mp4")
+        );
+        assert_eq!(
+            numbered(Path::new("/d/clip.mp4"), 2),
+            PathBuf::from("/d/clip-2.mp4")
+        );
+        assert_eq!(
+            numbered(Path::new("/d/noext"), 1),
+            PathBuf::from("/d/noext-1")
+        );
+    }
+
+    #[test]
+    fn rename_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, b"new").unwrap();
+        fs::write(&b, b"existing").unwrap();
+        let e = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&b).unwrap(), b"existing");
+        fs::remove_file(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert_eq!(fs::read(&b).unwrap(), b"new");
+        assert!(!a.exists());
+    }
+
+    #[test]
+    fn free_names_give_up_after_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("clip.mp4");
+        for n in 0..MAX_NUMBERED {
+            File::create(numbered(&target, n)).unwrap();
+        }
+        let e = free_name(&target).unwrap_err();
+        assert!(is_no_free_name(&e), "{e}");
+        assert!(e.to_string().contains("clip.mp4"), "{e}");
+        fs::remove_file(numbered(&target, 77)).unwrap();
+        assert_eq!(free_name(&target).unwrap(), numbered(&target, 77));
+    }
+
+    #[test]
+    fn write_new_refuses_a_taken_name_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        write_new(&path, b"one").unwrap();
+        let e = write_new(&path, b"two").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn exclusive_create_does_not_follow_a_planted_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let planted = dir.path().join("planted");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        assert!(create_exclusive(&planted).is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn copy_keeps_content_and_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("src.bin");
+        fs::write(&from, vec![7u8; 100_000]).unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        File::options()
+            .write(true)
+            .open(&from)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let to = temporary_beside(&dir.path().join("dest.bin"));
+        copy_to_temporary(&from, &to).unwrap();
+        assert!(same_bytes(&from, &to).unwrap());
+        assert_eq!(fs::metadata(&to).unwrap().modified().unwrap(), old);
+        assert!(copy_to_temporary(&from, &to).is_err(), "exclusive");
+    }
+}
