@@ -376,7 +376,8 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
             Err(_) => return, // cancelled: the daemon is stopping
         };
         task_failures += 1;
-        ctx.metrics.add("hotfolder_job_task_failures_total", vec![], 1);
+        ctx.metrics
+            .add("hotfolder_job_task_failures_total", vec![], 1);
         tracing::error!(job = id, error = %why, "job task failed (a bug or a store failure); recorded on the job");
         match record_task_failure(&ctx, id, &why, task_failures).await {
             Some(delay) => {
@@ -412,10 +413,10 @@ async fn record_task_failure(ctx: &Context, id: u64, why: &str, failures: u32) -
     if job.state.is_terminal() {
         return None;
     }
-    let backoff = ctx
-        .providers
-        .get(&job.provider)
-        .map_or_else(|| crate::retry::Backoff::new(Default::default()), |h| h.backoff);
+    let backoff = ctx.providers.get(&job.provider).map_or_else(
+        || crate::retry::Backoff::new(Default::default()),
+        |h| h.backoff,
+    );
     let reason = format!("internal error in job {id}: {why}");
     note_failure(&mut job, &ProviderError::new(ErrorKind::Transient, reason));
     let exhausted = backoff.exhausted(failures);
@@ -677,15 +678,13 @@ fn note_filing_failure(job: &mut Job, error: &crate::finish::FilingError) {
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, crate::finish::FilingError> + Send + 'static,
 ) -> Result<T, crate::finish::FilingError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::finish::FilingError {
-                path: PathBuf::new(),
-                message: format!("filing thread failed: {e}"),
-                permanent: false,
-            })
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(crate::finish::FilingError {
+            path: PathBuf::new(),
+            message: format!("filing thread failed: {e}"),
+            permanent: false,
         })
+    })
 }
 
 /// File the source below `root`, then its sidecar beside it.
@@ -765,8 +764,9 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
             .as_ref()
             .map_or_else(|| "(duplicate)".into(), |d| d.remote_id.clone());
         tracing::warn!(remote = %earlier, "source changed after delivery; the new version will be uploaded as a new file");
-        job.replaced
-            .push(format!("{earlier} (holds the version before the source changed)"));
+        job.replaced.push(format!(
+            "{earlier} (holds the version before the source changed)"
+        ));
         job.apply(Outcome::SourceChanged);
         ctx.store.put(job).await?;
         reoffer(ctx, job);
@@ -889,7 +889,10 @@ async fn bring_back(ctx: &Context, job: &mut Job) -> Result<bool, StoreError> {
         Err(crate::jobs::RetryError::Store(e)) => Err(e),
         Err(e) => {
             tracing::error!(error = %e, "cannot bring the retried file back");
-            note_failure(job, &ProviderError::new(ErrorKind::Permanent, e.to_string()));
+            note_failure(
+                job,
+                &ProviderError::new(ErrorKind::Permanent, e.to_string()),
+            );
             job.filing = None;
             job.apply(Outcome::Permanent);
             ctx.store.put(job).await?;

@@ -20,7 +20,8 @@ use crate::state::{FileSignature, FilingIntent};
 /// [`FilingError`] when the folder cannot be made or no name is free.
 pub fn plan(from: &Path, target: &Path) -> Result<FilingIntent, FilingError> {
     if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).map_err(|e| FilingError::io(parent, "cannot create folder", e))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| FilingError::io(parent, "cannot create folder", e))?;
     }
     let to = fsx::free_name(target).map_err(|e| FilingError::io(target, "cannot file", e))?;
     Ok(FilingIntent {
@@ -73,9 +74,7 @@ pub fn carry_out(intent: &FilingIntent, signature: &FileSignature) -> Result<Car
         (Some(src), Some(dst)) => {
             // A copy finished before the crash, or a link not yet unlinked.
             let copied = fsx::same_file(src, dst)
-                || (temporary.is_some()
-                    && ours(dst)
-                    && fsx::same_bytes(from, to).unwrap_or(false));
+                || (temporary.is_some() && ours(dst) && fsx::same_bytes(from, to).unwrap_or(false));
             if !copied {
                 return Ok(Carried::NameTaken);
             }
@@ -99,7 +98,11 @@ pub fn carry_out(intent: &FilingIntent, signature: &FileSignature) -> Result<Car
                 .ok_or_else(|| FilingError::io(to, "cannot copy there", e))?;
             copy_across(from, temporary, to)
         }
-        Err(e) => Err(FilingError::io(to, &format!("cannot move {} there", from.display()), e)),
+        Err(e) => Err(FilingError::io(
+            to,
+            &format!("cannot move {} there", from.display()),
+            e,
+        )),
     }
 }
 
@@ -131,7 +134,11 @@ fn remove_source(from: &Path) -> Result<(), FilingError> {
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(FilingError::io(from, "cannot remove the source after copying it", e)),
+        Err(e) => Err(FilingError::io(
+            from,
+            "cannot remove the source after copying it",
+            e,
+        )),
     }
 }
 
@@ -150,7 +157,8 @@ pub fn file_sidecar(sidecar: &Path, filed_video: &Path) -> Result<PathBuf, Filin
     let ext = sidecar.extension().unwrap_or_default();
     let target = filed_video.with_extension(ext);
     for _ in 0..fsx::MAX_NUMBERED {
-        let to = fsx::free_name(&target).map_err(|e| FilingError::io(&target, "cannot file sidecar", e))?;
+        let to = fsx::free_name(&target)
+            .map_err(|e| FilingError::io(&target, "cannot file sidecar", e))?;
         match fsx::rename_noreplace(sidecar, &to) {
             Ok(()) => {
                 fsx::sync_parent(&to);
@@ -172,7 +180,11 @@ pub fn file_sidecar(sidecar: &Path, filed_video: &Path) -> Result<PathBuf, Filin
             }
         }
     }
-    Err(FilingError::io(&target, "cannot file sidecar", fsx::no_free_name(&target)))
+    Err(FilingError::io(
+        &target,
+        "cannot file sidecar",
+        fsx::no_free_name(&target),
+    ))
 }
 
 /// A filing step failed; the file stays where it was.
@@ -345,7 +357,10 @@ mod tests {
         fs::write(&a, b"new").unwrap();
         let intent = plan(&a, &dir.path().join("x.mp4")).unwrap();
         fs::write(&intent.to, b"someone else's").unwrap();
-        assert_eq!(carry_out(&intent, &signature_of(&a)).unwrap(), Carried::NameTaken);
+        assert_eq!(
+            carry_out(&intent, &signature_of(&a)).unwrap(),
+            Carried::NameTaken
+        );
         assert_eq!(fs::read(&intent.to).unwrap(), b"someone else's");
         assert!(a.exists());
     }
@@ -384,7 +399,11 @@ mod tests {
             Carried::Moved(intent.to.clone())
         );
         assert!(!a.exists());
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.mp4")]);
     }
 

@@ -133,7 +133,9 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     match hard_link(from, to) {
         Ok(()) => return fs::remove_file(from),
         Err(e) if !unsupported(&e) => return Err(e),
-        Err(link) => tracing::debug!(rename = %error, link = %link, "no exclusive rename on this mount; checking, then renaming"),
+        Err(link) => {
+            tracing::debug!(rename = %error, link = %link, "no exclusive rename on this mount; checking, then renaming")
+        }
     }
     let _only_us = PLAIN_RENAME.lock().unwrap_or_else(|e| e.into_inner());
     if name_taken(to) {

@@ -175,8 +175,9 @@ pub async fn bring_back(store: &Store, config: &Config, job: &mut Job) -> Result
                         filed.display()
                     )));
                 }
-                let intent = finish::plan(&filed, &watch.path.join(&job.relpath))
-                    .map_err(|e| file_error(format!("cannot move {} back: {e}", filed.display())))?;
+                let intent = finish::plan(&filed, &watch.path.join(&job.relpath)).map_err(|e| {
+                    file_error(format!("cannot move {} back: {e}", filed.display()))
+                })?;
                 job.relpath = intent
                     .to
                     .strip_prefix(&watch.path)

@@ -227,11 +227,7 @@ mod tests {
                     .iter()
                     .find(|(s, o, _)| *s == state && *o == outcome)
                     .map_or(state, |(_, _, to)| *to);
-                assert_eq!(
-                    next(state, outcome),
-                    expected,
-                    "{state:?} + {outcome:?}"
-                );
+                assert_eq!(next(state, outcome), expected, "{state:?} + {outcome:?}");
             }
         }
     }

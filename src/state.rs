@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::group_commit::GroupCommit;
+use crate::hashing::ResumableSha256;
 pub use crate::lifecycle::JobState;
 use crate::lifecycle::{Outcome, next};
-use crate::hashing::ResumableSha256;
 use crate::providers::{Delivery, Session};
 
 /// Version tag written into every job record.
@@ -217,7 +217,13 @@ impl Job {
     pub fn apply(&mut self, outcome: Outcome) -> JobState {
         let to = next(self.state, outcome);
         if to != self.state {
-            tracing::debug!(job = self.id, from = self.state.as_str(), to = to.as_str(), ?outcome, "state");
+            tracing::debug!(
+                job = self.id,
+                from = self.state.as_str(),
+                to = to.as_str(),
+                ?outcome,
+                "state"
+            );
         }
         self.state = to;
         if to.is_terminal() {
@@ -279,6 +285,7 @@ pub enum StoreError {
 /// The sled-backed job store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
+    installation: std::sync::Arc<str>,
     commit: GroupCommit,
     jobs: sled::Tree,
     sources: sled::Tree,
@@ -323,7 +330,10 @@ impl Store {
                 }
             })?;
         let flushed = db.clone();
+        let meta = db.open_tree("meta")?;
+        let installation = installation_id(&meta)?;
         Ok(Store {
+            installation,
             // Not `flush_async`: in sled 0.34 concurrent `flush_async` calls
             // can miss their wake-up and hang forever (spacejam/sled#1308,
             // #1241), which froze every job of a busy daemon. The blocking
@@ -333,8 +343,15 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             sources: db.open_tree("sources")?,
             delivered: db.open_tree("delivered")?,
-            meta: db.open_tree("meta")?,
+            meta,
         })
+    }
+
+    /// This installation's id: random, made once when the store is first
+    /// opened, kept for its life. Job ids count from 1 in every store, so
+    /// remote objects are tagged with both.
+    pub fn installation(&self) -> &str {
+        &self.installation
     }
 
     /// A fresh job id.
@@ -471,6 +488,16 @@ impl Store {
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect())
     }
+}
+
+fn installation_id(meta: &sled::Tree) -> Result<std::sync::Arc<str>, StoreError> {
+    let fresh = format!("{:016x}", rand::random::<u64>());
+    // Only the first opening's id sticks.
+    let _ = meta.compare_and_swap("installation", None::<&[u8]>, Some(fresh.as_bytes()))?;
+    let stored = meta
+        .get("installation")?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    Ok(stored.unwrap_or(fresh).into())
 }
 
 fn decode(bytes: &[u8]) -> Result<Job, StoreError> {

@@ -51,8 +51,13 @@ fn assert_delivered(fx: &Fixture, sandbox: &Sandbox, name: &str, size: u64, hash
     assert!(
         video["metadata"]
             .as_array()
-            .is_some_and(|m| m.contains(&json!({"key": "hotfolder_job", "value": job}))),
-        "the video is tagged with its job {job}: {video}"
+            .is_some_and(|m| m.iter().any(|entry| {
+                entry["key"] == "hotfolder_job"
+                    && entry["value"]
+                        .as_str()
+                        .is_some_and(|tag| tag.ends_with(&format!("-{job}")))
+            })),
+        "the video is tagged with this installation and its job {job}: {video}"
     );
     video
 }

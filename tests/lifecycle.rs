@@ -43,7 +43,9 @@ fn a_file_changed_while_finalizing_is_delivered_as_its_new_version() {
     let path = fx.watch.join("clip.mp4");
     write_random(&path, 3 * MIB, 1);
     let daemon = fx.start();
-    wait_row(&fx, "clip.mp4", "finalizing", |r| r["state"] == "finalizing");
+    wait_row(&fx, "clip.mp4", "finalizing", |r| {
+        r["state"] == "finalizing"
+    });
     write_random(&path, 2 * MIB, 2);
     let new_hash = sha256(&path);
 
@@ -63,9 +65,16 @@ fn a_file_changed_while_finalizing_is_delivered_as_its_new_version() {
         .filter(|v| v["deleted"] != true)
         .collect();
     assert_eq!(live.len(), 1, "one live video, the new version: {live:?}");
-    assert_eq!(id_of(&live[0], "id"), receipt["remote_id"].as_str().unwrap_or(""));
+    assert_eq!(
+        id_of(&live[0], "id"),
+        receipt["remote_id"].as_str().unwrap_or("")
+    );
     let upload = live[0]["upload"].as_str().unwrap_or_default().to_string();
-    assert_eq!(sha256(&sandbox.bin(&upload)), new_hash, "the video holds the new bytes");
+    assert_eq!(
+        sha256(&sandbox.bin(&upload)),
+        new_hash,
+        "the video holds the new bytes"
+    );
 }
 
 /// A server's absurd `Retry-After` used to overflow a duration and kill
@@ -78,7 +87,10 @@ fn an_absurd_retry_after_is_clamped_not_fatal() {
         &fx.root.join("sandbox"),
         &["--rate-limit-every", "3", "--retry-after", "1e30"],
     );
-    fx.write_tus_config(&sandbox.endpoint(), &format!("chunk_size: 1MiB, {GENEROUS_RETRY}"));
+    fx.write_tus_config(
+        &sandbox.endpoint(),
+        &format!("chunk_size: 1MiB, {GENEROUS_RETRY}"),
+    );
     write_random(&fx.watch.join("a.mp4"), 3 * MIB, 3);
     let daemon = fx.start();
     wait_done(&fx, &daemon, 1, Duration::from_secs(60));
@@ -96,8 +108,9 @@ fn a_panic_inside_a_job_is_caught_recorded_and_retried() {
     wait_done(&fx, &daemon, 1, Duration::from_secs(30));
     let log = daemon.log();
     assert!(
-        log.lines()
-            .any(|l| l.contains("job task failed") && l.contains("job=1") && l.contains("injected")),
+        log.lines().any(|l| l.contains("job task failed")
+            && l.contains("job=1")
+            && l.contains("injected")),
         "{log}"
     );
     assert_eq!(fx.receipt_count("a.mp4"), 1);
@@ -112,7 +125,11 @@ fn a_gateway_error_on_create_is_a_lost_answer_not_a_refusal() {
         &fx.root.join("sandbox"),
         &["--gateway-rate", "0.3", "--seed", "11"],
     );
-    let provider = apivideo_provider("av", &sandbox, &format!("chunk_size: 5MiB, {GENEROUS_RETRY}"));
+    let provider = apivideo_provider(
+        "av",
+        &sandbox,
+        &format!("chunk_size: 5MiB, {GENEROUS_RETRY}"),
+    );
     fx.write_provider_config(&provider, "av", r#"{ title: "{stem}" }"#);
     let names = ["g1.mp4", "g2.mp4", "g3.mp4", "g4.mp4", "g5.mp4", "g6.mp4"];
     for (n, name) in names.iter().enumerate() {
@@ -149,9 +166,19 @@ fn receipts_and_reports_are_never_written_over() {
     wait_done(&fx, &daemon, 2, Duration::from_secs(30));
     let hashes: Vec<String> = ["clip.mp4.receipt.json", "clip.mp4.receipt-1.json"]
         .iter()
-        .map(|name| read_json(&fx.done.join(name))["sha256"].as_str().unwrap_or("").to_string())
+        .map(|name| {
+            read_json(&fx.done.join(name))["sha256"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
-    assert_eq!(hashes, vec![first, second], "{:?}", Fixture::files_in(&fx.done));
+    assert_eq!(
+        hashes,
+        vec![first, second],
+        "{:?}",
+        Fixture::files_in(&fx.done)
+    );
 }
 
 /// A permanent failure gives up the remote upload: the tus upload is
@@ -185,8 +212,7 @@ fn a_permanent_failure_abandons_the_remote_upload() {
         "the tus upload was terminated: {uploads:?}"
     );
     assert!(
-        !fx.outbox.join(".hotfolder-partial").exists()
-            || fx.partial_leftovers().is_empty(),
+        !fx.outbox.join(".hotfolder-partial").exists() || fx.partial_leftovers().is_empty(),
         "{:?}",
         fx.partial_leftovers()
     );
@@ -225,7 +251,11 @@ fn a_retried_file_is_never_taken_as_a_new_one() {
     let sidecar = fx.failed.join("clip.json");
     fs::write(&sidecar, br#"{ "title": "fixed" }"#).unwrap();
     let out = fx.hotfolder(&["retry", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_done(&fx, &daemon, 1, Duration::from_secs(30));
     let rows = fx.status();
     assert_eq!(rows.len(), 1, "one job only: {rows:?}");
@@ -245,12 +275,18 @@ fn filing_works_without_exclusive_rename_or_hard_links() {
     fs::write(fx.outbox.join("a.mp4"), b"already here too").unwrap();
     write_random(&fx.watch.join("a.mp4"), 4096, 12);
     let hash = sha256(&fx.watch.join("a.mp4"));
-    let daemon =
-        fx.start_with_failpoints("fsx::no_renameat2=return;fsx::no_hard_links=return");
+    let daemon = fx.start_with_failpoints("fsx::no_renameat2=return;fsx::no_hard_links=return");
     wait_done(&fx, &daemon, 1, Duration::from_secs(30));
     assert_eq!(fs::read(fx.done.join("a.mp4")).unwrap(), b"already here");
     assert_eq!(sha256(&fx.done.join("a-1.mp4")), hash);
-    assert_eq!(fs::read(fx.outbox.join("a.mp4")).unwrap(), b"already here too");
+    assert_eq!(
+        fs::read(fx.outbox.join("a.mp4")).unwrap(),
+        b"already here too"
+    );
     assert_eq!(sha256(&fx.outbox.join("a-1.mp4")), hash);
-    assert!(daemon.log().contains("no exclusive rename"), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("no exclusive rename"),
+        "{}",
+        daemon.log()
+    );
 }

@@ -148,7 +148,10 @@ fn a_full_quota_fails_the_job_at_once() {
         video["chunks"], 2,
         "stopped at the chunk past the quota: {video}"
     );
-    assert_eq!(video["deleted"], true, "the failed upload was given up: {video}");
+    assert_eq!(
+        video["deleted"], true,
+        "the failed upload was given up: {video}"
+    );
     assert_eq!(
         sandbox.stats().requests,
         7,

@@ -300,7 +300,7 @@ impl Uploader for ApiVideoProvider {
         let mut body = json!({
             "title": title,
             "mp4Support": true,
-            "metadata": [{"key": "hotfolder_job", "value": request.job_id.to_string()}],
+            "metadata": [{"key": "hotfolder_job", "value": request.tag}],
         });
         for key in ["description", "tags", "public"] {
             if let Some(value) = metadata.get(key) {
@@ -331,7 +331,7 @@ impl Uploader for ApiVideoProvider {
         if let Credentials::UploadToken(_) = self.credentials {
             return Ok(Lookup::Unsupported);
         }
-        let path = format!("videos?metadata[hotfolder_job]={}", request.job_id);
+        let path = format!("videos?metadata[hotfolder_job]={}", request.tag);
         let builder = self.request(Method::GET, &path).await?;
         let response = self.api("api.video list", builder).await?;
         let value: Value = response

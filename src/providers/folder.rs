@@ -35,8 +35,8 @@ impl FolderProvider {
 
     /// The partial file of a job: one name per job, so a crash inside
     /// `create` is found again by [`Uploader::find_created`].
-    fn partial_for(&self, job_id: u64) -> PathBuf {
-        self.partial_dir().join(job_id.to_string())
+    fn partial_for(&self, tag: &str) -> PathBuf {
+        self.partial_dir().join(tag)
     }
 
     fn partial_path(&self, session: &Session) -> Result<PathBuf, ProviderError> {
@@ -65,7 +65,7 @@ async fn blocking<T: Send + 'static>(
 impl Uploader for FolderProvider {
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
         let dir = self.partial_dir();
-        let partial = self.partial_for(request.job_id);
+        let partial = self.partial_for(request.tag);
         blocking(move || {
             fs::create_dir_all(&dir)
                 .map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
@@ -86,7 +86,7 @@ impl Uploader for FolderProvider {
     }
 
     async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
-        let partial = self.partial_for(request.job_id);
+        let partial = self.partial_for(request.tag);
         Ok(if partial.exists() {
             Lookup::Found(Session {
                 remote_id: None,

@@ -31,8 +31,11 @@ pub use tus::{TusProvider, mime_type};
 /// What the engine tells a provider about the file being delivered.
 #[derive(Debug, Clone)]
 pub struct UploadRequest<'a> {
-    /// Job id, used to tag remote objects so a crash inside create can be recovered.
-    pub job_id: u64,
+    /// The job's tag: this installation's id and the job id
+    /// (`<installation>-<job>`), unique across every hotfolder sharing a
+    /// provider account or destination. Remote objects carry it so a crash
+    /// inside create can be recovered by looking for it.
+    pub tag: &'a str,
     /// The file's name.
     pub file_name: &'a str,
     /// Path relative to the watch folder (kept by the folder provider).

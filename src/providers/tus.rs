@@ -172,7 +172,7 @@ impl TusProvider {
                 "filetype".to_string(),
                 mime_type(request.file_name).to_string(),
             ),
-            ("hotfolder_job".to_string(), request.job_id.to_string()),
+            ("hotfolder_job".to_string(), request.tag.to_string()),
         ]);
         for (key, value) in request.metadata {
             let text = match value {
@@ -452,7 +452,7 @@ mod tests {
         .into_iter()
         .collect();
         let request = UploadRequest {
-            job_id: 42,
+            tag: "42",
             file_name: "clip.mp4",
             relpath: std::path::Path::new("clip.mp4"),
             size: 10,

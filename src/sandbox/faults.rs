@@ -134,7 +134,10 @@ pub async fn inject(
     let response = next.run(request).await;
     if faults.gateway_rate > 0.0 && faults.roll() < faults.gateway_rate {
         faults.gateway_errors.fetch_add(1, Ordering::Relaxed);
-        return (StatusCode::BAD_GATEWAY, "injected: the answer was lost behind a gateway")
+        return (
+            StatusCode::BAD_GATEWAY,
+            "injected: the answer was lost behind a gateway",
+        )
             .into_response();
     }
     response

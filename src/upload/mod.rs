@@ -168,10 +168,11 @@ impl Engine {
             return Ok(AttemptEnd::Duplicate(earlier));
         }
         let file_name = job.file_name();
+        let tag = format!("{}-{}", self.store.installation(), job.id);
         let relpath = job.relpath.clone();
         let metadata = job.metadata.clone();
         let request = UploadRequest {
-            job_id: job.id,
+            tag: &tag,
             file_name: &file_name,
             relpath: &relpath,
             size: signature.size,
@@ -209,8 +210,7 @@ impl Engine {
                             Lookup::Unsupported => {
                                 // No lookup by tag exists for this provider: name the possible orphan.
                                 let note = format!(
-                                    "an interrupted create call may have left a remote object tagged hotfolder_job={}",
-                                    job.id
+                                    "an interrupted create call may have left a remote object tagged hotfolder_job={tag}"
                                 );
                                 tracing::warn!(job = job.id, "{note}");
                                 job.replaced.push(note);
@@ -223,16 +223,17 @@ impl Engine {
                     job.acked = 0;
                     job.hash = None;
                     job.started_at.get_or_insert_with(jiff::Timestamp::now);
-                    let created = provider
-                        .create(&request)
-                        .await
-                        .map_err(Stop::Provider)
-                        .map(|session| {
-                            crate::failpoint::crash("create::after");
-                            job.session = Some(session.clone());
-                            job.apply(Outcome::Created);
-                            session
-                        });
+                    let created =
+                        provider
+                            .create(&request)
+                            .await
+                            .map_err(Stop::Provider)
+                            .map(|session| {
+                                crate::failpoint::crash("create::after");
+                                job.session = Some(session.clone());
+                                job.apply(Outcome::Created);
+                                session
+                            });
                     match created {
                         Ok(session) => {
                             self.store.put(job).await?;
@@ -243,7 +244,11 @@ impl Engine {
                         // `creating`, so the next attempt looks for the object
                         // (or names the possible orphan) before creating.
                         Err(Stop::Provider(e)) if e.status.is_some_and(is_gateway_error) => {
-                            tracing::warn!(job = job.id, status = e.status, "the create call answered with a gateway error; the service may have created the object, so the next attempt looks for it first");
+                            tracing::warn!(
+                                job = job.id,
+                                status = e.status,
+                                "the create call answered with a gateway error; the service may have created the object, so the next attempt looks for it first"
+                            );
                             return Err(Stop::Provider(e));
                         }
                         // The service itself answered: nothing was created.
