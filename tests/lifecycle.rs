@@ -123,7 +123,7 @@ fn a_gateway_error_on_create_is_a_lost_answer_not_a_refusal() {
     let fx = Fixture::new();
     let sandbox = Sandbox::start(
         &fx.root.join("sandbox"),
-        &["--gateway-rate", "0.3", "--seed", "11"],
+        &["--gateway-rate", "0.5", "--seed", "11"],
     );
     let provider = apivideo_provider(
         "av",
@@ -131,14 +131,14 @@ fn a_gateway_error_on_create_is_a_lost_answer_not_a_refusal() {
         &format!("chunk_size: 5MiB, {GENEROUS_RETRY}"),
     );
     fx.write_provider_config(&provider, "av", r#"{ title: "{stem}" }"#);
-    let names = ["g1.mp4", "g2.mp4", "g3.mp4", "g4.mp4", "g5.mp4", "g6.mp4"];
+    let names: Vec<String> = (1..=10).map(|n| format!("g{n}.mp4")).collect();
     for (n, name) in names.iter().enumerate() {
         write_random(&fx.watch.join(name), MIB, 20 + n as u64);
     }
     let daemon = fx.start();
     wait_done(&fx, &daemon, names.len(), Duration::from_secs(90));
     assert!(sandbox.stats().gateway_errors > 0, "502s were sent");
-    for name in names {
+    for name in &names {
         let stem = name.trim_end_matches(".mp4");
         let videos: Vec<_> = sandbox
             .records_where("apivideo", "title", stem)
