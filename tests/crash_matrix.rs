@@ -166,11 +166,10 @@ fn crash_once(sandbox: &Sandbox, provider: &str, index: usize) -> (f64, bool) {
     let fx = Fixture::new();
     let (entry, chunk) = provider_entry(provider, sandbox);
     let shm = other_fs.then(|| {
-        let dir = tempfile::Builder::new()
+        tempfile::Builder::new()
             .prefix("hotfolder-matrix-")
             .tempdir_in(OTHER_FS)
-            .expect("a folder on another filesystem");
-        dir
+            .expect("a folder on another filesystem")
     });
     let watch_extra = shm
         .as_ref()

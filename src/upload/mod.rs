@@ -223,17 +223,15 @@ impl Engine {
                     job.acked = 0;
                     job.hash = None;
                     job.started_at.get_or_insert_with(jiff::Timestamp::now);
-                    let created =
-                        provider
-                            .create(&request)
-                            .await
-                            .map_err(Stop::Provider)
-                            .map(|session| {
-                                crate::failpoint::crash("create::after");
-                                job.session = Some(session.clone());
-                                job.apply(Outcome::Created);
-                                session
-                            });
+                    let created = provider
+                        .create(&request)
+                        .await
+                        .map_err(Stop::Provider)
+                        .inspect(|session| {
+                            crate::failpoint::crash("create::after");
+                            job.session = Some(session.clone());
+                            job.apply(Outcome::Created);
+                        });
                     match created {
                         Ok(session) => {
                             self.store.put(job).await?;
