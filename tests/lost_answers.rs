@@ -1,12 +1,16 @@
-//! `kill -9` inside the create window, made deterministic: a proxy between
-//! the daemon and the sandbox lets the create request through but withholds
-//! its answer, so the server has made the remote object and the daemon never
-//! learns its id; the daemon is killed there and restarted. SPEC §4 ("Nothing
-//! twice"): the restarted job finds the object it made (api.video lists by
-//! its tag) or, where no lookup exists, names the possible orphan in the log
-//! and the receipt. Each case checks that every incomplete object left
-//! behind can be found again from what the daemon wrote: its id in a log or
-//! the receipt, or a `hotfolder_job` tag it carries that the receipt names.
+//! `kill -9` while an answer is lost, made deterministic: a proxy between the
+//! daemon and the sandbox lets one request through but withholds its answer,
+//! so the server has acted and the daemon never learns it; the daemon is
+//! killed there and restarted, and the file must arrive as one object.
+//!
+//! - Inside the create window (SPEC §4, "Nothing twice"): the restarted job
+//!   finds the object it made (api.video lists by its tag) or, where no
+//!   lookup exists, names the possible orphan in the log and the receipt.
+//!   Every incomplete object left behind must be findable from what the
+//!   daemon wrote: its id in a log or the receipt, or a `hotfolder_job` tag
+//!   it carries that the receipt names.
+//! - After the last chunk: the server holds every byte, the daemon's last
+//!   acknowledgement is one chunk behind; the job must still end done.
 
 mod common;
 
@@ -123,15 +127,62 @@ struct Object {
     tag: Option<String>,
 }
 
-/// One provider's create window.
-struct Case {
-    /// The `providers:` entry of `p` at a sandbox.
+/// A provider at the sandbox: its `providers:` entry (named `p`) and how
+/// its simulator reports the file's objects.
+#[derive(Clone, Copy)]
+struct Peer {
     entry: fn(&Sandbox) -> String,
-    /// Bytes of the request whose answer is withheld.
-    marker: &'static str,
-    /// Every remote object of the file.
     objects: fn(&Sandbox) -> Vec<Object>,
 }
+
+const TUS: Peer = Peer {
+    entry: |s| tus_provider("p", &s.endpoint(), &settings()),
+    objects: tus_uploads,
+};
+const OKRU: Peer = Peer {
+    entry: |s| okru_provider("p", s, &settings()),
+    objects: |s| {
+        videos(s, "okru", ("file_name", FILE), "video_id", |_, v| {
+            v["received"] == v["file_size"]
+        })
+    },
+};
+const APIVIDEO: Peer = Peer {
+    entry: |s| apivideo_provider("p", s, &format!("chunk_size: 5MiB, {GENEROUS_RETRY}")),
+    objects: |s| videos(s, "apivideo", ("title", STEM), "video_id", flagged_complete),
+};
+/// Gcore's videos; their bytes are on the tus upload each links.
+const GCORE: Peer = Peer {
+    entry: |s| gcore_provider("p", s, &settings()),
+    objects: |s| {
+        videos(s, "gcore", ("name", STEM), "id", |s, v| {
+            let linked = v["upload"].as_str().unwrap_or_default();
+            s.uploads().iter().any(|u| u.id == linked && u.complete())
+        })
+    },
+};
+/// Gcore's tus uploads (its upload leg).
+const GCORE_TUS: Peer = Peer {
+    entry: GCORE.entry,
+    objects: tus_uploads,
+};
+const MOVINGIMAGE: Peer = Peer {
+    entry: |s| movingimage_provider("p", s, &settings()),
+    objects: |s| {
+        videos(
+            s,
+            "movingimage",
+            ("file_name", FILE),
+            "id",
+            flagged_complete,
+        )
+    },
+};
+
+/// The create request made an object.
+const CREATED: fn(&[Object]) -> bool = |objects| !objects.is_empty();
+/// The last chunk made an object complete.
+const COMPLETED: fn(&[Object]) -> bool = |objects| objects.iter().any(|o| o.complete);
 
 fn settings() -> String {
     format!("chunk_size: 1MiB, {GENEROUS_RETRY}")
@@ -180,11 +231,11 @@ fn flagged_complete(_: &Sandbox, record: &Value) -> bool {
     record["complete"] == true
 }
 
-impl Case {
-    /// Drop a 3 MiB file, withhold the create answer, `kill -9`, restart,
-    /// let it finish; then every incomplete object left must be findable
-    /// from what the daemon wrote.
-    fn run(&self) {
+impl Peer {
+    /// Drop a 3 MiB file, withhold the marked answer, `kill -9` once the
+    /// server acted, restart, let it finish (done, not failed); then every
+    /// incomplete object left must be findable from what the daemon wrote.
+    fn lose_answer(self, marker: &str, acted: fn(&[Object]) -> bool) {
         let fx = Fixture::new();
         let sandbox = Sandbox::start(&fx.root.join("sandbox"), &[]);
         let proxy = Proxy::start(&sandbox.addr);
@@ -192,13 +243,13 @@ impl Case {
         fx.write_provider_config(&entry, "p", r#"{ title: "{stem}" }"#);
         write_random(&fx.watch.join(FILE), 3 * MIB, 1);
 
-        proxy.arm(self.marker);
+        proxy.arm(marker);
         let mut first = fx.start();
         wait_for(
-            "the create request to reach the sandbox",
+            "the sandbox to act on the request whose answer is withheld",
             Duration::from_secs(30),
             || {
-                (proxy.withheld.load(Ordering::SeqCst) && !(self.objects)(&sandbox).is_empty())
+                (proxy.withheld.load(Ordering::SeqCst) && acted(&(self.objects)(&sandbox)))
                     .then_some(())
             },
         );
@@ -235,7 +286,7 @@ impl Case {
             .collect();
         assert!(
             orphans.is_empty(),
-            "kill -9 inside the create window left {} object(s) that nothing the daemon wrote finds:\n  {}\n\
+            "kill -9 with a lost answer left {} object(s) that nothing the daemon wrote finds:\n  {}\n\
              objects at the kill: {objects_at_kill:?}\nall objects now: {objects:?}\n\
              receipt `replaced`: {named:?}\nlog lines about it:\n{}",
             orphans.len(),
@@ -254,24 +305,14 @@ impl Case {
 /// possible-orphan note (log and receipt) names that tag.
 #[test]
 fn tus_create_window_orphan_is_named() {
-    Case {
-        entry: |s| tus_provider("p", &s.endpoint(), &settings()),
-        marker: "POST /tus/files/ HTTP",
-        objects: tus_uploads,
-    }
-    .run();
+    TUS.lose_answer("POST /tus/files/ HTTP", CREATED);
 }
 
 /// api.video: the restarted job lists videos by its tag, finds the one the
 /// interrupted create made and resumes it: no orphan.
 #[test]
 fn apivideo_create_window_video_is_found_and_resumed() {
-    Case {
-        entry: |s| apivideo_provider("p", s, &format!("chunk_size: 5MiB, {GENEROUS_RETRY}")),
-        marker: "POST /videos HTTP",
-        objects: |s| videos(s, "apivideo", ("title", STEM), "video_id", flagged_complete),
-    }
-    .run();
+    APIVIDEO.lose_answer("POST /videos HTTP", CREATED);
 }
 
 /// OK.ru: `video.getUploadUrl` carries no tag and OK.ru has no lookup, so
@@ -279,34 +320,14 @@ fn apivideo_create_window_video_is_found_and_resumed() {
 #[test]
 #[ignore = "bug: the possible-orphan note names a hotfolder_job tag the OK.ru video does not carry"]
 fn okru_create_window_orphan_is_named() {
-    Case {
-        entry: |s| okru_provider("p", s, &settings()),
-        marker: "video.getUploadUrl",
-        objects: |s| {
-            videos(s, "okru", ("file_name", FILE), "video_id", |_, v| {
-                v["received"] == v["file_size"]
-            })
-        },
-    }
-    .run();
+    OKRU.lose_answer("video.getUploadUrl", CREATED);
 }
 
 /// Gcore: the video (create) carries no tag and is not looked up.
 #[test]
 #[ignore = "bug: the possible-orphan note names a hotfolder_job tag the Gcore video does not carry"]
 fn gcore_create_window_orphan_is_named() {
-    Case {
-        entry: |s| gcore_provider("p", s, &settings()),
-        marker: "POST /streaming/videos HTTP",
-        objects: |s| {
-            // A Gcore video's bytes are on the tus upload it links.
-            videos(s, "gcore", ("name", STEM), "id", |s, v| {
-                let linked = v["upload"].as_str().unwrap_or_default();
-                s.uploads().iter().any(|u| u.id == linked && u.complete())
-            })
-        },
-    }
-    .run();
+    GCORE.lose_answer("POST /streaming/videos HTTP", CREATED);
 }
 
 /// Gcore's second create: the tus upload made in `offset` (start_tus)
@@ -315,30 +336,39 @@ fn gcore_create_window_orphan_is_named() {
 #[test]
 #[ignore = "bug: a kill between Gcore's tus creation and persisting its URL leaves a tus upload nothing names"]
 fn gcore_tus_create_window_orphan_is_named() {
-    Case {
-        entry: |s| gcore_provider("p", s, &settings()),
-        marker: "POST /upload/ HTTP",
-        objects: tus_uploads,
-    }
-    .run();
+    GCORE_TUS.lose_answer("POST /upload/ HTTP", CREATED);
 }
 
 /// movingimage: the video carries no tag and is not looked up.
 #[test]
 #[ignore = "bug: the possible-orphan note names a hotfolder_job tag the movingimage video does not carry"]
 fn movingimage_create_window_orphan_is_named() {
-    Case {
-        entry: |s| movingimage_provider("p", s, &settings()),
-        marker: "POST /v1/vms/1234/videos HTTP",
-        objects: |s| {
-            videos(
-                s,
-                "movingimage",
-                ("file_name", FILE),
-                "id",
-                flagged_complete,
-            )
-        },
-    }
-    .run();
+    MOVINGIMAGE.lose_answer("POST /v1/vms/1234/videos HTTP", CREATED);
+}
+
+/// tus, the last PATCH's answer lost: HEAD says every byte is there.
+#[test]
+fn tus_last_chunk_answer_lost_still_delivers() {
+    TUS.lose_answer("upload-offset: 2097152\r\n", COMPLETED);
+}
+
+/// OK.ru, the last chunk's answer lost: the status GET says complete.
+#[test]
+fn okru_last_chunk_answer_lost_still_delivers() {
+    OKRU.lose_answer("content-range: bytes 2097152-3145727/3145728", COMPLETED);
+}
+
+/// api.video, the (only) chunk's answer lost: the status says uploaded.
+#[test]
+fn apivideo_last_chunk_answer_lost_still_delivers() {
+    APIVIDEO.lose_answer("content-range: bytes 0-3145727/3145728", COMPLETED);
+}
+
+/// movingimage, the last chunk's answer lost: no offset query, so the job
+/// sends chunk 3/3 again, the server answers 400 "the upload is complete",
+/// and the job fails for good although the video is whole.
+#[test]
+#[ignore = "bug: movingimage fails the job when the re-sent last chunk is refused as already complete"]
+fn movingimage_last_chunk_answer_lost_still_delivers() {
+    MOVINGIMAGE.lose_answer("mi24-upload-current-chunk: 3\r\n", COMPLETED);
 }
