@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::daemon::Context;
 use crate::jobs::{self, JobView};
 use crate::metrics::Gauge;
-use crate::state::{JobState, StoreError};
+use crate::state::StoreError;
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
@@ -165,17 +165,7 @@ async fn retry(State(ctx): State<Arc<Context>>, Path(id): Path<u64>) -> Response
 
 async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
     let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for state in [
-        JobState::Queued,
-        JobState::Creating,
-        JobState::Uploading,
-        JobState::Finalizing,
-        JobState::Filing,
-        JobState::Done,
-        JobState::Failing,
-        JobState::Failed,
-        JobState::Superseded,
-    ] {
+    for state in crate::lifecycle::STATES {
         by_state.insert(state.as_str(), 0);
     }
     let jobs = match ctx.store.all() {
