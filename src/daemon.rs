@@ -713,10 +713,15 @@ async fn write_report_once(
     suffix: &str,
     report: &impl serde::Serialize,
 ) -> Result<(), StoreError> {
+    if let Some(stale) = job.report_temporary.take() {
+        // Written through before a crash, or never created: either way not
+        // something to leave in the user's folder.
+        let _ = std::fs::remove_file(&stale);
+    }
     if let Some(written) = &job.report
         && crate::finish::is_report_of(written, job.id)
     {
-        return Ok(());
+        return ctx.store.put(job).await;
     }
     let wanted = finish::report_path(at, suffix);
     for _ in 0..crate::fsx::MAX_NUMBERED {
@@ -727,11 +732,14 @@ async fn write_report_once(
                 return Ok(());
             }
         };
+        let temporary = crate::fsx::temporary_beside(&path);
         job.report = Some(path.clone());
+        job.report_temporary = Some(temporary.clone());
         ctx.store.put(job).await?;
-        match finish::write_report(&path, report) {
+        match finish::write_report(&path, &temporary, report) {
             Ok(()) => {
                 crate::failpoint::crash("report::after_write");
+                job.report_temporary = None;
                 return Ok(());
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

@@ -231,12 +231,16 @@ pub fn report_path(filed: &Path, suffix: &str) -> PathBuf {
 ///
 /// # Errors
 /// I/O errors, naming the path.
-pub fn write_report(path: &Path, report: &impl Serialize) -> Result<(), io::Error> {
+pub fn write_report(
+    path: &Path,
+    temporary: &Path,
+    report: &impl Serialize,
+) -> Result<(), io::Error> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
     }
     let body = serde_json::to_vec_pretty(report).map_err(io::Error::other)?;
-    fsx::write_new(path, &body)
+    fsx::write_new(path, temporary, &body)
 }
 
 /// True when `path` holds a report written for job `job` (so a restart
@@ -411,8 +415,9 @@ mod tests {
     fn reports_are_never_written_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("clip.mp4.receipt.json");
-        write_report(&path, &serde_json::json!({"job": 1})).unwrap();
-        let e = write_report(&path, &serde_json::json!({"job": 2})).unwrap_err();
+        let temporary = fsx::temporary_beside(&path);
+        write_report(&path, &temporary, &serde_json::json!({"job": 1})).unwrap();
+        let e = write_report(&path, &temporary, &serde_json::json!({"job": 2})).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert!(is_report_of(&path, 1));
         assert!(!is_report_of(&path, 2));

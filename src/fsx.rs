@@ -189,20 +189,23 @@ pub fn copy_to_temporary(from: &Path, temporary: &Path) -> io::Result<()> {
     })
 }
 
-/// Write `bytes` as a new file at `path`: through a hidden temporary,
-/// fsynced, renamed into place without replacing anything.
+/// Write `bytes` as a new file at `path`: through the hidden `temporary`
+/// (created exclusively; the caller records its name first so a crash can
+/// be cleaned up), fsynced, renamed into place without replacing anything.
 ///
 /// # Errors
 /// `AlreadyExists` when `path` is taken; other I/O errors.
-pub fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let temporary = temporary_beside(path);
-    let written = create_exclusive(&temporary).and_then(|mut file| {
+pub fn write_new(path: &Path, temporary: &Path, bytes: &[u8]) -> io::Result<()> {
+    let written = create_exclusive(temporary).and_then(|mut file| {
         file.write_all(bytes)?;
         file.sync_all()
     });
-    let placed = written.and_then(|()| rename_noreplace(&temporary, path));
+    let placed = written.and_then(|()| {
+        crate::failpoint::crash("fsx::write_new::before_rename");
+        rename_noreplace(temporary, path)
+    });
     if placed.is_err() {
-        let _ = fs::remove_file(&temporary);
+        let _ = fs::remove_file(temporary);
     }
     placed?;
     sync_parent(path);
@@ -304,8 +307,8 @@ mod tests {
     fn write_new_refuses_a_taken_name_and_leaves_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.json");
-        write_new(&path, b"one").unwrap();
-        let e = write_new(&path, b"two").unwrap_err();
+        write_new(&path, &temporary_beside(&path), b"one").unwrap();
+        let e = write_new(&path, &temporary_beside(&path), b"two").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&path).unwrap(), b"one");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);

@@ -143,6 +143,10 @@ pub struct Job {
     /// second one beside it.
     #[serde(default)]
     pub report: Option<PathBuf>,
+    /// The hidden temporary that report is written through, recorded before
+    /// it is created so a crash never leaves it behind.
+    #[serde(default)]
+    pub report_temporary: Option<PathBuf>,
     /// Remote objects abandoned or possibly orphaned on the way.
     pub replaced: Vec<String>,
     /// Created.
@@ -196,6 +200,7 @@ impl Job {
             sidecar_filed_to: None,
             filing: None,
             report: None,
+            report_temporary: None,
             replaced: Vec::new(),
             created_at: now,
             started_at: None,

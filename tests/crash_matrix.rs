@@ -37,13 +37,14 @@ const PROVIDERS: [&str; 7] = [
 
 /// The steps: failpoint, its action, and whether done/ must be on another
 /// filesystem (so filing copies instead of renaming).
-const POINTS: [(&str, &str, bool); 7] = [
+const POINTS: [(&str, &str, bool); 8] = [
     ("create::before", "return", false),
     ("create::after", "return", false),
     ("chunk::acknowledged", "1*off->return", false),
     ("finalize::after", "return", false),
     ("filing::after_move", "return", false),
     ("filing::after_copy", "return", true),
+    ("fsx::write_new::before_rename", "return", false),
     ("report::after_write", "return", false),
 ];
 
@@ -311,7 +312,7 @@ fn a_crash_at_every_step_loses_nothing_and_duplicates_nothing() {
     let results = results.lock().expect("results");
     let mut table = format!("{:<12}", "provider");
     for (point, _, _) in POINTS {
-        table.push_str(&format!(" {:>20}", point));
+        table.push_str(&format!(" {point:>w$}", w = point.len().max(9)));
     }
     table.push('\n');
     for (p, provider) in PROVIDERS.iter().enumerate() {
@@ -323,7 +324,7 @@ fn a_crash_at_every_step_loses_nothing_and_duplicates_nothing() {
                 }
                 None => "FAILED".into(),
             };
-            table.push_str(&format!(" {cell:>20}"));
+            table.push_str(&format!(" {cell:>w$}", w = POINTS[i].0.len().max(9)));
         }
         table.push('\n');
     }

@@ -365,10 +365,9 @@ fn apivideo_last_chunk_answer_lost_still_delivers() {
 }
 
 /// movingimage, the last chunk's answer lost: no offset query, so the job
-/// sends chunk 3/3 again, the server answers 400 "the upload is complete",
-/// and the job fails for good although the video is whole.
+/// sends chunk 3/3 again; the server answers 400 "the upload is complete",
+/// which is the acknowledgement that was lost (this failed the job before).
 #[test]
-#[ignore = "bug: movingimage fails the job when the re-sent last chunk is refused as already complete"]
 fn movingimage_last_chunk_answer_lost_still_delivers() {
     MOVINGIMAGE.lose_answer("mi24-upload-current-chunk: 3\r\n", COMPLETED);
 }

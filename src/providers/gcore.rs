@@ -246,14 +246,26 @@ impl GcoreProvider {
     }
 }
 
+/// The name a Gcore video gets: the rendered title, else the file name.
+fn video_name(request: &UploadRequest<'_>) -> String {
+    request
+        .metadata
+        .get("title")
+        .and_then(Value::as_str)
+        .map_or_else(|| request.file_name.to_string(), str::to_string)
+}
+
 impl Uploader for GcoreProvider {
+    fn describe_created(&self, request: &UploadRequest<'_>) -> String {
+        format!("a Gcore video named {:?}", video_name(request))
+    }
+
+    fn creates_on_offset(&self, session: &Session) -> bool {
+        session.upload_url.is_none()
+    }
+
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
-        let title = request
-            .metadata
-            .get("title")
-            .and_then(Value::as_str)
-            .map_or_else(|| request.file_name.to_string(), str::to_string);
-        let mut video = json!({"name": title});
+        let mut video = json!({"name": video_name(request)});
         if let Some(description) = request.metadata.get("description").and_then(Value::as_str) {
             video["description"] = json!(description);
         }

@@ -202,6 +202,21 @@ pub trait Uploader {
         Ok(Lookup::Unsupported)
     }
 
+    /// Words that let a person find the object a create call makes for this
+    /// request, where no lookup exists (SPEC §4: the possible orphan of a
+    /// crash inside create is named in the log and the receipt).
+    fn describe_created(&self, request: &UploadRequest<'_>) -> String {
+        format!("a remote object tagged hotfolder_job={}", request.tag)
+    }
+
+    /// True when the next [`Uploader::offset`] for this session will create
+    /// a remote object of its own (the second leg of a multi-step create,
+    /// such as Gcore's tus upload): the engine records that intent first,
+    /// as it does for `create`.
+    fn creates_on_offset(&self, _session: &Session) -> bool {
+        false
+    }
+
     /// Ask where the remote side stands. `acknowledged` is the offset the
     /// engine persisted; protocols without a query answer [`RemoteOffset::Unknown`].
     async fn offset(
@@ -393,6 +408,25 @@ impl Uploader for Provider {
 
     async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
         forward!(self, p => p.find_created(request))
+    }
+
+    fn describe_created(&self, request: &UploadRequest<'_>) -> String {
+        match self {
+            Provider::Folder(p) => p.describe_created(request),
+            Provider::Tus(p) => p.describe_created(request),
+            Provider::Okru(p) => p.describe_created(request),
+            Provider::Apivideo(p) => p.describe_created(request),
+            Provider::Gcore(p) => p.describe_created(request),
+            Provider::Movingimage(p) => p.describe_created(request),
+            Provider::Unavailable { .. } => format!("a remote object for job {}", request.tag),
+        }
+    }
+
+    fn creates_on_offset(&self, session: &Session) -> bool {
+        match self {
+            Provider::Gcore(p) => p.creates_on_offset(session),
+            _ => false,
+        }
     }
 
     async fn offset(

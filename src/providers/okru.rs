@@ -205,6 +205,13 @@ fn text(metadata: &BTreeMap<String, Value>, key: &str) -> Option<String> {
 }
 
 impl Uploader for OkruProvider {
+    fn describe_created(&self, request: &UploadRequest<'_>) -> String {
+        format!(
+            "an OK.ru video with file_name {:?} and file_size {}",
+            request.file_name, request.size
+        )
+    }
+
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
         let mut params = vec![
             ("file_name", request.file_name.to_string()),

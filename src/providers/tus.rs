@@ -328,6 +328,13 @@ pub fn mime_type(file_name: &str) -> &'static str {
 }
 
 impl Uploader for TusProvider {
+    fn describe_created(&self, request: &UploadRequest<'_>) -> String {
+        format!(
+            "a tus upload with Upload-Metadata filename {:?} and hotfolder_job={}",
+            request.file_name, request.tag
+        )
+    }
+
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
         self.post_create(request).await
     }

@@ -208,12 +208,8 @@ impl Engine {
                             Lookup::NotFound => {}
                             Lookup::Unsupported if matches!(provider, Provider::Folder(_)) => {}
                             Lookup::Unsupported => {
-                                // No lookup by tag exists for this provider: name the possible orphan.
-                                let note = format!(
-                                    "an interrupted create call may have left a remote object tagged hotfolder_job={tag}"
-                                );
-                                tracing::warn!(job = job.id, "{note}");
-                                job.replaced.push(note);
+                                // No lookup exists for this provider: name the possible orphan.
+                                note_possible_orphan(job, &provider.describe_created(&request));
                             }
                         }
                     }
@@ -259,9 +255,33 @@ impl Engine {
                     }
                 }
             };
-            // Learn where the server stands.
+            // Learn where the server stands. Where asking creates a second
+            // leg of the remote object (Gcore's tus upload), that intent is
+            // recorded first, as for `create`.
+            if provider.creates_on_offset(&session) {
+                if session.extra.remove(LEG_INTENT).is_some() {
+                    note_possible_orphan(
+                        job,
+                        &format!(
+                            "an upload session tagged hotfolder_job={tag} for {}",
+                            session.remote_id.as_deref().unwrap_or("the remote video")
+                        ),
+                    );
+                }
+                session.extra.insert(LEG_INTENT.into(), true.into());
+                job.session = Some(session.clone());
+                self.store.put(job).await?;
+            }
             let before = session.clone();
-            let offset = match provider.offset(&mut session, &request, job.acked).await {
+            let asked = provider.offset(&mut session, &request, job.acked).await;
+            let leg_answered = match &asked {
+                Ok(_) => true,
+                Err(e) => e.status.is_some_and(|s| !is_gateway_error(s)),
+            };
+            if leg_answered {
+                session.extra.remove(LEG_INTENT);
+            }
+            let offset = match asked {
                 Ok(RemoteOffset::At(offset)) if offset <= signature.size => offset,
                 Ok(RemoteOffset::Unknown) => job.acked,
                 Ok(RemoteOffset::At(_) | RemoteOffset::Gone) => {
@@ -633,6 +653,21 @@ async fn catch_up(
     })
     .await
     .map_err(|e| Stop::SourceChanged(format!("cannot re-read the source to resume: {e}")))
+}
+
+/// Session key marking a second create leg in flight (see
+/// [`Uploader::creates_on_offset`]).
+const LEG_INTENT: &str = "creating_leg";
+
+/// Name, in the log and the receipt, a remote object that a crash inside a
+/// create call may have left and that no lookup can find.
+fn note_possible_orphan(job: &mut Job, what: &str) {
+    let note = format!(
+        "an interrupted create call may have left {what}, made around {}; delete it if it exists",
+        job.updated_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    );
+    tracing::warn!(job = job.id, "{note}");
+    job.replaced.push(note);
 }
 
 /// 502, 503 and 504: answers a gateway or proxy may give after the service
