@@ -266,10 +266,7 @@ impl MovingimageProvider {
 
 impl Uploader for MovingimageProvider {
     fn describe_created(&self, request: &UploadRequest<'_>) -> String {
-        format!(
-            "a movingimage video with fileName {:?}",
-            request.file_name
-        )
+        format!("a movingimage video with fileName {:?}", request.file_name)
     }
 
     async fn create(&self, request: &UploadRequest<'_>) -> Result<Session, ProviderError> {
@@ -360,7 +357,10 @@ impl Uploader for MovingimageProvider {
         {
             // The last chunk was stored before its answer was lost (a crash,
             // a dropped connection): the server says the upload is whole.
-            tracing::info!(status, "movingimage: the last chunk was already stored; the upload is complete");
+            tracing::info!(
+                status,
+                "movingimage: the last chunk was already stored; the upload is complete"
+            );
             return Ok(end);
         }
         let mut error = ProviderError::new(
