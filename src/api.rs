@@ -5,7 +5,6 @@
 //! carry secrets: job views hold no session, URLs or credentials.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -17,10 +16,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::daemon::Context;
+use crate::jobs::JobsHandle;
 use crate::jobs::{self, JobView};
 use crate::metrics::Gauge;
-use crate::state::StoreError;
+use crate::state::{JobStore, StoreError};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
@@ -38,7 +37,7 @@ fn store_error(e: &StoreError) -> Response {
 /// # Errors
 /// The address cannot be bound.
 pub async fn serve(
-    ctx: Arc<Context>,
+    ctx: JobsHandle,
     listen: &str,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
@@ -57,17 +56,14 @@ pub async fn serve(
 }
 
 /// The routes, with bearer auth on all but `/healthz`.
-pub fn router(ctx: Arc<Context>) -> Router {
+pub fn router(ctx: JobsHandle) -> Router {
     let protected = Router::new()
         .route("/", get(page))
         .route("/metrics", get(metrics))
         .route("/api/jobs", get(list))
         .route("/api/jobs/{id}", get(show))
         .route("/api/jobs/{id}/retry", post(retry))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&ctx),
-            authorize,
-        ));
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), authorize));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(protected)
@@ -88,7 +84,7 @@ async fn page() -> Response {
         .into_response()
 }
 
-async fn authorize(State(ctx): State<Arc<Context>>, request: Request, next: Next) -> Response {
+async fn authorize(State(ctx): State<JobsHandle>, request: Request, next: Next) -> Response {
     let Some(token) = ctx.config.http.as_ref().and_then(|h| h.token.as_ref()) else {
         return next.run(request).await;
     };
@@ -130,7 +126,7 @@ struct Filter {
     state: Option<String>,
 }
 
-async fn list(State(ctx): State<Arc<Context>>, Query(filter): Query<Filter>) -> Response {
+async fn list(State(ctx): State<JobsHandle>, Query(filter): Query<Filter>) -> Response {
     match jobs::status(&ctx.store, Some(&ctx.progress)) {
         Ok(rows) => {
             let rows: Vec<JobView> = rows
@@ -143,18 +139,18 @@ async fn list(State(ctx): State<Arc<Context>>, Query(filter): Query<Filter>) -> 
     }
 }
 
-async fn show(State(ctx): State<Arc<Context>>, Path(id): Path<u64>) -> Response {
+async fn show(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
     match ctx.store.get(id) {
         Ok(job) => Json(JobView::of(&job, ctx.progress.get(id))).into_response(),
         Err(e) => store_error(&e),
     }
 }
 
-async fn retry(State(ctx): State<Arc<Context>>, Path(id): Path<u64>) -> Response {
+async fn retry(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
     match jobs::retry(&ctx.store, &ctx.config, id).await {
         Ok(job) => {
             let view = JobView::of(&job, None);
-            ctx.spawn_job(job);
+            ctx.queue(job);
             Json(view).into_response()
         }
         Err(jobs::RetryError::Store(e)) => store_error(&e),
@@ -163,7 +159,7 @@ async fn retry(State(ctx): State<Arc<Context>>, Path(id): Path<u64>) -> Response
     }
 }
 
-async fn metrics(State(ctx): State<Arc<Context>>) -> Response {
+async fn metrics(State(ctx): State<JobsHandle>) -> Response {
     let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
     for state in crate::lifecycle::STATES {
         by_state.insert(state.as_str(), 0);

@@ -11,7 +11,7 @@ use crate::config::{self, Config, ConfigError, LogFormat};
 use crate::control::{self, Request, Response};
 use crate::jobs::{self, JobView};
 use crate::route::{FileFacts, Router};
-use crate::state::{JobState, Store};
+use crate::state::{JobState, JobStore, Store};
 
 /// hotfolder: watch folders, upload finished video files resumably, file them into done/ or failed/.
 #[derive(Debug, Parser)]

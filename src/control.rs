@@ -3,16 +3,15 @@
 //! `status` and `retry` ask it here. One JSON request line, one JSON answer.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::daemon::Context;
+use crate::jobs::JobsHandle;
 use crate::jobs::{self, JobView};
-use crate::state::JobState;
+use crate::state::{JobState, JobStore};
 
 /// A request to the daemon.
 #[derive(Debug, Serialize, Deserialize)]
@@ -61,7 +60,7 @@ pub fn remove_socket(state_dir: &Path) {
 /// # Errors
 /// The socket path and the I/O error.
 pub fn serve(
-    ctx: Arc<Context>,
+    ctx: JobsHandle,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, (PathBuf, std::io::Error)> {
     use std::os::unix::fs::PermissionsExt;
@@ -77,7 +76,7 @@ pub fn serve(
                 () = crate::shutdown::stopped(&mut shutdown) => return,
                 accepted = listener.accept() => {
                     if let Ok((stream, _)) = accepted {
-                        tokio::spawn(answer(Arc::clone(&ctx), stream));
+                        tokio::spawn(answer(ctx.clone(), stream));
                     }
                 }
             }
@@ -85,7 +84,7 @@ pub fn serve(
     }))
 }
 
-async fn answer(ctx: Arc<Context>, stream: UnixStream) {
+async fn answer(ctx: JobsHandle, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     if BufReader::new(read).read_line(&mut line).await.is_err() {
@@ -105,7 +104,7 @@ async fn answer(ctx: Arc<Context>, stream: UnixStream) {
     }
 }
 
-async fn retry(ctx: &Arc<Context>, mut ids: Vec<u64>, failed: bool) -> Response {
+async fn retry(ctx: &JobsHandle, mut ids: Vec<u64>, failed: bool) -> Response {
     if failed {
         match ctx.store.all() {
             Ok(all) => ids.extend(
@@ -122,7 +121,7 @@ async fn retry(ctx: &Arc<Context>, mut ids: Vec<u64>, failed: bool) -> Response 
         match jobs::retry(&ctx.store, &ctx.config, id).await {
             Ok(job) => {
                 queued.push(id);
-                ctx.spawn_job(job);
+                ctx.queue(job);
             }
             Err(e) => errors.push(e.to_string()),
         }

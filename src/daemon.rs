@@ -15,10 +15,11 @@ use tokio::task::JoinSet;
 
 use crate::config::{AfterSuccess, Config, Duplicates, Unmatched, WatchConfig};
 use crate::finish::{self, Carried, DuplicateOf, ErrorReport, Receipt};
+use crate::jobs::JobsHandle;
 use crate::lifecycle::Outcome;
 use crate::providers::{ErrorKind, ProviderError, Uploader};
 use crate::route::{FileFacts, Router};
-use crate::state::{Job, JobState, Store, StoreError};
+use crate::state::{Job, JobState, JobStore, Store, StoreError};
 use crate::upload::progress::ProgressBoard;
 use crate::upload::{AttemptEnd, Engine, ProviderHandle, note_failure};
 use crate::watch::{ReadyFile, WatchCommand, WatchCounters};
@@ -37,13 +38,12 @@ pub struct Context {
     pub workers: Arc<Semaphore>,
     /// Live progress.
     pub progress: ProgressBoard,
-    /// Watch counters by watch name.
-    pub watch_counters: HashMap<String, Arc<WatchCounters>>,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What the HTTP API and the control socket are given.
+    pub jobs: JobsHandle,
     watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
     router: Router,
-    new_jobs: mpsc::UnboundedSender<Job>,
 }
 
 impl Context {
@@ -71,6 +71,14 @@ impl Context {
             .map(|(name, p)| (name.clone(), Arc::new(ProviderHandle::new(p))))
             .collect();
         let (job_tx, job_rx) = mpsc::unbounded_channel();
+        let jobs = JobsHandle::new(
+            Arc::new(config.clone()),
+            store.clone(),
+            progress.clone(),
+            Arc::clone(&metrics),
+            watch_counters,
+            job_tx,
+        );
         let ctx = Arc::new(Context {
             router: Router::new(&config),
             workers: Arc::new(Semaphore::new(config.workers)),
@@ -80,9 +88,8 @@ impl Context {
             providers,
             progress,
             metrics,
-            watch_counters,
+            jobs,
             watch_commands,
-            new_jobs: job_tx,
         });
         (ctx, job_rx)
     }
@@ -93,7 +100,7 @@ impl Context {
 
     /// Queue a job (already stored) for a worker.
     pub fn spawn_job(&self, job: Job) {
-        let _ = self.new_jobs.send(job);
+        self.jobs.queue(job);
     }
 }
 
@@ -164,7 +171,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let api = match &ctx.config.http {
         Some(http) => Some(
-            crate::api::serve(Arc::clone(&ctx), &http.listen, stop_rx.clone())
+            crate::api::serve(ctx.jobs.clone(), &http.listen, stop_rx.clone())
                 .await
                 .map_err(|source| DaemonError::Http {
                     listen: http.listen.clone(),
@@ -173,7 +180,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => None,
     };
-    let control = crate::control::serve(Arc::clone(&ctx), stop_rx.clone())
+    let control = crate::control::serve(ctx.jobs.clone(), stop_rx.clone())
         .map_err(|(path, source)| DaemonError::Control { path, source })?;
 
     // Resume what was in flight.

@@ -2,15 +2,66 @@
 //! offline commands: the status view, and `retry` (which moves a failed file
 //! back from failed/ and queues its job again).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::finish::{self, Carried};
 use crate::lifecycle::Outcome;
-use crate::state::{Job, JobState, Store, StoreError};
+use crate::metrics::Metrics;
+use crate::state::{Job, JobState, JobStore, Store, StoreError};
 use crate::upload::progress::{Progress, ProgressBoard};
+use crate::watch::WatchCounters;
+
+/// What the HTTP API and the control socket need of a running daemon: the
+/// job store, live progress, counters, the config (for `retry` and the
+/// API token) and a way to queue a job. A small handle, so that neither
+/// sees (nor depends on) the daemon's whole context.
+#[derive(Clone)]
+pub struct JobsHandle {
+    /// The configuration the daemon runs with.
+    pub config: Arc<Config>,
+    /// The job store.
+    pub store: Store,
+    /// Live progress of jobs in flight.
+    pub progress: ProgressBoard,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Watch counters by watch name.
+    pub watch_counters: HashMap<String, Arc<WatchCounters>>,
+    queue: mpsc::UnboundedSender<Job>,
+}
+
+impl JobsHandle {
+    /// A handle whose queued jobs come out of `queue`'s receiver.
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        progress: ProgressBoard,
+        metrics: Arc<Metrics>,
+        watch_counters: HashMap<String, Arc<WatchCounters>>,
+        queue: mpsc::UnboundedSender<Job>,
+    ) -> Self {
+        JobsHandle {
+            config,
+            store,
+            progress,
+            metrics,
+            watch_counters,
+            queue,
+        }
+    }
+
+    /// Queue a job (already stored) for a worker.
+    pub fn queue(&self, job: Job) {
+        let _ = self.queue.send(job);
+    }
+}
 
 /// One row of `status`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]

@@ -31,6 +31,7 @@ pub mod retry;
 pub mod route;
 pub mod sandbox;
 pub mod shutdown;
+pub mod source;
 pub mod state;
 pub mod upload;
 pub mod watch;

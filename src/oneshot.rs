@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::daemon::{Context, run_job};
 use crate::route::{FileFacts, Router};
-use crate::state::{FileSignature, Job, JobState, Store};
+use crate::state::{FileSignature, Job, JobState, JobStore, Store};
 
 /// How one file ended.
 #[derive(Debug)]

@@ -317,14 +317,14 @@ fn a_crash_at_every_step_loses_nothing_and_duplicates_nothing() {
     table.push('\n');
     for (p, provider) in PROVIDERS.iter().enumerate() {
         table.push_str(&format!("{provider:<12}"));
-        for i in 0..POINTS.len() {
+        for (i, (point, _, _)) in POINTS.iter().enumerate() {
             let cell = match results.get(&(p, i)) {
                 Some((resent, orphan)) => {
                     format!("{resent:.2}x{}", if *orphan { " o" } else { "" })
                 }
                 None => "FAILED".into(),
             };
-            table.push_str(&format!(" {cell:>w$}", w = POINTS[i].0.len().max(9)));
+            table.push_str(&format!(" {cell:>w$}", w = point.len().max(9)));
         }
         table.push('\n');
     }

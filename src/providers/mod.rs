@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ProviderConfig, ProviderKind};
-pub use crate::upload::chunk::Chunk;
+pub use crate::source::Chunk;
 pub use apivideo::{ApiVideoProvider, Credentials as ApiVideoCredentials, UploadMode};
 pub use folder::FolderProvider;
 pub use gcore::{GcoreProvider, WaitUntil};

@@ -13,7 +13,7 @@ use super::http::{self, status_error, transport_error};
 use super::{
     Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
 };
-use crate::upload::chunk::ChecksumAlgorithm;
+use crate::source::ChecksumAlgorithm;
 
 const TUS_VERSION: &str = "1.0.0";
 const OFFSET_OCTETS: &str = "application/offset+octet-stream";

@@ -4,7 +4,6 @@
 //! the hash state with it), finalise, and decide after each failure whether
 //! to retry (the shared [`Backoff`]) or fail.
 
-pub mod chunk;
 pub mod progress;
 
 use std::fs::File;
@@ -20,8 +19,8 @@ use crate::providers::{
     Delivery, ErrorKind, Lookup, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader,
 };
 use crate::retry::Backoff;
-use crate::state::{ErrorInfo, FileSignature, Job, JobState, Store, StoreError};
-use chunk::{Chunk, Counters};
+use crate::source::{self, Chunk, Counters};
+use crate::state::{ErrorInfo, FileSignature, Job, JobState, JobStore, Store, StoreError};
 use progress::ProgressBoard;
 
 /// In-attempt recoveries (offset re-query, URL renewal, re-authentication)
@@ -646,7 +645,7 @@ async fn catch_up(
     let counters = Arc::clone(counters);
     blocking_io(move || {
         let start = hasher.length();
-        chunk::read_range(&file, start, target, &counters, |piece| {
+        source::read_range(&file, start, target, &counters, |piece| {
             hasher.update(piece);
         })?;
         Ok(hasher)

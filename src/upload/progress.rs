@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::chunk::Counters;
+use crate::source::Counters;
 use crate::state::Job;
 
 /// A snapshot for display.

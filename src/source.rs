@@ -1,6 +1,8 @@
-//! One chunk of a source file, read lazily in pieces so that a chunk never
-//! sits whole in memory; every piece is hashed as it is read, so the sha256
-//! costs no second pass over the source.
+//! Reading a source file, shared by the engine and the providers (which
+//! know nothing else of jobs): the signature that says which version of a
+//! file a job delivers, and chunks read lazily in pooled pieces so that a
+//! chunk never sits whole in memory; every piece is hashed as it is read,
+//! so the sha256 costs no second pass over the source.
 
 use std::fs::File;
 use std::io;
@@ -12,7 +14,42 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::task::JoinHandle;
 
+use serde::{Deserialize, Serialize};
+
 use crate::hashing::ResumableSha256;
+
+/// What identifies one version of a source file: if any of it changes, the
+/// content may have changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSignature {
+    /// Length in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+impl FileSignature {
+    /// Read from metadata.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileSignature {
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    /// Same content as far as size and mtime tell (the inode may change
+    /// when a file is moved across filesystems and back).
+    pub fn same_content(&self, other: &FileSignature) -> bool {
+        self.size == other.size && self.mtime_ns == other.mtime_ns
+    }
+}
 
 /// Bytes read from the source per piece.
 pub const PIECE: u64 = 1 << 20;

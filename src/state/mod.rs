@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::group_commit::GroupCommit;
+mod sled_store;
+
+pub use self::sled_store::SledStore;
 use crate::hashing::ResumableSha256;
 pub use crate::lifecycle::JobState;
 use crate::lifecycle::{Outcome, next};
@@ -287,225 +289,153 @@ pub enum StoreError {
     NotFound(u64),
 }
 
-/// The sled-backed job store. Cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    installation: std::sync::Arc<str>,
-    commit: GroupCommit,
-    jobs: sled::Tree,
-    sources: sled::Tree,
-    delivered: sled::Tree,
-    meta: sled::Tree,
-}
-
-fn source_key(watch: &str, relpath: &Path) -> Vec<u8> {
-    let mut key = watch.as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(relpath.as_os_str().as_encoded_bytes());
-    key
-}
-
-fn delivered_key(provider: &str, fingerprint: &str) -> Vec<u8> {
-    format!("{provider}\0{fingerprint}").into_bytes()
-}
-
-impl Store {
-    /// Open (creating) the database in `state_dir`, which is created with
-    /// owner-only permissions.
-    ///
-    /// # Errors
-    /// [`StoreError::Open`] when another process holds it or it is damaged.
-    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        prepare_state_dir(state_dir)?;
-        let path = state_dir.join("db");
-        let db = sled::Config::new()
-            .path(&path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|source| {
-                let hint = if source.to_string().contains("lock") {
-                    "; is a hotfolder daemon already running with this state_dir?"
-                } else {
-                    ""
-                };
-                StoreError::Open {
-                    path: path.clone(),
-                    source,
-                    hint,
-                }
-            })?;
-        let flushed = db.clone();
-        let meta = db.open_tree("meta")?;
-        let installation = installation_id(&meta)?;
-        Ok(Store {
-            installation,
-            // Not `flush_async`: in sled 0.34 concurrent `flush_async` calls
-            // can miss their wake-up and hang forever (spacejam/sled#1308,
-            // #1241), which froze every job of a busy daemon. The blocking
-            // `flush` has no such problem; the group commit runs it on the
-            // blocking pool, one at a time, for everyone waiting.
-            commit: GroupCommit::new(move || flushed.flush().map(drop).map_err(|e| e.to_string())),
-            jobs: db.open_tree("jobs")?,
-            sources: db.open_tree("sources")?,
-            delivered: db.open_tree("delivered")?,
-            meta,
-        })
-    }
-
+/// What a job store must do, whatever keeps the records: one versioned
+/// record per job, written before any work and after every acknowledged
+/// step; an index from a watch-relative path to its latest job; the
+/// fingerprints of delivered content per provider. Today's one
+/// implementation is [`SledStore`], the embedded database of a single box.
+#[allow(async_fn_in_trait)]
+pub trait JobStore {
     /// This installation's id: random, made once when the store is first
     /// opened, kept for its life. Job ids count from 1 in every store, so
     /// remote objects are tagged with both.
-    pub fn installation(&self) -> &str {
-        &self.installation
-    }
+    fn installation(&self) -> &str;
 
-    /// A fresh job id.
+    /// A fresh job id, never reused.
     ///
     /// # Errors
     /// Database failure.
-    pub fn next_id(&self) -> Result<u64, StoreError> {
-        // A plain counter, not sled's generate_id (which leaps by a million
-        // after every restart): operators type these ids into `retry`.
-        let next = self.meta.update_and_fetch("next_job_id", |old| {
-            let last = old
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_be_bytes);
-            Some((last + 1).to_be_bytes().to_vec())
-        })?;
-        Ok(next
-            .and_then(|b| b.as_ref().try_into().ok())
-            .map_or(1, u64::from_be_bytes))
-    }
+    fn next_id(&self) -> Result<u64, StoreError>;
 
-    /// Write a job durably (flushed before returning).
+    /// Write a job durably (on disk before returning).
     ///
     /// # Errors
     /// Database failure.
-    pub async fn put(&self, job: &mut Job) -> Result<(), StoreError> {
-        self.put_buffered(job)?;
-        self.flush().await
-    }
+    async fn put(&self, job: &mut Job) -> Result<(), StoreError>;
 
     /// Write a job without waiting for the disk (for progress that may be
     /// lost in a crash without harm, because the server's offset is asked).
     ///
     /// # Errors
     /// Database failure.
-    pub fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
-        job.updated_at = jiff::Timestamp::now();
-        let bytes = serde_json::to_vec(job).map_err(|source| StoreError::Decode {
-            key: job.id.to_string(),
-            source,
-        })?;
-        self.jobs.insert(job.id.to_be_bytes(), bytes)?;
-        if !job.watch.is_empty() || !job.relpath.as_os_str().is_empty() {
-            self.sources
-                .insert(source_key(&job.watch, &job.relpath), &job.id.to_be_bytes())?;
-        }
-        Ok(())
-    }
+    fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError>;
 
-    /// Flush everything written so far.
+    /// Make everything written so far durable.
     ///
     /// # Errors
     /// Database failure.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.commit
-            .flush()
-            .await
-            .map_err(|e| StoreError::from(sled::Error::Io(std::io::Error::other(e))))
-    }
+    async fn flush(&self) -> Result<(), StoreError>;
 
     /// Read one job.
     ///
     /// # Errors
     /// [`StoreError::NotFound`], or a decode failure.
-    pub fn get(&self, id: u64) -> Result<Job, StoreError> {
-        let bytes = self
-            .jobs
-            .get(id.to_be_bytes())?
-            .ok_or(StoreError::NotFound(id))?;
-        decode(&bytes)
-    }
+    fn get(&self, id: u64) -> Result<Job, StoreError>;
 
     /// Every job, oldest first.
     ///
     /// # Errors
     /// Database or decode failure.
-    pub fn all(&self) -> Result<Vec<Job>, StoreError> {
-        self.jobs
-            .iter()
-            .map(|entry| {
-                let (_, bytes) = entry?;
-                decode(&bytes)
-            })
-            .collect()
-    }
+    fn all(&self) -> Result<Vec<Job>, StoreError>;
 
     /// The latest job for a watch-relative path.
     ///
     /// # Errors
     /// Database or decode failure.
-    pub fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError> {
-        match self.sources.get(source_key(watch, relpath))? {
-            None => Ok(None),
-            Some(id) => {
-                let id = u64::from_be_bytes(id.as_ref().try_into().unwrap_or([0; 8]));
-                match self.get(id) {
-                    Ok(job) => Ok(Some(job)),
-                    Err(StoreError::NotFound(_)) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            }
-        }
-    }
+    fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError>;
 
     /// Remember that `job` delivered content with this fingerprint.
     ///
     /// # Errors
     /// Database failure.
-    pub fn record_delivery(
+    fn record_delivery(
         &self,
         provider: &str,
         fingerprint: &str,
         job: u64,
-    ) -> Result<(), StoreError> {
-        let key = delivered_key(provider, fingerprint);
-        let mut ids = self.delivered_ids(provider, fingerprint)?;
-        if !ids.contains(&job) {
-            ids.push(job);
-        }
-        let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
-        self.delivered.insert(key, bytes)?;
-        Ok(())
-    }
+    ) -> Result<(), StoreError>;
 
     /// Jobs that delivered content with this fingerprint to this provider.
     ///
     /// # Errors
     /// Database failure.
-    pub fn delivered_ids(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
-        let Some(bytes) = self.delivered.get(delivered_key(provider, fingerprint))? else {
-            return Ok(Vec::new());
-        };
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect())
+    fn delivered_ids(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError>;
+}
+
+/// The job store the daemon runs with: an enum that forwards (the set of
+/// stores is fixed and needs no boxing). Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    /// The embedded sled database in `state_dir`.
+    Sled(SledStore),
+}
+
+impl Store {
+    /// Open (creating) the single-box store in `state_dir`.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] when another process holds it or it is damaged.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        SledStore::open(state_dir).map(Store::Sled)
     }
 }
 
-fn installation_id(meta: &sled::Tree) -> Result<std::sync::Arc<str>, StoreError> {
-    let fresh = format!("{:016x}", rand::random::<u64>());
-    // Only the first opening's id sticks.
-    let _ = meta.compare_and_swap("installation", None::<&[u8]>, Some(fresh.as_bytes()))?;
-    let stored = meta
-        .get("installation")?
-        .map(|v| String::from_utf8_lossy(&v).into_owned());
-    Ok(stored.unwrap_or(fresh).into())
+macro_rules! forward {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            Store::Sled($s) => $call,
+        }
+    };
 }
 
-fn decode(bytes: &[u8]) -> Result<Job, StoreError> {
+impl JobStore for Store {
+    fn installation(&self) -> &str {
+        forward!(self, s => s.installation())
+    }
+
+    fn next_id(&self) -> Result<u64, StoreError> {
+        forward!(self, s => s.next_id())
+    }
+
+    async fn put(&self, job: &mut Job) -> Result<(), StoreError> {
+        forward!(self, s => s.put(job).await)
+    }
+
+    fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
+        forward!(self, s => s.put_buffered(job))
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        forward!(self, s => s.flush().await)
+    }
+
+    fn get(&self, id: u64) -> Result<Job, StoreError> {
+        forward!(self, s => s.get(id))
+    }
+
+    fn all(&self) -> Result<Vec<Job>, StoreError> {
+        forward!(self, s => s.all())
+    }
+
+    fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError> {
+        forward!(self, s => s.latest_for(watch, relpath))
+    }
+
+    fn record_delivery(
+        &self,
+        provider: &str,
+        fingerprint: &str,
+        job: u64,
+    ) -> Result<(), StoreError> {
+        forward!(self, s => s.record_delivery(provider, fingerprint, job))
+    }
+
+    fn delivered_ids(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
+        forward!(self, s => s.delivered_ids(provider, fingerprint))
+    }
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<Job, StoreError> {
     #[derive(Deserialize)]
     struct Header {
         version: u32,
