@@ -2,15 +2,20 @@
 //!
 //! The life of a file, module by module:
 //! [`config`] is read once; [`watch`] discovers files and decides when each is
-//! complete; [`route`] picks a rule, a provider and metadata; [`state`] records
-//! the job in sled before any work; [`upload`] drives a [`providers`] backend
-//! chunk by chunk under the shared [`retry`] policy, hashing with [`hashing`]
-//! in the same pass; [`finish`] files the source into done/ or failed/ with a
-//! receipt or error report. [`daemon`] ties them together with workers and
-//! graceful shutdown; [`jobs`] holds the status view and `retry`; [`control`]
-//! answers `status`/`retry` while the daemon runs; [`oneshot`] is `hotfolder
-//! upload`; [`sandbox`] simulates the providers for tests and trials; [`cli`] is
-//! the command line.
+//! complete; [`route`] picks a rule, a provider and metadata; [`lifecycle`]
+//! holds every state of a job and the one table of transitions; [`state`]
+//! records the job (behind the [`state::JobStore`] trait; sled today) before
+//! any work; [`upload`] drives a [`providers`] backend chunk by chunk under
+//! the shared [`retry`] policy, reading the file through [`source`] and
+//! hashing with [`hashing`] in the same pass; [`finish`] files the source into
+//! done/ or failed/ with a receipt or error report through intents recorded
+//! first, using the no-replace steps of [`fsx`]. [`daemon`] ties them together
+//! with workers, supervised job tasks and graceful shutdown; [`jobs`] holds
+//! the status view, `retry` and the small handle that [`api`] (HTTP status,
+//! metrics, page) and [`control`] (`status`/`retry` while the daemon runs)
+//! are given; [`oneshot`] is `hotfolder upload`; [`sandbox`] simulates the
+//! providers for tests and trials; [`failpoint`] holds the crash points the
+//! tests stop the binary at (a cargo feature); [`cli`] is the command line.
 
 pub mod api;
 pub mod cli;
