@@ -885,6 +885,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
         attempts: job.attempts,
         failed_at: jiff::Timestamp::now(),
         retry_with: format!("hotfolder retry {}", job.id),
+        replaced: &job.replaced,
     };
     let report = serde_json::to_value(&report).unwrap_or_default();
     write_report_once(ctx, job, &report_at, ".error.json", &report).await?;

@@ -327,6 +327,8 @@ pub struct ErrorReport<'a> {
     pub failed_at: jiff::Timestamp,
     /// How to try again.
     pub retry_with: String,
+    /// Remote objects abandoned, or possibly left by an interrupted create.
+    pub replaced: &'a [String],
 }
 
 #[cfg(test)]

@@ -290,3 +290,28 @@ fn filing_works_without_exclusive_rename_or_hard_links() {
         daemon.log()
     );
 }
+
+/// A create that could not even connect made nothing: the next attempt
+/// does not name a possible orphan (every retry of an unreachable server
+/// used to add one to the log and the report).
+#[test]
+fn a_create_that_never_connected_names_no_orphan() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}/files/", closed.local_addr().unwrap());
+    drop(closed);
+    let fx = Fixture::with_tus(
+        &endpoint,
+        "retry: { max_attempts: 3, initial_backoff: 10ms, max_backoff: 20ms }",
+    );
+    write_random(&fx.watch.join("a.mp4"), 4096, 13);
+    let daemon = fx.start();
+    wait_failed(&fx, 1, Duration::from_secs(30));
+    let report = fx.error_report("a.mp4");
+    assert_eq!(report["attempts"], 3, "{report}");
+    assert_eq!(report["replaced"], serde_json::json!([]), "{report}");
+    assert!(
+        !daemon.log().contains("interrupted create"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -62,7 +62,10 @@ pub fn transport_error(what: &str, error: &reqwest::Error) -> ProviderError {
     };
     // reqwest's message carries the whole URL, whose path or query may embed
     // a token: leave it out.
-    ProviderError::new(ErrorKind::Transient, format!("{what}: {cause}"))
+    let mut failed = ProviderError::new(ErrorKind::Transient, format!("{what}: {cause}"));
+    // No connection: the request never reached a server.
+    failed.unsent = error.is_connect();
+    failed
 }
 
 /// The server's requested wait, from `Retry-After` or `X-RateLimit-Retry-After`.
@@ -104,6 +107,7 @@ pub async fn status_error(what: &str, response: Response, secrets: &[&str]) -> P
         status: Some(status.as_u16()),
         excerpt,
         retry_after: wait,
+        unsent: false,
     }
 }
 

@@ -151,6 +151,9 @@ pub struct ProviderError {
     pub excerpt: Option<String>,
     /// The server's requested wait.
     pub retry_after: Option<Duration>,
+    /// The failed call never reached a server (no connection was made), so
+    /// it cannot have created anything.
+    pub unsent: bool,
 }
 
 impl std::fmt::Debug for ProviderError {
@@ -172,6 +175,7 @@ impl ProviderError {
             status: None,
             excerpt: None,
             retry_after: None,
+            unsent: false,
         }
     }
 

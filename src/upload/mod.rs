@@ -244,8 +244,9 @@ impl Engine {
                             );
                             return Err(Stop::Provider(e));
                         }
-                        // The service itself answered: nothing was created.
-                        Err(Stop::Provider(e)) if e.status.is_some() => {
+                        // The service itself answered, or no connection was
+                        // made: nothing was created.
+                        Err(Stop::Provider(e)) if e.status.is_some() || e.unsent => {
                             job.apply(Outcome::CreateRefused);
                             self.store.put(job).await?;
                             return Err(Stop::Provider(e));
