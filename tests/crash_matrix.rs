@@ -37,7 +37,7 @@ const PROVIDERS: [&str; 7] = [
 
 /// The steps: failpoint, its action, and whether done/ must be on another
 /// filesystem (so filing copies instead of renaming).
-const POINTS: [(&str, &str, bool); 8] = [
+const POINTS: [(&str, &str, bool); 9] = [
     ("create::before", "return", false),
     ("create::after", "return", false),
     ("chunk::acknowledged", "1*off->return", false),
@@ -46,7 +46,12 @@ const POINTS: [(&str, &str, bool); 8] = [
     ("filing::after_copy", "return", true),
     ("fsx::write_new::before_rename", "return", false),
     ("report::after_write", "return", false),
+    (KILL_9, "", false),
 ];
+
+/// Not a failpoint: a plain `kill -9` once the daemon reports bytes of the
+/// file acknowledged (or later, if it is that quick).
+const KILL_9: &str = "kill -9";
 
 /// A folder on another filesystem than the temporary folders, for filing
 /// across filesystems.
@@ -188,7 +193,10 @@ fn crash_once(sandbox: &Sandbox, provider: &str, index: usize) -> (f64, bool) {
         rules: Some(&rules),
         ..common::ConfigParts::default()
     });
-    let name = format!("{provider}-{}.mp4", point.replace("::", "-"));
+    let name = format!(
+        "{provider}-{}.mp4",
+        point.replace("::", "-").replace(' ', "")
+    );
     let size = 2 * chunk + 12_345;
     let staged = fx.root.join(&name);
     write_random(&staged, size, index as u64 * 31 + provider.len() as u64);
@@ -196,7 +204,13 @@ fn crash_once(sandbox: &Sandbox, provider: &str, index: usize) -> (f64, bool) {
     std::fs::rename(&staged, fx.watch.join(&name)).expect("move into the watch");
 
     let cell = format!("{provider} at {point}");
-    fx.run_until_failpoint(&format!("{point}={action}"), Duration::from_secs(60));
+    if point == KILL_9 {
+        let mut daemon = fx.start();
+        fx.wait_for_bytes(&name, 1, Duration::from_secs(60));
+        daemon.kill9();
+    } else {
+        fx.run_until_failpoint(&format!("{point}={action}"), Duration::from_secs(60));
+    }
     let daemon = fx.start();
     wait_done(&fx, &daemon, 1, Duration::from_secs(120));
     drop(daemon);

@@ -323,7 +323,7 @@ fn remotes(sandbox: &Sandbox) -> Vec<Remote> {
             },
             file: u.filename().to_string(),
             id: u.id.clone(),
-            job_tag: u.metadata.get("hotfolder_job").and_then(|j| j.parse().ok()),
+            job_tag: u.metadata.get("hotfolder_job").and_then(|j| job_of_tag(j)),
             complete: u.complete(),
             deleted: u.terminated,
             received: u.bytes_received,
@@ -347,7 +347,7 @@ fn remotes(sandbox: &Sandbox) -> Vec<Remote> {
             pairs
                 .iter()
                 .find(|p| p["key"] == "hotfolder_job")
-                .and_then(|p| p["value"].as_str()?.parse().ok())
+                .and_then(|p| job_of_tag(p["value"].as_str()?))
         });
         let complete = r["complete"] == true;
         all.push(video(
@@ -428,6 +428,11 @@ fn job_of_line(line: &str) -> Option<u64> {
 }
 
 /// True when `text` names `id` as a whole word (not inside a longer id).
+/// The job id in a `hotfolder_job` tag (`<installation>-<job>`).
+fn job_of_tag(tag: &str) -> Option<u64> {
+    tag.rsplit('-').next()?.parse().ok()
+}
+
 fn mentions(text: &str, id: &str) -> bool {
     let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
     text.match_indices(id).any(|(at, _)| {
@@ -519,7 +524,7 @@ impl Report {
         let mut noted_jobs = BTreeSet::new();
         for line in logs.lines() {
             let job = job_of_line(line);
-            if line.contains("may have left a remote object") {
+            if line.contains("interrupted create call may have left") {
                 report.notes += 1;
                 noted_jobs.extend(job);
             }
@@ -554,9 +559,15 @@ impl Report {
         for r in remotes.iter().filter(|r| !r.complete && !r.deleted) {
             let source = by_name.get(r.file.as_str()).copied();
             let t = source.map(|s| s.target);
-            // Named: by its id, which is what finds it again. Noted: its job
+            // Named: by its id, which is what finds it again, or by a
+            // possible-orphan note that quotes the name it carries (where
+            // the provider keeps no tag and has no lookup). Noted: its job
             // logged that an interrupted create may have left an object.
-            let named = mentions(&naming, &r.id);
+            let quoted = format!("{:?}", r.file);
+            let named = mentions(&naming, &r.id)
+                || naming
+                    .lines()
+                    .any(|l| l.contains("interrupted create") && l.contains(&quoted));
             let noted = !named
                 && (r.job_tag.is_some_and(|j| noted_jobs.contains(&j))
                     || source.is_some_and(|s| {
@@ -566,7 +577,7 @@ impl Report {
                         })
                     }));
             let label = match (named, noted, r.job_tag.is_some()) {
-                (true, _, _) => "named by its id",
+                (true, _, _) => "named by its id or by the name it carries",
                 (false, true, true) => {
                     "unnamed; a possible-orphan note names its job, which its hotfolder_job tag matches"
                 }
@@ -866,10 +877,10 @@ impl Report {
             "recv/size: body bytes the simulators received per source byte; sent/size: the daemon's own bytes_sent count;\n\
              extra/resume: bytes received beyond the file sizes per logged resume, in chunks (faults add to it too);\n\
              resumes: logged `resuming` (after a restart or a retry); retries: attempts failed and retried;\n\
-             unnamed: incomplete, undeleted remote objects whose id appears neither in a receipt's `replaced` \
-             nor in any daemon log; (noted): of those, ones whose job logged \"an interrupted create call may have \
-             left a remote object tagged hotfolder_job=N\" ({} such notes), which finds only objects that carry \
-             that tag on a server that can list by it (api.video); named: the id appears\n",
+             unnamed: incomplete, undeleted remote objects that neither a receipt's `replaced` nor a daemon log \
+             names, by id or (in a possible-orphan note) by the name it carries; (noted): of those, ones whose job \
+             logged \"an interrupted create call may have left ...\" ({} such notes) without naming them; \
+             named: the id, or the quoted name in such a note, appears\n",
             self.notes
         );
         println!(
