@@ -122,14 +122,29 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// The log filter: `RUST_LOG` if set, else `log.level`. A bare level
+/// (`debug`) is hotfolder's own, with dependencies at `warn` (sled's and
+/// hyper's debug output would drown ours); a full directive
+/// (`hotfolder=debug,reqwest=info`) is taken as written.
+pub fn log_filter(level: &str, rust_log: Option<&str>) -> String {
+    if let Some(directive) = rust_log.filter(|d| !d.trim().is_empty()) {
+        return directive.to_string();
+    }
+    let bare = level.trim().to_ascii_lowercase();
+    if matches!(bare.as_str(), "trace" | "debug" | "info" | "warn" | "error") {
+        format!("warn,hotfolder={bare}")
+    } else {
+        level.to_string()
+    }
+}
+
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|e| {
-        eprintln!(
-            "warning: log.level {:?} is not a valid filter ({e}); using info",
-            config.log.level
-        );
-        EnvFilter::new("info")
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let directive = log_filter(&config.log.level, rust_log.as_deref());
+    let filter = EnvFilter::try_new(&directive).unwrap_or_else(|e| {
+        eprintln!("warning: log filter {directive:?} is not valid ({e}); using info");
+        EnvFilter::new("warn,hotfolder=info")
     });
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
@@ -466,5 +481,22 @@ async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliEr
         Ok(())
     } else {
         Err(CliError::Runtime(anyhow::anyhow!(errors.join("; "))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn a_bare_level_is_ours_and_a_directive_is_taken_as_written() {
+        assert_eq!(log_filter("debug", None), "warn,hotfolder=debug");
+        assert_eq!(log_filter(" INFO ", None), "warn,hotfolder=info");
+        assert_eq!(
+            log_filter("hotfolder=debug,reqwest=info", None),
+            "hotfolder=debug,reqwest=info"
+        );
+        assert_eq!(log_filter("debug", Some("sled=trace")), "sled=trace");
+        assert_eq!(log_filter("debug", Some("  ")), "warn,hotfolder=debug");
     }
 }

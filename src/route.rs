@@ -153,7 +153,8 @@ impl Router {
 /// Extensions a sidecar may have.
 pub const SIDECAR_EXTENSIONS: &[&str] = &["json", "yaml", "yml"];
 
-/// `<stem>.json|yaml|yml` beside `video`, if one exists.
+/// `<stem>.json|yaml|yml` beside `video`, if one exists: a regular file,
+/// or a symbolic link (found so that the job can say it is never read).
 pub fn find_sidecar(video: &Path) -> Option<PathBuf> {
     let stem = video.file_stem()?;
     SIDECAR_EXTENSIONS.iter().find_map(|ext| {
@@ -161,22 +162,53 @@ pub fn find_sidecar(video: &Path) -> Option<PathBuf> {
         name.push(".");
         name.push(ext);
         let candidate = video.with_file_name(name);
-        (candidate != video && candidate.is_file()).then_some(candidate)
+        let kind = std::fs::symlink_metadata(&candidate).ok()?.file_type();
+        (candidate != video && (kind.is_file() || kind.is_symlink())).then_some(candidate)
     })
 }
 
+/// Read a sidecar, never through a symbolic link (it could point at any
+/// file the daemon can read). Errors name the file and the position of a
+/// parse error, never its content.
 fn read_sidecar(path: &Path) -> Result<BTreeMap<String, Value>, RouteError> {
-    let text = std::fs::read_to_string(path)
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    let mut file = match opened {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(RouteError(format!(
+                "sidecar {} is a symbolic link; sidecars are never read through a link: put the file itself there, then `hotfolder retry`",
+                path.display()
+            )));
+        }
+        Err(e) => {
+            return Err(RouteError(format!(
+                "cannot read sidecar {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let mut text = String::new();
+    file.read_to_string(&mut text)
         .map_err(|e| RouteError(format!("cannot read sidecar {}: {e}", path.display())))?;
     let is_json = path.extension().is_some_and(|e| e == "json");
     let parsed: Result<BTreeMap<String, Value>, String> = if is_json {
-        serde_json::from_str(&text).map_err(|e| e.to_string())
+        serde_json::from_str(&text).map_err(|e| format!("line {}, column {}", e.line(), e.column()))
     } else {
-        serde_yaml::from_str(&text).map_err(|e| e.to_string())
+        serde_yaml::from_str(&text).map_err(|e| {
+            e.location().map_or_else(
+                || "the document as a whole".to_string(),
+                |at| format!("line {}, column {}", at.line(), at.column()),
+            )
+        })
     };
-    parsed.map_err(|e| {
+    parsed.map_err(|at| {
         RouteError(format!(
-            "sidecar {} is not a {} object of metadata keys: {e}; fix or remove it, then `hotfolder retry`",
+            "sidecar {} is not a {} object of metadata keys (the error is at {at}); fix or remove it, then `hotfolder retry`",
             path.display(),
             if is_json { "JSON" } else { "YAML" }
         ))

@@ -43,6 +43,8 @@ pub struct WatchCounters {
     pub vanished: AtomicU64,
     /// Full scans done.
     pub scans: AtomicU64,
+    /// Zero-byte files left in place (a version of a file counts once).
+    pub skipped_empty: AtomicU64,
 }
 
 /// Name filters of one watch.
@@ -325,6 +327,16 @@ impl Scanner {
             };
             let stable =
                 candidate.observations >= 2 && candidate.since.elapsed() >= self.config.stable_for;
+            if stable && candidate.seen.size == 0 {
+                // Zero bytes is never a finished video: left where it is,
+                // said once, and taken when it grows.
+                let seen = candidate.seen;
+                self.candidates.remove(&path);
+                self.offered.insert(path.clone(), seen);
+                self.counters.skipped_empty.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(watch = %self.config.name, path = %path.display(), "zero-byte file left in place: it is never a finished video (it is taken once it has content)");
+                continue;
+            }
             if !stable || candidate.seen.size < self.filters.min_size {
                 continue;
             }

@@ -49,8 +49,10 @@ pub struct UploadRequest<'a> {
 }
 
 /// Everything a provider needs to resume an upload, persisted by the engine
-/// before the first byte goes out. Credentials are never put here.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// before the first byte goes out. Credentials are never put here, but an
+/// upload URL can work as one (movingimage's embeds a token), so its Debug
+/// output redacts it.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     /// The remote object's id, once known.
     pub remote_id: Option<String>,
@@ -59,6 +61,19 @@ pub struct Session {
     /// Provider-specific state (e.g. chunk count, server chosen).
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("remote_id", &self.remote_id)
+            .field(
+                "upload_url",
+                &self.upload_url.as_ref().map(|_| "<redacted>"),
+            )
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Session {

@@ -522,6 +522,19 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_never_shows_an_upload_url() {
+        let mut job = Job::new(1, "w", Path::new("a"), Path::new("/a"), signature(), "p");
+        job.session = Some(crate::providers::Session {
+            remote_id: Some("v1".into()),
+            upload_url: Some("https://up.example/u?token=SECRET-77".into()),
+            extra: Default::default(),
+        });
+        let text = format!("{job:?}");
+        assert!(!text.contains("SECRET-77"), "{text}");
+        assert!(text.contains("v1") && text.contains("<redacted>"), "{text}");
+    }
+
+    #[test]
     fn applying_outcomes_stamps_the_finish() {
         use crate::lifecycle::Outcome;
         let mut job = Job::new(1, "w", Path::new("a"), Path::new("/a"), signature(), "p");

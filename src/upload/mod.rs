@@ -168,7 +168,14 @@ impl Engine {
         }
         let file_name = job.file_name();
         let tag = format!("{}-{}", self.store.installation(), job.id);
-        let relpath = job.relpath.clone();
+        // A one-shot upload's record keys on the absolute path; the
+        // provider is given the file's name (a folder destination would
+        // otherwise join the absolute path and write beside the source).
+        let relpath = if job.watch.is_empty() {
+            std::path::PathBuf::from(&file_name)
+        } else {
+            job.relpath.clone()
+        };
         let metadata = job.metadata.clone();
         let request = UploadRequest {
             tag: &tag,

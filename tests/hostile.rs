@@ -1,0 +1,141 @@
+//! Hostile input and hostile filesystems (SPEC §4: bad input gets a clear
+//! error and loses nothing): zero-byte files, one-shot uploads of absolute
+//! paths, symlinked sidecars, planted symlinks at temporary names.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::providers::{wait_done, wait_failed};
+use common::{Fixture, sha256, wait_for, write_random};
+
+/// Zero bytes is never a finished video: the file stays in the watch
+/// folder, is logged once (not at every rescan), and nothing is delivered;
+/// once it has content it is taken like any file.
+#[test]
+fn a_zero_byte_file_is_left_in_place_and_said_once() {
+    let fx = Fixture::new();
+    fs::write(fx.watch.join("empty.mp4"), b"").unwrap();
+    write_random(&fx.watch.join("a.mp4"), 1024, 1);
+    let daemon = fx.start();
+    wait_done(&fx, &daemon, 1, Duration::from_secs(30));
+    // Two more rescans (rescan_every: 2s) must not say it again.
+    let scans = |log: &str| log.matches("full scan done").count();
+    let before = scans(&daemon.log());
+    wait_for("two more rescans", Duration::from_secs(10), || {
+        (scans(&daemon.log()) >= before + 2).then_some(())
+    });
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("zero-byte file left in place").count(),
+        1,
+        "said once: {log}"
+    );
+    assert!(fx.watch.join("empty.mp4").exists(), "left in place");
+    assert_eq!(
+        Fixture::files_in(&fx.outbox),
+        vec!["a.mp4"],
+        "nothing empty delivered"
+    );
+    assert_eq!(fx.status().len(), 1, "no job for the empty file");
+
+    // Once it has content, it is a file like any other.
+    write_random(&fx.watch.join("empty.mp4"), 2048, 2);
+    wait_done(&fx, &daemon, 2, Duration::from_secs(30));
+    assert_eq!(Fixture::files_in(&fx.outbox), vec!["a.mp4", "empty.mp4"]);
+}
+
+/// `hotfolder upload --provider <folder> /abs/path/clip.mp4` delivers into
+/// the provider's folder under the file's name, and leaves the source be.
+#[test]
+fn a_one_shot_upload_of_an_absolute_path_lands_in_the_destination() {
+    let fx = Fixture::new();
+    let elsewhere = fx.root.join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let source = elsewhere.join("clip.mp4");
+    write_random(&source, 300_000, 3);
+    let hash = sha256(&source);
+    let path = source.to_str().unwrap();
+    let out = fx.hotfolder(&["upload", "--provider", "archive", path]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(Fixture::files_in(&fx.outbox), vec!["clip.mp4"]);
+    assert_eq!(sha256(&fx.outbox.join("clip.mp4")), hash);
+    assert_eq!(
+        Fixture::files_in(&elsewhere),
+        vec!["clip.mp4"],
+        "nothing beside the source"
+    );
+    assert_eq!(sha256(&source), hash, "the source is untouched");
+}
+
+/// A sidecar that is a symlink (here to a file outside the watched tree)
+/// is never read: the job fails with a report naming the sidecar, and the
+/// target's content shows nowhere (log, status, report, metadata).
+#[test]
+fn a_symlinked_sidecar_is_never_read() {
+    let fx = Fixture::new();
+    let secret = fx.root.join("secret.yaml");
+    fs::write(&secret, "title: secret-content-4711\n").unwrap();
+    std::os::unix::fs::symlink(&secret, fx.watch.join("clip.yaml")).unwrap();
+    write_random(&fx.watch.join("clip.mp4"), 1024, 4);
+    let broken = fx.root.join("broken.yaml");
+    fs::write(&broken, "secret-content-0815: [unclosed\n").unwrap();
+    std::os::unix::fs::symlink(&broken, fx.watch.join("other.yaml")).unwrap();
+    write_random(&fx.watch.join("other.mp4"), 1024, 5);
+    let daemon = fx.start();
+    wait_failed(&fx, 2, Duration::from_secs(30));
+    for name in ["clip", "other"] {
+        let report = fx.error_report(&format!("{name}.mp4"));
+        let reason = report["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains(&format!("{name}.yaml")) && reason.contains("link"),
+            "{report}"
+        );
+    }
+    let status = String::from_utf8_lossy(&fx.hotfolder(&["status", "--json"]).stdout).into_owned();
+    let reports: String = Fixture::files_in(&fx.failed)
+        .iter()
+        .filter(|f| f.ends_with(".json"))
+        .map(|f| fs::read_to_string(fx.failed.join(f)).unwrap_or_default())
+        .collect();
+    for text in [daemon.log(), status, reports] {
+        assert!(!text.contains("secret-content"), "{text}");
+    }
+    assert_eq!(
+        fs::read_to_string(&secret).unwrap(),
+        "title: secret-content-4711\n"
+    );
+}
+
+/// A sidecar that does not parse is named with the position of the error,
+/// and its content is never quoted (it may hold anything).
+#[test]
+fn a_sidecar_parse_error_names_the_position_not_the_content() {
+    let fx = Fixture::new();
+    fs::write(
+        fx.watch.join("a.json"),
+        r#"{"title": ["quoted-content-1234"}"#,
+    )
+    .unwrap();
+    write_random(&fx.watch.join("a.mp4"), 1024, 6);
+    fs::write(fx.watch.join("b.yaml"), "- quoted-content-5678\n").unwrap();
+    write_random(&fx.watch.join("b.mp4"), 1024, 7);
+    let daemon = fx.start();
+    wait_failed(&fx, 2, Duration::from_secs(30));
+    for (name, sidecar) in [("a.mp4", "a.json"), ("b.mp4", "b.yaml")] {
+        let report = fx.error_report(name);
+        let reason = report["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains(sidecar) && reason.contains("line"),
+            "{report}"
+        );
+        assert!(!reason.contains("quoted-content"), "{report}");
+    }
+    assert!(!daemon.log().contains("quoted-content"), "{}", daemon.log());
+}
