@@ -139,3 +139,30 @@ fn a_sidecar_parse_error_names_the_position_not_the_content() {
     }
     assert!(!daemon.log().contains("quoted-content"), "{}", daemon.log());
 }
+
+/// Symlinks planted at the temporary names older versions used (a cross-
+/// filesystem copy's `.x.hotfolder-tmp`, a receipt's `.receipt.json.tmp`)
+/// are never written through: temporaries are created exclusively, without
+/// following links, under random names.
+#[test]
+fn planted_symlinks_at_temporary_names_are_never_written_through() {
+    let other_fs = tempfile::Builder::new()
+        .prefix("hotfolder-hostile-")
+        .tempdir_in("/dev/shm")
+        .expect("a folder on another filesystem");
+    let done = other_fs.path().join("done");
+    let fx = Fixture::with_config(&format!("done_dir: {}", done.display()), "", "");
+    let victim = fx.root.join("victim.txt");
+    fs::write(&victim, b"keep me").unwrap();
+    fs::create_dir_all(&done).unwrap();
+    for planted in [".clip.mp4.hotfolder-tmp", "clip.mp4.receipt.json.tmp"] {
+        std::os::unix::fs::symlink(&victim, done.join(planted)).unwrap();
+    }
+    write_random(&fx.watch.join("clip.mp4"), 200_000, 8);
+    let hash = sha256(&fx.watch.join("clip.mp4"));
+    let daemon = fx.start();
+    wait_done(&fx, &daemon, 1, Duration::from_secs(30));
+    assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+    assert_eq!(sha256(&done.join("clip.mp4")), hash);
+    assert!(done.join("clip.mp4.receipt.json").exists());
+}

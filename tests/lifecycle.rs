@@ -78,14 +78,24 @@ fn a_file_changed_while_finalizing_is_delivered_as_its_new_version() {
 }
 
 /// A server's absurd `Retry-After` used to overflow a duration and kill
-/// the job's task silently: now it is clamped to `max_backoff` and the
-/// file is delivered.
+/// the job's task silently (`1e30`), or make it wait an hour although
+/// `max_backoff` is 200 ms (`99999999999`): now every server-given wait is
+/// clamped to `max_backoff` and the file is delivered.
 #[test]
 fn an_absurd_retry_after_is_clamped_not_fatal() {
+    absurd_retry_after("1e30");
+}
+
+#[test]
+fn a_huge_retry_after_waits_max_backoff_not_an_hour() {
+    absurd_retry_after("99999999999");
+}
+
+fn absurd_retry_after(value: &str) {
     let fx = Fixture::new();
     let sandbox = Sandbox::start(
         &fx.root.join("sandbox"),
-        &["--rate-limit-every", "3", "--retry-after", "1e30"],
+        &["--rate-limit-every", "3", "--retry-after", value],
     );
     fx.write_tus_config(
         &sandbox.endpoint(),

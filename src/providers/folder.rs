@@ -4,7 +4,8 @@
 //! checkpoint vouches for it; the finished file is verified against the
 //! sha256 and linked into place under its relative path, never overwriting.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -73,6 +74,7 @@ impl Uploader for FolderProvider {
                 .create(true)
                 .truncate(true)
                 .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&partial)
                 .map_err(|e| ProviderError::io("cannot create partial file", &partial, &e))?;
             fsx::sync_dir(&dir);
@@ -312,8 +314,13 @@ fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathB
 }
 
 fn write_marker(marker: &Path, candidate: &Path) -> Result<(), ProviderError> {
-    let mut file =
-        File::create(marker).map_err(|e| ProviderError::io("cannot write", marker, &e))?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(marker)
+        .map_err(|e| ProviderError::io("cannot write", marker, &e))?;
     file.write_all(candidate.as_os_str().as_encoded_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| ProviderError::io("cannot write", marker, &e))
