@@ -5,7 +5,7 @@
 //! candidates without a full pass over new files.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -107,18 +107,26 @@ const FINGERPRINT_SPAN: u64 = 1 << 20;
 /// # Errors
 /// Any I/O error reading the file.
 pub fn fingerprint(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
+    fingerprint_of(&File::open(path)?)
+}
+
+/// [`fingerprint`] of an open file, read with positioned reads (the
+/// descriptor's offset is left alone, so it can be shared).
+///
+/// # Errors
+/// Any I/O error reading the file.
+pub fn fingerprint_of(file: &File) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
     let size = file.metadata()?.len();
     let mut hasher = Sha256::new();
     hasher.update(size.to_le_bytes());
     let mut buf = vec![0u8; FINGERPRINT_SPAN.min(size) as usize];
-    file.read_exact(&mut buf)?;
+    file.read_exact_at(&mut buf, 0)?;
     hasher.update(&buf);
     if size > FINGERPRINT_SPAN {
         let tail_start = size.saturating_sub(FINGERPRINT_SPAN).max(FINGERPRINT_SPAN);
-        file.seek(SeekFrom::Start(tail_start))?;
         buf.resize((size - tail_start) as usize, 0);
-        file.read_exact(&mut buf)?;
+        file.read_exact_at(&mut buf, tail_start)?;
         hasher.update(&buf);
     }
     Ok(format!("{size}-{}", hex::encode(&hasher.finalize()[..16])))
@@ -129,15 +137,25 @@ pub fn fingerprint(path: &Path) -> io::Result<String> {
 /// # Errors
 /// Any I/O error reading the file.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = File::open(path)?;
+    sha256_of(&File::open(path)?)
+}
+
+/// [`sha256_file`] of an open file, with positioned reads.
+///
+/// # Errors
+/// Any I/O error reading the file.
+pub fn sha256_of(file: &File) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read_at(&mut buf, at)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        at += n as u64;
     }
     Ok(hex::encode(hasher.finalize()))
 }

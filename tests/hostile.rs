@@ -166,3 +166,42 @@ fn planted_symlinks_at_temporary_names_are_never_written_through() {
     assert_eq!(sha256(&done.join("clip.mp4")), hash);
     assert!(done.join("clip.mp4.receipt.json").exists());
 }
+
+/// A symbolic link swapped in for the source after the watch saw it stable
+/// (here: during a pause at the start of the attempt), pointing at a file of
+/// the same size and modification time, is never read: the job fails
+/// saying so, and the other file's bytes go nowhere.
+#[test]
+fn a_source_swapped_for_a_symlink_is_never_read() {
+    let fx = Fixture::new();
+    let source = fx.watch.join("clip.mp4");
+    write_random(&source, 4096, 9);
+    let secret = fx.root.join("secret.bin");
+    fs::write(&secret, vec![b'S'; 4096]).unwrap();
+    let mtime = fs::metadata(&source).unwrap().modified().unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&secret)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let daemon = fx.start_with_failpoints("job::attempt=sleep(1500)");
+    wait_for("the job to start", Duration::from_secs(30), || {
+        daemon.log().contains("new job").then_some(())
+    });
+    let moved = fx.root.join("original.mp4");
+    fs::rename(&source, &moved).unwrap();
+    std::os::unix::fs::symlink(&secret, &source).unwrap();
+    let failed = wait_failed(&fx, 1, Duration::from_secs(30));
+    let row = &failed[0];
+    assert!(
+        row["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("symbolic link"),
+        "{row}"
+    );
+    let delivered: Vec<String> = Fixture::files_in(&fx.outbox);
+    assert!(delivered.is_empty(), "{delivered:?}");
+    drop(daemon);
+}

@@ -162,7 +162,7 @@ impl Engine {
         }
         if job.state == JobState::Queued
             && job.session.is_none()
-            && let Some(earlier) = self.find_duplicate(job, handle).await?
+            && let Some(earlier) = self.find_duplicate(job, handle, &file).await?
         {
             return Ok(AttemptEnd::Duplicate(earlier));
         }
@@ -515,9 +515,12 @@ impl Engine {
         &self,
         job: &mut Job,
         handle: &ProviderHandle,
+        file: &Arc<File>,
     ) -> Result<Option<u64>, Stop> {
-        let path = job.source.clone();
-        let fingerprint = blocking_io(move || hashing::fingerprint(&path))
+        // Through the descriptor the upload reads: never a second open by
+        // path, which could meet another file (or a link) by now.
+        let source = Arc::clone(file);
+        let fingerprint = blocking_io(move || hashing::fingerprint_of(&source))
             .await
             .map_err(|e| source_error(job, &e))?;
         job.fingerprint = Some(fingerprint.clone());
@@ -530,8 +533,8 @@ impl Engine {
         if candidates.is_empty() {
             return Ok(None);
         }
-        let path = job.source.clone();
-        let sha = blocking_io(move || hashing::sha256_file(&path))
+        let source = Arc::clone(file);
+        let sha = blocking_io(move || hashing::sha256_of(&source))
             .await
             .map_err(|e| source_error(job, &e))?;
         job.sha256 = Some(sha.clone());
@@ -580,10 +583,37 @@ fn check_replacements(replacements: &mut u32, mut last: ProviderError) -> Result
     Ok(())
 }
 
-/// Open the source and confirm it is still the version the job was made for.
+/// Open the source once, never through a symbolic link (one swapped in
+/// after the watch saw a regular file is refused), and confirm from the
+/// open descriptor that it is a regular file and still the version the job
+/// was made for. Everything the attempt reads (upload, hash, fingerprint)
+/// goes through this descriptor.
 fn open_source(job: &Job) -> Result<(File, FileSignature), Stop> {
-    let file = File::open(&job.source).map_err(|e| source_error(job, &e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&job.source)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                Stop::Provider(ProviderError::new(
+                    ErrorKind::Permanent,
+                    format!(
+                        "{} is now a symbolic link; sources are never read through a link",
+                        job.source.display()
+                    ),
+                ))
+            } else {
+                source_error(job, &e)
+            }
+        })?;
     let meta = file.metadata().map_err(|e| source_error(job, &e))?;
+    if !meta.is_file() {
+        return Err(Stop::Provider(ProviderError::new(
+            ErrorKind::Permanent,
+            format!("{} is no longer a regular file", job.source.display()),
+        )));
+    }
     let signature = FileSignature::of(&meta);
     if !signature.same_content(&job.signature) {
         return Err(Stop::SourceChanged(format!(
