@@ -440,21 +440,31 @@ pub async fn run(
     counters: Arc<WatchCounters>,
 ) {
     let mode = config.mode;
-    let rescan_every = match mode {
+    let mut rescan_every = match mode {
         WatchMode::Poll => Some(config.poll_every),
         WatchMode::Auto => Some(config.rescan_every),
         WatchMode::Events => None,
     };
     let name = config.name.clone();
     let mut scanner = Scanner::new(config, skip_roots, counters);
-    let (event_tx, mut events) = mpsc::unbounded_channel::<PathBuf>();
+    let (event_tx, mut events) = mpsc::channel::<Hint>(HINTS_QUEUED);
+    let rescan_owed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _watcher = if mode == WatchMode::Poll {
         None
     } else {
-        match start_notify(&scanner.root, scanner.config.recursive, event_tx) {
+        match start_notify(
+            &scanner.root,
+            scanner.config.recursive,
+            event_tx,
+            Arc::clone(&rescan_owed),
+        ) {
             Ok(watcher) => Some(watcher),
             Err(e) => {
-                tracing::warn!(watch = %name, error = %e, "filesystem events unavailable; relying on scans");
+                // Without events, only scans find files: scan at the pace
+                // of poll mode (events mode would otherwise never scan).
+                let every = scanner.config.poll_every;
+                tracing::warn!(watch = %name, error = %e, poll_every = ?every, "filesystem events unavailable; polling instead");
+                rescan_every = Some(rescan_every.map_or(every, |r| r.min(every)));
                 None
             }
         }
@@ -470,6 +480,10 @@ pub async fn run(
         tokio::select! {
             () = crate::shutdown::stopped(&mut shutdown) => return,
             _ = check.tick() => {
+                if rescan_owed.swap(false, Ordering::Relaxed) {
+                    tracing::info!(watch = %name, "more filesystem events came than the queue holds; scanning the whole folder now");
+                    scanner.full_scan();
+                }
                 for file in scanner.check_candidates() {
                     tracing::debug!(watch = %name, file = %file.relpath.display(), "ready");
                     if out.send(file).await.is_err() {
@@ -478,10 +492,21 @@ pub async fn run(
                 }
             }
             _ = rescan.tick() => scanner.full_scan(),
-            Some(path) = events.recv() => {
-                scanner.observe_event_path(&path);
-                while let Ok(path) = events.try_recv() {
-                    scanner.observe_event_path(&path);
+            Some(hint) = events.recv() => {
+                let mut rescan_now = false;
+                for hint in std::iter::once(hint).chain(std::iter::from_fn(|| events.try_recv().ok())) {
+                    match hint {
+                        Hint::Path(path) => scanner.observe_event_path(&path),
+                        Hint::Rescan(why) => {
+                            if !rescan_now {
+                                tracing::info!(watch = %name, reason = why, "filesystem events were lost; scanning the whole folder now");
+                            }
+                            rescan_now = true;
+                        }
+                    }
+                }
+                if rescan_now {
+                    scanner.full_scan();
                 }
             }
             Some(command) = commands.recv() => match command {
@@ -494,30 +519,61 @@ pub async fn run(
     }
 }
 
-/// Drop events that only say a file or folder was opened or read.
-trait FilterAccess {
-    fn filter_access(self) -> Option<notify::Event>;
+/// Filesystem events waiting for the watch task, at most. Events are only
+/// hints: when more arrive than fit, the rest are dropped and the folder is
+/// scanned instead, so memory stays flat under a drop of any size.
+const HINTS_QUEUED: usize = 4096;
+
+/// What the filesystem tells a watch.
+#[derive(Debug, PartialEq)]
+enum Hint {
+    /// Something happened at this path: look at it.
+    Path(PathBuf),
+    /// Events were lost (the kernel's queue overflowed, the watcher failed,
+    /// or the queue to the watch was full): only a full scan is sure.
+    Rescan(&'static str),
 }
 
-impl FilterAccess for notify::Result<notify::Event> {
-    fn filter_access(self) -> Option<notify::Event> {
-        self.ok()
-            .filter(|event| !matches!(event.kind, notify::EventKind::Access(_)))
+/// Turn one notify callback into hints, never blocking and never losing a
+/// loss: an overflow or an error becomes a rescan; a hint that finds the
+/// queue full sets `rescan_owed`, which the watch task checks at every
+/// candidate check (so a rescan follows within a second).
+fn forward(
+    result: notify::Result<notify::Event>,
+    hints: &mpsc::Sender<Hint>,
+    rescan_owed: &std::sync::atomic::AtomicBool,
+) {
+    let send = |hint: Hint| {
+        if hints.try_send(hint).is_err() {
+            rescan_owed.store(true, Ordering::Relaxed);
+        }
+    };
+    match result {
+        Err(_) => send(Hint::Rescan("the event watcher reported an error")),
+        Ok(event) if event.need_rescan() => {
+            send(Hint::Rescan("the kernel's event queue overflowed"))
+        }
+        // Access events (our own scans open folders) would feed back into scans.
+        Ok(event) if matches!(event.kind, notify::EventKind::Access(_)) => {}
+        Ok(event) => {
+            for path in event.paths {
+                send(Hint::Path(path));
+            }
+        }
     }
 }
 
 fn start_notify(
     root: &Path,
     recursive: bool,
-    events: mpsc::UnboundedSender<PathBuf>,
+    hints: mpsc::Sender<Hint>,
+    rescan_owed: Arc<std::sync::atomic::AtomicBool>,
 ) -> notify::Result<notify::RecommendedWatcher> {
+    if crate::failpoint::active("watch::no_events") {
+        return Err(notify::Error::generic("events disabled by a failpoint"));
+    }
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
-        // Access events (our own scans open folders) would feed back into scans.
-        if let Some(event) = result.filter_access() {
-            for path in event.paths {
-                let _ = events.send(path);
-            }
-        }
+        forward(result, &hints, &rescan_owed);
     })?;
     let mode = if recursive {
         notify::RecursiveMode::Recursive
@@ -531,6 +587,35 @@ fn start_notify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_events_become_a_rescan() {
+        use notify::event::{EventKind, Flag};
+        let owed = std::sync::atomic::AtomicBool::new(false);
+        let (tx, mut rx) = mpsc::channel(2);
+        let overflow = notify::Event::new(EventKind::Other).set_flag(Flag::Rescan);
+        forward(Ok(overflow), &tx, &owed);
+        assert!(matches!(rx.try_recv(), Ok(Hint::Rescan(_))));
+        forward(Err(notify::Error::generic("boom")), &tx, &owed);
+        assert!(matches!(rx.try_recv(), Ok(Hint::Rescan(_))));
+        // A full queue: the paths that do not fit are owed as a rescan,
+        // sent with the next event once there is room.
+        let create = |p: &str| {
+            Ok(
+                notify::Event::new(EventKind::Create(notify::event::CreateKind::File))
+                    .add_path(PathBuf::from(p)),
+            )
+        };
+        for p in ["/a", "/b", "/c"] {
+            forward(create(p), &tx, &owed);
+        }
+        assert!(
+            owed.load(Ordering::Relaxed),
+            "the dropped path is owed as a rescan"
+        );
+        assert_eq!(rx.try_recv().ok(), Some(Hint::Path("/a".into())));
+        assert_eq!(rx.try_recv().ok(), Some(Hint::Path("/b".into())));
+    }
 
     fn watch_config(path: &Path, stable_for: Duration) -> WatchConfig {
         let text = format!(

@@ -205,3 +205,21 @@ fn a_source_swapped_for_a_symlink_is_never_read() {
     assert!(delivered.is_empty(), "{delivered:?}");
     drop(daemon);
 }
+
+/// `mode: events` whose watcher cannot start (imitated by a failpoint)
+/// polls instead, says so once at `warn`, and still finds files dropped
+/// after the start (it used to scan once and then never again).
+#[test]
+fn events_mode_without_events_polls_and_says_so() {
+    let fx = Fixture::with_config("mode: events\npoll_every: 300ms", "", "");
+    let daemon = fx.start_with_failpoints("watch::no_events=return");
+    write_random(&fx.watch.join("late.mp4"), 2048, 10);
+    wait_done(&fx, &daemon, 1, Duration::from_secs(30));
+    let log = daemon.log();
+    assert_eq!(log.matches("polling instead").count(), 1, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("polling instead") && l.contains("WARN")),
+        "{log}"
+    );
+}
