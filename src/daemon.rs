@@ -42,6 +42,9 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// What the HTTP API and the control socket are given.
     pub jobs: JobsHandle,
+    /// Set when the store failed to write (a full or failing `state_dir`):
+    /// the daemon stops at once, since nothing it does could be recorded.
+    store_failed: watch::Sender<Option<String>>,
     watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
     router: Router,
 }
@@ -90,6 +93,7 @@ impl Context {
             metrics,
             jobs,
             watch_commands,
+            store_failed: watch::channel(None).0,
         });
         (ctx, job_rx)
     }
@@ -98,15 +102,33 @@ impl Context {
         self.config.watches.iter().find(|w| w.name == name)
     }
 
+    /// The store failed to write: stop the daemon (see [`DaemonError::StoreFailed`]).
+    fn store_failed(&self, error: &StoreError) {
+        let _ = self.store_failed.send(Some(error.to_string()));
+    }
+
     /// Queue a job (already stored) for a worker.
     pub fn spawn_job(&self, job: Job) {
         self.jobs.queue(job);
     }
 }
 
-/// Errors that stop the daemon from starting.
+/// Errors that stop the daemon from starting, or stop it while it runs.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The store failed to write while running (a full disk under
+    /// `state_dir`, a failing disk): sled takes no more writes after that,
+    /// so the daemon stops rather than act on what it cannot record. A
+    /// restart recovers from what was durably written; nothing is lost.
+    #[error(
+        "the state database in {state_dir} failed to write ({error}); stopped without taking more work: free space or fix the disk under {state_dir}, then start hotfolder again (it resumes from what was recorded)"
+    )]
+    StoreFailed {
+        /// The state folder.
+        state_dir: std::path::PathBuf,
+        /// The store's error.
+        error: String,
+    },
     /// The store could not be opened or read.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -199,13 +221,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
 
     let mut jobs = JoinSet::new();
+    let mut store_failed = ctx.store_failed.subscribe();
+    let mut failure = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            Ok(()) = store_failed.changed() => {
+                failure = store_failed.borrow().clone();
+                if let Some(error) = &failure {
+                    tracing::error!(state_dir = %ctx.config.state_dir.display(), error = %error, "the state database failed to write; stopping now");
+                    break;
+                }
+            }
             Some(file) = ready_rx.recv() => {
                 if let Err(e) = take_file(&ctx, file).await {
                     tracing::error!(error = %e, "cannot record a new job");
+                    if matches!(e, StoreError::Db(_)) {
+                        ctx.store_failed(&e);
+                    }
                 }
             }
             Some(job) = job_rx.recv() => {
@@ -234,6 +268,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     control.abort();
     if let Some(api) = api {
         let _ = api.await;
+    }
+    if let Some(error) = failure {
+        return Err(DaemonError::StoreFailed {
+            state_dir: ctx.config.state_dir.clone(),
+            error,
+        });
     }
     ctx.store.flush().await?;
     crate::control::remove_socket(&ctx.config.state_dir);
@@ -378,6 +418,12 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
         ));
         let why = match task.await {
             Ok(Ok(())) => return,
+            Ok(Err(e @ StoreError::Db(_))) => {
+                // The store cannot write: nothing more can be recorded, so
+                // nothing more is done (the daemon stops).
+                ctx.store_failed(&e);
+                return;
+            }
             Ok(Err(e)) => e.to_string(),
             Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
             Err(_) => return, // cancelled: the daemon is stopping
@@ -434,7 +480,7 @@ async fn record_task_failure(ctx: &Context, id: u64, why: &str, failures: u32) -
         return None;
     }
     if let Err(e) = ctx.store.put(&mut job).await {
-        tracing::error!(job = id, error = %e, "cannot record the failure; the job resumes at the next start");
+        ctx.store_failed(&e);
         return None;
     }
     Some(if exhausted {

@@ -318,6 +318,11 @@ impl Daemon {
             .collect()
     }
 
+    /// True while the process has not exited.
+    pub fn child_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Process id.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
