@@ -211,11 +211,13 @@ impl GcoreProvider {
         let mut last = None;
         for _ in 0..2 {
             let target = self.upload_target(video_id).await?;
-            let leg = TusProvider::new(&target.endpoint, &[], self.timeout)?.with_metadata(vec![
-                ("token".into(), target.token.clone()),
-                ("video_id".into(), video_id.to_string()),
-                ("client_id".into(), target.client_id.clone()),
-            ]);
+            let leg = TusProvider::new(&target.endpoint, &[], self.timeout)?
+                .with_metadata(vec![
+                    ("token".into(), target.token.clone()),
+                    ("video_id".into(), video_id.to_string()),
+                    ("client_id".into(), target.client_id.clone()),
+                ])
+                .with_secret(&target.token);
             match leg.create(request).await {
                 Ok(session) => return Ok((session, target.endpoint)),
                 Err(e)

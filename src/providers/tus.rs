@@ -83,6 +83,17 @@ impl TusProvider {
         self
     }
 
+    /// Treat `secret` (a token carried in `Upload-Metadata`, such as
+    /// Gcore's upload token) as a credential: it is removed, as sent and
+    /// as its base64 form, from any answer quoted in an error.
+    pub fn with_secret(mut self, secret: &str) -> Self {
+        use base64::Engine as _;
+        self.secrets.push(secret.to_string());
+        self.secrets
+            .push(base64::engine::general_purpose::STANDARD.encode(secret));
+        self
+    }
+
     fn secrets(&self) -> Vec<&str> {
         self.secrets.iter().map(String::as_str).collect()
     }
@@ -448,6 +459,23 @@ impl Uploader for TusProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_in_metadata_is_a_secret_in_both_forms() {
+        let tus = TusProvider::new(
+            "http://127.0.0.1:1/files/",
+            &[],
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap()
+        .with_secret("tok-123");
+        let secrets = tus.secrets();
+        assert!(secrets.contains(&"tok-123"));
+        assert!(secrets.contains(&"dG9rLTEyMw=="), "{secrets:?}");
+        let quoted =
+            crate::providers::http::excerpt("500 token invalid: tok-123 (dG9rLTEyMw==)", &secrets);
+        assert!(!quoted.unwrap_or_default().contains("tok-123"));
+    }
 
     #[test]
     fn metadata_is_base64_pairs_with_job_tag() {
