@@ -123,15 +123,51 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[derive(Deserialize)]
 struct Filter {
+    /// Only jobs in this state.
     state: Option<String>,
+    /// At most this many (default [`PAGE_DEFAULT`], at most [`PAGE_MAX`]).
+    limit: Option<usize>,
+    /// Jobs after this id (before it with `newest`): the next page.
+    after: Option<u64>,
+    /// Newest first (`newest=1`), as the status page shows them.
+    newest: Option<u8>,
 }
 
+/// Jobs in one `/api/jobs` answer unless `limit` says otherwise.
+const PAGE_DEFAULT: usize = 100;
+/// The most jobs one answer holds: a page costs the same however long the
+/// history is.
+const PAGE_MAX: usize = 1000;
+
 async fn list(State(ctx): State<JobsHandle>, Query(filter): Query<Filter>) -> Response {
-    match jobs::status(&ctx.store, Some(&ctx.progress)) {
-        Ok(rows) => {
-            let rows: Vec<JobView> = rows
-                .into_iter()
-                .filter(|r| filter.state.as_deref().is_none_or(|s| r.state == s))
+    let state = match filter.state.as_deref() {
+        None => None,
+        Some(name) => match crate::lifecycle::STATES
+            .into_iter()
+            .find(|s| s.as_str() == name)
+        {
+            Some(state) => Some(state),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "no state {name:?}; states are queued, creating, uploading, finalizing, filing, done, failing, failed, superseded"
+                    ),
+                );
+            }
+        },
+    };
+    let page = crate::state::Page {
+        after: filter.after,
+        limit: filter.limit.unwrap_or(PAGE_DEFAULT).clamp(1, PAGE_MAX),
+        state,
+        newest_first: filter.newest.is_some_and(|n| n != 0),
+    };
+    match ctx.store.page(&page) {
+        Ok(jobs) => {
+            let rows: Vec<JobView> = jobs
+                .iter()
+                .map(|job| JobView::of(job, ctx.progress.get(job.id)))
                 .collect();
             Json(rows).into_response()
         }
@@ -164,15 +200,15 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
     for state in crate::lifecycle::STATES {
         by_state.insert(state.as_str(), 0);
     }
-    let jobs = match ctx.store.all() {
-        Ok(jobs) => jobs,
-        Err(e) => return store_error(&e),
-    };
-    for job in &jobs {
-        *by_state.entry(job.state.as_str()).or_default() += 1;
+    let mut unfinished = 0;
+    for (state, n) in ctx.store.counts() {
+        *by_state.entry(state.as_str()).or_default() += n;
+        if !state.is_terminal() {
+            unfinished += n;
+        }
     }
     let in_flight = ctx.progress.in_flight() as f64;
-    let waiting = jobs.iter().filter(|j| !j.state.is_terminal()).count() as f64 - in_flight;
+    let waiting = unfinished as f64 - in_flight;
     let mut gauges: Vec<Gauge> = by_state
         .into_iter()
         .map(|(state, n)| {

@@ -332,6 +332,16 @@ pub trait JobStore {
     /// [`StoreError::NotFound`], or a decode failure.
     fn get(&self, id: u64) -> Result<Job, StoreError>;
 
+    /// One page of jobs in id order (or newest first), at most
+    /// `query.limit`: the cost of a page does not grow with history.
+    ///
+    /// # Errors
+    /// Database or decode failure.
+    fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError>;
+
+    /// How many jobs are in each state, without reading them.
+    fn counts(&self) -> std::collections::BTreeMap<JobState, u64>;
+
     /// Every job, oldest first.
     ///
     /// # Errors
@@ -360,6 +370,20 @@ pub trait JobStore {
     /// # Errors
     /// Database failure.
     fn delivered_ids(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError>;
+}
+
+/// Which jobs a page holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    /// Jobs after this id (before it, newest first); `None`: from the start
+    /// (from the newest).
+    pub after: Option<u64>,
+    /// At most this many.
+    pub limit: usize,
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Newest first instead of oldest first.
+    pub newest_first: bool,
 }
 
 /// The job store the daemon runs with: an enum that forwards (the set of
@@ -411,6 +435,14 @@ impl JobStore for Store {
 
     fn get(&self, id: u64) -> Result<Job, StoreError> {
         forward!(self, s => s.get(id))
+    }
+
+    fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {
+        forward!(self, s => s.page(query))
+    }
+
+    fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
+        forward!(self, s => s.counts())
     }
 
     fn all(&self) -> Result<Vec<Job>, StoreError> {

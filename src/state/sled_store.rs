@@ -3,13 +3,16 @@
 
 use std::path::Path;
 
-use super::{Job, JobStore, StoreError, decode, prepare_state_dir};
+use super::{Job, JobState, JobStore, Page, StoreError, decode, prepare_state_dir};
 use crate::group_commit::GroupCommit;
 
 /// The sled-backed job store. Cheap to clone.
 #[derive(Clone)]
 pub struct SledStore {
     installation: std::sync::Arc<str>,
+    /// Jobs per state, counted once at open and kept as jobs are written,
+    /// so `/metrics` costs the same with a hundred or a million jobs.
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<JobState, u64>>>,
     commit: GroupCommit,
     jobs: sled::Tree,
     sources: sled::Tree,
@@ -56,7 +59,16 @@ impl SledStore {
         let flushed = db.clone();
         let meta = db.open_tree("meta")?;
         let installation = installation_id(&meta)?;
+        let jobs = db.open_tree("jobs")?;
+        let mut counts = std::collections::BTreeMap::new();
+        for entry in jobs.iter() {
+            let (_, bytes) = entry?;
+            if let Some(state) = state_of(&bytes) {
+                *counts.entry(state).or_insert(0) += 1;
+            }
+        }
         Ok(SledStore {
+            counts: std::sync::Arc::new(std::sync::Mutex::new(counts)),
             installation,
             // Not `flush_async`: in sled 0.34 concurrent `flush_async` calls
             // can miss their wake-up and hang forever (spacejam/sled#1308,
@@ -64,7 +76,7 @@ impl SledStore {
             // `flush` has no such problem; the group commit runs it on the
             // blocking pool, one at a time, for everyone waiting.
             commit: GroupCommit::new(move || flushed.flush().map(drop).map_err(|e| e.to_string())),
-            jobs: db.open_tree("jobs")?,
+            jobs,
             sources: db.open_tree("sources")?,
             delivered: db.open_tree("delivered")?,
             meta,
@@ -102,7 +114,15 @@ impl JobStore for SledStore {
             key: job.id.to_string(),
             source,
         })?;
-        self.jobs.insert(job.id.to_be_bytes(), bytes)?;
+        let previous = self.jobs.insert(job.id.to_be_bytes(), bytes)?;
+        if let Ok(mut counts) = self.counts.lock() {
+            if let Some(old) = previous.as_deref().and_then(state_of)
+                && let Some(n) = counts.get_mut(&old)
+            {
+                *n = n.saturating_sub(1);
+            }
+            *counts.entry(job.state).or_insert(0) += 1;
+        }
         if !job.watch.is_empty() || !job.relpath.as_os_str().is_empty() {
             self.sources
                 .insert(source_key(&job.watch, &job.relpath), &job.id.to_be_bytes())?;
@@ -115,6 +135,39 @@ impl JobStore for SledStore {
             .flush()
             .await
             .map_err(|e| StoreError::from(sled::Error::Io(std::io::Error::other(e))))
+    }
+
+    fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {
+        let matches = |job: &Job| query.state.is_none_or(|s| job.state == s);
+        let mut out = Vec::new();
+        let mut take = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, StoreError> {
+            let (_, bytes) = entry?;
+            let job = decode(&bytes)?;
+            if matches(&job) {
+                out.push(job);
+            }
+            Ok(out.len() < query.limit)
+        };
+        if query.newest_first {
+            let end = query.after.map_or(u64::MAX, |a| a.saturating_sub(1));
+            for entry in self.jobs.range(..=end.to_be_bytes()).rev() {
+                if !take(entry)? {
+                    break;
+                }
+            }
+        } else {
+            let start = query.after.map_or(0, |a| a.saturating_add(1));
+            for entry in self.jobs.range(start.to_be_bytes()..) {
+                if !take(entry)? {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
+        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     fn get(&self, id: u64) -> Result<Job, StoreError> {
@@ -184,4 +237,15 @@ fn installation_id(meta: &sled::Tree) -> Result<std::sync::Arc<str>, StoreError>
         .get("installation")?
         .map(|v| String::from_utf8_lossy(&v).into_owned());
     Ok(stored.unwrap_or(fresh).into())
+}
+
+/// Just the state of an encoded job record.
+fn state_of(bytes: &[u8]) -> Option<JobState> {
+    #[derive(serde::Deserialize)]
+    struct StateOnly {
+        state: JobState,
+    }
+    serde_json::from_slice::<StateOnly>(bytes)
+        .ok()
+        .map(|s| s.state)
 }
