@@ -789,7 +789,17 @@ async fn write_report_once(
         job.report = Some(path.clone());
         job.report_temporary = Some(temporary.clone());
         ctx.store.put(job).await?;
-        match finish::write_report(&path, &temporary, report) {
+        let (at, through, body) = (
+            path.clone(),
+            temporary.clone(),
+            serde_json::to_value(report).unwrap_or_default(),
+        );
+        // Written and fsynced on the blocking pool, not a runtime thread.
+        let written =
+            tokio::task::spawn_blocking(move || finish::write_report(&at, &through, &body))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
             Ok(()) => {
                 crate::failpoint::crash("report::after_write");
                 job.report_temporary = None;

@@ -469,7 +469,7 @@ pub async fn run(
             }
         }
     };
-    scanner.full_scan();
+    off_the_runtime(|| scanner.full_scan());
     let mut check = tokio::time::interval(scanner.check_every());
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let rescan_period = rescan_every.unwrap_or(Duration::from_secs(365 * 24 * 3600));
@@ -482,32 +482,37 @@ pub async fn run(
             _ = check.tick() => {
                 if rescan_owed.swap(false, Ordering::Relaxed) {
                     tracing::info!(watch = %name, "more filesystem events came than the queue holds; scanning the whole folder now");
-                    scanner.full_scan();
+                    off_the_runtime(|| scanner.full_scan());
                 }
-                for file in scanner.check_candidates() {
+                for file in off_the_runtime(|| scanner.check_candidates()) {
                     tracing::debug!(watch = %name, file = %file.relpath.display(), "ready");
                     if out.send(file).await.is_err() {
                         return;
                     }
                 }
             }
-            _ = rescan.tick() => scanner.full_scan(),
+            _ = rescan.tick() => off_the_runtime(|| scanner.full_scan()),
             Some(hint) = events.recv() => {
-                let mut rescan_now = false;
-                for hint in std::iter::once(hint).chain(std::iter::from_fn(|| events.try_recv().ok())) {
-                    match hint {
-                        Hint::Path(path) => scanner.observe_event_path(&path),
-                        Hint::Rescan(why) => {
-                            if !rescan_now {
-                                tracing::info!(watch = %name, reason = why, "filesystem events were lost; scanning the whole folder now");
+                let hints: Vec<Hint> = std::iter::once(hint)
+                    .chain(std::iter::from_fn(|| events.try_recv().ok()))
+                    .collect();
+                off_the_runtime(|| {
+                    let mut rescan_now = false;
+                    for hint in hints {
+                        match hint {
+                            Hint::Path(path) => scanner.observe_event_path(&path),
+                            Hint::Rescan(why) => {
+                                if !rescan_now {
+                                    tracing::info!(watch = %name, reason = why, "filesystem events were lost; scanning the whole folder now");
+                                }
+                                rescan_now = true;
                             }
-                            rescan_now = true;
                         }
                     }
-                }
-                if rescan_now {
-                    scanner.full_scan();
-                }
+                    if rescan_now {
+                        scanner.full_scan();
+                    }
+                });
             }
             Some(command) = commands.recv() => match command {
                 WatchCommand::Reoffer(path) => {
@@ -516,6 +521,16 @@ pub async fn run(
                 }
             },
         }
+    }
+}
+
+/// Run directory scans and stats (which block on a slow NAS) without
+/// holding up the runtime's other tasks: on the daemon's multi-threaded
+/// runtime the worker thread hands its other tasks over first.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 
