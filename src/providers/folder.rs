@@ -68,15 +68,27 @@ impl Uploader for FolderProvider {
         let dir = self.partial_dir();
         let partial = self.partial_for(request.tag);
         blocking(move || {
-            fs::create_dir_all(&dir)
-                .map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
-            OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&partial)
-                .map_err(|e| ProviderError::io("cannot create partial file", &partial, &e))?;
+            // Another job's finish may remove the (then empty) partial
+            // folder between making it and opening the file in it: make it
+            // again and retry, a few times.
+            let mut tries = 0;
+            loop {
+                fs::create_dir_all(&dir)
+                    .map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
+                let opened = OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&partial);
+                match opened {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 8 => tries += 1,
+                    Err(e) => {
+                        return Err(ProviderError::io("cannot create partial file", &partial, &e));
+                    }
+                }
+            }
             fsx::sync_dir(&dir);
             Ok(Session {
                 remote_id: None,
