@@ -227,6 +227,14 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
         waiting.max(0.0),
     ));
     gauges.push((
+        "hotfolder_job_tasks",
+        "Job tasks alive now; other queued jobs wait without one.",
+        vec![],
+        ctx.metrics
+            .job_tasks
+            .load(std::sync::atomic::Ordering::Relaxed) as f64,
+    ));
+    gauges.push((
         "hotfolder_uploads_in_flight",
         "Uploads moving bytes right now.",
         vec![],

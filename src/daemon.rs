@@ -221,6 +221,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
 
     let mut jobs = JoinSet::new();
+    let mut dispatch = Dispatch::default();
     let mut store_failed = ctx.store_failed.subscribe();
     let mut failure = None;
     tokio::pin!(shutdown);
@@ -242,10 +243,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     }
                 }
             }
-            Some(job) = job_rx.recv() => {
-                jobs.spawn(run_job(Arc::clone(&ctx), job));
+            Some(job) = job_rx.recv() => dispatch.offer(&ctx, &mut jobs, job),
+            Some(ended) = jobs.join_next_with_id(), if !jobs.is_empty() => {
+                let id = match ended {
+                    Ok((id, ())) => id,
+                    Err(e) => e.id(),
+                };
+                dispatch.ended(&ctx, &mut jobs, id);
             }
-            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
         }
     }
 
@@ -279,6 +284,74 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     crate::control::remove_socket(&ctx.config.state_dir);
     tracing::info!("stopped; state flushed");
     Ok(())
+}
+
+/// Job tasks live only while they can make progress: per provider, at most
+/// twice as many as may upload at once (a task waiting for a permit, or in
+/// backoff, is alive too). The other jobs wait as ids, read back from the
+/// store when their turn comes, so a drop of 100,000 files holds 100,000
+/// numbers, not 100,000 tasks and records.
+#[derive(Default)]
+struct Dispatch {
+    /// Waiting job ids by provider name (empty: not routed yet).
+    waiting: HashMap<String, std::collections::VecDeque<u64>>,
+    /// Live tasks by provider name.
+    live: HashMap<String, usize>,
+    /// Which provider each live task counts against.
+    tasks: HashMap<tokio::task::Id, String>,
+}
+
+impl Dispatch {
+    fn limit(ctx: &Context, provider: &str) -> usize {
+        let concurrent = ctx.providers.get(provider).map_or(ctx.config.workers, |h| {
+            h.config.max_concurrent.min(ctx.config.workers)
+        });
+        concurrent.max(1) * 2
+    }
+
+    /// A job to run: now if its provider has room, else when it has.
+    fn offer(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, job: Job) {
+        let key = job.provider.clone();
+        if self.live.get(&key).copied().unwrap_or(0) < Self::limit(ctx, &key) {
+            self.spawn(ctx, tasks, key, job);
+        } else {
+            self.waiting.entry(key).or_default().push_back(job.id);
+        }
+    }
+
+    fn spawn(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, key: String, job: Job) {
+        let handle = tasks.spawn(run_job(Arc::clone(ctx), job));
+        *self.live.entry(key.clone()).or_insert(0) += 1;
+        self.tasks.insert(handle.id(), key);
+        ctx.metrics
+            .job_tasks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A task ended: start the next waiting jobs of its provider.
+    fn ended(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, id: tokio::task::Id) {
+        let Some(key) = self.tasks.remove(&id) else {
+            return;
+        };
+        ctx.metrics
+            .job_tasks
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(n) = self.live.get_mut(&key) {
+            *n = n.saturating_sub(1);
+        }
+        while self.live.get(&key).copied().unwrap_or(0) < Self::limit(ctx, &key) {
+            let Some(next) = self.waiting.get_mut(&key).and_then(|q| q.pop_front()) else {
+                break;
+            };
+            match ctx.store.get(next) {
+                Ok(job) if !job.state.is_terminal() => self.spawn(ctx, tasks, key.clone(), job),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(job = next, error = %e, "cannot read a queued job; it resumes at the next start")
+                }
+            }
+        }
+    }
 }
 
 /// A watch offers a complete file: unless a job already covers this version

@@ -30,6 +30,8 @@ pub struct Metrics {
     durations: Mutex<BTreeMap<String, Histogram>>,
     /// Source bytes read, all jobs.
     pub source_bytes_read: AtomicU64,
+    /// Job tasks alive now (the rest of the queue waits as ids).
+    pub job_tasks: AtomicU64,
 }
 
 impl Metrics {

@@ -85,7 +85,11 @@ impl Uploader for FolderProvider {
                     Ok(_) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 8 => tries += 1,
                     Err(e) => {
-                        return Err(ProviderError::io("cannot create partial file", &partial, &e));
+                        return Err(ProviderError::io(
+                            "cannot create partial file",
+                            &partial,
+                            &e,
+                        ));
                     }
                 }
             }

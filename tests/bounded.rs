@@ -1,0 +1,58 @@
+//! A big drop never makes a task per file: job tasks live only while they
+//! can make progress (a few per provider beyond its `max_concurrent`); the
+//! other jobs wait as ids. `/metrics` shows the live tasks
+//! (`hotfolder_job_tasks`) beside the queue.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sandbox::http;
+use common::{Fixture, in_state, wait_for, write_random};
+
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").to_string()
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+#[test]
+fn a_big_drop_keeps_job_tasks_bounded() {
+    const FILES: usize = 300;
+    let address = free_address();
+    let fx = Fixture::with_config(
+        "",
+        "max_concurrent: 1\nchunk_size: 64KiB",
+        &format!("workers: 1\nhttp: {{ listen: \"{address}\" }}"),
+    );
+    let staged = fx.root.join("staged");
+    for n in 0..FILES {
+        write_random(&staged.join(format!("f{n:04}.mp4")), 256 << 10, n as u64);
+    }
+    let daemon = fx.start();
+    std::fs::rename(&staged, fx.watch.join("batch")).unwrap();
+    let mut most_tasks = 0.0f64;
+    let mut most_queued = 0.0f64;
+    wait_for("every file done", Duration::from_secs(240), || {
+        let (_, metrics) = http(&address, "GET", "/metrics", &[]).ok()?;
+        most_tasks = most_tasks.max(gauge(&metrics, "hotfolder_job_tasks").unwrap_or(f64::MAX));
+        most_queued = most_queued.max(gauge(&metrics, "hotfolder_queue_depth").unwrap_or(0.0));
+        (in_state(&fx.status(), "done").len() == FILES).then_some(())
+    });
+    eprintln!("{FILES} files: at most {most_tasks} job tasks, at most {most_queued} jobs queued");
+    assert!(
+        most_queued >= 50.0,
+        "the jobs did queue up ({most_queued}); the test proves nothing otherwise"
+    );
+    assert!(
+        most_tasks <= 4.0,
+        "at most a few job tasks at once, not one per file: {most_tasks}"
+    );
+    drop(daemon);
+}
