@@ -151,11 +151,46 @@ fn init_logging(config: &Config) {
         // Colour only on a terminal: journals and log files get plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| OneLinePerEvent(std::io::stderr()));
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// A log writer that keeps each event on one line: a newline or carriage
+/// return inside it (a file named `a\nb.mp4`, an error quoting one) is
+/// written as `\n` / `\r`, so no file name can forge a log line. The
+/// formatter hands over one whole event per write.
+struct OneLinePerEvent<W>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLinePerEvent<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(&one_line(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// `event` with every line break but a final newline escaped.
+fn one_line(event: &[u8]) -> Vec<u8> {
+    let (body, end) = match event.strip_suffix(b"\n") {
+        Some(body) => (body, &b"\n"[..]),
+        None => (event, &b""[..]),
+    };
+    let mut out = Vec::with_capacity(event.len() + 8);
+    for &byte in body {
+        match byte {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(byte),
+        }
+    }
+    out.extend_from_slice(end);
+    out
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -487,6 +522,15 @@ async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliEr
 #[cfg(test)]
 mod tests {
     use super::log_filter;
+
+    #[test]
+    fn a_line_break_inside_an_event_is_escaped() {
+        assert_eq!(
+            super::one_line(b"new job file=two\nlines.mp4\r x\n"),
+            b"new job file=two\\nlines.mp4\\r x\n".to_vec()
+        );
+        assert_eq!(super::one_line(b"plain\n"), b"plain\n".to_vec());
+    }
 
     #[test]
     fn a_bare_level_is_ours_and_a_directive_is_taken_as_written() {

@@ -942,7 +942,7 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
         let receipt = Receipt {
             job: job.id,
             watch: &job.watch,
-            file: &job.relpath,
+            file: job.relpath.to_string_lossy(),
             provider: &job.provider,
             remote_id: job.delivery.as_ref().map(|d| d.remote_id.as_str()),
             url: job.delivery.as_ref().and_then(|d| d.url.as_deref()),
@@ -1006,7 +1006,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     let report = ErrorReport {
         job: job.id,
         watch: &job.watch,
-        file: &job.relpath,
+        file: job.relpath.to_string_lossy(),
         provider: &job.provider,
         reason: error.as_ref().map_or("unknown", |e| e.reason.as_str()),
         status: error.as_ref().and_then(|e| e.status),

@@ -220,9 +220,8 @@ impl FilingError {
 
 /// `<file>.receipt.json` or `<file>.error.json` for a filed file.
 pub fn report_path(filed: &Path, suffix: &str) -> PathBuf {
-    let mut name = filed.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
+    let name = filed.file_name().unwrap_or_default();
+    filed.with_file_name(fsx::fit_name(b"", name, suffix.as_bytes()))
 }
 
 /// Write a JSON report as a new file at `path` (temporary, fsync, rename
@@ -264,7 +263,7 @@ pub struct Receipt<'a> {
     /// Watch name.
     pub watch: &'a str,
     /// Path relative to the watch.
-    pub file: &'a Path,
+    pub file: std::borrow::Cow<'a, str>,
     /// Provider name.
     pub provider: &'a str,
     /// Remote id (or delivered path).
@@ -312,7 +311,7 @@ pub struct ErrorReport<'a> {
     /// Watch name.
     pub watch: &'a str,
     /// Path relative to the watch.
-    pub file: &'a Path,
+    pub file: std::borrow::Cow<'a, str>,
     /// Provider name (empty when no rule matched).
     pub provider: &'a str,
     /// Why it failed.

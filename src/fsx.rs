@@ -22,19 +22,52 @@ pub const MAX_NUMBERED: u32 = 10_000;
 /// two moves can pick the same free name.
 static PLAIN_RENAME: Mutex<()> = Mutex::new(());
 
-/// `clip.mp4` → `clip-2.mp4` for n = 2; n = 0 is the path itself.
+/// The longest file name most filesystems take, in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// `prefix + name + suffix` as one file name of at most [`NAME_MAX`]
+/// bytes: when too long, the end of `name` gives way to `~` and eight hex
+/// digits of its hash (so different long names stay different).
+pub fn fit_name(prefix: &[u8], name: &std::ffi::OsStr, suffix: &[u8]) -> OsString {
+    use sha2::Digest;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let bytes = name.as_bytes();
+    let mut out = prefix.to_vec();
+    if prefix.len() + bytes.len() + suffix.len() <= NAME_MAX {
+        out.extend_from_slice(bytes);
+    } else {
+        let hash = hex::encode(&sha2::Sha256::digest(bytes)[..4]);
+        let room = NAME_MAX.saturating_sub(prefix.len() + suffix.len() + 1 + hash.len());
+        let mut cut = room.min(bytes.len());
+        // Keep whole UTF-8 characters where the name is UTF-8.
+        while cut > 0
+            && std::str::from_utf8(&bytes[..cut]).is_err()
+            && std::str::from_utf8(bytes).is_ok()
+        {
+            cut -= 1;
+        }
+        out.extend_from_slice(&bytes[..cut]);
+        out.push(b'~');
+        out.extend_from_slice(hash.as_bytes());
+    }
+    out.extend_from_slice(suffix);
+    OsString::from_vec(out)
+}
+
+/// `clip.mp4` → `clip-2.mp4` for n = 2; n = 0 is the path itself. A name
+/// that would grow past [`NAME_MAX`] is shortened (see [`fit_name`]).
 pub fn numbered(path: &Path, n: u32) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
     if n == 0 {
         return path.to_path_buf();
     }
     let stem = path.file_stem().unwrap_or_default();
-    let mut name = OsString::from(stem);
-    name.push(format!("-{n}"));
+    let mut tail = format!("-{n}").into_bytes();
     if let Some(ext) = path.extension() {
-        name.push(".");
-        name.push(ext);
+        tail.push(b'.');
+        tail.extend_from_slice(ext.as_bytes());
     }
-    path.with_file_name(name)
+    path.with_file_name(fit_name(b"", stem, &tail))
 }
 
 /// True when something (a file, folder or dangling symlink) has this name.
@@ -149,10 +182,12 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 
 /// A hidden name beside `to` for a temporary that is unique to this call.
 pub fn temporary_beside(to: &Path) -> PathBuf {
-    let mut name = OsString::from(".");
-    name.push(to.file_name().unwrap_or_default());
-    name.push(format!(".hotfolder-{:016x}", rand::random::<u64>()));
-    to.with_file_name(name)
+    let suffix = format!(".hotfolder-{:016x}", rand::random::<u64>());
+    to.with_file_name(fit_name(
+        b".",
+        to.file_name().unwrap_or_default(),
+        suffix.as_bytes(),
+    ))
 }
 
 /// Create `path` exclusively (never through a symlink, never over an
@@ -272,6 +307,29 @@ mod tests {
             numbered(Path::new("/d/noext"), 1),
             PathBuf::from("/d/noext-1")
         );
+    }
+
+    #[test]
+    fn long_names_are_shortened_to_fit_and_stay_distinct() {
+        use std::os::unix::ffi::OsStrExt;
+        let long = "é".repeat(127) + ".mp4"; // 258 bytes
+        let a = fit_name(b"", std::ffi::OsStr::new(&long), b".receipt.json");
+        let b = fit_name(
+            b"",
+            std::ffi::OsStr::new(&(long.clone() + "x")),
+            b".receipt.json",
+        );
+        for name in [&a, &b] {
+            assert!(name.len() <= NAME_MAX, "{}", name.len());
+            assert!(name.to_str().is_some(), "whole characters kept");
+            assert!(name.as_bytes().ends_with(b".receipt.json"));
+        }
+        assert_ne!(a, b);
+        let short = fit_name(b".", std::ffi::OsStr::new("clip.mp4"), b".x");
+        assert_eq!(short, std::ffi::OsString::from(".clip.mp4.x"));
+        let n = numbered(&Path::new("/d").join("y".repeat(251) + ".mp4"), 3);
+        assert!(n.file_name().unwrap().len() <= NAME_MAX);
+        assert!(n.to_string_lossy().ends_with("-3.mp4"));
     }
 
     #[test]

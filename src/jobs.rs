@@ -89,7 +89,7 @@ pub struct JobView {
     /// Last error, if any.
     pub last_error: Option<String>,
     /// Where the file was filed.
-    pub filed_to: Option<PathBuf>,
+    pub filed_to: Option<String>,
     /// Remote id of the delivery.
     pub remote_id: Option<String>,
     /// Earlier job whose delivery this one duplicates.
@@ -118,7 +118,10 @@ impl JobView {
             eta_seconds: live.as_ref().and_then(|p| p.eta_seconds),
             attempts: job.attempts,
             last_error: job.last_error.as_ref().map(|e| e.reason.clone()),
-            filed_to: job.filed_to.clone(),
+            filed_to: job
+                .filed_to
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
             remote_id: job.delivery.as_ref().map(|d| d.remote_id.clone()),
             duplicate_of: job.duplicate_of,
             bytes_sent: job.bytes_sent,

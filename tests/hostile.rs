@@ -223,3 +223,91 @@ fn events_mode_without_events_polls_and_says_so() {
         "{log}"
     );
 }
+
+/// Awkward names: a newline, a 255-byte name, bytes that are not UTF-8.
+/// The first two are delivered under their own names with a receipt (a
+/// report name that would pass 255 bytes is shortened), `status` answers,
+/// and the newline cannot forge a log line; a watched name that is not
+/// UTF-8 is left in place with a warning, while `hotfolder upload` of such
+/// a file delivers it under its exact bytes. Symlinks in the tree (to a
+/// file, to a folder) are never taken.
+#[test]
+fn awkward_names_are_delivered_and_links_are_left_alone() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let fx = Fixture::new();
+    let names: Vec<std::ffi::OsString> = vec![
+        "two\nlines.mp4".into(),
+        format!("{}.mp4", "x".repeat(251)).into(),
+    ];
+    for (n, name) in names.iter().enumerate() {
+        write_random(&fx.watch.join(name), 1000 + n as u64, 20 + n as u64);
+    }
+    let latin1 = OsStr::from_bytes(b"latin1-\xe9t\xe9.mp4").to_owned();
+    write_random(&fx.watch.join(&latin1), 1000, 29);
+    let outside = fx.root.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    write_random(&outside.join("inner.mp4"), 1000, 30);
+    std::os::unix::fs::symlink(outside.join("inner.mp4"), fx.watch.join("link.mp4")).unwrap();
+    std::os::unix::fs::symlink(&outside, fx.watch.join("linked-folder")).unwrap();
+    let daemon = fx.start();
+    wait_done(&fx, &daemon, names.len(), Duration::from_secs(30));
+    let receipts: Vec<String> = Fixture::files_in(&fx.done)
+        .into_iter()
+        .filter(|f| f.ends_with(".receipt.json"))
+        .map(|f| {
+            common::read_json(&fx.done.join(f))["file"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    for name in &names {
+        assert!(fx.outbox.join(name).exists(), "{name:?} delivered");
+        let name = name.to_string_lossy();
+        assert_eq!(
+            receipts.iter().filter(|f| **f == name).count(),
+            1,
+            "{name:?} has one receipt: {receipts:?}"
+        );
+    }
+    assert!(
+        fs::symlink_metadata(fx.watch.join("link.mp4")).is_ok(),
+        "the link is left"
+    );
+    assert!(
+        fx.watch.join(&latin1).exists(),
+        "the non-UTF-8 name is left in place"
+    );
+    assert_eq!(
+        fx.status().len(),
+        names.len(),
+        "no job for a link or the odd name"
+    );
+    let log = daemon.log();
+    assert!(log.contains("not valid UTF-8"), "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("lines.mp4")),
+        "a newline in a name cannot start a forged log line: {log}"
+    );
+    drop(daemon);
+
+    // One-shot: the exact bytes of the name arrive.
+    let source = fx.root.join(&latin1);
+    write_random(&source, 1500, 31);
+    let out = std::process::Command::new(common::bin())
+        .args(["upload", "--provider", "archive"])
+        .arg(&source)
+        .arg("-c")
+        .arg(&fx.config)
+        .current_dir(&fx.root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run hotfolder upload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256(&fx.outbox.join(&latin1)), sha256(&source));
+}

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod paths;
 mod sled_store;
 
 pub use self::sled_store::SledStore;
@@ -56,11 +57,13 @@ impl FileSignature {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilingIntent {
     /// Where the file is.
+    #[serde(with = "paths")]
     pub from: PathBuf,
     /// The free name chosen for it.
+    #[serde(with = "paths")]
     pub to: PathBuf,
     /// The hidden temporary that a copy across filesystems writes first.
-    #[serde(default)]
+    #[serde(with = "paths::optional", default)]
     pub temporary: Option<PathBuf>,
 }
 
@@ -88,8 +91,10 @@ pub struct Job {
     /// The watch it came from (empty for `hotfolder upload`).
     pub watch: String,
     /// Path relative to the watch folder (the file name for `upload`).
+    #[serde(with = "paths")]
     pub relpath: PathBuf,
     /// Where the source is now.
+    #[serde(with = "paths")]
     pub source: PathBuf,
     /// The version of the source this job delivers.
     pub signature: FileSignature,
@@ -100,6 +105,7 @@ pub struct Job {
     /// Rendered metadata sent with the upload.
     pub metadata: BTreeMap<String, serde_json::Value>,
     /// Sidecar file that travels with the source.
+    #[serde(with = "paths::optional", default)]
     pub sidecar: Option<PathBuf>,
     /// Skip content already delivered to this provider.
     pub skip_duplicates: bool,
@@ -132,8 +138,10 @@ pub struct Job {
     /// An earlier job that delivered the same content.
     pub duplicate_of: Option<u64>,
     /// Where the source was (or is being) filed: done/ or failed/.
+    #[serde(with = "paths::optional", default)]
     pub filed_to: Option<PathBuf>,
     /// Where the sidecar was filed.
+    #[serde(with = "paths::optional", default)]
     pub sidecar_filed_to: Option<PathBuf>,
     /// The move about to be made (into done/ or failed/, or back into the
     /// watch folder for `retry`), recorded before it is made so that a
@@ -143,11 +151,11 @@ pub struct Job {
     /// The receipt or error report about to be written (or written) for
     /// this filing: a restart finds its own report instead of writing a
     /// second one beside it.
-    #[serde(default)]
+    #[serde(with = "paths::optional", default)]
     pub report: Option<PathBuf>,
     /// The hidden temporary that report is written through, recorded before
     /// it is created so a crash never leaves it behind.
-    #[serde(default)]
+    #[serde(with = "paths::optional", default)]
     pub report_temporary: Option<PathBuf>,
     /// Remote objects abandoned or possibly orphaned on the way.
     pub replaced: Vec<String>,

@@ -172,7 +172,7 @@ impl Engine {
         // provider is given the file's name (a folder destination would
         // otherwise join the absolute path and write beside the source).
         let relpath = if job.watch.is_empty() {
-            std::path::PathBuf::from(&file_name)
+            std::path::PathBuf::from(job.relpath.file_name().unwrap_or_default())
         } else {
             job.relpath.clone()
         };
