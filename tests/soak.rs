@@ -907,7 +907,19 @@ impl Report {
 
     /// Fail, naming every broken guarantee at once.
     fn assert_clean(&self) {
+        // SPEC §4: an object a crash inside create may have left is named
+        // (by id, tag or the name it carries) in the log or the receipt.
+        let unnamed: Vec<String> = self
+            .orphans
+            .iter()
+            .filter(|o| o.contains("unnamed"))
+            .cloned()
+            .collect();
         let broken: Vec<String> = [
+            (
+                "remote objects left that nothing the daemon wrote names",
+                &unnamed,
+            ),
             (
                 "lost files (delivered nowhere, not in done/ or failed/)",
                 &self.lost,
