@@ -15,42 +15,10 @@ use crate::hashing::ResumableSha256;
 pub use crate::lifecycle::JobState;
 use crate::lifecycle::{Outcome, next};
 use crate::providers::{Delivery, Session};
+pub use crate::source::FileSignature;
 
 /// Version tag written into every job record.
 pub const JOB_RECORD_VERSION: u32 = 1;
-
-/// What identifies one version of a source file: if any of it changes, the
-/// content may have changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileSignature {
-    /// Length in bytes.
-    pub size: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i128,
-    /// Device number.
-    pub dev: u64,
-    /// Inode number.
-    pub ino: u64,
-}
-
-impl FileSignature {
-    /// Read from metadata.
-    pub fn of(meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt;
-        FileSignature {
-            size: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
-    }
-
-    /// Same content as far as size and mtime tell (the inode may change
-    /// when a file is moved across filesystems and back).
-    pub fn same_content(&self, other: &FileSignature) -> bool {
-        self.size == other.size && self.mtime_ns == other.mtime_ns
-    }
-}
 
 /// A move recorded before it is made (SPEC §3.6: a crash never loses the
 /// file and never files it twice).
