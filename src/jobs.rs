@@ -256,6 +256,14 @@ pub async fn bring_back(store: &Store, config: &Config, job: &mut Job) -> Result
                 {
                     job.sidecar = finish::file_sidecar(&sidecar, &back).ok();
                 }
+                // Across filesystems the file came back as a copy: a new
+                // inode of the same content.
+                if let Ok(meta) = std::fs::symlink_metadata(&back) {
+                    let now = crate::state::FileSignature::of(&meta);
+                    if now.same_content(&job.signature) {
+                        job.signature = now;
+                    }
+                }
                 job.source = back;
                 job.filed_to = None;
                 job.filing = None;

@@ -311,3 +311,36 @@ fn awkward_names_are_delivered_and_links_are_left_alone() {
     );
     assert_eq!(sha256(&fx.outbox.join(&latin1)), sha256(&source));
 }
+
+/// Another regular file (same size, same modification time) put in the
+/// source's place after the watch saw it stable is not uploaded as if it
+/// were the same: the inode tells them apart, and the new file is taken as
+/// a new version.
+#[test]
+fn a_source_replaced_by_a_lookalike_is_not_uploaded_as_the_same() {
+    let fx = Fixture::new();
+    let source = fx.watch.join("clip.mp4");
+    write_random(&source, 4096, 40);
+    let mtime = fs::metadata(&source).unwrap().modified().unwrap();
+    let lookalike = fx.root.join("lookalike.mp4");
+    write_random(&lookalike, 4096, 41);
+    fs::File::options()
+        .write(true)
+        .open(&lookalike)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let lookalike_hash = sha256(&lookalike);
+    let daemon = fx.start_with_failpoints("job::attempt=1*sleep(1500)");
+    wait_for("the job to start", Duration::from_secs(30), || {
+        daemon.log().contains("new job").then_some(())
+    });
+    fs::rename(&lookalike, &source).unwrap();
+    let rows = wait_done(&fx, &daemon, 1, Duration::from_secs(30));
+    assert!(
+        rows.iter().any(|r| r["state"] == "superseded"),
+        "the first job was superseded: {rows:?}"
+    );
+    assert_eq!(fx.receipt("clip.mp4")["sha256"], lookalike_hash.as_str());
+    assert_eq!(sha256(&fx.outbox.join("clip.mp4")), lookalike_hash);
+}

@@ -621,6 +621,16 @@ fn open_source(job: &Job) -> Result<(File, FileSignature), Stop> {
             job.source.display()
         )));
     }
+    // Another file put in its place (same size and time, but another inode
+    // on the same device). Device numbers of network mounts can change
+    // across a remount; there the inode proves nothing, and size and time
+    // decide alone.
+    if signature.dev == job.signature.dev && signature.ino != job.signature.ino {
+        return Err(Stop::SourceChanged(format!(
+            "{} was replaced by another file since it was taken",
+            job.source.display()
+        )));
+    }
     Ok((file, signature))
 }
 
