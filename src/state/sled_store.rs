@@ -6,6 +6,9 @@ use std::path::Path;
 use super::{Job, JobState, JobStore, Page, StoreError, decode, prepare_state_dir};
 use crate::group_commit::GroupCommit;
 
+/// sled's page cache: enough for the jobs in flight and recent history.
+const CACHE_BYTES: u64 = 32 << 20;
+
 /// The sled-backed job store. Cheap to clone.
 #[derive(Clone)]
 pub struct SledStore {
@@ -43,6 +46,10 @@ impl SledStore {
         let db = sled::Config::new()
             .path(&path)
             .mode(sled::Mode::HighThroughput)
+            // sled caches up to 1 GiB by default, which a long history (or
+            // one big drop) fills: the daemon's memory would grow with the
+            // number of jobs ever stored.
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|source| {
                 let hint = if source.to_string().contains("lock") {
