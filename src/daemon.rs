@@ -602,6 +602,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
             } => permits,
         };
         job.attempts += 1;
+        // Tests make an attempt panic or pause here (failpoint actions).
         crate::failpoint::active("job::attempt");
         let end = ctx.engine.attempt(job, &handle).await;
         drop(permits);
@@ -730,36 +731,37 @@ async fn file_below(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, 
     let target = root.join(&job.relpath);
     let mut failures = 0;
     loop {
+        // Either choose the name and record the intent, or act on the
+        // recorded intent: the move is never made before it is recorded.
         let step = match job.filing.clone() {
             None => {
                 let (from, to) = (job.source.clone(), target.clone());
                 blocking(move || crate::finish::plan(&from, &to))
                     .await
-                    .map(|intent| (Some(intent), None))
+                    .map(FilingStep::Planned)
             }
             Some(intent) => {
                 let signature = job.signature;
                 blocking(move || crate::finish::carry_out(&intent, &signature))
                     .await
-                    .map(|carried| (None, Some(carried)))
+                    .map(FilingStep::Carried)
             }
         };
         match step {
-            Ok((Some(intent), _)) => {
+            Ok(FilingStep::Planned(intent)) => {
                 job.filing = Some(intent);
                 ctx.store.put(job).await?;
             }
-            Ok((_, Some(Carried::Moved(to)))) => {
+            Ok(FilingStep::Carried(Carried::Moved(to))) => {
                 crate::failpoint::crash("filing::after_move");
                 job.filed_to = Some(to.clone());
                 job.filing = None;
                 ctx.store.put(job).await?;
                 return Ok(Filed::At(to));
             }
-            Ok((_, Some(Carried::NameTaken))) => {
+            Ok(FilingStep::Carried(Carried::NameTaken)) => {
                 job.filing = None;
             }
-            Ok((None, None)) => unreachable_step(),
             Err(e) if e.permanent => {
                 tracing::error!(error = %e, "cannot file the source; it stays where it is");
                 note_filing_failure(job, &e);
@@ -783,8 +785,10 @@ async fn file_below(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, 
     }
 }
 
-fn unreachable_step() {
-    tracing::error!("a filing step answered neither an intent nor a result");
+/// One step of filing: a name chosen (to record), or a recorded move made.
+enum FilingStep {
+    Planned(crate::state::FilingIntent),
+    Carried(Carried),
 }
 
 /// Record a filing failure, keeping the reason a failing job failed for.

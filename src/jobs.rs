@@ -250,6 +250,7 @@ pub async fn bring_back(store: &Store, config: &Config, job: &mut Job) -> Result
         match carried {
             Carried::NameTaken => job.filing = None,
             Carried::Moved(back) => {
+                // Tests pause here (the watch must not take the file meanwhile).
                 crate::failpoint::active("retry::after_move");
                 if let Some(sidecar) = job.sidecar_filed_to.take()
                     && sidecar.exists()
