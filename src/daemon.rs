@@ -841,17 +841,22 @@ async fn write_report_once(
     job: &mut Job,
     at: &Path,
     suffix: &str,
-    report: &impl serde::Serialize,
+    report: serde_json::Value,
 ) -> Result<(), StoreError> {
-    if let Some(stale) = job.report_temporary.take() {
+    let stale = job.report_temporary.take();
+    if let Some(stale) = &stale {
         // Written through before a crash, or never created: either way not
         // something to leave in the user's folder.
-        let _ = std::fs::remove_file(&stale);
+        let _ = std::fs::remove_file(stale);
     }
     if let Some(written) = &job.report
         && crate::finish::is_report_of(written, job.id)
     {
-        return ctx.store.put(job).await;
+        return if stale.is_some() {
+            ctx.store.put(job).await
+        } else {
+            Ok(())
+        };
     }
     let wanted = finish::report_path(at, suffix);
     for _ in 0..crate::fsx::MAX_NUMBERED {
@@ -866,11 +871,7 @@ async fn write_report_once(
         job.report = Some(path.clone());
         job.report_temporary = Some(temporary.clone());
         ctx.store.put(job).await?;
-        let (at, through, body) = (
-            path.clone(),
-            temporary.clone(),
-            serde_json::to_value(report).unwrap_or_default(),
-        );
+        let (at, through, body) = (path.clone(), temporary.clone(), report.clone());
         // Written and fsynced on the blocking pool, not a runtime thread.
         let written =
             tokio::task::spawn_blocking(move || finish::write_report(&at, &through, &body))
@@ -966,7 +967,7 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
             replaced: &job.replaced,
         };
         let receipt = serde_json::to_value(&receipt).unwrap_or_default();
-        write_report_once(ctx, job, &receipt_at, ".receipt.json", &receipt).await?;
+        write_report_once(ctx, job, &receipt_at, ".receipt.json", receipt).await?;
     }
     // Done is done: a retried error from earlier on would only mislead status.
     job.last_error = None;
@@ -1021,7 +1022,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
         replaced: &job.replaced,
     };
     let report = serde_json::to_value(&report).unwrap_or_default();
-    write_report_once(ctx, job, &report_at, ".error.json", &report).await?;
+    write_report_once(ctx, job, &report_at, ".error.json", report).await?;
     tracing::warn!(reason = %error.as_ref().map_or("unknown", |e| e.reason.as_str()), filed_to = %job.filed_to.as_deref().map_or_else(|| "(not moved)".into(), |p| p.display().to_string()), "failed");
     job.apply(Outcome::Filed);
     ctx.store.put(job).await?;

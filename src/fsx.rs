@@ -86,20 +86,30 @@ pub fn free_name(target: &Path) -> io::Result<PathBuf> {
         .ok_or_else(|| no_free_name(target))
 }
 
+/// Every numbered variant of a name is taken: trying again cannot help
+/// until someone clears the folder.
+#[derive(Debug, thiserror::Error)]
+#[error("no free name for {} among {MAX_NUMBERED} numbered names; clear out that folder", .target.display())]
+pub struct NoFreeName {
+    /// The name wanted.
+    pub target: PathBuf,
+}
+
 /// The error [`free_name`] gives when every numbered name is taken.
 pub fn no_free_name(target: &Path) -> io::Error {
     io::Error::new(
         io::ErrorKind::AlreadyExists,
-        format!(
-            "no free name for {} among {MAX_NUMBERED} numbered names; clear out that folder",
-            target.display()
-        ),
+        NoFreeName {
+            target: target.to_path_buf(),
+        },
     )
 }
 
-/// True for an error [`free_name`] gives up with.
+/// True for an error [`free_name`] gives up with (by its type, not its text).
 pub fn is_no_free_name(error: &io::Error) -> bool {
-    error.kind() == io::ErrorKind::AlreadyExists && error.to_string().starts_with("no free name")
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<NoFreeName>())
 }
 
 fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
