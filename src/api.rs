@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::jobs::JobsHandle;
 use crate::jobs::{self, JobView};
-use crate::metrics::Gauge;
+use crate::metrics::Measured;
 use crate::state::{JobStore, StoreError};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -183,7 +183,7 @@ async fn show(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
 }
 
 async fn retry(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
-    match jobs::retry(&ctx.store, &ctx.config, id).await {
+    match jobs::retry(&ctx.store, &ctx.config, &ctx.held, id).await {
         Ok(job) => {
             let view = JobView::of(&job, None);
             ctx.queue(job);
@@ -209,10 +209,10 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
     }
     let in_flight = ctx.progress.in_flight() as f64;
     let waiting = unfinished as f64 - in_flight;
-    let mut gauges: Vec<Gauge> = by_state
+    let mut measured: Vec<Measured> = by_state
         .into_iter()
         .map(|(state, n)| {
-            (
+            Measured::gauge(
                 "hotfolder_jobs",
                 "Jobs by state.",
                 vec![("state", state.to_string())],
@@ -220,13 +220,13 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
             )
         })
         .collect();
-    gauges.push((
+    measured.push(Measured::gauge(
         "hotfolder_queue_depth",
         "Unfinished jobs not uploading right now.",
         vec![],
         waiting.max(0.0),
     ));
-    gauges.push((
+    measured.push(Measured::gauge(
         "hotfolder_job_tasks",
         "Job tasks alive now; other queued jobs wait without one.",
         vec![],
@@ -234,33 +234,52 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
             .job_tasks
             .load(std::sync::atomic::Ordering::Relaxed) as f64,
     ));
-    gauges.push((
+    measured.push(Measured::gauge(
         "hotfolder_uploads_in_flight",
         "Uploads moving bytes right now.",
         vec![],
         in_flight,
     ));
-    for (watch, counters) in &ctx.watch_counters {
+    let mut watches: Vec<_> = ctx.watch_counters.iter().collect();
+    watches.sort_by_key(|(name, _)| name.as_str());
+    for (watch, counters) in &watches {
         use std::sync::atomic::Ordering;
-        gauges.push((
+        let by_watch = || vec![("watch", (*watch).clone())];
+        measured.push(Measured::counter(
             "hotfolder_files_detected_total",
             "Files found complete and offered, by watch.",
-            vec![("watch", watch.clone())],
-            counters.detected.load(Ordering::Relaxed) as f64,
+            by_watch(),
+            counters.detected.load(Ordering::Relaxed),
         ));
-        gauges.push((
+        measured.push(Measured::counter(
             "hotfolder_files_vanished_total",
-            "Files that disappeared before they were complete, by watch.",
-            vec![("watch", watch.clone())],
-            counters.vanished.load(Ordering::Relaxed) as f64,
+            "Files that disappeared before they were complete (not those hotfolder moved), by watch.",
+            by_watch(),
+            counters.vanished.load(Ordering::Relaxed),
         ));
+        measured.push(Measured::counter(
+            "hotfolder_scans_total",
+            "Full scans of the watch folder, by watch.",
+            by_watch(),
+            counters.scans.load(Ordering::Relaxed),
+        ));
+    }
+    for (watch, counters) in &watches {
+        for (reason, n) in counters.skipped.snapshot() {
+            measured.push(Measured::counter(
+                "hotfolder_files_skipped_total",
+                "Files left in place, by watch and reason (each version of a file once).",
+                vec![("watch", (*watch).clone()), ("reason", reason.to_string())],
+                n,
+            ));
+        }
     }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        ctx.metrics.render(&gauges),
+        ctx.metrics.render(&measured),
     )
         .into_response()
 }

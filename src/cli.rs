@@ -292,8 +292,27 @@ fn check(config: &Config, paths: &[PathBuf]) -> Result<(), CliError> {
 }
 
 fn explain(config: &Config, router: &Router, path: &Path) -> Result<String, String> {
-    let absolute = std::fs::canonicalize(path).map_err(|e| format!("cannot open: {e}"))?;
-    let meta = std::fs::metadata(&absolute).map_err(|e| format!("cannot read: {e}"))?;
+    // The path as given, made absolute through its folder only: a link is
+    // judged as the link it is, never as its target.
+    let absolute = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            parent
+                .canonicalize()
+                .map(|p| p.join(name))
+                .map_err(|e| format!("cannot open {}: {e}", parent.display()))?
+        }
+        _ => path
+            .canonicalize()
+            .map_err(|e| format!("cannot open: {e}"))?,
+    };
+    if std::fs::symlink_metadata(&absolute).is_err() {
+        return Err("does not exist".into());
+    }
     let (watch, relpath) = config
         .watches
         .iter()
@@ -305,6 +324,15 @@ fn explain(config: &Config, router: &Router, path: &Path) -> Result<String, Stri
                 .map(|rel| (w, rel.to_path_buf()))
         })
         .ok_or_else(|| "is not inside any watch folder".to_string())?;
+    let skip_roots: Vec<PathBuf> = config
+        .watches
+        .iter()
+        .flat_map(|w| [&w.done_dir, &w.failed_dir])
+        .map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()))
+        .collect();
+    crate::admission::judge(watch, &skip_roots, &absolute)
+        .map_err(|why| format!("not taken by watch {}: {why}", watch.name))?;
+    let meta = std::fs::metadata(&absolute).map_err(|e| format!("cannot read: {e}"))?;
     let facts = FileFacts {
         watch: &watch.name,
         relpath: &relpath,
@@ -494,7 +522,7 @@ async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliEr
             let mut queued = Vec::new();
             let mut errors = Vec::new();
             for id in ids {
-                match jobs::retry(&store, config, id).await {
+                match jobs::retry(&store, config, &Default::default(), id).await {
                     Ok(_) => queued.push(id),
                     Err(e) => errors.push(e.to_string()),
                 }

@@ -118,7 +118,7 @@ async fn retry(ctx: &JobsHandle, mut ids: Vec<u64>, failed: bool) -> Response {
     let mut queued = Vec::new();
     let mut errors = Vec::new();
     for id in ids {
-        match jobs::retry(&ctx.store, &ctx.config, id).await {
+        match jobs::retry(&ctx.store, &ctx.config, &ctx.held, id).await {
             Ok(job) => {
                 queued.push(id);
                 ctx.queue(job);

@@ -22,7 +22,7 @@ use crate::route::{FileFacts, Router};
 use crate::state::{Job, JobState, JobStore, Store, StoreError};
 use crate::upload::progress::ProgressBoard;
 use crate::upload::{AttemptEnd, Engine, ProviderHandle, note_failure};
-use crate::watch::{ReadyFile, WatchCommand, WatchCounters};
+use crate::watch::{HeldSources, ReadyFile, WatchCommand, WatchCounters};
 
 /// Everything a job task needs, shared.
 pub struct Context {
@@ -59,6 +59,7 @@ impl Context {
         shutdown: watch::Receiver<bool>,
         watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
         watch_counters: HashMap<String, Arc<WatchCounters>>,
+        held: Arc<HeldSources>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
         let progress = ProgressBoard::default();
         let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -80,6 +81,7 @@ impl Context {
             progress.clone(),
             Arc::clone(&metrics),
             watch_counters,
+            held,
             job_tx,
         );
         let ctx = Arc::new(Context {
@@ -159,6 +161,17 @@ pub enum DaemonError {
 /// recorded on their jobs instead.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let store = Store::open(&config.state_dir)?;
+    // Jobs that resume hold their sources before any watch looks, so that
+    // a scan neither takes them as new nor calls them vanished when filed.
+    let unfinished: Vec<Job> = store
+        .all()?
+        .into_iter()
+        .filter(|job| !job.state.is_terminal())
+        .collect();
+    let held = Arc::new(HeldSources::default());
+    for job in &unfinished {
+        held.hold(&job.source);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::channel::<ReadyFile>(1024);
     let skip_roots: Vec<_> = config
@@ -180,6 +193,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ready_tx.clone(),
             cmd_rx,
             stop_rx.clone(),
+            Arc::clone(&held),
             counters,
         ));
     }
@@ -190,6 +204,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_rx.clone(),
         watch_commands,
         watch_counters,
+        held,
     );
     let api = match &ctx.config.http {
         Some(http) => Some(
@@ -206,12 +221,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|(path, source)| DaemonError::Control { path, source })?;
 
     // Resume what was in flight.
-    let mut resumed = 0;
-    for job in ctx.store.all()? {
-        if !job.state.is_terminal() {
-            resumed += 1;
-            ctx.spawn_job(job);
-        }
+    let resumed = unfinished.len();
+    for job in unfinished {
+        ctx.spawn_job(job);
     }
     tracing::info!(
         watches = ctx.config.watches.len(),
@@ -485,7 +497,11 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
                     Some(job) => job,
                     None => owned.store.get(id)?,
                 };
-                drive(&owned, &mut job).await
+                let driven = drive(&owned, &mut job).await;
+                if job.state.is_terminal() {
+                    owned.jobs.held.release(&job.source);
+                }
+                driven
             },
             span.clone(),
         ));
@@ -697,6 +713,7 @@ async fn abandon_session(job: &mut Job, handle: &ProviderHandle) {
 
 /// Ask the job's watch to look at its source again (it changed).
 fn reoffer(ctx: &Context, job: &Job) {
+    ctx.jobs.held.release(&job.source);
     if let Some(commands) = ctx.watch_commands.get(&job.watch) {
         let _ = commands.send(WatchCommand::Reoffer(job.source.clone()));
     }
@@ -1034,7 +1051,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
 /// moves, so the watch never takes it as a new file). Answers false on
 /// shutdown.
 async fn bring_back(ctx: &Context, job: &mut Job) -> Result<bool, StoreError> {
-    match crate::jobs::bring_back(&ctx.store, &ctx.config, job).await {
+    match crate::jobs::bring_back(&ctx.store, &ctx.config, &ctx.jobs.held, job).await {
         Ok(()) => Ok(true),
         Err(crate::jobs::RetryError::Store(e)) => Err(e),
         Err(e) => {

@@ -16,7 +16,7 @@ use crate::lifecycle::Outcome;
 use crate::metrics::Metrics;
 use crate::state::{Job, JobState, JobStore, Store, StoreError};
 use crate::upload::progress::{Progress, ProgressBoard};
-use crate::watch::WatchCounters;
+use crate::watch::{HeldSources, WatchCounters};
 
 /// What the HTTP API and the control socket need of a running daemon: the
 /// job store, live progress, counters, the config (for `retry` and the
@@ -34,6 +34,8 @@ pub struct JobsHandle {
     pub metrics: Arc<Metrics>,
     /// Watch counters by watch name.
     pub watch_counters: HashMap<String, Arc<WatchCounters>>,
+    /// Sources that jobs hold (the watches leave them alone).
+    pub held: Arc<HeldSources>,
     queue: mpsc::UnboundedSender<Job>,
 }
 
@@ -45,6 +47,7 @@ impl JobsHandle {
         progress: ProgressBoard,
         metrics: Arc<Metrics>,
         watch_counters: HashMap<String, Arc<WatchCounters>>,
+        held: Arc<HeldSources>,
         queue: mpsc::UnboundedSender<Job>,
     ) -> Self {
         JobsHandle {
@@ -53,12 +56,14 @@ impl JobsHandle {
             progress,
             metrics,
             watch_counters,
+            held,
             queue,
         }
     }
 
-    /// Queue a job (already stored) for a worker.
+    /// Queue a job (already stored) for a worker; it holds its source.
     pub fn queue(&self, job: Job) {
+        self.held.hold(&job.source);
         let _ = self.queue.send(job);
     }
 }
@@ -175,7 +180,12 @@ pub enum RetryError {
 ///
 /// # Errors
 /// [`RetryError`] naming the job and the cause.
-pub async fn retry(store: &Store, config: &Config, id: u64) -> Result<Job, RetryError> {
+pub async fn retry(
+    store: &Store,
+    config: &Config,
+    held: &HeldSources,
+    id: u64,
+) -> Result<Job, RetryError> {
     let mut job = store.get(id)?;
     if job.state != JobState::Failed {
         return Err(RetryError::NotFailed {
@@ -192,7 +202,7 @@ pub async fn retry(store: &Store, config: &Config, id: u64) -> Result<Job, Retry
     job.failures = 0;
     job.last_error = None;
     store.put(&mut job).await?;
-    bring_back(store, config, &mut job).await?;
+    bring_back(store, config, held, &mut job).await?;
     Ok(job)
 }
 
@@ -202,7 +212,12 @@ pub async fn retry(store: &Store, config: &Config, id: u64) -> Result<Job, Retry
 ///
 /// # Errors
 /// [`RetryError`] naming the job and the cause.
-pub async fn bring_back(store: &Store, config: &Config, job: &mut Job) -> Result<(), RetryError> {
+pub async fn bring_back(
+    store: &Store,
+    config: &Config,
+    held: &HeldSources,
+    job: &mut Job,
+) -> Result<(), RetryError> {
     let id = job.id;
     let Some(filed) = job.filed_to.clone() else {
         job.filing = None;
@@ -242,6 +257,9 @@ pub async fn bring_back(store: &Store, config: &Config, job: &mut Job) -> Result
                 intent
             }
         };
+        // The job holds the name before the file appears under it, so the
+        // watch does not take it as a new file.
+        held.hold(&intent.to);
         let signature = job.signature;
         let carried = tokio::task::spawn_blocking(move || finish::carry_out(&intent, &signature))
             .await

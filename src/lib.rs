@@ -2,7 +2,7 @@
 //!
 //! The life of a file, module by module:
 //! [`config`] is read once; [`watch`] discovers files and decides when each is
-//! complete; [`route`] picks a rule, a provider and metadata; [`lifecycle`]
+//! complete, taking only what [`admission`] lets in; [`route`] picks a rule, a provider and metadata; [`lifecycle`]
 //! holds every state of a job and the one table of transitions; [`state`]
 //! records the job (behind the [`state::JobStore`] trait; sled today) before
 //! any work; [`upload`] drives a [`providers`] backend chunk by chunk under
@@ -17,6 +17,7 @@
 //! providers for tests and trials; [`failpoint`] holds the crash points the
 //! tests stop the binary at (a cargo feature); [`cli`] is the command line.
 
+pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Upper bounds (seconds) of the upload duration histogram.
 const DURATION_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
@@ -13,8 +13,44 @@ const DURATION_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 1
 /// Label pairs of one sample.
 pub type Labels = Vec<(&'static str, String)>;
 
-/// A gauge measured at scrape time: name, help, labels, value.
-pub type Gauge = (&'static str, &'static str, Labels, f64);
+/// A value read at scrape time from elsewhere (the store, the watches):
+/// a gauge, or a counter kept by its owner.
+pub struct Measured {
+    /// Family name.
+    pub name: &'static str,
+    /// `# HELP` text.
+    pub help: &'static str,
+    /// `counter` or `gauge` (names ending in `_total` are counters).
+    pub kind: &'static str,
+    /// Label pairs.
+    pub labels: Labels,
+    /// The value.
+    pub value: f64,
+}
+
+impl Measured {
+    /// A value that goes up and down.
+    pub fn gauge(name: &'static str, help: &'static str, labels: Labels, value: f64) -> Self {
+        Measured {
+            name,
+            help,
+            kind: "gauge",
+            labels,
+            value,
+        }
+    }
+
+    /// A count that only goes up, kept elsewhere.
+    pub fn counter(name: &'static str, help: &'static str, labels: Labels, value: u64) -> Self {
+        Measured {
+            name,
+            help,
+            kind: "counter",
+            labels,
+            value: value as f64,
+        }
+    }
+}
 
 #[derive(Default)]
 struct Histogram {
@@ -28,8 +64,8 @@ struct Histogram {
 pub struct Metrics {
     counters: Mutex<BTreeMap<(&'static str, Labels), u64>>,
     durations: Mutex<BTreeMap<String, Histogram>>,
-    /// Source bytes read, all jobs.
-    pub source_bytes_read: AtomicU64,
+    /// Source bytes read, all jobs (moved by each read as it happens).
+    pub source_bytes_read: Arc<AtomicU64>,
     /// Job tasks alive now (the rest of the queue waits as ids).
     pub job_tasks: AtomicU64,
 }
@@ -65,8 +101,8 @@ impl Metrics {
         }
     }
 
-    /// Render counters plus the gauges the caller measured just now.
-    pub fn render(&self, gauges: &[Gauge]) -> String {
+    /// Render counters plus what the caller measured just now.
+    pub fn render(&self, measured: &[Measured]) -> String {
         let mut out = String::new();
         let mut typed = Vec::new();
         let mut header = |out: &mut String, name: &'static str, kind: &str, help: &str| {
@@ -76,9 +112,12 @@ impl Metrics {
                 let _ = writeln!(out, "# TYPE {name} {kind}");
             }
         };
-        for (name, help, labels, value) in gauges {
-            header(&mut out, name, "gauge", help);
-            let _ = writeln!(out, "{name}{} {value}", label_text(labels));
+        // The text format wants each family's samples together.
+        let mut grouped: Vec<&Measured> = measured.iter().collect();
+        grouped.sort_by_key(|m| m.name);
+        for m in grouped {
+            header(&mut out, m.name, m.kind, m.help);
+            let _ = writeln!(out, "{}{} {}", m.name, label_text(&m.labels), m.value);
         }
         if let Ok(counters) = self.counters.lock() {
             for ((name, labels), value) in counters.iter() {
@@ -158,12 +197,19 @@ mod tests {
             10,
         );
         m.upload_finished("p", "delivered", Some(3.0));
-        let text = m.render(&[(
-            "hotfolder_jobs",
-            "Jobs by state.",
-            vec![("state", "done".into())],
-            2.0,
-        )]);
+        let text = m.render(&[
+            Measured::gauge(
+                "hotfolder_jobs",
+                "Jobs by state.",
+                vec![("state", "done".into())],
+                2.0,
+            ),
+            Measured::counter("hotfolder_scans_total", "Scans.", vec![], 3),
+        ]);
+        assert!(
+            text.contains("# TYPE hotfolder_scans_total counter"),
+            "{text}"
+        );
         assert!(text.contains("hotfolder_jobs{state=\"done\"} 2"), "{text}");
         assert!(
             text.contains("hotfolder_bytes_uploaded_total{provider=\"a\\\"b\"} 10"),

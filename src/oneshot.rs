@@ -53,6 +53,7 @@ pub async fn upload(
         stop_rx,
         HashMap::new(),
         HashMap::new(),
+        Default::default(),
     );
     let mut outcomes = Vec::new();
     let mut tasks = JoinSet::new();

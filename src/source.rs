@@ -132,7 +132,7 @@ pub(crate) fn read_range(
         let want = (end - position).min(PIECE) as usize;
         read_source_at(file, &mut buf[..want], position)?;
         each(&buf[..want]);
-        counters.read.fetch_add(want as u64, Ordering::Relaxed);
+        counters.add_read(want as u64);
         position += want as u64;
     }
     Ok(())
@@ -160,10 +160,29 @@ impl ChecksumAlgorithm {
 /// Byte counters of one job, shared with the progress board.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Source bytes read (all passes).
+    /// Source bytes read by this attempt (all passes).
     pub read: AtomicU64,
     /// Bytes handed to the provider in the current chunk.
     pub in_flight: AtomicU64,
+    /// Source bytes read by every job, for `/metrics`: moved as bytes are
+    /// read, so a long upload does not look stalled until it ends.
+    pub all_jobs_read: Arc<AtomicU64>,
+}
+
+impl Counters {
+    /// Counters of one attempt that also add to `all_jobs_read`.
+    pub fn new(all_jobs_read: Arc<AtomicU64>) -> Self {
+        Counters {
+            all_jobs_read,
+            ..Counters::default()
+        }
+    }
+
+    /// `bytes` more were read from the source.
+    pub fn add_read(&self, bytes: u64) {
+        self.read.fetch_add(bytes, Ordering::Relaxed);
+        self.all_jobs_read.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 /// A range of the source, handed to a provider's `send`.
@@ -271,7 +290,7 @@ impl Chunk {
                 .lock()
                 .map_err(|_| io::Error::other("hash state poisoned"))?
                 .update(&piece.0);
-            counters.read.fetch_add(want as u64, Ordering::Relaxed);
+            counters.add_read(want as u64);
             Ok(Bytes::from_owner(piece))
         }))
     }

@@ -2,21 +2,22 @@
 //! the scanner for the paths it names, a full scan runs at start and every
 //! `rescan_every` (or `poll_every` in poll mode), and a file is offered only
 //! when its size, mtime and ctime stayed unchanged across observations
-//! spanning `stable_for`. Watching knows nothing of providers.
+//! spanning `stable_for`. Which paths may become jobs at all is decided by
+//! [`crate::admission`], the same decision `check` shows. Watching knows
+//! nothing of providers.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use notify::Watcher as _;
 use tokio::sync::{mpsc, watch};
 
+use crate::admission::{Filters, NotTaken, SkipCounts, travels_with_another};
 use crate::config::{WatchConfig, WatchMode};
-use crate::route::SIDECAR_EXTENSIONS;
 use crate::state::FileSignature;
 
 /// A file that is complete and may be routed.
@@ -39,56 +40,52 @@ pub struct ReadyFile {
 pub struct WatchCounters {
     /// Files offered as ready.
     pub detected: AtomicU64,
-    /// Candidates that vanished before they were stable.
+    /// Candidates that vanished before they were stable (not counting
+    /// files the daemon moved itself).
     pub vanished: AtomicU64,
     /// Full scans done.
     pub scans: AtomicU64,
-    /// Zero-byte files left in place (a version of a file counts once).
-    pub skipped_empty: AtomicU64,
+    /// Files left in place, by reason (a version of a file counts once).
+    pub skipped: SkipCounts,
 }
 
-/// Name filters of one watch.
-struct Filters {
-    ignore: GlobSet,
-    include: Option<GlobSet>,
-    exclude: GlobSet,
-    min_size: u64,
-    require_marker: bool,
-}
+/// Source paths that jobs hold: a file the daemon is working on (or is
+/// about to move back into the watch folder for a retry) is not a new
+/// candidate, and when it moves away that is not a file that "vanished".
+#[derive(Debug, Default)]
+pub struct HeldSources(Mutex<HashSet<PathBuf>>);
 
-fn glob_set(patterns: &[String]) -> GlobSet {
-    let mut builder = GlobSetBuilder::new();
-    for pattern in patterns {
-        if let Ok(glob) = Glob::new(pattern) {
-            builder.add(glob);
-        }
-    }
-    builder.build().unwrap_or_else(|_| GlobSet::empty())
-}
-
-impl Filters {
-    fn new(config: &WatchConfig) -> Self {
-        Filters {
-            ignore: glob_set(&config.ignore),
-            include: (!config.include.is_empty()).then(|| glob_set(&config.include)),
-            exclude: glob_set(&config.exclude),
-            min_size: config.min_size,
-            require_marker: config.require_marker,
+impl HeldSources {
+    /// A job holds `path` from now on.
+    pub fn hold(&self, path: &Path) {
+        let path = as_scanned(path);
+        if let Ok(mut held) = self.0.lock() {
+            held.insert(path);
         }
     }
 
-    /// Any component of the relative path matches `ignore` (hidden folders too).
-    fn ignored(&self, relpath: &Path) -> bool {
-        relpath.iter().any(|part| self.ignore.is_match(part))
+    /// The job that held `path` is finished with it.
+    pub fn release(&self, path: &Path) {
+        let path = as_scanned(path);
+        if let Ok(mut held) = self.0.lock() {
+            held.remove(&path);
+        }
     }
 
-    fn wanted(&self, relpath: &Path) -> bool {
-        !self.ignored(relpath)
-            && !self.exclude.is_match(relpath)
-            && self
-                .include
-                .as_ref()
-                .is_none_or(|inc| inc.is_match(relpath))
+    /// Does a job hold `path`?
+    pub fn holds(&self, path: &Path) -> bool {
+        self.0.lock().is_ok_and(|held| held.contains(path))
+    }
+}
+
+/// `path` as a scan names it: under the canonical watch folder (the config
+/// may name the folder through a link). The file itself may not exist yet.
+fn as_scanned(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => parent
+            .canonicalize()
+            .map_or_else(|_| path.to_path_buf(), |p| p.join(name)),
+        _ => path.to_path_buf(),
     }
 }
 
@@ -123,17 +120,21 @@ pub struct Scanner {
     filters: Filters,
     skip_roots: Vec<PathBuf>,
     candidates: HashMap<PathBuf, Candidate>,
+    /// Versions already offered (or left in place for a reason told once).
     offered: HashMap<PathBuf, Observation>,
-    warned: HashSet<PathBuf>,
+    /// Paths left in place and the reason told (each told once).
+    skipped: HashMap<PathBuf, &'static str>,
+    held: Arc<HeldSources>,
     counters: Arc<WatchCounters>,
 }
 
 impl Scanner {
     /// A scanner for `config`; `skip_roots` are folders never entered
-    /// (every watch's done/failed folders).
+    /// (every watch's done/failed folders); `held` are the sources jobs hold.
     pub fn new(
         config: WatchConfig,
         skip_roots: Vec<PathBuf>,
+        held: Arc<HeldSources>,
         counters: Arc<WatchCounters>,
     ) -> Self {
         let root = config
@@ -147,14 +148,28 @@ impl Scanner {
             skip_roots,
             candidates: HashMap::new(),
             offered: HashMap::new(),
-            warned: HashSet::new(),
+            skipped: HashMap::new(),
+            held,
             counters,
         }
     }
 
-    fn warn_once(&mut self, path: &Path, message: &str) {
-        if self.warned.insert(path.to_path_buf()) {
-            tracing::warn!(watch = %self.config.name, path = %path.display(), "{message}");
+    /// Leave `path` in place for `why`: told once at `info` (`warn` when
+    /// someone has to act), counted once by reason, told again only when
+    /// the reason changes.
+    fn skip(&mut self, path: &Path, why: &NotTaken) {
+        let Some(reason) = why.reason() else {
+            return;
+        };
+        if self.skipped.get(path) == Some(&reason) {
+            return;
+        }
+        self.skipped.insert(path.to_path_buf(), reason);
+        self.counters.skipped.add(reason);
+        if matches!(why, NotTaken::NotUtf8) {
+            tracing::warn!(watch = %self.config.name, path = %path.display(), reason, "not taken: {why}");
+        } else {
+            tracing::info!(watch = %self.config.name, path = %path.display(), reason, "not taken: {why}");
         }
     }
 
@@ -166,6 +181,7 @@ impl Scanner {
         self.scan_dir(&root, &mut seen);
         // Files gone since the last scan.
         self.offered.retain(|path, _| seen.contains(path));
+        self.skipped.retain(|path, _| seen.contains(path));
         let vanished: Vec<PathBuf> = self
             .candidates
             .keys()
@@ -180,14 +196,13 @@ impl Scanner {
         tracing::debug!(watch = %self.config.name, files = seen.len(), "full scan done");
     }
 
+    /// Every path this scan looked at goes into `seen` (left-in-place ones
+    /// too, so that what is remembered of them lasts while they exist).
     fn scan_dir(&mut self, dir: &Path, seen: &mut HashSet<PathBuf>) {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) => {
-                self.warn_once(
-                    dir,
-                    &format!("cannot list folder: {e}; check its permissions"),
-                );
+                tracing::warn!(watch = %self.config.name, path = %dir.display(), error = %e, "cannot list folder; check its permissions");
                 return;
             }
         };
@@ -198,10 +213,16 @@ impl Scanner {
                 continue;
             };
             if file_type.is_symlink() {
-                self.warn_once(&path, "symbolic link ignored (links are never followed)");
+                seen.insert(path.clone());
+                self.skip(&path, &NotTaken::Symlink);
             } else if file_type.is_dir() {
-                if self.config.recursive && self.dir_allowed(&path) {
-                    self.scan_dir(&path, seen);
+                if self.skip_roots.iter().any(|skip| path.starts_with(skip)) {
+                    continue;
+                }
+                seen.insert(path.clone());
+                match self.folder_verdict(&path) {
+                    Ok(()) => self.scan_dir(&path, seen),
+                    Err(why) => self.skip(&path, &why),
                 }
             } else if file_type.is_file() {
                 files.push(path);
@@ -209,20 +230,19 @@ impl Scanner {
         }
         let names: HashSet<PathBuf> = files.iter().cloned().collect();
         for path in files {
-            if is_sidecar(&path, |sibling| names.contains(sibling)) {
-                continue;
-            }
             seen.insert(path.clone());
-            self.observe(&path);
+            if travels_with_another(&path, |sibling| names.contains(sibling)).is_ok() {
+                self.observe(&path);
+            }
         }
     }
 
-    fn dir_allowed(&self, dir: &Path) -> bool {
-        if self.skip_roots.iter().any(|skip| dir.starts_with(skip)) {
-            return false;
+    fn folder_verdict(&self, dir: &Path) -> Result<(), NotTaken> {
+        match dir.strip_prefix(&self.root) {
+            Ok(rel) if rel.as_os_str().is_empty() => Ok(()),
+            Ok(rel) => self.filters.folder(rel),
+            Err(_) => Err(NotTaken::Directory),
         }
-        dir.strip_prefix(&self.root)
-            .is_ok_and(|rel| !self.filters.ignored(rel))
     }
 
     /// Look at one path named by an event (file or new folder).
@@ -231,20 +251,23 @@ impl Scanner {
             return;
         }
         match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.is_dir() => {
-                if self.config.recursive && self.dir_allowed(path) {
+            Ok(meta) if meta.is_dir() => match self.folder_verdict(path) {
+                Ok(()) => {
                     let mut seen = HashSet::new();
                     self.scan_dir(path, &mut seen);
                 }
-            }
+                Err(why) => self.skip(path, &why),
+            },
             Ok(meta) if meta.is_file() => {
-                if !is_sidecar(path, |sibling| sibling.is_file()) {
+                if travels_with_another(path, Path::is_file).is_ok() {
                     self.observe(path);
                 }
             }
+            Ok(meta) if meta.file_type().is_symlink() => self.skip(path, &NotTaken::Symlink),
             Ok(_) => {}
             Err(_) => {
                 self.offered.remove(path);
+                self.skipped.remove(path);
                 if self.candidates.contains_key(path) {
                     self.forget(path);
                 }
@@ -252,8 +275,12 @@ impl Scanner {
         }
     }
 
+    /// A candidate is gone: counted and said, unless a job moved it.
     fn forget(&mut self, path: &Path) {
         self.candidates.remove(path);
+        if self.held.holds(path) {
+            return;
+        }
         self.counters.vanished.fetch_add(1, Ordering::Relaxed);
         tracing::info!(watch = %self.config.name, path = %path.display(), "file disappeared before it was complete; forgotten");
     }
@@ -263,17 +290,13 @@ impl Scanner {
         let Ok(relpath) = path.strip_prefix(&self.root) else {
             return;
         };
-        if relpath.to_str().is_none() {
-            self.warn_once(
-                path,
-                "file name is not valid UTF-8; rename it to have it taken",
-            );
+        if let Err(why) = self.filters.name(relpath) {
+            self.skip(path, &why);
             return;
         }
-        if !self.filters.wanted(relpath) {
-            return;
-        }
-        if !self.config.recursive && relpath.components().count() > 1 {
+        if self.held.holds(path) {
+            // A job has it: neither a new candidate nor, when it moves, a loss.
+            self.candidates.remove(path);
             return;
         }
         let meta = match std::fs::symlink_metadata(path) {
@@ -285,6 +308,7 @@ impl Scanner {
             return;
         }
         self.offered.remove(path);
+        self.skipped.remove(path);
         match self.candidates.get_mut(path) {
             Some(candidate) if candidate.seen == now => candidate.observations += 1,
             Some(candidate) => {
@@ -327,30 +351,27 @@ impl Scanner {
             };
             let stable =
                 candidate.observations >= 2 && candidate.since.elapsed() >= self.config.stable_for;
-            if stable && candidate.seen.size == 0 {
-                // Zero bytes is never a finished video: left where it is,
-                // said once, and taken when it grows.
-                let seen = candidate.seen;
-                self.candidates.remove(&path);
-                self.offered.insert(path.clone(), seen);
-                self.counters.skipped_empty.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(watch = %self.config.name, path = %path.display(), "zero-byte file left in place: it is never a finished video (it is taken once it has content)");
-                continue;
-            }
-            if !stable || candidate.seen.size < self.filters.min_size {
-                continue;
-            }
-            if self.filters.require_marker && !has_marker(&path) {
-                continue;
-            }
-            // A `clip.json` seen before its `clip.mp4` arrived was a
-            // candidate of its own; now it is a sidecar that travels with
-            // the video and must not be delivered by itself.
-            if is_sidecar(&path, Path::is_file) {
-                self.candidates.remove(&path);
+            if !stable {
                 continue;
             }
             let seen = candidate.seen;
+            // A `clip.json` seen before its `clip.mp4` arrived was a
+            // candidate of its own; now it is a sidecar that travels with
+            // the video and must not be delivered by itself.
+            if travels_with_another(&path, Path::is_file).is_err() {
+                self.candidates.remove(&path);
+                continue;
+            }
+            if let Err(why) = self.filters.size(seen.size) {
+                // Left where it is, said once, looked at again when it changes.
+                self.candidates.remove(&path);
+                self.offered.insert(path.clone(), seen);
+                self.skip(&path, &why);
+                continue;
+            }
+            if self.filters.marker(&path).is_err() {
+                continue;
+            }
             self.candidates.remove(&path);
             self.offered.insert(path.clone(), seen);
             let Ok(relpath) = path.strip_prefix(&self.root).map(Path::to_path_buf) else {
@@ -380,49 +401,6 @@ impl Scanner {
     }
 }
 
-/// `<file>.ready` or `<file>.done` beside the file.
-fn has_marker(path: &Path) -> bool {
-    ["ready", "done"].iter().any(|ext| {
-        let mut name = path.as_os_str().to_owned();
-        name.push(".");
-        name.push(ext);
-        Path::new(&name).exists()
-    })
-}
-
-/// A `.json`/`.yaml`/`.yml` file beside a video of the same stem travels with
-/// that video and is never taken on its own; `.ready`/`.done` markers neither.
-fn is_sidecar(path: &Path, exists: impl Fn(&Path) -> bool) -> bool {
-    let Some(ext) = path.extension().and_then(|e| e.to_str()) else {
-        return false;
-    };
-    let Some(stem) = path.file_stem() else {
-        return false;
-    };
-    if ext == "ready" || ext == "done" {
-        return exists(&path.with_extension(""));
-    }
-    if !SIDECAR_EXTENSIONS.contains(&ext) {
-        return false;
-    }
-    let Some(dir) = path.parent() else {
-        return false;
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.flatten().any(|entry| {
-        let other = entry.path();
-        other != path
-            && other.file_stem() == Some(stem)
-            && other
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| !SIDECAR_EXTENSIONS.contains(&e))
-            && exists(&other)
-    })
-}
-
 /// Messages into a running watch.
 #[derive(Debug)]
 pub enum WatchCommand {
@@ -437,6 +415,7 @@ pub async fn run(
     out: mpsc::Sender<ReadyFile>,
     mut commands: mpsc::UnboundedReceiver<WatchCommand>,
     mut shutdown: watch::Receiver<bool>,
+    held: Arc<HeldSources>,
     counters: Arc<WatchCounters>,
 ) {
     let mode = config.mode;
@@ -446,7 +425,7 @@ pub async fn run(
         WatchMode::Events => None,
     };
     let name = config.name.clone();
-    let mut scanner = Scanner::new(config, skip_roots, counters);
+    let mut scanner = Scanner::new(config, skip_roots, held, counters);
     let (event_tx, mut events) = mpsc::channel::<Hint>(HINTS_QUEUED);
     let rescan_owed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _watcher = if mode == WatchMode::Poll {
@@ -658,7 +637,7 @@ mod tests {
         std::fs::write(root.join(".hidden/h.mp4"), b"abc").unwrap();
         std::fs::write(root.join("notes.txt"), b"abc").unwrap();
         let config = watch_config(root, Duration::from_millis(30));
-        let mut scanner = Scanner::new(config, vec![], Arc::default());
+        let mut scanner = Scanner::new(config, vec![], Arc::default(), Arc::default());
         scanner.full_scan();
         assert!(
             scanner.check_candidates().is_empty(),
@@ -687,6 +666,7 @@ mod tests {
         let mut scanner = Scanner::new(
             watch_config(dir.path(), Duration::from_secs(5)),
             vec![],
+            Arc::default(),
             Arc::clone(&counters),
         );
         scanner.full_scan();

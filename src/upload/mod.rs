@@ -123,19 +123,9 @@ impl Engine {
     /// Run one attempt of `job` with `handle`, persisting every step.
     /// Cancel-safe at the chunk level: the store always holds a resumable state.
     pub async fn attempt(&self, job: &mut Job, handle: &ProviderHandle) -> AttemptEnd {
-        let counters = self.progress.start(job);
-        let sent_before = job.bytes_sent;
+        let counters = self.progress.start(job, &self.metrics.source_bytes_read);
         let result = self.attempt_inner(job, handle, &counters).await;
-        let read = counters.read.load(std::sync::atomic::Ordering::Relaxed);
-        job.source_bytes_read += read;
-        self.metrics
-            .source_bytes_read
-            .fetch_add(read, std::sync::atomic::Ordering::Relaxed);
-        self.metrics.add(
-            "hotfolder_bytes_uploaded_total",
-            vec![("provider", handle.config.name.clone())],
-            job.bytes_sent.saturating_sub(sent_before),
-        );
+        job.source_bytes_read += counters.read.load(std::sync::atomic::Ordering::Relaxed);
         self.progress.finish(job.id);
         match result {
             Ok(end) => end,
@@ -398,6 +388,11 @@ impl Engine {
             };
             crate::failpoint::crash("chunk::acknowledged");
             job.bytes_sent += len;
+            self.metrics.add(
+                "hotfolder_bytes_uploaded_total",
+                vec![("provider", job.provider.clone())],
+                len,
+            );
             let hasher = hasher.lock().map(|h| h.clone()).unwrap_or_default();
             if acked == start + len {
                 job.hash = Some(hasher);

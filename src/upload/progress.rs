@@ -3,7 +3,7 @@
 //! store holds what was acknowledged; this holds what is moving now.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -40,9 +40,10 @@ pub struct ProgressBoard {
 }
 
 impl ProgressBoard {
-    /// A job's attempt starts; returns the counters the engine updates.
-    pub fn start(&self, job: &Job) -> Arc<Counters> {
-        let counters = Arc::new(Counters::default());
+    /// A job's attempt starts; returns the counters the engine updates
+    /// (reads also add to `all_jobs_read`).
+    pub fn start(&self, job: &Job, all_jobs_read: &Arc<AtomicU64>) -> Arc<Counters> {
+        let counters = Arc::new(Counters::new(Arc::clone(all_jobs_read)));
         if let Ok(mut live) = self.live.lock() {
             live.insert(
                 job.id,

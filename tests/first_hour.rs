@@ -1,0 +1,238 @@
+//! An operator's first hour (issue 12): every answer the product gives about
+//! what it does is true. `check` runs the daemon's own decision, skipped
+//! input is said once and counted, byte counters move while bytes move,
+//! files the daemon moves itself are not reported as vanished, identical
+//! content dropped at once is uploaded once, and hints name commands and
+//! paths as they are now.
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::time::Duration;
+
+use common::sandbox::{Sandbox, http};
+use common::{ConfigParts, Fixture, log_lines_with, wait_for, wait_for_outcome, write_random};
+
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").to_string()
+}
+
+/// `/metrics` of a daemon listening on `address`, as text.
+fn scrape(address: &str) -> String {
+    let (status, text) = http(address, "GET", "/metrics", &[]).expect("HTTP answer");
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
+/// The value of the first sample of `name` whose labels contain `labels`.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split([' ', '{']).next() == Some(name) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The files of the drop folder that the daemon must never take, each
+/// with the words `check` must use to say why.
+fn plant_untaken(fx: &Fixture) -> Vec<(std::path::PathBuf, &'static str)> {
+    let w = &fx.watch;
+    std::fs::write(w.join("clip.mp4.part"), b"still copying").unwrap();
+    std::fs::write(w.join(".hidden.mp4"), b"hidden").unwrap();
+    std::fs::write(w.join("empty.mp4"), b"").unwrap();
+    write_random(&w.join("side.mp4"), 2048, 7);
+    std::fs::write(w.join("side.json"), br#"{"title": "t"}"#).unwrap();
+    std::fs::create_dir_all(w.join(".cache")).unwrap();
+    std::fs::write(w.join(".cache/x.mp4"), b"cached").unwrap();
+    std::fs::write(w.join("tiny.mp4"), b"abc").unwrap();
+    symlink(w.join("side.mp4"), w.join("link.mp4")).unwrap();
+    vec![
+        (w.join("clip.mp4.part"), "ignore: \"*.part\""),
+        (w.join(".hidden.mp4"), "ignore: \".*\""),
+        (w.join("empty.mp4"), "zero bytes"),
+        (w.join("side.json"), "sidecar of side.mp4"),
+        (w.join(".cache/x.mp4"), "ignore: \".*\""),
+        (w.join("tiny.mp4"), "min_size"),
+        (w.join("link.mp4"), "symbolic link"),
+        (w.clone(), "is the watch folder"),
+    ]
+}
+
+#[test]
+fn check_runs_the_daemons_decision_and_says_why_not() {
+    let fx = Fixture::with_config("min_size: 1KiB", "", "");
+    let untaken = plant_untaken(&fx);
+    write_random(&fx.watch.join("good.mp4"), 4096, 1);
+
+    let taken = fx.hotfolder(&["check", fx.watch.join("good.mp4").to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&taken.stdout);
+    assert!(taken.status.success(), "{out}");
+    assert!(out.contains("provider: archive"), "{out}");
+
+    for (path, why) in &untaken {
+        let answer = fx.hotfolder(&["check", path.to_str().unwrap()]);
+        let out = String::from_utf8_lossy(&answer.stdout);
+        let tail = out.rsplit("\n\n").next().unwrap_or(&out).to_string();
+        assert_eq!(answer.status.code(), Some(2), "{}: {out}", path.display());
+        assert!(
+            tail.contains("not taken") && tail.contains(why),
+            "{} must be 'not taken' because of {why}: {tail}",
+            path.display()
+        );
+        assert!(!tail.contains("provider: archive"), "{tail}");
+    }
+}
+
+#[test]
+fn skipped_input_is_logged_once_and_counted_by_reason() {
+    let address = free_address();
+    let fx = Fixture::with_config(
+        "min_size: 1KiB",
+        "",
+        &format!("http: {{ listen: \"{address}\" }}"),
+    );
+    plant_untaken(&fx);
+    write_random(&fx.watch.join("good.mp4"), 4096, 1);
+    let daemon = fx.start();
+    wait_for_outcome(&fx, 2, 0);
+    // Two full scans later (rescan_every: 2s) nothing is said twice.
+    let scans = |text: &str| sample(text, "hotfolder_scans_total", "").unwrap_or(0.0);
+    let first = scans(&scrape(&address));
+    wait_for("two more full scans", Duration::from_secs(10), || {
+        (scans(&scrape(&address)) >= first + 2.0).then_some(())
+    });
+    let log = daemon.log();
+    for (file, reason) in [
+        ("clip.mp4.part", "ignored"),
+        (".hidden.mp4", "ignored"),
+        ("empty.mp4", "empty"),
+        ("tiny.mp4", "below_min_size"),
+        ("link.mp4", "symlink"),
+    ] {
+        assert_eq!(
+            log_lines_with(&log, &["not taken", file, reason]),
+            1,
+            "{file} is said once, at info, with its reason {reason}:\n{log}"
+        );
+    }
+    let text = scrape(&address);
+    for (reason, count) in [
+        ("ignored", 3.0),
+        ("empty", 1.0),
+        ("below_min_size", 1.0),
+        ("symlink", 1.0),
+    ] {
+        assert_eq!(
+            sample(
+                &text,
+                "hotfolder_files_skipped_total",
+                &format!("reason=\"{reason}\"")
+            ),
+            Some(count),
+            "skipped {reason}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("# TYPE hotfolder_files_skipped_total counter"),
+        "{text}"
+    );
+}
+
+/// A fixture delivering `big*` files to a slow tus sandbox (`slow`) and
+/// everything else to the folder provider, with the HTTP API on.
+fn slow_tus_fixture(sandbox: &Sandbox, address: &str) -> Fixture {
+    let fx = Fixture::with_config("", "", &format!("http: {{ listen: \"{address}\" }}"));
+    fx.write_config_parts(ConfigParts {
+        top: &format!("http: {{ listen: \"{address}\" }}"),
+        providers: &format!(
+            "slow: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
+            sandbox.endpoint()
+        ),
+        rules: Some(
+            "- match: { glob: \"big*\" }\n  provider: slow\n- match: {}\n  provider: archive\n",
+        ),
+        ..ConfigParts::default()
+    });
+    fx
+}
+
+#[test]
+fn byte_counters_move_while_an_upload_runs() {
+    let address = free_address();
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &["--throttle", "2MiB"]);
+    let fx = slow_tus_fixture(&sandbox, &address);
+    write_random(&fx.watch.join("big.mp4"), 40 << 20, 3);
+    let _daemon = fx.start();
+    sandbox.wait_for_offset("big.mp4", 6 << 20, Duration::from_secs(30));
+    let text = scrape(&address);
+    let uploaded = sample(&text, "hotfolder_bytes_uploaded_total", "provider=\"slow\"");
+    let read = sample(&text, "hotfolder_source_bytes_read_total", "");
+    let rows = fx.status();
+    assert!(
+        rows.iter().all(|r| r["state"] == "uploading"),
+        "the upload is still running: {rows:?}"
+    );
+    assert!(
+        uploaded.is_some_and(|b| b >= (4 << 20) as f64),
+        "bytes acknowledged so far are counted now: {uploaded:?}\n{text}"
+    );
+    assert!(
+        read.is_some_and(|b| b >= (4 << 20) as f64),
+        "bytes read so far are counted now: {read:?}\n{text}"
+    );
+}
+
+#[test]
+fn files_the_daemon_moves_itself_never_vanished() {
+    let address = free_address();
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
+    let fx = slow_tus_fixture(&sandbox, &address);
+    // A retry: a broken sidecar fails its job; fixed, the job is retried.
+    std::fs::write(fx.watch.join("b.json"), b"{oops").unwrap();
+    write_random(&fx.watch.join("b.mp4"), 10_000, 1);
+    // A resume: an upload cut by kill -9 goes on after the restart.
+    write_random(&fx.watch.join("big.mp4"), 24 << 20, 2);
+    let mut first = fx.start();
+    sandbox.wait_for_offset("big.mp4", 4 << 20, Duration::from_secs(30));
+    wait_for(
+        "the broken sidecar's job failed",
+        Duration::from_secs(30),
+        || (common::in_state(&fx.status(), "failed").len() == 1).then_some(()),
+    );
+    first.kill9();
+    let daemon = fx.start();
+    std::fs::write(fx.failed.join("b.json"), br#"{"title": "fixed"}"#).unwrap();
+    let retried = fx.hotfolder(&["retry", "--failed"]);
+    assert!(retried.status.success(), "{retried:?}");
+    wait_for_outcome(&fx, 2, 0);
+    // A scan after the last filing would notice a vanished candidate too.
+    let scans = |text: &str| sample(text, "hotfolder_scans_total", "").unwrap_or(0.0);
+    let before = scans(&scrape(&address));
+    wait_for("one more full scan", Duration::from_secs(10), || {
+        (scans(&scrape(&address)) > before).then_some(())
+    });
+    let log = format!("{}{}", first.log(), daemon.log());
+    assert_eq!(
+        log_lines_with(&log, &["disappeared"]),
+        0,
+        "files the daemon moved are not 'disappeared':\n{log}"
+    );
+    let text = scrape(&address);
+    assert_eq!(
+        sample(&text, "hotfolder_files_vanished_total", "watch=\"drop\""),
+        Some(0.0),
+        "{text}"
+    );
+    for family in [
+        "hotfolder_files_vanished_total",
+        "hotfolder_files_detected_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} counter")),
+            "{family} is a counter:\n{text}"
+        );
+    }
+}
