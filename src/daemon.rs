@@ -68,6 +68,7 @@ impl Context {
             progress: progress.clone(),
             shutdown,
             metrics: Arc::clone(&metrics),
+            content_claims: Arc::default(),
         };
         let providers = config
             .providers
@@ -633,7 +634,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 job.delivery = Some(delivery);
                 if let Some(fingerprint) = &job.fingerprint {
                     ctx.store
-                        .record_delivery(&job.provider, fingerprint, job.id)?;
+                        .record_content(&job.provider, fingerprint, job.id)?;
                 }
                 crate::failpoint::crash("finalize::after");
                 job.apply(Outcome::Delivered);
@@ -692,6 +693,33 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 ctx.store.put(job).await?;
                 return Ok(());
             }
+            AttemptEnd::SameContentInFlight(earlier) => {
+                // Waiting is not an attempt, and holds no upload slot.
+                job.attempts = job.attempts.saturating_sub(1);
+                ctx.store.put(job).await?;
+                tracing::info!(
+                    earlier,
+                    "job {earlier} is uploading the same content to this provider; waiting for it"
+                );
+                if !wait_until_finished(ctx, earlier).await? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Wait until job `id` is in a terminal state (polled: it may be run by
+/// another task, or after a restart). `false` when the daemon stops first.
+async fn wait_until_finished(ctx: &Context, id: u64) -> Result<bool, StoreError> {
+    loop {
+        match ctx.store.get(id) {
+            Ok(other) if !other.state.is_terminal() => {}
+            Ok(_) | Err(StoreError::NotFound(_)) => return Ok(true),
+            Err(e) => return Err(e),
+        }
+        if !ctx.engine.pause(Duration::from_millis(250)).await {
+            return Ok(false);
         }
     }
 }

@@ -236,3 +236,78 @@ fn files_the_daemon_moves_itself_never_vanished() {
         );
     }
 }
+
+#[test]
+fn identical_content_dropped_at_once_is_uploaded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
+    let fx = slow_tus_fixture(&sandbox, &free_address());
+    // Written elsewhere and moved in together: both become stable at once.
+    let staging = fx.root.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    write_random(&staging.join("big-a.mp4"), 8 << 20, 5);
+    std::fs::copy(staging.join("big-a.mp4"), staging.join("big-b.mp4")).unwrap();
+    for name in ["big-a.mp4", "big-b.mp4"] {
+        std::fs::rename(staging.join(name), fx.watch.join(name)).unwrap();
+    }
+    let daemon = fx.start();
+    let rows = wait_for_outcome(&fx, 2, 0);
+    let receipts: Vec<serde_json::Value> = ["big-a.mp4", "big-b.mp4"]
+        .iter()
+        .map(|n| common::read_json(&fx.done.join(format!("{n}.receipt.json"))))
+        .collect();
+    let duplicates = receipts
+        .iter()
+        .filter(|r| !r["duplicate_of"].is_null())
+        .count();
+    assert_eq!(
+        duplicates,
+        1,
+        "one upload, one duplicate of it: {receipts:#?}\n{rows:?}\n{}",
+        daemon.log()
+    );
+    let complete = sandbox.uploads().iter().filter(|u| u.complete()).count();
+    assert_eq!(complete, 1, "{:?}", sandbox.uploads());
+}
+
+#[test]
+fn a_waiting_duplicate_uploads_when_the_first_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &["--throttle", "2MiB"]);
+    let fx = slow_tus_fixture(&sandbox, &free_address());
+    let staging = fx.root.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    write_random(&staging.join("big-a.mp4"), 8 << 20, 6);
+    std::fs::copy(staging.join("big-a.mp4"), staging.join("big-b.mp4")).unwrap();
+    for name in ["big-a.mp4", "big-b.mp4"] {
+        std::fs::rename(staging.join(name), fx.watch.join(name)).unwrap();
+    }
+    let daemon = fx.start();
+    // The one that started uploading loses its file: that job fails, and
+    // the one waiting for it uploads the content itself.
+    let uploading = wait_for("one upload under way", Duration::from_secs(30), || {
+        let rows = fx.status();
+        rows.iter()
+            .find(|r| r["state"] == "uploading" && r["bytes"].as_u64() > Some(0))
+            .and_then(|r| r["file"].as_str().map(str::to_string))
+    });
+    std::fs::remove_file(fx.watch.join(&uploading)).unwrap();
+    let rows = wait_for_outcome(&fx, 1, 1);
+    assert_eq!(
+        log_lines_with(&daemon.log(), &["the same content", "waiting for it"]),
+        1,
+        "the second job waited for the first: {}",
+        daemon.log()
+    );
+    let other = if uploading == "big-a.mp4" {
+        "big-b.mp4"
+    } else {
+        "big-a.mp4"
+    };
+    let receipt = common::read_json(&fx.done.join(format!("{other}.receipt.json")));
+    assert!(
+        receipt["duplicate_of"].is_null(),
+        "{other} was uploaded, not a duplicate of a failed job: {receipt:#}\n{rows:?}\n{}",
+        daemon.log()
+    );
+}

@@ -268,7 +268,7 @@ pub enum StoreError {
 /// What a job store must do, whatever keeps the records: one versioned
 /// record per job, written before any work and after every acknowledged
 /// step; an index from a watch-relative path to its latest job; the
-/// fingerprints of delivered content per provider. Today's one
+/// fingerprints of content delivered (or being delivered) per provider. Today's one
 /// implementation is [`SledStore`], the embedded database of a single box.
 #[allow(async_fn_in_trait)]
 pub trait JobStore {
@@ -330,22 +330,21 @@ pub trait JobStore {
     /// Database or decode failure.
     fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError>;
 
-    /// Remember that `job` delivered content with this fingerprint.
+    /// Remember that `job` delivers content with this fingerprint: recorded
+    /// before its upload starts (so a job with the same content waits for
+    /// it instead of uploading it a second time) and again on delivery.
     ///
     /// # Errors
     /// Database failure.
-    fn record_delivery(
-        &self,
-        provider: &str,
-        fingerprint: &str,
-        job: u64,
-    ) -> Result<(), StoreError>;
+    fn record_content(&self, provider: &str, fingerprint: &str, job: u64)
+    -> Result<(), StoreError>;
 
-    /// Jobs that delivered content with this fingerprint to this provider.
+    /// Jobs that delivered, or are delivering, content with this
+    /// fingerprint to this provider (their states say which).
     ///
     /// # Errors
     /// Database failure.
-    fn delivered_ids(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError>;
+    fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError>;
 }
 
 /// Which jobs a page holds.
@@ -429,17 +428,17 @@ impl JobStore for Store {
         forward!(self, s => s.latest_for(watch, relpath))
     }
 
-    fn record_delivery(
+    fn record_content(
         &self,
         provider: &str,
         fingerprint: &str,
         job: u64,
     ) -> Result<(), StoreError> {
-        forward!(self, s => s.record_delivery(provider, fingerprint, job))
+        forward!(self, s => s.record_content(provider, fingerprint, job))
     }
 
-    fn delivered_ids(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
-        forward!(self, s => s.delivered_ids(provider, fingerprint))
+    fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
+        forward!(self, s => s.jobs_with_content(provider, fingerprint))
     }
 }
 
@@ -513,7 +512,7 @@ mod tests {
                 "p",
             );
             store.put(&mut job).await.unwrap();
-            store.record_delivery("p", "fp", id).unwrap();
+            store.record_content("p", "fp", id).unwrap();
             store.flush().await.unwrap();
         }
         use std::os::unix::fs::PermissionsExt;
@@ -525,7 +524,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(job.state, JobState::Queued);
-        assert_eq!(store.delivered_ids("p", "fp").unwrap(), vec![job.id]);
+        assert_eq!(store.jobs_with_content("p", "fp").unwrap(), vec![job.id]);
         assert!(store.next_id().unwrap() > job.id);
     }
 

@@ -209,14 +209,14 @@ impl JobStore for SledStore {
         }
     }
 
-    fn record_delivery(
+    fn record_content(
         &self,
         provider: &str,
         fingerprint: &str,
         job: u64,
     ) -> Result<(), StoreError> {
         let key = delivered_key(provider, fingerprint);
-        let mut ids = self.delivered_ids(provider, fingerprint)?;
+        let mut ids = self.jobs_with_content(provider, fingerprint)?;
         if !ids.contains(&job) {
             ids.push(job);
         }
@@ -225,7 +225,7 @@ impl JobStore for SledStore {
         Ok(())
     }
 
-    fn delivered_ids(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
+    fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
         let Some(bytes) = self.delivered.get(delivered_key(provider, fingerprint))? else {
             return Ok(Vec::new());
         };

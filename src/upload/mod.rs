@@ -80,6 +80,20 @@ pub enum AttemptEnd {
     SourceChanged(String),
     /// Shutdown asked us to stop; everything acknowledged is persisted.
     Interrupted,
+    /// This earlier job is uploading the same content to the same provider
+    /// now: wait for it to end, then attempt again (a duplicate of it, or
+    /// the upload itself if it failed).
+    SameContentInFlight(u64),
+}
+
+/// What the duplicate check found.
+enum SameContent {
+    /// Nothing: this job uploads the content (and has claimed it).
+    None,
+    /// This job delivered the same bytes.
+    Delivered(u64),
+    /// This job is delivering content with the same fingerprint right now.
+    InFlight(u64),
 }
 
 /// Errors that end an attempt early inside the engine.
@@ -113,6 +127,8 @@ pub struct Engine {
     pub shutdown: watch::Receiver<bool>,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Held while a job checks for and claims its content (duplicates).
+    pub content_claims: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Engine {
@@ -150,11 +166,14 @@ impl Engine {
         if job.chunk_size == 0 {
             job.chunk_size = handle.config.chunk_size;
         }
-        if job.state == JobState::Queued
-            && job.session.is_none()
-            && let Some(earlier) = self.find_duplicate(job, handle, &file).await?
-        {
-            return Ok(AttemptEnd::Duplicate(earlier));
+        if job.state == JobState::Queued && job.session.is_none() {
+            match self.find_duplicate(job, handle, &file).await? {
+                SameContent::Delivered(earlier) => return Ok(AttemptEnd::Duplicate(earlier)),
+                SameContent::InFlight(earlier) => {
+                    return Ok(AttemptEnd::SameContentInFlight(earlier));
+                }
+                SameContent::None => {}
+            }
         }
         let file_name = job.file_name();
         let tag = format!("{}-{}", self.store.installation(), job.id);
@@ -506,12 +525,17 @@ impl Engine {
 
     /// Same content already delivered to the same provider? Only candidates
     /// with the same fingerprint are hashed in full.
+    /// With `duplicates: skip`: has this provider the content already
+    /// (a job delivered it: skip), or is a job delivering it right now
+    /// (wait for it)? Otherwise this job claims the content before its
+    /// upload starts. Checked and claimed under one lock, so that two jobs
+    /// with the same content that start together cannot both upload it.
     async fn find_duplicate(
         &self,
         job: &mut Job,
         handle: &ProviderHandle,
         file: &Arc<File>,
-    ) -> Result<Option<u64>, Stop> {
+    ) -> Result<SameContent, Stop> {
         // Through the descriptor the upload reads: never a second open by
         // path, which could meet another file (or a link) by now.
         let source = Arc::clone(file);
@@ -520,28 +544,38 @@ impl Engine {
             .map_err(|e| source_error(job, &e))?;
         job.fingerprint = Some(fingerprint.clone());
         if !job.skip_duplicates {
-            return Ok(None);
+            return Ok(SameContent::None);
         }
-        let candidates = self
-            .store
-            .delivered_ids(&handle.config.name, &fingerprint)?;
-        if candidates.is_empty() {
-            return Ok(None);
-        }
-        let source = Arc::clone(file);
-        let sha = blocking_io(move || hashing::sha256_of(&source))
-            .await
-            .map_err(|e| source_error(job, &e))?;
-        job.sha256 = Some(sha.clone());
-        for id in candidates {
-            if let Ok(earlier) = self.store.get(id)
-                && earlier.state == JobState::Done
-                && earlier.sha256.as_deref() == Some(sha.as_str())
-            {
-                return Ok(Some(id));
+        let provider = &handle.config.name;
+        let _claiming = self.content_claims.lock().await;
+        let mut in_flight = None;
+        for id in self.store.jobs_with_content(provider, &fingerprint)? {
+            if id == job.id {
+                continue;
+            }
+            let Ok(earlier) = self.store.get(id) else {
+                continue;
+            };
+            if earlier.state == JobState::Done {
+                if job.sha256.is_none() {
+                    let source = Arc::clone(file);
+                    let sha = blocking_io(move || hashing::sha256_of(&source))
+                        .await
+                        .map_err(|e| source_error(job, &e))?;
+                    job.sha256 = Some(sha);
+                }
+                if earlier.sha256.is_some() && earlier.sha256 == job.sha256 {
+                    return Ok(SameContent::Delivered(id));
+                }
+            } else if !earlier.state.is_terminal() {
+                in_flight = Some(id);
             }
         }
-        Ok(None)
+        if let Some(id) = in_flight {
+            return Ok(SameContent::InFlight(id));
+        }
+        self.store.record_content(provider, &fingerprint, job.id)?;
+        Ok(SameContent::None)
     }
 
     /// Wait out a backoff, waking early on shutdown. Answers false on shutdown.
