@@ -1,7 +1,8 @@
 //! The HTTP status API (SPEC §5) when `http.listen` is set: `/healthz`,
 //! `/metrics` (Prometheus text), `/api/jobs` (filter with `?state=`),
-//! `/api/jobs/{id}`, `POST /api/jobs/{id}/retry`. With `http.token`, every
-//! route but `/healthz` needs `Authorization: Bearer TOKEN`. Answers never
+//! `/api/jobs/{id}`, `POST /api/jobs/{id}/retry`, and the status page at
+//! `/`. With `http.token`, every route but `/healthz` and the page (a shell
+//! holding no data) needs `Authorization: Bearer TOKEN`. Answers never
 //! carry secrets: job views hold no session, URLs or credentials.
 
 use std::collections::BTreeMap;
@@ -58,13 +59,15 @@ pub async fn serve(
 /// The routes, with bearer auth on all but `/healthz`.
 pub fn router(ctx: JobsHandle) -> Router {
     let protected = Router::new()
-        .route("/", get(page))
         .route("/metrics", get(metrics))
         .route("/api/jobs", get(list))
         .route("/api/jobs/{id}", get(show))
         .route("/api/jobs/{id}/retry", post(retry))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authorize));
+    // The page is a shell with no data: it asks for the token and sends
+    // it as a header (a browser cannot add one when it opens a page).
     Router::new()
+        .route("/", get(page))
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(protected)
         .with_state(ctx)
@@ -94,17 +97,7 @@ async fn authorize(State(ctx): State<JobsHandle>, request: Request, next: Next) 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    // A browser cannot add a header when it opens the page: `/?token=` opens
-    // it, and the page sends the token as a header on every API call.
-    let page_token = (request.uri().path() == "/")
-        .then(|| request.uri().query())
-        .flatten()
-        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")))
-        .map(|t| format!("Bearer {t}"));
-    if given
-        .or(page_token)
-        .is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes()))
-    {
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
         next.run(request).await
     } else {
         let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");

@@ -93,13 +93,43 @@ fn the_page_shows_live_progress_failures_and_a_retry_button() {
         },
     );
 
-    // Without the token the page is refused.
-    let (status, _) = http(&address, "GET", "/", &[]).unwrap();
-    assert_eq!(status, 401);
+    // The page's shell needs no token (a browser cannot send a header when
+    // it opens a page); everything it shows comes from the API, which does.
+    // A token in the query string opens nothing: it would end up in
+    // browser history and proxy logs.
+    let (status, shell) = http(&address, "GET", "/", &[]).unwrap();
+    assert_eq!(status, 200);
+    assert!(!shell.contains("big.mp4"), "the shell holds no job data");
+    for path in ["/api/jobs", &format!("/api/jobs?token={TOKEN}")] {
+        let (status, _) = http(&address, "GET", path, &[]).unwrap();
+        assert_eq!(status, 401, "{path}");
+    }
 
+    // Opened without a token, the page asks for it and shows nothing else.
     let profile = tempfile::tempdir().unwrap();
-    let url = format!("http://{address}/?token={TOKEN}");
+    let dom = browse(
+        &format!("http://{address}/"),
+        &["--dump-dom"],
+        profile.path(),
+    );
+    assert!(
+        dom.contains("<form id=\"token-form\">"),
+        "a token prompt: {dom}"
+    );
+    assert!(!dom.contains("big.mp4"), "no jobs without the token: {dom}");
+
+    // A link may carry the token in the fragment, which never leaves the
+    // browser; the page keeps it in sessionStorage and sends it as a header.
+    let url = format!("http://{address}/#token={TOKEN}");
     let dom = browse(&url, &["--dump-dom"], profile.path());
+    assert!(
+        !dom.contains(TOKEN),
+        "the token is not left in the page: {dom}"
+    );
+    assert!(
+        dom.contains("<form id=\"token-form\" hidden=\"\">"),
+        "no prompt once the token works: {dom}"
+    );
     assert!(dom.contains("hotfolder"), "{dom}");
     assert!(
         dom.contains("big.mp4") && dom.contains("uploading"),
