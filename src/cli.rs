@@ -113,6 +113,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             runtime.block_on(upload(config, &provider, &files))
         }
         Command::Run => {
+            config.require_watches()?;
             init_logging(&config);
             runtime.block_on(run(config))
         }

@@ -602,8 +602,9 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
         }
         let Some(handle) = ctx.providers.get(&job.provider).cloned() else {
             let reason = format!(
-                "provider {:?} is no longer in the config; add it back and `hotfolder retry {}`",
-                job.provider, job.id
+                "provider {:?} is no longer in the config; add it back and `{}`",
+                job.provider,
+                crate::jobs::retry_command(&ctx.config, job.id)
             );
             note_failure(job, &ProviderError::new(ErrorKind::Permanent, reason));
             job.apply(Outcome::Permanent);
@@ -1052,6 +1053,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     } else {
         watch.failed_dir.join(&job.relpath)
     };
+    tell_paths_as_they_are_now(job);
     let error = job.last_error.clone();
     let report = ErrorReport {
         job: job.id,
@@ -1063,7 +1065,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
         excerpt: error.as_ref().and_then(|e| e.excerpt.as_deref()),
         attempts: job.attempts,
         failed_at: jiff::Timestamp::now(),
-        retry_with: format!("hotfolder retry {}", job.id),
+        retry_with: crate::jobs::retry_command(&ctx.config, job.id),
         replaced: &job.replaced,
     };
     let report = serde_json::to_value(&report).unwrap_or_default();
@@ -1072,6 +1074,28 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     job.apply(Outcome::Filed);
     ctx.store.put(job).await?;
     Ok(())
+}
+
+/// A failed job's reason named its file and sidecar where they were; once
+/// both are filed into failed/, it names them where they are now (that is
+/// where someone fixes them).
+fn tell_paths_as_they_are_now(job: &mut Job) {
+    let moves = [
+        (job.sidecar.clone(), job.sidecar_filed_to.clone()),
+        (Some(job.source.clone()), job.filed_to.clone()),
+    ];
+    let Some(error) = job.last_error.as_mut() else {
+        return;
+    };
+    for (was, now) in moves {
+        if let (Some(was), Some(now)) = (was, now)
+            && was != now
+        {
+            error.reason = error
+                .reason
+                .replace(&*was.to_string_lossy(), &now.to_string_lossy());
+        }
+    }
 }
 
 /// Finish a `retry`: move the file back from failed/ into the watch

@@ -68,6 +68,25 @@ impl JobsHandle {
     }
 }
 
+/// The command that retries job `id`, as it works when pasted into a shell
+/// anywhere: with `-c` and the config's absolute path, quoted when needed.
+pub fn retry_command(config: &Config, id: u64) -> String {
+    let file = config
+        .file
+        .canonicalize()
+        .unwrap_or_else(|_| config.file.clone());
+    let file = file.to_string_lossy();
+    let plain = file
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+:,@".contains(c));
+    let file = if plain {
+        file.into_owned()
+    } else {
+        format!("'{}'", file.replace('\'', "'\\''"))
+    };
+    format!("hotfolder retry -c {file} {id}")
+}
+
 /// One row of `status`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct JobView {

@@ -181,7 +181,7 @@ fn read_sidecar(path: &Path) -> Result<BTreeMap<String, Value>, RouteError> {
         Ok(file) => file,
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
             return Err(RouteError(format!(
-                "sidecar {} is a symbolic link; sidecars are never read through a link: put the file itself there, then `hotfolder retry`",
+                "sidecar {} is a symbolic link; sidecars are never read through a link: put the file itself there, then retry the job",
                 path.display()
             )));
         }
@@ -208,7 +208,7 @@ fn read_sidecar(path: &Path) -> Result<BTreeMap<String, Value>, RouteError> {
     };
     parsed.map_err(|at| {
         RouteError(format!(
-            "sidecar {} is not a {} object of metadata keys (the error is at {at}); fix or remove it, then `hotfolder retry`",
+            "sidecar {} is not a {} object of metadata keys (the error is at {at}); fix or remove it, then retry the job",
             path.display(),
             if is_json { "JSON" } else { "YAML" }
         ))

@@ -311,3 +311,75 @@ fn a_waiting_duplicate_uploads_when_the_first_fails() {
         daemon.log()
     );
 }
+
+#[test]
+fn a_one_shot_upload_needs_only_a_provider_and_a_state_dir() {
+    let fx = Fixture::new();
+    fx.write_raw_config(
+        "state_dir: ./state\nproviders:\n  archive: { type: folder, path: ./outbox }\n",
+    );
+    std::fs::create_dir_all(&fx.outbox).unwrap();
+    let clip = fx.root.join("clip.mp4");
+    write_random(&clip, 100_000, 9);
+    let out = fx.hotfolder(&["upload", "--provider", "archive", clip.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(common::same_bytes(&clip, &fx.outbox.join("clip.mp4")));
+    // The daemon does need a watch, and says so.
+    let run = fx.hotfolder(&["run"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("hotfolder.yaml")
+            && stderr.contains("watches")
+            && stderr.contains("hotfolder upload"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn hints_name_the_command_and_the_paths_as_they_are_now() {
+    let fx = Fixture::new();
+    std::fs::write(fx.watch.join("badside.json"), b"{oops").unwrap();
+    write_random(&fx.watch.join("badside.mp4"), 10_000, 4);
+    let daemon = fx.start();
+    wait_for_outcome(&fx, 0, 1);
+    let report = common::read_json(&fx.failed.join("badside.mp4.error.json"));
+    let reason = report["reason"].as_str().unwrap_or_default();
+    let moved = fx.failed.join("badside.json");
+    assert!(moved.exists());
+    assert!(
+        reason.contains(&moved.display().to_string())
+            && !reason.contains(&fx.watch.join("badside.json").display().to_string()),
+        "the reason names the sidecar where it is now: {reason}"
+    );
+    let rows = fx.status();
+    assert!(
+        rows[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&moved.display().to_string())),
+        "{rows:?}"
+    );
+    // The hint works as written, from another folder, with the daemon running.
+    std::fs::write(&moved, br#"{"title": "fixed"}"#).unwrap();
+    let hint = report["retry_with"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(hint.replacen("hotfolder", common::bin(), 1))
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "`{hint}` works as written: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for_outcome(&fx, 1, 0);
+    drop(daemon);
+}

@@ -53,6 +53,7 @@ struct RawConfig {
     http: Option<RawHttp>,
     #[serde(default)]
     defaults: RawDefaults,
+    #[serde(default)]
     watches: Vec<RawWatch>,
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
@@ -459,9 +460,6 @@ impl Resolver<'_> {
         let mut watches = Vec::new();
         for (i, watch) in raw.watches.into_iter().enumerate() {
             watches.push(self.watch(i, watch, defaults)?);
-        }
-        if watches.is_empty() {
-            return Err(self.error("watches", "no watch configured; add at least one"));
         }
         for (i, watch) in watches.iter().enumerate() {
             if watches[..i].iter().any(|w| w.name == watch.name) {

@@ -43,6 +43,26 @@ pub struct Config {
     pub unmatched: Unmatched,
 }
 
+impl Config {
+    /// The daemon watches folders; a config for one-shot uploads needs none
+    /// (only providers and a state_dir), so the daemon asks for them here.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] on `watches` saying what to add.
+    pub fn require_watches(&self) -> Result<(), ConfigError> {
+        if !self.watches.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError {
+            file: self.file.clone(),
+            line: 0,
+            column: 0,
+            key: "watches".into(),
+            message: "no watch configured: `hotfolder run` needs at least one folder under `watches:` (a config for `hotfolder upload` needs none)".into(),
+        })
+    }
+}
+
 /// Logging settings.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogConfig {
