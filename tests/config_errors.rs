@@ -43,6 +43,20 @@ struct Case {
 
 const CASES: &[Case] = &[
     Case {
+        name: "a wrong value under defaults, reported where it was written",
+        edit: ("stable_for: 1s", "stable_for: 0s"),
+        line: 4,
+        key: "defaults.stable_for",
+        says: &["more than 0s"],
+    },
+    Case {
+        name: "a bad glob under defaults",
+        edit: ("  stable_for: 1s\n", "  stable_for: 1s\n  ignore: [\"a[\"]\n"),
+        line: 5,
+        key: "defaults.ignore[0]",
+        says: &["not a valid glob"],
+    },
+    Case {
         name: "unknown top-level key",
         edit: ("workers: 2\n", "workers: 2\nwrkers: 3\n"),
         line: 3,

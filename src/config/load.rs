@@ -532,6 +532,17 @@ impl Resolver<'_> {
         let globs = |list: Option<Vec<Text>>| -> Vec<String> {
             list.unwrap_or_default().into_iter().map(|t| t.0).collect()
         };
+        // A value inherited from `defaults` is wrong where it was written.
+        let origin = |own: bool, k: &str| {
+            if own {
+                key(k)
+            } else {
+                format!("defaults.{k}")
+            }
+        };
+        let ignore_key = origin(raw.ignore.is_some(), "ignore");
+        let stable_key = origin(raw.stable_for.is_some(), "stable_for");
+        let rescan_key = origin(raw.rescan_every.is_some(), "rescan_every");
         let ignore = match raw.ignore.or_else(|| defaults.ignore.clone()) {
             Some(list) => globs(Some(list)),
             None => DEFAULT_IGNORE.iter().map(|s| s.to_string()).collect(),
@@ -568,24 +579,27 @@ impl Resolver<'_> {
             path,
         };
         for (list, field) in [
-            (&watch.ignore, "ignore"),
-            (&watch.include, "include"),
-            (&watch.exclude, "exclude"),
+            (&watch.ignore, ignore_key),
+            (&watch.include, key("include")),
+            (&watch.exclude, key("exclude")),
         ] {
             for (j, glob) in list.iter().enumerate() {
                 if let Err(e) = globset::Glob::new(glob) {
                     return Err(self.error(
-                        &key(&format!("{field}[{j}]")),
+                        &format!("{field}[{j}]"),
                         format!("{glob:?} is not a valid glob: {}", e.kind()),
                     ));
                 }
             }
         }
         if watch.stable_for.is_zero() {
-            return Err(self.error(&key("stable_for"), "must be more than 0s"));
+            return Err(self.error(&stable_key, "must be more than 0s"));
         }
-        if watch.poll_every.is_zero() || watch.rescan_every.is_zero() {
-            return Err(self.error(&key("poll_every"), "intervals must be more than 0s"));
+        if watch.poll_every.is_zero() {
+            return Err(self.error(&key("poll_every"), "must be more than 0s"));
+        }
+        if watch.rescan_every.is_zero() {
+            return Err(self.error(&rescan_key, "must be more than 0s"));
         }
         Ok(watch)
     }
