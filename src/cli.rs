@@ -354,8 +354,14 @@ fn explain(config: &Config, router: &Router, path: &Path) -> Result<String, Stri
                 .sidecar
                 .map(|s| format!("\n  sidecar: {}", s.display()))
                 .unwrap_or_default();
+            let visibility = config
+                .providers
+                .get(&route.provider)
+                .and_then(|p| crate::providers::visibility(p, &route.metadata))
+                .map(|v| format!("\n  visibility: {v}"))
+                .unwrap_or_default();
             Ok(format!(
-                "{}\n  watch: {}\n  rule: {}\n  provider: {}\n  metadata: {metadata}{sidecar}",
+                "{}\n  watch: {}\n  rule: {}\n  provider: {}\n  metadata: {metadata}{sidecar}{visibility}",
                 path.display(),
                 watch.name,
                 route.rule,

@@ -51,7 +51,10 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "a bad glob under defaults",
-        edit: ("  stable_for: 1s\n", "  stable_for: 1s\n  ignore: [\"a[\"]\n"),
+        edit: (
+            "  stable_for: 1s\n",
+            "  stable_for: 1s\n  ignore: [\"a[\"]\n",
+        ),
         line: 5,
         key: "defaults.ignore[0]",
         says: &["not a valid glob"],

@@ -383,3 +383,48 @@ fn hints_name_the_command_and_the_paths_as_they_are_now() {
     wait_for_outcome(&fx, 1, 0);
     drop(daemon);
 }
+
+#[test]
+fn uploads_are_private_unless_a_rule_or_sidecar_says_public() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &[]);
+    let fx = Fixture::new();
+    fx.write_config_parts(ConfigParts {
+        providers: &common::providers::apivideo_provider("av", &sandbox, ""),
+        rules: Some("- match: {}\n  provider: av\n  metadata: { title: \"{stem}\" }\n"),
+        ..ConfigParts::default()
+    });
+    write_random(&fx.watch.join("quiet.mp4"), 10_000, 11);
+    write_random(&fx.watch.join("loud.mp4"), 10_000, 12);
+    std::fs::write(fx.watch.join("loud.json"), br#"{"public": true}"#).unwrap();
+    let check = fx.hotfolder(&[
+        "check",
+        fx.watch.join("quiet.mp4").to_str().unwrap(),
+        fx.watch.join("loud.mp4").to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&check.stdout);
+    let tail = out.split("quiet.mp4\n").last().unwrap_or_default();
+    let (quiet, loud) = tail.split_once("loud.mp4").unwrap_or_default();
+    assert!(quiet.contains("visibility: private"), "{out}");
+    assert!(loud.contains("visibility: public"), "{out}");
+
+    let _daemon = fx.start();
+    wait_for_outcome(&fx, 2, 0);
+    let videos = sandbox.records("apivideo");
+    let public_of = |title: &str| {
+        videos
+            .iter()
+            .find(|v| v["title"] == title)
+            .map(|v| v["public"].clone())
+    };
+    assert_eq!(
+        public_of("quiet"),
+        Some(serde_json::json!(false)),
+        "{videos:?}"
+    );
+    assert_eq!(
+        public_of("loud"),
+        Some(serde_json::json!(true)),
+        "{videos:?}"
+    );
+}

@@ -534,11 +534,7 @@ impl Resolver<'_> {
         };
         // A value inherited from `defaults` is wrong where it was written.
         let origin = |own: bool, k: &str| {
-            if own {
-                key(k)
-            } else {
-                format!("defaults.{k}")
-            }
+            if own { key(k) } else { format!("defaults.{k}") }
         };
         let ignore_key = origin(raw.ignore.is_some(), "ignore");
         let stable_key = origin(raw.stable_for.is_some(), "stable_for");

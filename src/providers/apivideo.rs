@@ -297,9 +297,12 @@ impl Uploader for ApiVideoProvider {
             .get("title")
             .and_then(Value::as_str)
             .map_or_else(|| request.file_name.to_string(), str::to_string);
+        // api.video makes videos public unless told otherwise; ours stay
+        // private unless the rule or sidecar says `public: true`.
         let mut body = json!({
             "title": title,
             "mp4Support": true,
+            "public": false,
             "metadata": [{"key": "hotfolder_job", "value": request.tag}],
         });
         for key in ["description", "tags", "public"] {

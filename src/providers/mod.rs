@@ -207,6 +207,35 @@ impl ProviderError {
     }
 }
 
+/// What a delivered video's visibility will be, for `check`: every
+/// provider with such a setting keeps uploads private unless the rule or
+/// the sidecar says `public: true` (a studio must never publish unreleased
+/// footage by accident). `None` for providers without one.
+pub fn visibility(
+    config: &ProviderConfig,
+    metadata: &BTreeMap<String, serde_json::Value>,
+) -> Option<String> {
+    let public = metadata
+        .get("public")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    let private = match &config.kind {
+        ProviderKind::Apivideo {
+            upload_token: Some(_),
+            ..
+        } => return Some("set by the upload token's own settings on api.video".into()),
+        ProviderKind::Apivideo { .. } => "private (public: false)",
+        ProviderKind::Okru { .. } => "FRIENDS (privacy; public: true makes it PUBLIC)",
+        ProviderKind::Movingimage { .. } => "not published (autoPublish: false)",
+        _ => return None,
+    };
+    Some(if public {
+        "public (public: true)".into()
+    } else {
+        private.into()
+    })
+}
+
 /// The contract every backend fulfils. Calls may be cancelled at any await
 /// point (shutdown); a provider must leave its persisted session valid then.
 #[allow(async_fn_in_trait)]
