@@ -423,7 +423,7 @@ fn progress_cell(row: &JobView) -> String {
     let percent = if row.size == 0 {
         100.0
     } else {
-        row.bytes as f64 * 100.0 / row.size as f64
+        row.bytes_acknowledged as f64 * 100.0 / row.size as f64
     };
     let mut cell = format!("{percent:.0}% of {}", human_bytes(row.size as f64));
     if let Some(rate) = row.bytes_per_second {
@@ -467,17 +467,20 @@ pub fn table(rows: &[JobView]) -> String {
             ]
         })
         .collect();
+    // Columns by display width: a CJK character takes two cells.
+    use unicode_width::UnicodeWidthStr;
     let mut widths = header.map(str::len);
     for row in &cells {
         for (i, cell) in row.iter().enumerate().take(6) {
-            widths[i] = widths[i].max(cell.chars().count());
+            widths[i] = widths[i].max(cell.width());
         }
     }
     let mut out = String::new();
     let mut line = |cols: [&str; 7]| {
         for (i, col) in cols.iter().enumerate() {
             if i < 6 {
-                out.push_str(&format!("{col:<w$}  ", w = widths[i]));
+                out.push_str(col);
+                out.push_str(&" ".repeat(widths[i].saturating_sub(col.width()) + 2));
             } else {
                 out.push_str(col);
             }
@@ -565,6 +568,49 @@ mod tests {
             b"new job file=two\\nlines.mp4\\r x\n".to_vec()
         );
         assert_eq!(super::one_line(b"plain\n"), b"plain\n".to_vec());
+    }
+
+    fn view(id: u64, file: &str, state: &str, last_error: Option<&str>) -> crate::jobs::JobView {
+        crate::jobs::JobView {
+            id,
+            watch: "drop".into(),
+            file: file.into(),
+            provider: "archive".into(),
+            state: state.into(),
+            bytes_acknowledged: 0,
+            size: 10,
+            bytes_per_second: None,
+            eta_seconds: None,
+            attempts: 1,
+            last_error: last_error.map(str::to_string),
+            filed_to: None,
+            remote_id: None,
+            duplicate_of: None,
+            bytes_sent: 0,
+        }
+    }
+
+    #[test]
+    fn the_status_table_aligns_wide_characters() {
+        use unicode_width::UnicodeWidthStr;
+        let table = super::table(&[
+            view(1, "新闻/晚间新闻.mp4", "queued", None),
+            view(2, "plain.mp4", "queued", None),
+        ]);
+        let provider_columns: Vec<usize> = table
+            .lines()
+            .map(|line| {
+                let at = line
+                    .find("archive")
+                    .or_else(|| line.find("PROVIDER"))
+                    .unwrap();
+                line[..at].width()
+            })
+            .collect();
+        assert!(
+            provider_columns.windows(2).all(|w| w[0] == w[1]),
+            "{provider_columns:?}\n{table}"
+        );
     }
 
     #[test]

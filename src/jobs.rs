@@ -100,8 +100,8 @@ pub struct JobView {
     pub provider: String,
     /// State name.
     pub state: String,
-    /// Bytes acknowledged (or moving, when in flight).
-    pub bytes: u64,
+    /// Bytes the provider has confirmed: what a resume starts from.
+    pub bytes_acknowledged: u64,
     /// File size.
     pub size: u64,
     /// Upload rate while in flight.
@@ -118,7 +118,8 @@ pub struct JobView {
     pub remote_id: Option<String>,
     /// Earlier job whose delivery this one duplicates.
     pub duplicate_of: Option<u64>,
-    /// Bytes sent over all attempts (resends included).
+    /// Body bytes sent over all attempts, resends included (at least
+    /// `bytes_acknowledged` once delivered; more after cuts and retries).
     pub bytes_sent: u64,
 }
 
@@ -136,12 +137,15 @@ impl JobView {
             file: job.relpath.to_string_lossy().into_owned(),
             provider: job.provider.clone(),
             state: job.state.as_str().to_string(),
-            bytes: live.as_ref().map_or(bytes, |p| p.bytes),
+            bytes_acknowledged: live.as_ref().map_or(bytes, |p| p.acknowledged.max(bytes)),
             size: job.signature.size,
             bytes_per_second: live.as_ref().map(|p| p.bytes_per_second),
             eta_seconds: live.as_ref().and_then(|p| p.eta_seconds),
             attempts: job.attempts,
-            last_error: job.last_error.as_ref().map(|e| e.reason.clone()),
+            // A delivered job's last error is history, not its state.
+            last_error: (job.state != JobState::Done)
+                .then(|| job.last_error.as_ref().map(|e| e.reason.clone()))
+                .flatten(),
             filed_to: job
                 .filed_to
                 .as_ref()
@@ -314,4 +318,38 @@ pub async fn bring_back(
         "no free name to move {} back to",
         filed.display()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ErrorInfo, FileSignature};
+
+    #[test]
+    fn a_finished_job_shows_no_stale_error() {
+        let signature = FileSignature {
+            size: 10,
+            mtime_ns: 0,
+            dev: 0,
+            ino: 0,
+        };
+        let mut job = Job::new(
+            1,
+            "drop",
+            std::path::Path::new("a.mp4"),
+            std::path::Path::new("/d/a.mp4"),
+            signature,
+            "p",
+        );
+        job.last_error = Some(ErrorInfo {
+            reason: "a 503 on the third chunk".into(),
+            status: Some(503),
+            excerpt: None,
+            at: jiff::Timestamp::now(),
+        });
+        job.state = JobState::Uploading;
+        assert!(JobView::of(&job, None).last_error.is_some());
+        job.state = JobState::Done;
+        assert_eq!(JobView::of(&job, None).last_error, None);
+    }
 }

@@ -121,7 +121,9 @@ fn chunk_stored_but_not_recorded_before_a_crash_is_not_sent_again() {
         received + CHUNK < SIZE,
         "too far along for this test: {at_kill}"
     );
-    let checkpoint = fx.status()[0]["bytes"].as_u64().unwrap_or(u64::MAX);
+    let checkpoint = fx.status()[0]["bytes_acknowledged"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     assert!(
         checkpoint <= received,
         "the database holds {checkpoint}, the server {received}"

@@ -38,7 +38,7 @@ fn kill_9_mid_delivery_resumes_and_delivers_exactly_once() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["state"], "uploading", "{rows:?}");
     assert_eq!(rows[0]["attempts"], 1, "{rows:?}");
-    let checkpoint = rows[0]["bytes"].as_u64().unwrap();
+    let checkpoint = rows[0]["bytes_acknowledged"].as_u64().unwrap();
     // The daemon may acknowledge another chunk between the status call that
     // read `live` and the kill; what the checkpoint must never exceed is what
     // the partial file durably holds.
@@ -102,6 +102,6 @@ fn kill_9_mid_delivery_resumes_and_delivers_exactly_once() {
         hash.as_str(),
         "the delivered bytes hash as the source did"
     );
-    assert_eq!(receipt["bytes"], SIZE);
+    assert_eq!(receipt["bytes_acknowledged"], SIZE);
     assert!(receipt["attempts"].as_u64().unwrap() >= 2, "{receipt}");
 }

@@ -174,6 +174,13 @@ fn byte_counters_move_while_an_upload_runs() {
         rows.iter().all(|r| r["state"] == "uploading"),
         "the upload is still running: {rows:?}"
     );
+    // What the status says is acknowledged, the server has (asked after).
+    let acknowledged = rows[0]["bytes_acknowledged"].as_u64();
+    let committed = sandbox.upload_named("big.mp4").map(|u| u.offset);
+    assert!(
+        acknowledged.is_some_and(|a| a >= 4 << 20 && Some(a) <= committed),
+        "bytes_acknowledged {acknowledged:?} is what the server committed ({committed:?}): {rows:?}"
+    );
     assert!(
         uploaded.is_some_and(|b| b >= (4 << 20) as f64),
         "bytes acknowledged so far are counted now: {uploaded:?}\n{text}"
@@ -288,7 +295,7 @@ fn a_waiting_duplicate_uploads_when_the_first_fails() {
     let uploading = wait_for("one upload under way", Duration::from_secs(30), || {
         let rows = fx.status();
         rows.iter()
-            .find(|r| r["state"] == "uploading" && r["bytes"].as_u64() > Some(0))
+            .find(|r| r["state"] == "uploading" && r["bytes_acknowledged"].as_u64() > Some(0))
             .and_then(|r| r["file"].as_str().map(str::to_string))
     });
     std::fs::remove_file(fx.watch.join(&uploading)).unwrap();

@@ -83,7 +83,9 @@ fn faults_one_complete_video_per_file() {
 fn kill_9_resumes_from_the_next_unacknowledged_chunk() {
     MOVINGIMAGE.kill_9_resumes(|fx, received| {
         // Stopped: status reads the database, which holds the last acknowledged chunk.
-        let checkpoint = fx.status()[0]["bytes"].as_u64().unwrap_or(u64::MAX);
+        let checkpoint = fx.status()[0]["bytes_acknowledged"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
         assert!(
             checkpoint > 0 && checkpoint.is_multiple_of(CHUNK) && checkpoint <= received,
             "checkpoint {checkpoint} (server: {received})"

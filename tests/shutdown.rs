@@ -51,7 +51,7 @@ fn stop_mid_delivery(signal: i32) -> (Fixture, String, u64) {
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["state"], "uploading", "{rows:?}");
     assert!(rows[0]["last_error"].is_null(), "{rows:?}");
-    let checkpoint = rows[0]["bytes"].as_u64().unwrap();
+    let checkpoint = rows[0]["bytes_acknowledged"].as_u64().unwrap();
     assert!(
         checkpoint >= live && checkpoint < SIZE,
         "checkpoint {checkpoint} after {live} live bytes"

@@ -679,7 +679,7 @@ impl Report {
             .map(|r| {
                 format!(
                     "job {} {} at {} of {} bytes",
-                    r["id"], r["state"], r["bytes"], s.size
+                    r["id"], r["state"], r["bytes_acknowledged"], s.size
                 )
             })
             .collect();

@@ -88,7 +88,7 @@ fn the_page_shows_live_progress_failures_and_a_retry_button() {
             let rows = fx.status();
             let uploading = rows
                 .iter()
-                .any(|r| r["state"] == "uploading" && r["bytes"].as_u64() > Some(0));
+                .any(|r| r["state"] == "uploading" && r["bytes_acknowledged"].as_u64() > Some(0));
             (in_state(&rows, "failed").len() == 1 && uploading).then_some(())
         },
     );

@@ -15,8 +15,11 @@ use crate::state::Job;
 /// A snapshot for display.
 #[derive(Debug, Clone, Serialize)]
 pub struct Progress {
-    /// Bytes acknowledged plus bytes of the chunk in flight.
+    /// Bytes acknowledged plus bytes of the chunk in flight (for a
+    /// progress bar that moves smoothly).
     pub bytes: u64,
+    /// Bytes the provider has confirmed.
+    pub acknowledged: u64,
     /// File size.
     pub total: u64,
     /// Average rate since this attempt started.
@@ -92,6 +95,7 @@ impl ProgressBoard {
         let rate = if elapsed > 0.0 { moved / elapsed } else { 0.0 };
         Some(Progress {
             bytes,
+            acknowledged: entry.acked,
             total: entry.total,
             bytes_per_second: rate,
             eta_seconds: (rate > 0.0).then(|| (entry.total - bytes) as f64 / rate),

@@ -130,7 +130,8 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
             deadline,
             || {
                 let rows = self.status();
-                let bytes = rows.iter().find(|r| r["file"] == file)?["bytes"].as_u64()?;
+                let bytes =
+                    rows.iter().find(|r| r["file"] == file)?["bytes_acknowledged"].as_u64()?;
                 (bytes >= at_least).then_some(bytes)
             },
         )
