@@ -17,38 +17,52 @@ use crate::state::{JobState, JobStore, Store};
 #[derive(Debug, Parser)]
 #[command(name = "hotfolder", version, propagate_version = true)]
 pub struct Cli {
-    /// Config file (YAML).
-    #[arg(
-        short,
-        long,
-        global = true,
-        env = "HOTFOLDER_CONFIG",
-        default_value = "hotfolder.yaml"
-    )]
-    pub config: PathBuf,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The config file, for every command that reads one (not `sandbox`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigFile {
+    /// Config file (YAML).
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "FILE",
+        env = "HOTFOLDER_CONFIG",
+        default_value = "hotfolder.yaml"
+    )]
+    pub path: PathBuf,
 }
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground: watch, route, upload, file. Logs go to stderr.
-    Run,
-    /// Validate the config and print it resolved (secrets masked); for each PATH, show the watch, rule, provider and metadata that would take it.
+    Run {
+        #[command(flatten)]
+        config: ConfigFile,
+    },
+    /// Validate the config and print it resolved (secrets masked); for each PATH, show whether the daemon takes it (and why not), and the watch, rule, provider, metadata and visibility it would get.
     Check {
-        /// Files to dry-run through the routing rules.
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Files to dry-run through the daemon's decision and the routing rules.
         paths: Vec<PathBuf>,
     },
     /// One row per job: id, file, provider, state, progress, attempts, last error.
     Status {
+        #[command(flatten)]
+        config: ConfigFile,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Upload files once, with a progress bar; resumable (run it again after an interruption). No watching, no moving.
+    /// Upload files once, with a progress bar; resumable (run it again after an interruption). No watching, no moving. The config needs only `providers:` and `state_dir`.
     Upload {
+        #[command(flatten)]
+        config: ConfigFile,
         /// Provider name from the config.
         #[arg(long)]
         provider: String,
@@ -59,9 +73,12 @@ pub enum Command {
     /// Local simulators of the provider protocols, with fault injection, for trying a config and for tests.
     Sandbox(Box<crate::sandbox::SandboxOptions>),
     /// Put failed jobs back in the queue, moving their files back from failed/.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["jobs", "failed"])))]
     Retry {
+        #[command(flatten)]
+        config: ConfigFile,
         /// Job ids (see `hotfolder status`).
-        #[arg(required_unless_present = "failed")]
+        #[arg(value_name = "JOB")]
         jobs: Vec<u64>,
         /// Retry every failed job.
         #[arg(long, conflicts_with = "jobs")]
@@ -105,21 +122,31 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
     if let Command::Sandbox(options) = cli.command {
         return runtime.block_on(sandbox(*options));
     }
-    let config = config::load(&cli.config)?;
+    let load = |file: &ConfigFile| config::load(&file.path);
     match cli.command {
         Command::Sandbox(_) => Ok(()),
-        Command::Upload { provider, files } => {
+        Command::Upload {
+            config,
+            provider,
+            files,
+        } => {
+            let config = load(&config)?;
             init_logging(&config);
             runtime.block_on(upload(config, &provider, &files))
         }
-        Command::Run => {
+        Command::Run { config } => {
+            let config = load(&config)?;
             config.require_watches()?;
             init_logging(&config);
             runtime.block_on(run(config))
         }
-        Command::Check { paths } => check(&config, &paths),
-        Command::Status { json } => runtime.block_on(status(&config, json)),
-        Command::Retry { jobs, failed } => runtime.block_on(retry(&config, jobs, failed)),
+        Command::Check { config, paths } => check(&load(&config)?, &paths),
+        Command::Status { config, json } => runtime.block_on(status(&load(&config)?, json)),
+        Command::Retry {
+            config,
+            jobs,
+            failed,
+        } => runtime.block_on(retry(&load(&config)?, jobs, failed)),
     }
 }
 
@@ -221,9 +248,11 @@ async fn run(config: Config) -> Result<(), CliError> {
 }
 
 async fn sandbox(options: crate::sandbox::SandboxOptions) -> Result<(), CliError> {
+    use std::io::IsTerminal as _;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     let listen = options.listen;
     crate::sandbox::run(

@@ -875,7 +875,25 @@ async fn file_with_sidecar(ctx: &Context, job: &mut Job, root: &Path) -> Result<
             Err(e) => tracing::warn!(error = %e, "sidecar left in place"),
         }
     }
+    if matches!(filed, Filed::At(_)) {
+        tidy_watch_folder(ctx, job).await;
+    }
     Ok(filed)
+}
+
+/// Remove the subfolders of the watch folder that the job's file (and
+/// sidecar) left empty; never the watch folder itself.
+async fn tidy_watch_folder(ctx: &Context, job: &Job) {
+    let Some(watch) = ctx.watch(&job.watch) else {
+        return;
+    };
+    let root = watch
+        .path
+        .canonicalize()
+        .unwrap_or_else(|_| watch.path.clone());
+    let source = job.source.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || crate::fsx::remove_empty_parents(&source, &root)).await;
 }
 
 /// Write the job's receipt or error report as `<at><suffix>`, once: the
@@ -984,6 +1002,7 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
                     tracing::warn!(path = %path.display(), error = %e, "cannot delete delivered source");
                 }
             }
+            tidy_watch_folder(ctx, job).await;
             watch.done_dir.join(&job.relpath)
         }
         AfterSuccess::Leave => watch.done_dir.join(&job.relpath),

@@ -292,6 +292,24 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
+/// Remove the folders that held `file` and are empty now, from its own
+/// folder up to, never including, `root`: a drop folder keeps no empty
+/// subfolders after hotfolder moved their files away. A folder that is
+/// not empty (someone is copying into it) is left alone, and so is the
+/// chain above it.
+pub fn remove_empty_parents(file: &Path, root: &Path) {
+    let mut dir = file.parent();
+    while let Some(folder) = dir {
+        if folder == root || !folder.starts_with(root) {
+            return;
+        }
+        if std::fs::remove_dir(folder).is_err() {
+            return;
+        }
+        dir = folder.parent();
+    }
+}
+
 /// fsync the folder holding `path`.
 pub fn sync_parent(path: &Path) {
     if let Some(dir) = path.parent() {
@@ -302,6 +320,24 @@ pub fn sync_parent(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_emptied_folders_below_the_root_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("drop");
+        std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+        std::fs::write(root.join("a/keep.mp4"), b"x").unwrap();
+        remove_empty_parents(&root.join("a/b/c/gone.mp4"), &root);
+        assert!(!root.join("a/b").exists(), "emptied folders go");
+        assert!(
+            root.join("a/keep.mp4").exists(),
+            "a folder with a file stays"
+        );
+        std::fs::create_dir_all(root.join("top")).unwrap();
+        remove_empty_parents(&root.join("gone.mp4"), &root);
+        assert!(root.exists(), "never the watch root");
+        remove_empty_parents(&dir.path().join("elsewhere/x.mp4"), &root);
+    }
 
     #[test]
     fn numbered_names() {

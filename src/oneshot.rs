@@ -42,9 +42,7 @@ pub async fn upload(
     files: &[PathBuf],
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Vec<Outcome>> {
-    let store = Store::open(&config.state_dir).context(
-        "cannot open the state database (if a daemon runs with this config, stop it or use a config with another state_dir)",
-    )?;
+    let store = Store::open(&config.state_dir)?;
     let router = Router::new(&config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ctx, _jobs) = Context::new(

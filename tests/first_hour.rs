@@ -435,3 +435,129 @@ fn uploads_are_private_unless_a_rule_or_sidecar_says_public() {
         "{videos:?}"
     );
 }
+
+#[test]
+fn the_command_line_says_what_it_does() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::bin())
+            .args(args)
+            .env_remove("HOTFOLDER_CONFIG")
+            .output()
+            .expect("run hotfolder")
+    };
+    // The sandbox reads no config, so it offers no -c.
+    let help = run(&["sandbox", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.status.success() && !text.contains("--config"),
+        "{text}"
+    );
+    assert_eq!(run(&["sandbox", "-c", "x.yaml"]).status.code(), Some(2));
+    // `retry` with nothing to retry shows both ways to say what.
+    let retry = run(&["retry"]);
+    let text = String::from_utf8_lossy(&retry.stderr);
+    assert_eq!(retry.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("Usage: hotfolder retry") && text.contains("--failed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_second_daemon_says_why_once_and_logs_carry_no_colour_codes() {
+    let fx = Fixture::new();
+    let first = fx.start();
+    let second = fx.hotfolder(&["run"]);
+    let text = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{text}");
+    assert!(text.contains("already running"), "{text}");
+    assert_eq!(
+        text.matches("cannot open the state database").count(),
+        1,
+        "{text}"
+    );
+    assert!(!text.contains("Os {"), "no debug-formatted error: {text}");
+    let raw = std::fs::read(&first.log).unwrap();
+    assert!(
+        !raw.contains(&0x1b),
+        "a log written to a file has no ANSI codes"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sandbox.log");
+    let mut sandbox = std::process::Command::new(common::bin())
+        .args(["sandbox", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let stdout = sandbox.stdout.take().expect("stdout");
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert!(line.contains("listening"), "{line}");
+    // Stopped with SIGTERM, it logs that it stops.
+    let pid = sandbox.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let _ = sandbox.wait();
+    assert!(
+        std::fs::metadata(&log).map_or(0, |m| m.len()) > 0,
+        "the sandbox logged"
+    );
+    let raw = std::fs::read(&log).unwrap();
+    assert!(
+        !raw.contains(&0x1b),
+        "the sandbox's file log has no ANSI codes: {}",
+        String::from_utf8_lossy(&raw)
+    );
+}
+
+#[test]
+fn receipts_carry_valid_file_urls_and_emptied_subfolders_go() {
+    let fx = Fixture::new();
+    std::fs::create_dir_all(fx.watch.join("show/ep 1")).unwrap();
+    std::fs::create_dir_all(fx.watch.join("kept-empty")).unwrap();
+    std::fs::create_dir_all(fx.watch.join("busy")).unwrap();
+    write_random(&fx.watch.join("show/ep 1/take #1 100%.mp4"), 5_000, 1);
+    write_random(&fx.watch.join("busy/a.mp4"), 5_000, 2);
+    std::fs::write(fx.watch.join("busy/notes.part"), b"still copying").unwrap();
+    let _daemon = fx.start();
+    wait_for_outcome(&fx, 2, 0);
+    let receipt = common::read_json(&fx.done.join("show/ep 1/take #1 100%.mp4.receipt.json"));
+    let url = receipt["url"].as_str().unwrap_or_default();
+    let expected = format!(
+        "file://{}/show/ep%201/take%20%231%20100%25.mp4",
+        fx.outbox.canonicalize().unwrap().display()
+    );
+    assert_eq!(url, expected, "{receipt:#}");
+    assert!(
+        !fx.watch.join("show").exists(),
+        "folders emptied by filing are removed"
+    );
+    assert!(
+        fx.watch.join("kept-empty").exists(),
+        "a folder hotfolder did not empty stays"
+    );
+    assert!(
+        fx.watch.join("busy/notes.part").exists(),
+        "a folder with files stays"
+    );
+    assert!(fx.watch.exists());
+}
+
+#[test]
+fn first_steps_in_the_docs_are_current() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::read_to_string(root.join("config.example.yaml")).unwrap();
+    assert!(
+        !example.contains("coming"),
+        "config.example.yaml promises nothing for later"
+    );
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains("cargo install --path ."),
+        "the README says how to install the binary"
+    );
+}

@@ -214,7 +214,8 @@ impl Uploader for FolderProvider {
         session.remote_id = Some(delivered.to_string_lossy().into_owned());
         Ok(Delivery {
             remote_id: delivered.to_string_lossy().into_owned(),
-            url: Some(format!("file://{}", delivered.display())),
+            // Percent-encoded: a name with a space, `#` or `%` is a valid URL.
+            url: url::Url::from_file_path(&delivered).map(String::from).ok(),
             links: Default::default(),
         })
     }

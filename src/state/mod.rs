@@ -222,14 +222,12 @@ impl Job {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened.
-    #[error("cannot open the state database in {path}: {source}{hint}")]
+    #[error("cannot open the state database in {path}: {reason}")]
     Open {
         /// The state folder.
         path: PathBuf,
-        /// sled's error.
-        source: sled::Error,
-        /// Advice, e.g. that a daemon holds the lock.
-        hint: &'static str,
+        /// What went wrong and what to do (said once: not also a source).
+        reason: String,
     },
     /// A read or write failed.
     #[error("state database error: {0}")]

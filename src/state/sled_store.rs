@@ -52,15 +52,14 @@ impl SledStore {
             .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|source| {
-                let hint = if source.to_string().contains("lock") {
-                    "; is a hotfolder daemon already running with this state_dir?"
+                let reason = if source.to_string().contains("could not acquire lock") {
+                    "another process holds it; is a hotfolder daemon already running with this state_dir? Stop it, or give this command a config with another state_dir".to_string()
                 } else {
-                    ""
+                    source.to_string()
                 };
                 StoreError::Open {
                     path: path.clone(),
-                    source,
-                    hint,
+                    reason,
                 }
             })?;
         let flushed = db.clone();
