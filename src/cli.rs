@@ -259,6 +259,7 @@ async fn sandbox(options: crate::sandbox::SandboxOptions) -> Result<(), CliError
         options,
         |address, data| {
             println!("sandbox listening on http://{address} (tus: http://{address}/tus/files/); data in {}", data.display());
+            tracing::info!(%address, data = %data.display(), "sandbox listening");
             use std::io::Write;
             let _ = std::io::stdout().flush();
         },

@@ -55,7 +55,11 @@ fn an_unreadable_file_fails_with_a_report_and_the_others_still_flow() {
     assert!(report["attempts"].as_u64().unwrap() >= 1, "{report}");
     assert_eq!(
         report["retry_with"],
-        format!("hotfolder retry {}", report["job"])
+        format!(
+            "hotfolder retry -c {} {}",
+            fx.config.canonicalize().unwrap().display(),
+            report["job"]
+        )
     );
     let last_error = row(&rows, "locked.mp4")["last_error"]
         .as_str()
@@ -183,7 +187,7 @@ fn a_sidecar_that_is_not_json_fails_the_job_naming_it() {
     );
     assert!(reason.contains("JSON"), "{reason}");
     assert!(
-        reason.contains("hotfolder retry"),
+        reason.contains("fix or remove it, then retry the job"),
         "reason says what to do: {reason}"
     );
 

@@ -28,7 +28,7 @@ fn a_zero_byte_file_is_left_in_place_and_said_once() {
     });
     let log = daemon.log();
     assert_eq!(
-        log.matches("zero-byte file left in place").count(),
+        log.matches("not taken: has zero bytes").count(),
         1,
         "said once: {log}"
     );

@@ -58,7 +58,7 @@ fn a_file_changed_while_finalizing_is_delivered_as_its_new_version() {
     assert_eq!(sha256(&fx.done.join("clip.mp4")), new_hash);
     let receipt = fx.receipt("clip.mp4");
     assert_eq!(receipt["sha256"], new_hash.as_str(), "{receipt}");
-    assert_eq!(receipt["bytes_acknowledged"], 2 * MIB, "{receipt}");
+    assert_eq!(receipt["bytes"], 2 * MIB, "{receipt}");
     let live: Vec<_> = sandbox
         .records_where("gcore", "name", "clip")
         .into_iter()

@@ -557,7 +557,7 @@ fn daemon_delivers_a_dropped_file_to_the_official_server() {
     let receipt = common::read_json(&receipt_path);
     assert_eq!(receipt["provider"], "peer", "{receipt:#}");
     assert_eq!(receipt["sha256"], hash.as_str(), "{receipt:#}");
-    assert_eq!(receipt["bytes_acknowledged"], 9 * MIB + 7, "{receipt:#}");
+    assert_eq!(receipt["bytes"], 9 * MIB + 7, "{receipt:#}");
     assert_eq!(receipt["remote_id"], stored.id.as_str(), "{receipt:#}");
     assert_eq!(
         receipt["url"],
