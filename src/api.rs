@@ -233,6 +233,20 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
         vec![],
         in_flight,
     ));
+    if let Some((in_use, held)) = crate::memory::heap() {
+        measured.push(Measured::gauge(
+            "hotfolder_heap_in_use_bytes",
+            "Bytes of live heap allocations (glibc's count).",
+            vec![],
+            in_use as f64,
+        ));
+        measured.push(Measured::gauge(
+            "hotfolder_heap_held_bytes",
+            "Bytes the heap holds from the system, in use or free (glibc's count).",
+            vec![],
+            held as f64,
+        ));
+    }
     let mut watches: Vec<_> = ctx.watch_counters.iter().collect();
     watches.sort_by_key(|(name, _)| name.as_str());
     for (watch, counters) in &watches {

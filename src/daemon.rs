@@ -235,6 +235,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let mut jobs = JoinSet::new();
     let mut dispatch = Dispatch::default();
+    // Free heap pages go back to the system now and then: after a burst the
+    // process does not keep its high-water mark for months.
+    let mut give_back = tokio::time::interval(GIVE_BACK_MEMORY_EVERY);
+    give_back.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut store_failed = ctx.store_failed.subscribe();
     let mut failure = None;
     tokio::pin!(shutdown);
@@ -257,6 +261,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }
             }
             Some(job) = job_rx.recv() => dispatch.offer(&ctx, &mut jobs, job),
+            _ = give_back.tick() => {
+                tokio::task::spawn_blocking(crate::memory::give_back_free_memory);
+            }
             Some(ended) = jobs.join_next_with_id(), if !jobs.is_empty() => {
                 let id = match ended {
                     Ok((id, ())) => id,
@@ -298,6 +305,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!("stopped; state flushed");
     Ok(())
 }
+
+/// How often free heap pages are given back to the system.
+const GIVE_BACK_MEMORY_EVERY: Duration = Duration::from_secs(30);
 
 /// Job tasks live only while they can make progress: per provider, at most
 /// twice as many as may upload at once (a task waiting for a permit, or in

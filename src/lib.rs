@@ -15,7 +15,8 @@
 //! metrics, page) and [`control`] (`status`/`retry` while the daemon runs)
 //! are given; [`oneshot`] is `hotfolder upload`; [`sandbox`] simulates the
 //! providers for tests and trials; [`failpoint`] holds the crash points the
-//! tests stop the binary at (a cargo feature); [`cli`] is the command line.
+//! tests stop the binary at (a cargo feature); [`memory`] tunes the allocator
+//! and reports the heap; [`cli`] is the command line.
 
 pub mod admission;
 pub mod api;
@@ -30,6 +31,7 @@ pub mod group_commit;
 pub mod hashing;
 pub mod jobs;
 pub mod lifecycle;
+pub mod memory;
 pub mod metrics;
 pub mod oneshot;
 pub mod providers;

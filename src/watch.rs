@@ -53,28 +53,50 @@ pub struct WatchCounters {
 /// about to move back into the watch folder for a retry) is not a new
 /// candidate, and when it moves away that is not a file that "vanished".
 #[derive(Debug, Default)]
-pub struct HeldSources(Mutex<HashSet<PathBuf>>);
+pub struct HeldSources(Mutex<Held>);
+
+/// Held paths as a scan names them, and how each job named them (the name a
+/// scan uses cannot be worked out again once the folder is gone).
+#[derive(Debug, Default)]
+struct Held {
+    scanned: HashSet<PathBuf>,
+    given: HashMap<PathBuf, PathBuf>,
+}
 
 impl HeldSources {
     /// A job holds `path` from now on.
     pub fn hold(&self, path: &Path) {
-        let path = as_scanned(path);
+        let scanned = as_scanned(path);
         if let Ok(mut held) = self.0.lock() {
-            held.insert(path);
+            held.scanned.insert(scanned.clone());
+            held.given.insert(path.to_path_buf(), scanned);
         }
     }
 
     /// The job that held `path` is finished with it.
     pub fn release(&self, path: &Path) {
-        let path = as_scanned(path);
         if let Ok(mut held) = self.0.lock() {
-            held.remove(&path);
+            let scanned = held
+                .given
+                .remove(path)
+                .unwrap_or_else(|| as_scanned(path));
+            held.scanned.remove(&scanned);
         }
     }
 
-    /// Does a job hold `path`?
+    /// Does a job hold `path` (as a scan names it)?
     pub fn holds(&self, path: &Path) -> bool {
-        self.0.lock().is_ok_and(|held| held.contains(path))
+        self.0.lock().is_ok_and(|held| held.scanned.contains(path))
+    }
+
+    /// How many paths are held (for tests of the bookkeeping).
+    pub fn len(&self) -> usize {
+        self.0.lock().map_or(0, |held| held.given.len())
+    }
+
+    /// Nothing held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -656,6 +678,23 @@ mod tests {
         scanner.full_scan();
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(scanner.check_candidates().len(), 1);
+    }
+
+    #[test]
+    fn a_held_path_is_released_after_its_folder_is_gone() {
+        // The config names the watch through a link; scans use the real path.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("real/sub")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let path = dir.path().join("link/sub/a.mp4");
+        let scanned = dir.path().join("real/sub/a.mp4");
+        let held = HeldSources::default();
+        held.hold(&path);
+        assert!(held.holds(&scanned));
+        std::fs::remove_dir(dir.path().join("real/sub")).unwrap();
+        held.release(&path);
+        assert!(held.is_empty());
+        assert!(!held.holds(&scanned), "released although its folder is gone");
     }
 
     #[test]
