@@ -76,10 +76,7 @@ impl HeldSources {
     /// The job that held `path` is finished with it.
     pub fn release(&self, path: &Path) {
         if let Ok(mut held) = self.0.lock() {
-            let scanned = held
-                .given
-                .remove(path)
-                .unwrap_or_else(|| as_scanned(path));
+            let scanned = held.given.remove(path).unwrap_or_else(|| as_scanned(path));
             held.scanned.remove(&scanned);
         }
     }
@@ -694,7 +691,10 @@ mod tests {
         std::fs::remove_dir(dir.path().join("real/sub")).unwrap();
         held.release(&path);
         assert!(held.is_empty());
-        assert!(!held.holds(&scanned), "released although its folder is gone");
+        assert!(
+            !held.holds(&scanned),
+            "released although its folder is gone"
+        );
     }
 
     #[test]
