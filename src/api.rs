@@ -156,7 +156,7 @@ async fn list(State(ctx): State<JobsHandle>, Query(filter): Query<Filter>) -> Re
         state,
         newest_first: filter.newest.is_some_and(|n| n != 0),
     };
-    match ctx.store.page(&page) {
+    match ctx.store.page(&page).await {
         Ok(jobs) => {
             let rows: Vec<JobView> = jobs
                 .iter()
@@ -169,7 +169,7 @@ async fn list(State(ctx): State<JobsHandle>, Query(filter): Query<Filter>) -> Re
 }
 
 async fn show(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
-    match ctx.store.get(id) {
+    match ctx.store.get(id).await {
         Ok(job) => Json(JobView::of(&job, ctx.progress.get(id))).into_response(),
         Err(e) => store_error(&e),
     }
@@ -194,7 +194,7 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
         by_state.insert(state.as_str(), 0);
     }
     let mut unfinished = 0;
-    for (state, n) in ctx.store.counts() {
+    for (state, n) in ctx.store.counts().await {
         *by_state.entry(state.as_str()).or_default() += n;
         if !state.is_terminal() {
             unfinished += n;

@@ -421,7 +421,9 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 "the daemon answered something else"
             )));
         }
-        None => jobs::status(&open_store(config)?, None).context("cannot read jobs")?,
+        None => jobs::status(&open_store(config)?, None)
+            .await
+            .context("cannot read jobs")?,
     };
     if json {
         println!(
@@ -552,7 +554,7 @@ async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliEr
             let store = open_store(config)?;
             let mut ids = ids;
             if failed {
-                let all = store.all().context("cannot read jobs")?;
+                let all = store.all().await.context("cannot read jobs")?;
                 ids.extend(
                     all.iter()
                         .filter(|j| j.state == JobState::Failed)

@@ -92,7 +92,7 @@ async fn answer(ctx: JobsHandle, stream: UnixStream) {
     }
     let response = match serde_json::from_str::<Request>(&line) {
         Err(e) => Response::Error(format!("bad request: {e}")),
-        Ok(Request::Status) => match jobs::status(&ctx.store, Some(&ctx.progress)) {
+        Ok(Request::Status) => match jobs::status(&ctx.store, Some(&ctx.progress)).await {
             Ok(rows) => Response::Jobs(rows),
             Err(e) => Response::Error(e.to_string()),
         },
@@ -106,7 +106,7 @@ async fn answer(ctx: JobsHandle, stream: UnixStream) {
 
 async fn retry(ctx: &JobsHandle, mut ids: Vec<u64>, failed: bool) -> Response {
     if failed {
-        match ctx.store.all() {
+        match ctx.store.all().await {
             Ok(all) => ids.extend(
                 all.iter()
                     .filter(|j| j.state == JobState::Failed)

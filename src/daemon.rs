@@ -165,7 +165,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Jobs that resume hold their sources before any watch looks, so that
     // a scan neither takes them as new nor calls them vanished when filed.
     let unfinished: Vec<Job> = store
-        .all()?
+        .all()
+        .await?
         .into_iter()
         .filter(|job| !job.state.is_terminal())
         .collect();
@@ -269,7 +270,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     Ok((id, ())) => id,
                     Err(e) => e.id(),
                 };
-                dispatch.ended(&ctx, &mut jobs, id);
+                dispatch.ended(&ctx, &mut jobs, id).await;
             }
         }
     }
@@ -352,7 +353,7 @@ impl Dispatch {
     }
 
     /// A task ended: start the next waiting jobs of its provider.
-    fn ended(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, id: tokio::task::Id) {
+    async fn ended(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, id: tokio::task::Id) {
         let Some(key) = self.tasks.remove(&id) else {
             return;
         };
@@ -366,7 +367,7 @@ impl Dispatch {
             let Some(next) = self.waiting.get_mut(&key).and_then(|q| q.pop_front()) else {
                 break;
             };
-            match ctx.store.get(next) {
+            match ctx.store.get(next).await {
                 Ok(job) if !job.state.is_terminal() => self.spawn(ctx, tasks, key.clone(), job),
                 Ok(_) => {}
                 Err(e) => {
@@ -380,7 +381,7 @@ impl Dispatch {
 /// A watch offers a complete file: unless a job already covers this version
 /// of it, route it and record a job.
 async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError> {
-    if let Some(job) = ctx.store.latest_for(&file.watch, &file.relpath)? {
+    if let Some(job) = ctx.store.latest_for(&file.watch, &file.relpath).await? {
         // The very file a finished job left in place (after_success: leave, or
         // a failure that could not be filed) is not taken again; a new file
         // under the same name (another inode, or the old one was moved away)
@@ -395,7 +396,7 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
         }
     }
     let mut job = Job::new(
-        ctx.store.next_id()?,
+        ctx.store.next_id().await?,
         &file.watch,
         &file.relpath,
         &file.path,
@@ -506,7 +507,7 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
             async move {
                 let mut job = match start {
                     Some(job) => job,
-                    None => owned.store.get(id)?,
+                    None => owned.store.get(id).await?,
                 };
                 let driven = drive(&owned, &mut job).await;
                 if job.state.is_terminal() {
@@ -556,7 +557,7 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 /// finished, or the store cannot be read, or it is stuck in filing (then
 /// it shows in `status` with the reason and is tried at the next start).
 async fn record_task_failure(ctx: &Context, id: u64, why: &str, failures: u32) -> Option<Duration> {
-    let mut job = match ctx.store.get(id) {
+    let mut job = match ctx.store.get(id).await {
         Ok(job) => job,
         Err(e) => {
             tracing::error!(job = id, error = %e, "cannot read the job after its task failed; it resumes at the next start");
@@ -645,7 +646,8 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 job.delivery = Some(delivery);
                 if let Some(fingerprint) = &job.fingerprint {
                     ctx.store
-                        .record_content(&job.provider, fingerprint, job.id)?;
+                        .record_content(&job.provider, fingerprint, job.id)
+                        .await?;
                 }
                 crate::failpoint::crash("finalize::after");
                 job.apply(Outcome::Delivered);
@@ -724,7 +726,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
 /// another task, or after a restart). `false` when the daemon stops first.
 async fn wait_until_finished(ctx: &Context, id: u64) -> Result<bool, StoreError> {
     loop {
-        match ctx.store.get(id) {
+        match ctx.store.get(id).await {
             Ok(other) if !other.state.is_terminal() => {}
             Ok(_) | Err(StoreError::NotFound(_)) => return Ok(true),
             Err(e) => return Err(e),
@@ -1018,7 +1020,10 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
         AfterSuccess::Leave => watch.done_dir.join(&job.relpath),
     };
     if watch.receipts {
-        let earlier = job.duplicate_of.and_then(|id| ctx.store.get(id).ok());
+        let earlier = match job.duplicate_of {
+            Some(id) => ctx.store.get(id).await.ok(),
+            None => None,
+        };
         let receipt = Receipt {
             job: job.id,
             watch: &job.watch,

@@ -161,9 +161,13 @@ impl JobView {
 ///
 /// # Errors
 /// Store failures.
-pub fn status(store: &Store, progress: Option<&ProgressBoard>) -> Result<Vec<JobView>, StoreError> {
+pub async fn status(
+    store: &Store,
+    progress: Option<&ProgressBoard>,
+) -> Result<Vec<JobView>, StoreError> {
     Ok(store
-        .all()?
+        .all()
+        .await?
         .iter()
         .map(|job| JobView::of(job, progress.and_then(|p| p.get(job.id))))
         .collect())
@@ -209,7 +213,7 @@ pub async fn retry(
     held: &HeldSources,
     id: u64,
 ) -> Result<Job, RetryError> {
-    let mut job = store.get(id)?;
+    let mut job = store.get(id).await?;
     if job.state != JobState::Failed {
         return Err(RetryError::NotFailed {
             id,

@@ -87,16 +87,16 @@ pub async fn upload(
                 break;
             }
             next = tasks.join_next() => if next.is_none() { break },
-            _ = tick.tick() => display.update(&ctx, &store),
+            _ = tick.tick() => display.update(&ctx, &store).await,
         }
     }
-    display.update(&ctx, &store);
+    display.update(&ctx, &store).await;
     store
         .flush()
         .await
         .context("cannot flush the state database")?;
     for (file, id, _) in running {
-        let job = store.get(id).context("cannot read the job back")?;
+        let job = store.get(id).await.context("cannot read the job back")?;
         let arrived = job.state == JobState::Done;
         let message = match job.state {
             JobState::Done => match (&job.duplicate_of, &job.delivery) {
@@ -152,7 +152,7 @@ async fn prepare(
     }
     let signature = FileSignature::of(&meta);
     let key = Path::new(&path);
-    if let Some(mut job) = store.latest_for("", key).map_err(|e| e.to_string())?
+    if let Some(mut job) = store.latest_for("", key).await.map_err(|e| e.to_string())?
         && job.provider == provider
         && job.signature.same_content(&signature)
     {
@@ -169,7 +169,7 @@ async fn prepare(
             _ => return Ok(Prepared::Run(Box::new(job))),
         }
     }
-    let id = store.next_id().map_err(|e| e.to_string())?;
+    let id = store.next_id().await.map_err(|e| e.to_string())?;
     let mut job = Job::new(id, "", key, &path, signature, provider);
     let name = PathBuf::from(path.file_name().unwrap_or_default());
     let facts = FileFacts {
@@ -230,22 +230,18 @@ impl Display {
         }
     }
 
-    fn update(&self, ctx: &Context, store: &Store) {
+    async fn update(&self, ctx: &Context, store: &Store) {
         for (name, id, size) in &self.jobs {
-            let bytes = ctx
-                .progress
-                .get(*id)
-                .map(|p| p.bytes)
-                .or_else(|| {
-                    store.get(*id).ok().map(|j| {
-                        if j.state == JobState::Done {
-                            *size
-                        } else {
-                            j.acked
-                        }
-                    })
-                })
-                .unwrap_or(0);
+            let bytes = match ctx.progress.get(*id) {
+                Some(progress) => progress.bytes,
+                None => store.get(*id).await.ok().map_or(0, |j| {
+                    if j.state == JobState::Done {
+                        *size
+                    } else {
+                        j.acked
+                    }
+                }),
+            };
             match &self.bars {
                 Some((_, bars)) => {
                     if let Some(bar) = bars.get(id) {

@@ -59,7 +59,7 @@ fn a_long_history_is_paged_and_counted_without_reading_it_all() {
                 ino: 1,
             };
             for n in 1..=JOBS {
-                let id = store.next_id().expect("id");
+                let id = store.next_id().await.expect("id");
                 assert_eq!(id, n);
                 let name = format!("old/{n}.mp4");
                 let mut job = Job::new(
@@ -72,7 +72,7 @@ fn a_long_history_is_paged_and_counted_without_reading_it_all() {
                 );
                 job.apply(Outcome::Delivered);
                 job.apply(Outcome::Filed);
-                store.put_buffered(&mut job).expect("put");
+                store.put_buffered(&mut job).await.expect("put");
             }
             store.flush().await.expect("flush");
         });

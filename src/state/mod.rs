@@ -279,7 +279,7 @@ pub trait JobStore {
     ///
     /// # Errors
     /// Database failure.
-    fn next_id(&self) -> Result<u64, StoreError>;
+    async fn next_id(&self) -> Result<u64, StoreError>;
 
     /// Write a job durably (on disk before returning).
     ///
@@ -292,7 +292,7 @@ pub trait JobStore {
     ///
     /// # Errors
     /// Database failure.
-    fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError>;
+    async fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError>;
 
     /// Make everything written so far durable.
     ///
@@ -304,29 +304,29 @@ pub trait JobStore {
     ///
     /// # Errors
     /// [`StoreError::NotFound`], or a decode failure.
-    fn get(&self, id: u64) -> Result<Job, StoreError>;
+    async fn get(&self, id: u64) -> Result<Job, StoreError>;
 
     /// One page of jobs in id order (or newest first), at most
     /// `query.limit`: the cost of a page does not grow with history.
     ///
     /// # Errors
     /// Database or decode failure.
-    fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError>;
+    async fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError>;
 
     /// How many jobs are in each state, without reading them.
-    fn counts(&self) -> std::collections::BTreeMap<JobState, u64>;
+    async fn counts(&self) -> std::collections::BTreeMap<JobState, u64>;
 
     /// Every job, oldest first.
     ///
     /// # Errors
     /// Database or decode failure.
-    fn all(&self) -> Result<Vec<Job>, StoreError>;
+    async fn all(&self) -> Result<Vec<Job>, StoreError>;
 
     /// The latest job for a watch-relative path.
     ///
     /// # Errors
     /// Database or decode failure.
-    fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError>;
+    async fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError>;
 
     /// Remember that `job` delivers content with this fingerprint: recorded
     /// before its upload starts (so a job with the same content waits for
@@ -334,7 +334,7 @@ pub trait JobStore {
     ///
     /// # Errors
     /// Database failure.
-    fn record_content(&self, provider: &str, fingerprint: &str, job: u64)
+    async fn record_content(&self, provider: &str, fingerprint: &str, job: u64)
     -> Result<(), StoreError>;
 
     /// Jobs that delivered, or are delivering, content with this
@@ -342,7 +342,7 @@ pub trait JobStore {
     ///
     /// # Errors
     /// Database failure.
-    fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError>;
+    async fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError>;
 }
 
 /// Which jobs a page holds.
@@ -390,53 +390,53 @@ impl JobStore for Store {
         forward!(self, s => s.installation())
     }
 
-    fn next_id(&self) -> Result<u64, StoreError> {
-        forward!(self, s => s.next_id())
+    async fn next_id(&self) -> Result<u64, StoreError> {
+        forward!(self, s => s.next_id().await)
     }
 
     async fn put(&self, job: &mut Job) -> Result<(), StoreError> {
         forward!(self, s => s.put(job).await)
     }
 
-    fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
-        forward!(self, s => s.put_buffered(job))
+    async fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
+        forward!(self, s => s.put_buffered(job).await)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
         forward!(self, s => s.flush().await)
     }
 
-    fn get(&self, id: u64) -> Result<Job, StoreError> {
-        forward!(self, s => s.get(id))
+    async fn get(&self, id: u64) -> Result<Job, StoreError> {
+        forward!(self, s => s.get(id).await)
     }
 
-    fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {
-        forward!(self, s => s.page(query))
+    async fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {
+        forward!(self, s => s.page(query).await)
     }
 
-    fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
-        forward!(self, s => s.counts())
+    async fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
+        forward!(self, s => s.counts().await)
     }
 
-    fn all(&self) -> Result<Vec<Job>, StoreError> {
-        forward!(self, s => s.all())
+    async fn all(&self) -> Result<Vec<Job>, StoreError> {
+        forward!(self, s => s.all().await)
     }
 
-    fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError> {
-        forward!(self, s => s.latest_for(watch, relpath))
+    async fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError> {
+        forward!(self, s => s.latest_for(watch, relpath).await)
     }
 
-    fn record_content(
+    async fn record_content(
         &self,
         provider: &str,
         fingerprint: &str,
         job: u64,
     ) -> Result<(), StoreError> {
-        forward!(self, s => s.record_content(provider, fingerprint, job))
+        forward!(self, s => s.record_content(provider, fingerprint, job).await)
     }
 
-    fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
-        forward!(self, s => s.jobs_with_content(provider, fingerprint))
+    async fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
+        forward!(self, s => s.jobs_with_content(provider, fingerprint).await)
     }
 }
 
@@ -500,7 +500,7 @@ mod tests {
         let state = dir.path().join("state");
         {
             let store = Store::open(&state).unwrap();
-            let id = store.next_id().unwrap();
+            let id = store.next_id().await.unwrap();
             let mut job = Job::new(
                 id,
                 "w",
@@ -510,7 +510,7 @@ mod tests {
                 "p",
             );
             store.put(&mut job).await.unwrap();
-            store.record_content("p", "fp", id).unwrap();
+            store.record_content("p", "fp", id).await.unwrap();
             store.flush().await.unwrap();
         }
         use std::os::unix::fs::PermissionsExt;
@@ -518,12 +518,12 @@ mod tests {
         assert_eq!(mode, 0o700);
         let store = Store::open(&state).unwrap();
         let job = store
-            .latest_for("w", Path::new("a/b.mp4"))
+            .latest_for("w", Path::new("a/b.mp4")).await
             .unwrap()
             .unwrap();
         assert_eq!(job.state, JobState::Queued);
-        assert_eq!(store.jobs_with_content("p", "fp").unwrap(), vec![job.id]);
-        assert!(store.next_id().unwrap() > job.id);
+        assert_eq!(store.jobs_with_content("p", "fp").await.unwrap(), vec![job.id]);
+        assert!(store.next_id().await.unwrap() > job.id);
     }
 
     #[test]
@@ -573,7 +573,7 @@ mod tests {
                     tasks.spawn(async move {
                         for n in 0..20 {
                             let relpath = PathBuf::from(format!("{task}/{n}.mp4"));
-                            let id = store.next_id().unwrap();
+                            let id = store.next_id().await.unwrap();
                             let mut job = Job::new(id, "w", &relpath, &relpath, signature(), "p");
                             store.put(&mut job).await.unwrap();
                         }
@@ -588,7 +588,12 @@ mod tests {
         done_rx
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("640 concurrent puts finish within a minute");
-        assert_eq!(store.all().unwrap().len(), 32 * 20);
+        let all = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(store.all())
+            .unwrap();
+        assert_eq!(all.len(), 32 * 20);
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl JobStore for SledStore {
         &self.installation
     }
 
-    fn next_id(&self) -> Result<u64, StoreError> {
+    async fn next_id(&self) -> Result<u64, StoreError> {
         // A plain counter, not sled's generate_id (which leaps by a million
         // after every restart): operators type these ids into `retry`.
         let next = self.meta.update_and_fetch("next_job_id", |old| {
@@ -110,11 +110,11 @@ impl JobStore for SledStore {
     }
 
     async fn put(&self, job: &mut Job) -> Result<(), StoreError> {
-        self.put_buffered(job)?;
+        self.put_buffered(job).await?;
         self.flush().await
     }
 
-    fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
+    async fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
         job.updated_at = jiff::Timestamp::now();
         let bytes = serde_json::to_vec(job).map_err(|source| StoreError::Decode {
             key: job.id.to_string(),
@@ -143,7 +143,7 @@ impl JobStore for SledStore {
             .map_err(|e| StoreError::from(sled::Error::Io(std::io::Error::other(e))))
     }
 
-    fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {
+    async fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {
         let matches = |job: &Job| query.state.is_none_or(|s| job.state == s);
         let mut out = Vec::new();
         let mut take = |entry: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, StoreError> {
@@ -172,11 +172,11 @@ impl JobStore for SledStore {
         Ok(out)
     }
 
-    fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
+    async fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
         self.counts.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
-    fn get(&self, id: u64) -> Result<Job, StoreError> {
+    async fn get(&self, id: u64) -> Result<Job, StoreError> {
         let bytes = self
             .jobs
             .get(id.to_be_bytes())?
@@ -184,7 +184,7 @@ impl JobStore for SledStore {
         decode(&bytes)
     }
 
-    fn all(&self) -> Result<Vec<Job>, StoreError> {
+    async fn all(&self) -> Result<Vec<Job>, StoreError> {
         self.jobs
             .iter()
             .map(|entry| {
@@ -194,12 +194,12 @@ impl JobStore for SledStore {
             .collect()
     }
 
-    fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError> {
+    async fn latest_for(&self, watch: &str, relpath: &Path) -> Result<Option<Job>, StoreError> {
         match self.sources.get(source_key(watch, relpath))? {
             None => Ok(None),
             Some(id) => {
                 let id = u64::from_be_bytes(id.as_ref().try_into().unwrap_or([0; 8]));
-                match self.get(id) {
+                match self.get(id).await {
                     Ok(job) => Ok(Some(job)),
                     Err(StoreError::NotFound(_)) => Ok(None),
                     Err(e) => Err(e),
@@ -208,14 +208,14 @@ impl JobStore for SledStore {
         }
     }
 
-    fn record_content(
+    async fn record_content(
         &self,
         provider: &str,
         fingerprint: &str,
         job: u64,
     ) -> Result<(), StoreError> {
         let key = delivered_key(provider, fingerprint);
-        let mut ids = self.jobs_with_content(provider, fingerprint)?;
+        let mut ids = self.jobs_with_content(provider, fingerprint).await?;
         if !ids.contains(&job) {
             ids.push(job);
         }
@@ -224,7 +224,7 @@ impl JobStore for SledStore {
         Ok(())
     }
 
-    fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
+    async fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
         let Some(bytes) = self.delivered.get(delivered_key(provider, fingerprint))? else {
             return Ok(Vec::new());
         };

@@ -549,11 +549,11 @@ impl Engine {
         let provider = &handle.config.name;
         let _claiming = self.content_claims.lock().await;
         let mut in_flight = None;
-        for id in self.store.jobs_with_content(provider, &fingerprint)? {
+        for id in self.store.jobs_with_content(provider, &fingerprint).await? {
             if id == job.id {
                 continue;
             }
-            let Ok(earlier) = self.store.get(id) else {
+            let Ok(earlier) = self.store.get(id).await else {
                 continue;
             };
             if earlier.state == JobState::Done {
@@ -574,7 +574,7 @@ impl Engine {
         if let Some(id) = in_flight {
             return Ok(SameContent::InFlight(id));
         }
-        self.store.record_content(provider, &fingerprint, job.id)?;
+        self.store.record_content(provider, &fingerprint, job.id).await?;
         Ok(SameContent::None)
     }
 
