@@ -403,8 +403,10 @@ fn explain(config: &Config, router: &Router, path: &Path) -> Result<String, Stri
 
 /// Open the store for an offline command, explaining a lock held by a daemon
 /// that did not answer on its socket.
-fn open_store(config: &Config) -> Result<Store, CliError> {
-    Store::open(&config.state_dir).map_err(|e| CliError::Runtime(anyhow::Error::new(e)))
+async fn open_store(config: &Config) -> Result<Store, CliError> {
+    Store::open_configured(config)
+        .await
+        .map_err(|e| CliError::Runtime(anyhow::Error::new(e)))
 }
 
 async fn status(config: &Config, json: bool) -> Result<(), CliError> {
@@ -421,7 +423,7 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 "the daemon answered something else"
             )));
         }
-        None => jobs::status(&open_store(config)?, None)
+        None => jobs::status(&open_store(config).await?, None)
             .await
             .context("cannot read jobs")?,
     };
@@ -551,7 +553,7 @@ async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliEr
             )));
         }
         None => {
-            let store = open_store(config)?;
+            let store = open_store(config).await?;
             let mut ids = ids;
             if failed {
                 let all = store.all().await.context("cannot read jobs")?;

@@ -137,21 +137,21 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     /// The HTTP status API could not listen.
     #[error(
-        "cannot listen on http.listen {listen}: {source}; choose a free address or remove `http:`"
+        "cannot listen on http.listen {listen}: {error}; choose a free address or remove `http:`"
     )]
     Http {
         /// The configured address.
         listen: String,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (said once: not also a source).
+        error: std::io::Error,
     },
     /// The control socket could not be set up.
-    #[error("cannot open the control socket {path}: {source}")]
+    #[error("cannot open the control socket {path}: {error}")]
     Control {
         /// Socket path.
         path: std::path::PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (said once: not also a source).
+        error: std::io::Error,
     },
 }
 
@@ -161,7 +161,7 @@ pub enum DaemonError {
 /// [`DaemonError`] when it cannot start; run-time problems are logged and
 /// recorded on their jobs instead.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let store = Store::open(&config.state_dir)?;
+    let store = Store::open_configured(&config).await?;
     // Jobs that resume hold their sources before any watch looks, so that
     // a scan neither takes them as new nor calls them vanished when filed.
     let unfinished: Vec<Job> = store
@@ -212,15 +212,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(http) => Some(
             crate::api::serve(ctx.jobs.clone(), &http.listen, stop_rx.clone())
                 .await
-                .map_err(|source| DaemonError::Http {
+                .map_err(|error| DaemonError::Http {
                     listen: http.listen.clone(),
-                    source,
+                    error,
                 })?,
         ),
         None => None,
     };
     let control = crate::control::serve(ctx.jobs.clone(), stop_rx.clone())
-        .map_err(|(path, source)| DaemonError::Control { path, source })?;
+        .map_err(|(path, error)| DaemonError::Control { path, error })?;
 
     // Resume what was in flight.
     let resumed = unfinished.len();

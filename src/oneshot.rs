@@ -42,7 +42,7 @@ pub async fn upload(
     files: &[PathBuf],
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Vec<Outcome>> {
-    let store = Store::open(&config.state_dir)?;
+    let store = Store::open_configured(&config).await?;
     let router = Router::new(&config);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ctx, _jobs) = Context::new(

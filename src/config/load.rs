@@ -51,6 +51,7 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     http: Option<RawHttp>,
+    store: Option<RawStore>,
     #[serde(default)]
     defaults: RawDefaults,
     #[serde(default)]
@@ -68,6 +69,17 @@ struct RawLog {
     level: Option<Text>,
     #[serde(default)]
     format: LogFormat,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(rename = "type")]
+    kind: Text,
+    url: Option<Secret>,
+    url_file: Option<Text>,
+    node: Option<Text>,
+    lease: Option<Dur>,
 }
 
 #[derive(Deserialize)]
@@ -457,6 +469,8 @@ impl Resolver<'_> {
             ));
         }
 
+        let store = self.store(raw.store)?;
+
         let mut watches = Vec::new();
         for (i, watch) in raw.watches.into_iter().enumerate() {
             watches.push(self.watch(i, watch, defaults)?);
@@ -496,6 +510,7 @@ impl Resolver<'_> {
                 format: raw.log.format,
             },
             http,
+            store,
             watches,
             providers,
             rules,
@@ -503,6 +518,76 @@ impl Resolver<'_> {
         };
         self.check_folders(&config)?;
         Ok(config)
+    }
+
+    fn store(&self, raw: Option<RawStore>) -> Result<StoreConfig, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(StoreConfig::Sled);
+        };
+        let only_for_postgres = [
+            ("url", raw.url.is_some()),
+            ("url_file", raw.url_file.is_some()),
+            ("node", raw.node.is_some()),
+            ("lease", raw.lease.is_some()),
+        ];
+        match raw.kind.trim() {
+            "sled" => {
+                if let Some((key, _)) = only_for_postgres.iter().find(|(_, set)| *set) {
+                    return Err(self.error(
+                        &format!("store.{key}"),
+                        "is a setting of `type: postgres`; the sled store (one box) lives in state_dir",
+                    ));
+                }
+                Ok(StoreConfig::Sled)
+            }
+            "postgres" => {
+                let url = self
+                    .secret("store.url", raw.url, raw.url_file.as_ref())?
+                    .ok_or_else(|| {
+                        self.error(
+                            "store.url",
+                            "a postgres store needs `url: postgres://USER@HOST/DB` (or url_file)",
+                        )
+                    })?;
+                let scheme_ok = ["postgres://", "postgresql://"]
+                    .iter()
+                    .any(|scheme| url.expose().starts_with(scheme));
+                if !scheme_ok {
+                    return Err(self.error(
+                        "store.url",
+                        "is not a PostgreSQL URL: it starts with postgres:// (postgres://USER@HOST:5432/DB)",
+                    ));
+                }
+                if let Err(e) = url.expose().parse::<sqlx::postgres::PgConnectOptions>() {
+                    // sqlx's message never quotes the URL (it may hold a password).
+                    return Err(self.error(
+                        "store.url",
+                        format!(
+                            "is not a PostgreSQL URL such as postgres://USER@HOST:5432/DB ({e})"
+                        ),
+                    ));
+                }
+                let node = match raw.node {
+                    Some(node) => node.0.trim().to_string(),
+                    None => host_name(),
+                };
+                if node.is_empty() || node.len() > 63 {
+                    return Err(self.error(
+                        "store.node",
+                        "a node name is 1 to 63 characters, unique in the fleet",
+                    ));
+                }
+                let lease = raw.lease.map_or(Duration::from_secs(30), |d| d.0);
+                if lease < Duration::from_secs(2) {
+                    return Err(self.error("store.lease", "must be at least 2s"));
+                }
+                Ok(StoreConfig::Postgres { url, node, lease })
+            }
+            other => Err(self.error(
+                "store.type",
+                format!("unknown store type {other:?}; use sled (one box) or postgres (a fleet)"),
+            )),
+        }
     }
 
     fn watch(
@@ -983,6 +1068,18 @@ fn check_filesystem(config: &Config, index: &PositionIndex) -> Result<(), Config
         });
     }
     Ok(())
+}
+
+/// This machine's host name: the default node name in a fleet.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Status API; `None` disables it.
     pub http: Option<HttpConfig>,
+    /// Where jobs are kept: sled in `state_dir` (one box) or PostgreSQL (a fleet).
+    pub store: StoreConfig,
     /// The watched folders, with defaults merged in.
     pub watches: Vec<WatchConfig>,
     /// Upload targets by name.
@@ -81,6 +83,24 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// The job store.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum StoreConfig {
+    /// The embedded sled database in `state_dir`: one box.
+    Sled,
+    /// A PostgreSQL database shared by the nodes of a fleet.
+    Postgres {
+        /// Connection URL (may hold a password: a secret).
+        url: Secret,
+        /// This node's name, unique in the fleet (default: the host name).
+        node: String,
+        /// How long a node holds a job without renewing its claim.
+        #[serde(serialize_with = "ser_duration")]
+        lease: Duration,
+    },
 }
 
 /// The HTTP status API settings.

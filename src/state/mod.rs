@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod paths;
+mod pg_store;
 mod sled_store;
 
+pub use self::pg_store::PgStore;
 pub use self::sled_store::SledStore;
 use crate::hashing::ResumableSha256;
 pub use crate::lifecycle::JobState;
@@ -261,6 +263,20 @@ pub enum StoreError {
     /// No such job.
     #[error("no job {0}; `hotfolder status` lists the jobs")]
     NotFound(u64),
+    /// The fleet database failed a statement (unreachable, restarting,
+    /// refusing): the work is retried, nothing is lost.
+    #[error("the fleet database failed: {0}")]
+    Database(String),
+    /// The fleet database was migrated by a newer hotfolder.
+    #[error(
+        "the fleet database has schema version {found}, this hotfolder knows up to {known}; upgrade this node"
+    )]
+    SchemaTooNew {
+        /// The database's version.
+        found: usize,
+        /// The newest this build knows.
+        known: usize,
+    },
 }
 
 /// What a job store must do, whatever keeps the records: one versioned
@@ -334,15 +350,23 @@ pub trait JobStore {
     ///
     /// # Errors
     /// Database failure.
-    async fn record_content(&self, provider: &str, fingerprint: &str, job: u64)
-    -> Result<(), StoreError>;
+    async fn record_content(
+        &self,
+        provider: &str,
+        fingerprint: &str,
+        job: u64,
+    ) -> Result<(), StoreError>;
 
     /// Jobs that delivered, or are delivering, content with this
     /// fingerprint to this provider (their states say which).
     ///
     /// # Errors
     /// Database failure.
-    async fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError>;
+    async fn jobs_with_content(
+        &self,
+        provider: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<u64>, StoreError>;
 }
 
 /// Which jobs a page holds.
@@ -365,6 +389,8 @@ pub struct Page {
 pub enum Store {
     /// The embedded sled database in `state_dir`.
     Sled(SledStore),
+    /// A PostgreSQL database shared by a fleet.
+    Postgres(PgStore),
 }
 
 impl Store {
@@ -375,12 +401,28 @@ impl Store {
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         SledStore::open(state_dir).map(Store::Sled)
     }
+
+    /// Open the store the config names.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] naming what failed.
+    pub async fn open_configured(config: &crate::config::Config) -> Result<Self, StoreError> {
+        match &config.store {
+            crate::config::StoreConfig::Sled => Self::open(&config.state_dir),
+            crate::config::StoreConfig::Postgres { url, .. } => {
+                // The control socket lives in state_dir whatever the store.
+                prepare_state_dir(&config.state_dir)?;
+                PgStore::open(url.expose()).await.map(Store::Postgres)
+            }
+        }
+    }
 }
 
 macro_rules! forward {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
             Store::Sled($s) => $call,
+            Store::Postgres($s) => $call,
         }
     };
 }
@@ -435,7 +477,11 @@ impl JobStore for Store {
         forward!(self, s => s.record_content(provider, fingerprint, job).await)
     }
 
-    async fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
+    async fn jobs_with_content(
+        &self,
+        provider: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<u64>, StoreError> {
         forward!(self, s => s.jobs_with_content(provider, fingerprint).await)
     }
 }
@@ -518,11 +564,15 @@ mod tests {
         assert_eq!(mode, 0o700);
         let store = Store::open(&state).unwrap();
         let job = store
-            .latest_for("w", Path::new("a/b.mp4")).await
+            .latest_for("w", Path::new("a/b.mp4"))
+            .await
             .unwrap()
             .unwrap();
         assert_eq!(job.state, JobState::Queued);
-        assert_eq!(store.jobs_with_content("p", "fp").await.unwrap(), vec![job.id]);
+        assert_eq!(
+            store.jobs_with_content("p", "fp").await.unwrap(),
+            vec![job.id]
+        );
         assert!(store.next_id().await.unwrap() > job.id);
     }
 

@@ -224,7 +224,11 @@ impl JobStore for SledStore {
         Ok(())
     }
 
-    async fn jobs_with_content(&self, provider: &str, fingerprint: &str) -> Result<Vec<u64>, StoreError> {
+    async fn jobs_with_content(
+        &self,
+        provider: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<u64>, StoreError> {
         let Some(bytes) = self.delivered.get(delivered_key(provider, fingerprint))? else {
             return Ok(Vec::new());
         };

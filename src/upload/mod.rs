@@ -574,7 +574,9 @@ impl Engine {
         if let Some(id) = in_flight {
             return Ok(SameContent::InFlight(id));
         }
-        self.store.record_content(provider, &fingerprint, job.id).await?;
+        self.store
+            .record_content(provider, &fingerprint, job.id)
+            .await?;
         Ok(SameContent::None)
     }
 

@@ -151,7 +151,14 @@ impl Postgres {
         let data = self.data();
         self.run_checked(
             "pg_ctl",
-            &["-D", data.to_str().expect("utf-8 path"), "-m", "fast", "-w", "stop"],
+            &[
+                "-D",
+                data.to_str().expect("utf-8 path"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
         );
     }
 
@@ -172,12 +179,23 @@ impl Postgres {
         let port = self.port.to_string();
         let mut last = String::new();
         // A server that just started may still refuse for a moment.
-        let answer = wait_for("psql to answer", Duration::from_secs(30), || {
+        wait_for("psql to answer", Duration::from_secs(30), || {
             let out = self.run(
                 "psql",
                 &[
-                    "-h", "127.0.0.1", "-p", &port, "-U", ROLE, "-d", db, "-At", "-v",
-                    "ON_ERROR_STOP=1", "-c", statement,
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    ROLE,
+                    "-d",
+                    db,
+                    "-At",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    statement,
                 ],
             );
             last = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -188,8 +206,7 @@ impl Postgres {
             } else {
                 panic!("{statement}: {last}")
             }
-        });
-        answer
+        })
     }
 
     /// The folder holding the cluster (for a look after a failure).
@@ -203,7 +220,14 @@ impl Drop for Postgres {
         let data = self.data();
         let _ = self.run(
             "pg_ctl",
-            &["-D", data.to_str().unwrap_or_default(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                data.to_str().unwrap_or_default(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
     }
 }

@@ -1,0 +1,335 @@
+//! The job store in PostgreSQL, for a fleet of nodes on one share: the
+//! same records as the sled store (a job is one JSON document with a
+//! version), in tables every node reads and writes. The schema comes from
+//! versioned migrations applied at start inside one transaction, under an
+//! advisory lock so that nodes starting together apply each once; a node
+//! refuses a schema newer than it knows.
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::{Job, JobState, Page, StoreError, decode};
+
+/// The schema, one migration per version, applied in order. Never edit a
+/// released one: add the next.
+const MIGRATIONS: &[&str] = &[
+    // 1: jobs, the path index, content fingerprints, the installation id.
+    "CREATE TABLE hotfolder_meta (key text PRIMARY KEY, value text NOT NULL);
+     CREATE SEQUENCE hotfolder_job_ids;
+     CREATE TABLE hotfolder_jobs (
+         id bigint PRIMARY KEY,
+         watch text NOT NULL,
+         relpath bytea NOT NULL,
+         state text NOT NULL,
+         record jsonb NOT NULL,
+         updated_at timestamptz NOT NULL DEFAULT now()
+     );
+     CREATE INDEX hotfolder_jobs_by_path ON hotfolder_jobs (watch, relpath, id);
+     CREATE INDEX hotfolder_jobs_by_state ON hotfolder_jobs (state, id);
+     CREATE TABLE hotfolder_content (
+         provider text NOT NULL,
+         fingerprint text NOT NULL,
+         job bigint NOT NULL,
+         PRIMARY KEY (provider, fingerprint, job)
+     );",
+];
+
+/// Any number: the advisory lock that serialises migrations across nodes.
+const MIGRATION_LOCK: i64 = 0x686f_7466_6f6c_6472;
+
+/// The PostgreSQL store. Cheap to clone (a pool).
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    installation: Arc<str>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("PgStore")
+            .field("installation", &self.installation)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+impl PgStore {
+    /// Connect, apply the migrations this build knows, read (or make) the
+    /// installation id.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] naming what failed (never the URL's password),
+    /// or [`StoreError::SchemaTooNew`].
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Open {
+            path: "store.url".into(),
+            reason: format!("not a PostgreSQL URL: {e}"),
+        })?;
+        let target = format!(
+            "postgres://{}:{}/{}",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or_default()
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Open {
+                path: target.clone().into(),
+                reason: format!(
+                    "cannot connect: {e}; check store.url, the server and the role's password"
+                ),
+            })?;
+        migrate(&pool).await.map_err(|e| match e {
+            StoreError::Database(reason) => StoreError::Open {
+                path: target.clone().into(),
+                reason: format!("cannot prepare the schema: {reason}"),
+            },
+            other => other,
+        })?;
+        let fresh = format!("{:016x}", rand::random::<u64>());
+        sqlx::query(
+            "INSERT INTO hotfolder_meta (key, value) VALUES ('installation', $1) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&fresh)
+        .execute(&pool)
+        .await
+        .map_err(unavailable)?;
+        let installation: String =
+            sqlx::query_scalar("SELECT value FROM hotfolder_meta WHERE key = 'installation'")
+                .fetch_one(&pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(PgStore {
+            pool,
+            installation: installation.into(),
+        })
+    }
+
+    pub(super) fn installation(&self) -> &str {
+        &self.installation
+    }
+
+    pub(super) async fn next_id(&self) -> Result<u64, StoreError> {
+        let id: i64 = sqlx::query_scalar("SELECT nextval('hotfolder_job_ids')")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(id as u64)
+    }
+
+    /// Durable when the statement returns (the commit is synchronous).
+    pub(super) async fn put(&self, job: &mut Job) -> Result<(), StoreError> {
+        job.updated_at = jiff::Timestamp::now();
+        let record = serde_json::to_string(job).map_err(|source| StoreError::Decode {
+            key: job.id.to_string(),
+            source,
+        })?;
+        sqlx::query(
+            "INSERT INTO hotfolder_jobs (id, watch, relpath, state, record, updated_at)
+             VALUES ($1, $2, $3, $4, $5::jsonb, now())
+             ON CONFLICT (id) DO UPDATE SET watch = EXCLUDED.watch, relpath = EXCLUDED.relpath,
+                 state = EXCLUDED.state, record = EXCLUDED.record, updated_at = now()",
+        )
+        .bind(job.id as i64)
+        .bind(&job.watch)
+        .bind(job.relpath.as_os_str().as_bytes())
+        .bind(job.state.as_str())
+        .bind(record)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The same as [`PgStore::put`]: every commit is durable.
+    pub(super) async fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
+        self.put(job).await
+    }
+
+    /// Nothing to do: every statement was committed durably.
+    pub(super) async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    pub(super) async fn get(&self, id: u64) -> Result<Job, StoreError> {
+        let row = sqlx::query("SELECT record::text AS record FROM hotfolder_jobs WHERE id = $1")
+            .bind(id as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .ok_or(StoreError::NotFound(id))?;
+        decode_row(&row)
+    }
+
+    pub(super) async fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {
+        let state = query.state.map(|s| s.as_str());
+        let limit = query.limit.min(i64::MAX as usize) as i64;
+        let sql = if query.newest_first {
+            "SELECT record::text AS record FROM hotfolder_jobs
+             WHERE id < $1 AND ($2::text IS NULL OR state = $2) ORDER BY id DESC LIMIT $3"
+        } else {
+            "SELECT record::text AS record FROM hotfolder_jobs
+             WHERE id > $1 AND ($2::text IS NULL OR state = $2) ORDER BY id LIMIT $3"
+        };
+        let bound = match (query.newest_first, query.after) {
+            (true, Some(after)) => after as i64,
+            (true, None) => i64::MAX,
+            (false, Some(after)) => after as i64,
+            (false, None) => 0,
+        };
+        sqlx::query(sql)
+            .bind(bound)
+            .bind(state)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(decode_row)
+            .collect()
+    }
+
+    pub(super) async fn counts(&self) -> BTreeMap<JobState, u64> {
+        let rows = sqlx::query("SELECT state, count(*) AS n FROM hotfolder_jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await;
+        let mut counts = BTreeMap::new();
+        match rows {
+            Ok(rows) => {
+                for row in rows {
+                    let state: String = row.get("state");
+                    let n: i64 = row.get("n");
+                    if let Some(state) = crate::lifecycle::STATES
+                        .iter()
+                        .find(|s| s.as_str() == state)
+                    {
+                        counts.insert(*state, n as u64);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot count jobs by state"),
+        }
+        counts
+    }
+
+    pub(super) async fn all(&self) -> Result<Vec<Job>, StoreError> {
+        sqlx::query("SELECT record::text AS record FROM hotfolder_jobs ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(decode_row)
+            .collect()
+    }
+
+    pub(super) async fn latest_for(
+        &self,
+        watch: &str,
+        relpath: &Path,
+    ) -> Result<Option<Job>, StoreError> {
+        sqlx::query(
+            "SELECT record::text AS record FROM hotfolder_jobs
+             WHERE watch = $1 AND relpath = $2 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(watch)
+        .bind(relpath.as_os_str().as_bytes())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .as_ref()
+        .map(decode_row)
+        .transpose()
+    }
+
+    pub(super) async fn record_content(
+        &self,
+        provider: &str,
+        fingerprint: &str,
+        job: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO hotfolder_content (provider, fingerprint, job) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(provider)
+        .bind(fingerprint)
+        .bind(job as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn jobs_with_content(
+        &self,
+        provider: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<u64>, StoreError> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT job FROM hotfolder_content WHERE provider = $1 AND fingerprint = $2 ORDER BY job",
+        )
+        .bind(provider)
+        .bind(fingerprint)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(ids.into_iter().map(|id| id as u64).collect())
+    }
+}
+
+fn decode_row(row: &sqlx::postgres::PgRow) -> Result<Job, StoreError> {
+    let record: String = row.try_get("record").map_err(unavailable)?;
+    decode(record.as_bytes())
+}
+
+/// Apply the migrations the database has not seen, in one transaction under
+/// an advisory lock; refuse a database migrated by a newer hotfolder.
+async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS hotfolder_schema (version integer NOT NULL)")
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let current: Option<i32> = sqlx::query_scalar("SELECT max(version) FROM hotfolder_schema")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let current = current.unwrap_or(0) as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(current) {
+        sqlx::raw_sql(migration)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("INSERT INTO hotfolder_schema (version) VALUES ($1)")
+            .bind(index as i32 + 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tracing::info!(version = index + 1, "store schema migrated");
+    }
+    tx.commit().await.map_err(unavailable)
+}
