@@ -164,11 +164,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let store = Store::open_configured(&config).await?;
     // Jobs that resume hold their sources before any watch looks, so that
     // a scan neither takes them as new nor calls them vanished when filed.
+    // In a fleet, this node's name is its own while it lives; it resumes
+    // the jobs it ran (taking over a dead node's jobs comes with leases).
+    let member = match (&store, &config.store) {
+        (Store::Postgres(pg), crate::config::StoreConfig::Postgres { node, lease, .. }) => {
+            Some((pg.join(node, *lease).await?, *lease))
+        }
+        _ => None,
+    };
+    let mine = config.store.node().map(str::to_string);
     let unfinished: Vec<Job> = store
         .all()
         .await?
         .into_iter()
-        .filter(|job| !job.state.is_terminal())
+        .filter(|job| !job.state.is_terminal() && job.node == mine)
         .collect();
     let held = Arc::new(HeldSources::default());
     for job in &unfinished {
@@ -238,6 +247,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut dispatch = Dispatch::default();
     // Free heap pages go back to the system now and then: after a burst the
     // process does not keep its high-water mark for months.
+    let heartbeat_every = member
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |(_, lease)| *lease / 3);
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut give_back = tokio::time::interval(GIVE_BACK_MEMORY_EVERY);
     give_back.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut store_failed = ctx.store_failed.subscribe();
@@ -262,6 +276,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }
             }
             Some(job) = job_rx.recv() => dispatch.offer(&ctx, &mut jobs, job),
+            _ = heartbeat.tick(), if member.is_some() => {
+                if let Some((member, _)) = &member {
+                    match member.heartbeat().await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::error!("another node has taken this node's name (this one was presumed dead); stopping");
+                            break;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "heartbeat to the fleet database failed; trying again"),
+                    }
+                }
+            }
             _ = give_back.tick() => {
                 tokio::task::spawn_blocking(crate::memory::give_back_free_memory);
             }
@@ -302,6 +328,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         });
     }
     ctx.store.flush().await?;
+    if let Some((member, _)) = &member {
+        member.leave().await;
+    }
     crate::control::remove_socket(&ctx.config.state_dir);
     tracing::info!("stopped; state flushed");
     Ok(())
@@ -416,7 +445,11 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
         note_failure(&mut job, &ProviderError::new(ErrorKind::Permanent, reason));
         job.apply(Outcome::Permanent);
     }
-    ctx.store.put(&mut job).await?;
+    job.node = ctx.config.store.node().map(str::to_string);
+    if !ctx.store.create(&mut job).await? {
+        tracing::debug!(watch = %file.watch, file = %file.relpath.display(), "another node of the fleet took this file at the same moment");
+        return Ok(());
+    }
     tracing::info!(job = job.id, watch = %job.watch, file = %job.relpath.display(), provider = %job.provider, "new job");
     ctx.spawn_job(job);
     Ok(())

@@ -16,7 +16,7 @@ use common::{ConfigParts, Fixture, in_state, wait_for_outcome, write_random};
 fn fleet_fixture(url: &str, node: &str) -> Fixture {
     let fx = Fixture::new();
     fx.write_config_parts(ConfigParts {
-        top: &format!("store: {{ type: postgres, url: \"{url}\", node: {node} }}"),
+        top: &format!("store: {{ type: postgres, url: \"{url}\", node: {node}, lease: 2s }}"),
         ..ConfigParts::default()
     });
     fx
@@ -67,7 +67,7 @@ fn kill_9_mid_upload_resumes_from_the_database() {
     let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
     let fx = Fixture::new();
     fx.write_config_parts(ConfigParts {
-        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a }}"),
+        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
         providers: &format!(
             "t: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
             sandbox.endpoint()
@@ -163,4 +163,110 @@ fn bad_store_settings_are_refused_clearly() {
     let (code, text) = run_with("store: { type: sled, node: a }");
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("store.node"), "{text}");
+}
+
+/// Start `hotfolder run -c <config>` (another node's config beside the
+/// fixture's); waits until it runs.
+fn start_node(fx: &Fixture, config: &std::path::Path) -> common::Daemon {
+    let log = config.with_extension("log");
+    let file = std::fs::File::create(&log).expect("log file");
+    let child = std::process::Command::new(common::bin())
+        .arg("run")
+        .arg("-c")
+        .arg(config)
+        .current_dir(&fx.root)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().expect("log clone"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn a node");
+    let daemon = common::Daemon { child, log };
+    common::wait_for("the node to start", Duration::from_secs(20), || {
+        daemon.log().contains("hotfolder running").then_some(())
+    });
+    daemon
+}
+
+/// The fixture's config as node `node` with its own state_dir.
+fn node_config(fx: &Fixture, node: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&fx.config).expect("config");
+    let text = text
+        .replace("state_dir: ./state", &format!("state_dir: ./state-{node}"))
+        .replace("node: node-a", &format!("node: {node}"));
+    let path = fx.root.join(format!("{node}.yaml"));
+    std::fs::write(&path, text).expect("write node config");
+    path
+}
+
+#[test]
+fn two_nodes_on_one_folder_deliver_each_file_once() {
+    let pg = Postgres::start();
+    let url = pg.database("two");
+    let fx = fleet_fixture(&url, "node-a");
+    let _a = fx.start();
+    let _b = start_node(&fx, &node_config(&fx, "node-b"));
+    // Written elsewhere and moved in at once: both nodes see every file
+    // become stable at the same moment.
+    let staging = fx.root.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    const FILES: u64 = 200;
+    for n in 0..FILES {
+        write_random(&staging.join(format!("f{n:03}.mp4")), 2_000 + n, n);
+    }
+    std::fs::rename(&staging, fx.watch.join("batch")).unwrap();
+    common::wait_for("every file in done/", Duration::from_secs(120), || {
+        let done = Fixture::files_in(&fx.done.join("batch"));
+        (done.iter().filter(|f| f.ends_with(".mp4")).count() as u64 == FILES).then_some(())
+    });
+    let done = Fixture::files_in(&fx.done.join("batch"));
+    let receipts = done.iter().filter(|f| f.ends_with(".receipt.json")).count() as u64;
+    assert_eq!(receipts, FILES, "one receipt each: {done:?}");
+    assert!(
+        done.iter().all(|f| !f.contains("-1.mp4")),
+        "no second copy in done/: {done:?}"
+    );
+    let delivered = Fixture::files_in(&fx.outbox.join("batch"));
+    assert_eq!(delivered.len() as u64, FILES, "{delivered:?}");
+    assert_eq!(
+        pg.sql("two", "SELECT count(*) FROM hotfolder_jobs"),
+        FILES.to_string(),
+        "one job per file"
+    );
+    let by_node = pg.sql(
+        "two",
+        "SELECT count(DISTINCT record->>'node') FROM hotfolder_jobs",
+    );
+    println!("jobs ran on {by_node} nodes");
+}
+
+#[test]
+fn a_second_live_node_with_the_same_name_is_refused() {
+    let pg = Postgres::start();
+    let url = pg.database("names");
+    let fx = fleet_fixture(&url, "node-a");
+    let mut first = fx.start();
+    // Another state_dir, the same node name.
+    let twin = node_config(&fx, "node-a");
+    let text = std::fs::read_to_string(&twin).unwrap();
+    std::fs::write(
+        &twin,
+        text.replace("state_dir: ./state-node-a", "state_dir: ./state-twin"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["run", "-c"])
+        .arg(&twin)
+        .current_dir(&fx.root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("\"node-a\" is in use by a live node"),
+        "{text}"
+    );
+    // Once the first has stopped, the name is free again.
+    first.terminate(Duration::from_secs(20));
+    let again = start_node(&fx, &twin);
+    drop(again);
 }

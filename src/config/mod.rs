@@ -103,6 +103,16 @@ pub enum StoreConfig {
     },
 }
 
+impl StoreConfig {
+    /// This node's name in a fleet; `None` for the single-box store.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            StoreConfig::Sled => None,
+            StoreConfig::Postgres { node, .. } => Some(node),
+        }
+    }
+}
+
 /// The HTTP status API settings.
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpConfig {

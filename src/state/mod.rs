@@ -11,7 +11,7 @@ mod paths;
 mod pg_store;
 mod sled_store;
 
-pub use self::pg_store::PgStore;
+pub use self::pg_store::{Member, PgStore};
 pub use self::sled_store::SledStore;
 use crate::hashing::ResumableSha256;
 pub use crate::lifecycle::JobState;
@@ -129,6 +129,9 @@ pub struct Job {
     pub report_temporary: Option<PathBuf>,
     /// Remote objects abandoned or possibly orphaned on the way.
     pub replaced: Vec<String>,
+    /// In a fleet, the node that runs the job (`None` on a single box).
+    #[serde(default)]
+    pub node: Option<String>,
     /// Created.
     pub created_at: jiff::Timestamp,
     /// First byte sent.
@@ -182,6 +185,7 @@ impl Job {
             report: None,
             report_temporary: None,
             replaced: Vec::new(),
+            node: None,
             created_at: now,
             started_at: None,
             finished_at: None,
@@ -267,6 +271,16 @@ pub enum StoreError {
     /// refusing): the work is retried, nothing is lost.
     #[error("the fleet database failed: {0}")]
     Database(String),
+    /// Another live node of the fleet has this node's name.
+    #[error(
+        "node name {node:?} is in use by a live node (its last heartbeat {seconds:.0} s ago); give this node another `store.node`, or stop the other one"
+    )]
+    NodeNameTaken {
+        /// The name.
+        node: String,
+        /// Seconds since the other node's heartbeat.
+        seconds: f64,
+    },
     /// The fleet database was migrated by a newer hotfolder.
     #[error(
         "the fleet database has schema version {found}, this hotfolder knows up to {known}; upgrade this node"
@@ -309,6 +323,13 @@ pub trait JobStore {
     /// # Errors
     /// Database failure.
     async fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError>;
+
+    /// Record a new job unless a job exists for this version of its file
+    /// (another node of a fleet took it at the same moment): `false` then.
+    ///
+    /// # Errors
+    /// Database failure.
+    async fn create(&self, job: &mut Job) -> Result<bool, StoreError>;
 
     /// Make everything written so far durable.
     ///
@@ -446,6 +467,10 @@ impl JobStore for Store {
 
     async fn flush(&self) -> Result<(), StoreError> {
         forward!(self, s => s.flush().await)
+    }
+
+    async fn create(&self, job: &mut Job) -> Result<bool, StoreError> {
+        forward!(self, s => s.create(job).await)
     }
 
     async fn get(&self, id: u64) -> Result<Job, StoreError> {

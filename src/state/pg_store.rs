@@ -38,6 +38,16 @@ const MIGRATIONS: &[&str] = &[
          job bigint NOT NULL,
          PRIMARY KEY (provider, fingerprint, job)
      );",
+    // 2: one job per version of a file fleet-wide; the nodes of the fleet.
+    "ALTER TABLE hotfolder_jobs ADD COLUMN source_key text;
+     CREATE UNIQUE INDEX hotfolder_jobs_one_per_version ON hotfolder_jobs (source_key)
+         WHERE source_key IS NOT NULL;
+     CREATE TABLE hotfolder_nodes (
+         name text PRIMARY KEY,
+         instance text NOT NULL,
+         started_at timestamptz NOT NULL DEFAULT now(),
+         heartbeat timestamptz NOT NULL DEFAULT now()
+     );",
 ];
 
 /// Any number: the advisory lock that serialises migrations across nodes.
@@ -164,6 +174,97 @@ impl PgStore {
         Ok(())
     }
 
+    /// Record a new job unless one exists for this version of its file
+    /// (two nodes saw it become stable at the same moment): `false` then,
+    /// and nothing is written.
+    pub(super) async fn create(&self, job: &mut Job) -> Result<bool, StoreError> {
+        job.updated_at = jiff::Timestamp::now();
+        let record = serde_json::to_string(job).map_err(|source| StoreError::Decode {
+            key: job.id.to_string(),
+            source,
+        })?;
+        let inserted = sqlx::query(
+            "INSERT INTO hotfolder_jobs (id, watch, relpath, state, record, source_key)
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6)
+             ON CONFLICT (source_key) WHERE source_key IS NOT NULL DO NOTHING",
+        )
+        .bind(job.id as i64)
+        .bind(&job.watch)
+        .bind(job.relpath.as_os_str().as_bytes())
+        .bind(job.state.as_str())
+        .bind(record)
+        .bind(version_key(job))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    /// Join the fleet as `node`: refused while another live node (one whose
+    /// heartbeat is younger than two leases) has the name.
+    ///
+    /// # Errors
+    /// [`StoreError::NodeNameTaken`], or a database failure.
+    pub async fn join(&self, node: &str, lease: std::time::Duration) -> Result<Member, StoreError> {
+        // A node restarted after a crash finds its own last heartbeat: it
+        // waits for it to go stale (two leases). A live twin keeps it fresh.
+        let deadline = tokio::time::Instant::now() + lease * 2 + lease / 2;
+        let mut said = false;
+        loop {
+            match self.try_join(node, lease).await {
+                Err(StoreError::NodeNameTaken { seconds, .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    if !said {
+                        tracing::info!(
+                            node,
+                            last_heartbeat_seconds_ago = seconds,
+                            "this node name's last heartbeat is recent; waiting for it to go stale (a restart after a crash) or refusing if it stays alive"
+                        );
+                        said = true;
+                    }
+                    tokio::time::sleep(lease / 4).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_join(&self, node: &str, lease: std::time::Duration) -> Result<Member, StoreError> {
+        let instance = format!("{:016x}", rand::random::<u64>());
+        let stale = format!("{} milliseconds", lease.as_millis().saturating_mul(2));
+        let joined = sqlx::query(
+            "INSERT INTO hotfolder_nodes (name, instance) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET instance = EXCLUDED.instance,
+                 started_at = now(), heartbeat = now()
+             WHERE hotfolder_nodes.heartbeat < now() - $3::interval",
+        )
+        .bind(node)
+        .bind(&instance)
+        .bind(&stale)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if joined.rows_affected() == 0 {
+            let seconds: f64 = sqlx::query_scalar(
+                "SELECT extract(epoch FROM now() - heartbeat)::float8 FROM hotfolder_nodes WHERE name = $1",
+            )
+            .bind(node)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            return Err(StoreError::NodeNameTaken {
+                node: node.to_string(),
+                seconds: seconds.max(0.0),
+            });
+        }
+        Ok(Member {
+            pool: self.pool.clone(),
+            node: node.to_string(),
+            instance,
+        })
+    }
+
     pub(super) async fn get(&self, id: u64) -> Result<Job, StoreError> {
         let row = sqlx::query("SELECT record::text AS record FROM hotfolder_jobs WHERE id = $1")
             .bind(id as i64)
@@ -288,6 +389,57 @@ impl PgStore {
         .map_err(unavailable)?;
         Ok(ids.into_iter().map(|id| id as u64).collect())
     }
+}
+
+/// This node's place in the fleet: its heartbeat keeps the name its own.
+pub struct Member {
+    pool: PgPool,
+    node: String,
+    instance: String,
+}
+
+impl Member {
+    /// Say this node is alive. `false` when another node has taken the name
+    /// (this one was presumed dead): it must stop.
+    ///
+    /// # Errors
+    /// A database failure (retried by the caller).
+    pub async fn heartbeat(&self) -> Result<bool, StoreError> {
+        let beat = sqlx::query(
+            "UPDATE hotfolder_nodes SET heartbeat = now() WHERE name = $1 AND instance = $2",
+        )
+        .bind(&self.node)
+        .bind(&self.instance)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(beat.rows_affected() == 1)
+    }
+
+    /// Leave the fleet (a clean stop): the name is free at once.
+    pub async fn leave(&self) {
+        let _ = sqlx::query("DELETE FROM hotfolder_nodes WHERE name = $1 AND instance = $2")
+            .bind(&self.node)
+            .bind(&self.instance)
+            .execute(&self.pool)
+            .await;
+    }
+}
+
+/// What makes a version of a file one job fleet-wide: watch, relative
+/// path, size, mtime and inode (the device number differs from one NFS or
+/// SMB client to the next; the server's inode does not).
+fn version_key(job: &Job) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(job.watch.as_bytes());
+    hash.update([0]);
+    hash.update(job.relpath.as_os_str().as_bytes());
+    hash.update([0]);
+    hash.update(job.signature.size.to_be_bytes());
+    hash.update(job.signature.mtime_ns.to_be_bytes());
+    hash.update(job.signature.ino.to_be_bytes());
+    hex::encode(hash.finalize())
 }
 
 fn decode_row(row: &sqlx::postgres::PgRow) -> Result<Job, StoreError> {

@@ -136,6 +136,13 @@ impl JobStore for SledStore {
         Ok(())
     }
 
+    /// One process owns a sled store and takes files one at a time: a new
+    /// job is simply written.
+    async fn create(&self, job: &mut Job) -> Result<bool, StoreError> {
+        self.put(job).await?;
+        Ok(true)
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.commit
             .flush()
