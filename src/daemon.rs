@@ -172,13 +172,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         _ => None,
     };
-    let mine = config.store.node().map(str::to_string);
-    let unfinished: Vec<Job> = store
-        .all()
-        .await?
-        .into_iter()
-        .filter(|job| !job.state.is_terminal() && job.node == mine)
-        .collect();
+    let unfinished: Vec<Job> = match &store {
+        Store::Postgres(pg) => pg.claim_own().await?,
+        Store::Sled(_) => store
+            .all()
+            .await?
+            .into_iter()
+            .filter(|job| !job.state.is_terminal())
+            .collect(),
+    };
     let held = Arc::new(HeldSources::default());
     for job in &unfinished {
         held.hold(&job.source);
@@ -285,6 +287,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                             break;
                         }
                         Err(e) => tracing::warn!(error = %e, "heartbeat to the fleet database failed; trying again"),
+                    }
+                }
+                if let Store::Postgres(pg) = &ctx.store {
+                    if let Err(e) = pg.renew_claims().await {
+                        tracing::warn!(error = %e, "cannot renew this node's claims; trying again");
+                    }
+                    match pg.claim_expired(16).await {
+                        Ok(taken) => {
+                            for job in taken {
+                                tracing::info!(job = job.id, file = %job.relpath.display(), state = job.state.as_str(), "taking over a job whose node stopped renewing its claim");
+                                ctx.spawn_job(job);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot look for jobs to take over; trying again"),
                     }
                 }
             }
@@ -543,7 +559,7 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
                     None => owned.store.get(id).await?,
                 };
                 let driven = drive(&owned, &mut job).await;
-                if job.state.is_terminal() {
+                if job.state.is_terminal() || matches!(driven, Err(StoreError::Fenced(_))) {
                     owned.jobs.held.release(&job.source);
                 }
                 driven
@@ -552,6 +568,14 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
         ));
         let why = match task.await {
             Ok(Ok(())) => return,
+            Ok(Err(StoreError::Fenced(_))) => {
+                // Another node holds the job now: stop at once, touch nothing.
+                tracing::warn!(
+                    job = id,
+                    "another node took this job over; this node stops working on it"
+                );
+                return;
+            }
             Ok(Err(e @ StoreError::Db(_))) => {
                 // The store cannot write: nothing more can be recorded, so
                 // nothing more is done (the daemon stops).

@@ -214,10 +214,11 @@ fn two_nodes_on_one_folder_deliver_each_file_once() {
         write_random(&staging.join(format!("f{n:03}.mp4")), 2_000 + n, n);
     }
     std::fs::rename(&staging, fx.watch.join("batch")).unwrap();
-    common::wait_for("every file in done/", Duration::from_secs(120), || {
-        let done = Fixture::files_in(&fx.done.join("batch"));
-        (done.iter().filter(|f| f.ends_with(".mp4")).count() as u64 == FILES).then_some(())
-    });
+    common::wait_for(
+        "every file and receipt in done/",
+        Duration::from_secs(120),
+        || (Fixture::files_in(&fx.done.join("batch")).len() as u64 >= 2 * FILES).then_some(()),
+    );
     let done = Fixture::files_in(&fx.done.join("batch"));
     let receipts = done.iter().filter(|f| f.ends_with(".receipt.json")).count() as u64;
     assert_eq!(receipts, FILES, "one receipt each: {done:?}");
@@ -269,4 +270,117 @@ fn a_second_live_node_with_the_same_name_is_refused() {
     first.terminate(Duration::from_secs(20));
     let again = start_node(&fx, &twin);
     drop(again);
+}
+
+/// Two nodes (node-a: the fixture's config; node-b: its own) with a 2 s
+/// lease, every file to a throttled tus sandbox; answers them and the
+/// sandbox.
+fn two_nodes_to_a_slow_sandbox(
+    pg: &Postgres,
+    db: &str,
+) -> (
+    Fixture,
+    Sandbox,
+    common::Daemon,
+    common::Daemon,
+    tempfile::TempDir,
+) {
+    let url = pg.database(db);
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
+    let fx = Fixture::new();
+    fx.write_config_parts(ConfigParts {
+        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
+        providers: &format!(
+            "t: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
+            sandbox.endpoint()
+        ),
+        rules: Some("- match: {}\n  provider: t\n"),
+        ..ConfigParts::default()
+    });
+    let a = fx.start();
+    let b = start_node(&fx, &node_config(&fx, "node-b"));
+    (fx, sandbox, a, b, dir)
+}
+
+#[test]
+fn a_dead_nodes_upload_is_taken_over_and_resumed() {
+    let pg = Postgres::start();
+    let (fx, sandbox, mut a, mut b, _dir) = two_nodes_to_a_slow_sandbox(&pg, "takeover");
+    write_random(&fx.watch.join("big.mp4"), 20 << 20, 9);
+    sandbox.wait_for_offset("big.mp4", 5 << 20, Duration::from_secs(30));
+    let holder = pg.sql("takeover", "SELECT holder FROM hotfolder_jobs");
+    let (dead, survivor) = if holder == "node-a" {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    dead.kill9();
+    let committed = sandbox.upload_named("big.mp4").map_or(0, |u| u.offset);
+    common::wait_for(
+        "the survivor to finish the upload",
+        Duration::from_secs(60),
+        || (pg.sql("takeover", "SELECT state FROM hotfolder_jobs") == "done").then_some(()),
+    );
+    let log = survivor.log();
+    assert!(log.contains("taking over a job"), "{log}");
+    let resumed = survivor.resume_offsets();
+    assert!(
+        resumed
+            .first()
+            .is_some_and(|o| *o >= committed.saturating_sub(2 << 20)),
+        "resumed near the server's offset {committed}: {resumed:?}\n{log}"
+    );
+    let complete: Vec<_> = sandbox
+        .uploads()
+        .into_iter()
+        .filter(|u| u.complete())
+        .collect();
+    assert_eq!(complete.len(), 1, "one remote upload: {complete:?}");
+    assert!(fx.done.join("big.mp4").exists());
+    assert_eq!(
+        Fixture::files_in(&fx.done).len(),
+        2,
+        "the file and its receipt"
+    );
+}
+
+#[test]
+fn a_frozen_node_taken_over_writes_nothing_when_it_wakes() {
+    let pg = Postgres::start();
+    let (fx, sandbox, a, b, _dir) = two_nodes_to_a_slow_sandbox(&pg, "frozen");
+    write_random(&fx.watch.join("big.mp4"), 20 << 20, 10);
+    sandbox.wait_for_offset("big.mp4", 5 << 20, Duration::from_secs(30));
+    let holder = pg.sql("frozen", "SELECT holder FROM hotfolder_jobs");
+    let (frozen, other) = if holder == "node-a" {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    frozen.signal(libc::SIGSTOP);
+    common::wait_for(
+        "the other node to finish it",
+        Duration::from_secs(60),
+        || (pg.sql("frozen", "SELECT state FROM hotfolder_jobs") == "done").then_some(()),
+    );
+    assert!(other.log().contains("taking over a job"), "{}", other.log());
+    frozen.signal(libc::SIGCONT);
+    common::wait_for("the woken node to notice", Duration::from_secs(30), || {
+        frozen
+            .log()
+            .contains("another node took this job over")
+            .then_some(())
+    });
+    let complete: Vec<_> = sandbox
+        .uploads()
+        .into_iter()
+        .filter(|u| u.complete())
+        .collect();
+    assert_eq!(complete.len(), 1, "one remote upload: {complete:?}");
+    let done = Fixture::files_in(&fx.done);
+    assert_eq!(
+        done,
+        vec!["big.mp4".to_string(), "big.mp4.receipt.json".to_string()]
+    );
+    assert_eq!(pg.sql("frozen", "SELECT state FROM hotfolder_jobs"), "done");
 }

@@ -132,6 +132,10 @@ pub struct Job {
     /// In a fleet, the node that runs the job (`None` on a single box).
     #[serde(default)]
     pub node: Option<String>,
+    /// In a fleet, the epoch of the claim this copy of the job was read
+    /// under: a write with an older epoch is refused (0: unclaimed).
+    #[serde(default)]
+    pub epoch: u64,
     /// Created.
     pub created_at: jiff::Timestamp,
     /// First byte sent.
@@ -186,6 +190,7 @@ impl Job {
             report_temporary: None,
             replaced: Vec::new(),
             node: None,
+            epoch: 0,
             created_at: now,
             started_at: None,
             finished_at: None,
@@ -271,6 +276,10 @@ pub enum StoreError {
     /// refusing): the work is retried, nothing is lost.
     #[error("the fleet database failed: {0}")]
     Database(String),
+    /// Another node of the fleet took this job over (this node's claim ran
+    /// out): this node stops working on it at once, deleting nothing.
+    #[error("job {0} is held by another node now; this node stops working on it")]
+    Fenced(u64),
     /// Another live node of the fleet has this node's name.
     #[error(
         "node name {node:?} is in use by a live node (its last heartbeat {seconds:.0} s ago); give this node another `store.node`, or stop the other one"
@@ -430,10 +439,13 @@ impl Store {
     pub async fn open_configured(config: &crate::config::Config) -> Result<Self, StoreError> {
         match &config.store {
             crate::config::StoreConfig::Sled => Self::open(&config.state_dir),
-            crate::config::StoreConfig::Postgres { url, .. } => {
+            crate::config::StoreConfig::Postgres {
+                url, node, lease, ..
+            } => {
                 // The control socket lives in state_dir whatever the store.
                 prepare_state_dir(&config.state_dir)?;
-                PgStore::open(url.expose()).await.map(Store::Postgres)
+                let store = PgStore::open(url.expose()).await?;
+                Ok(Store::Postgres(store.as_node(node, *lease)))
             }
         }
     }

@@ -48,6 +48,13 @@ const MIGRATIONS: &[&str] = &[
          started_at timestamptz NOT NULL DEFAULT now(),
          heartbeat timestamptz NOT NULL DEFAULT now()
      );",
+    // 3: claims: who holds a job, until when, and the epoch that fences
+    // every write of an earlier holder.
+    "ALTER TABLE hotfolder_jobs ADD COLUMN holder text;
+     ALTER TABLE hotfolder_jobs ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
+     ALTER TABLE hotfolder_jobs ADD COLUMN lease_until timestamptz;
+     CREATE INDEX hotfolder_jobs_by_lease ON hotfolder_jobs (lease_until)
+         WHERE state NOT IN ('done', 'failed', 'superseded');",
 ];
 
 /// Any number: the advisory lock that serialises migrations across nodes.
@@ -58,6 +65,8 @@ const MIGRATION_LOCK: i64 = 0x686f_7466_6f6c_6472;
 pub struct PgStore {
     pool: PgPool,
     installation: Arc<str>,
+    /// This node's name and lease, when it runs jobs (not for `status`).
+    claims: Option<(Arc<str>, std::time::Duration)>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -125,7 +134,97 @@ impl PgStore {
         Ok(PgStore {
             pool,
             installation: installation.into(),
+            claims: None,
         })
+    }
+
+    /// The same store, writing as node `node` whose claims last `lease`.
+    pub fn as_node(mut self, node: &str, lease: std::time::Duration) -> Self {
+        self.claims = Some((node.into(), lease));
+        self
+    }
+
+    fn lease_interval(&self) -> String {
+        let lease = self
+            .claims
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |c| c.1);
+        format!("{} milliseconds", lease.as_millis())
+    }
+
+    /// Renew the lease of every unfinished job this node holds. A job
+    /// another node took over meanwhile is not renewed (its holder changed).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn renew_claims(&self) -> Result<u64, StoreError> {
+        let Some((node, _)) = &self.claims else {
+            return Ok(0);
+        };
+        let renewed = sqlx::query(
+            "UPDATE hotfolder_jobs SET lease_until = now() + $2::interval
+             WHERE holder = $1 AND state NOT IN ('done', 'failed', 'superseded')",
+        )
+        .bind(&**node)
+        .bind(self.lease_interval())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(renewed.rows_affected())
+    }
+
+    /// At start: claim again the unfinished jobs this node held before it
+    /// stopped (its name is its own again, so that instance is gone).
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn claim_own(&self) -> Result<Vec<Job>, StoreError> {
+        self.claim("holder = $1").await
+    }
+
+    /// Claim up to `limit` unfinished jobs whose lease ran out (their node
+    /// died or froze): each gets this node as holder and a new epoch, so
+    /// the earlier holder's writes are refused from now on.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn claim_expired(&self, limit: i64) -> Result<Vec<Job>, StoreError> {
+        self.claim(&format!(
+            "(lease_until IS NULL OR lease_until < now()) AND $1::text IS NOT NULL LIMIT {limit}"
+        ))
+        .await
+    }
+
+    /// Claim the unfinished jobs `condition` selects (`$1` is this node).
+    async fn claim(&self, condition: &str) -> Result<Vec<Job>, StoreError> {
+        let Some((node, _)) = &self.claims else {
+            return Ok(Vec::new());
+        };
+        let condition = condition.replace(" LIMIT ", " ORDER BY id LIMIT ");
+        let sql = format!(
+            "UPDATE hotfolder_jobs SET holder = $1, epoch = epoch + 1,
+                 lease_until = now() + $2::interval
+             WHERE id IN (
+                 SELECT id FROM hotfolder_jobs
+                 WHERE state NOT IN ('done', 'failed', 'superseded') AND {condition}
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING record::text AS record, epoch"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(&**node)
+            .bind(self.lease_interval())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let mut job = decode_row(row)?;
+                let epoch: i64 = row.try_get("epoch").map_err(unavailable)?;
+                job.epoch = epoch as u64;
+                job.node = Some(node.to_string());
+                Ok(job)
+            })
+            .collect()
     }
 
     pub(super) fn installation(&self) -> &str {
@@ -140,13 +239,36 @@ impl PgStore {
         Ok(id as u64)
     }
 
-    /// Durable when the statement returns (the commit is synchronous).
+    /// Durable when the statement returns (the commit is synchronous). A
+    /// job held under a claim is written only while the claim's epoch is
+    /// current: otherwise nothing changes and [`StoreError::Fenced`] stops
+    /// this node's work on it.
     pub(super) async fn put(&self, job: &mut Job) -> Result<(), StoreError> {
         job.updated_at = jiff::Timestamp::now();
         let record = serde_json::to_string(job).map_err(|source| StoreError::Decode {
             key: job.id.to_string(),
             source,
         })?;
+        if job.epoch > 0 {
+            let written = sqlx::query(
+                "UPDATE hotfolder_jobs SET watch = $2, relpath = $3, state = $4,
+                     record = $5::jsonb, updated_at = now()
+                 WHERE id = $1 AND epoch = $6",
+            )
+            .bind(job.id as i64)
+            .bind(&job.watch)
+            .bind(job.relpath.as_os_str().as_bytes())
+            .bind(job.state.as_str())
+            .bind(record)
+            .bind(job.epoch as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            if written.rows_affected() == 0 {
+                return Err(StoreError::Fenced(job.id));
+            }
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO hotfolder_jobs (id, watch, relpath, state, record, updated_at)
              VALUES ($1, $2, $3, $4, $5::jsonb, now())
@@ -179,13 +301,21 @@ impl PgStore {
     /// and nothing is written.
     pub(super) async fn create(&self, job: &mut Job) -> Result<bool, StoreError> {
         job.updated_at = jiff::Timestamp::now();
+        // The creating node holds the new job under the first epoch.
+        if let Some((node, _)) = &self.claims {
+            job.epoch = 1;
+            job.node = Some(node.to_string());
+        }
         let record = serde_json::to_string(job).map_err(|source| StoreError::Decode {
             key: job.id.to_string(),
             source,
         })?;
+        let holder = self.claims.as_ref().map(|(node, _)| node.to_string());
         let inserted = sqlx::query(
-            "INSERT INTO hotfolder_jobs (id, watch, relpath, state, record, source_key)
-             VALUES ($1, $2, $3, $4, $5::jsonb, $6)
+            "INSERT INTO hotfolder_jobs (id, watch, relpath, state, record, source_key,
+                 holder, epoch, lease_until)
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8,
+                 CASE WHEN $7::text IS NULL THEN NULL ELSE now() + $9::interval END)
              ON CONFLICT (source_key) WHERE source_key IS NOT NULL DO NOTHING",
         )
         .bind(job.id as i64)
@@ -194,6 +324,9 @@ impl PgStore {
         .bind(job.state.as_str())
         .bind(record)
         .bind(version_key(job))
+        .bind(holder)
+        .bind(job.epoch as i64)
+        .bind(self.lease_interval())
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
