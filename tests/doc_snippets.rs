@@ -13,8 +13,9 @@ use std::process::Command;
 use serde_yaml::{Mapping, Value};
 
 /// Keys `hotfolder` accepts at the top of its config.
-const TOP_LEVEL: [&str; 10] = [
+const TOP_LEVEL: [&str; 11] = [
     "state_dir",
+    "store",
     "workers",
     "shutdown_timeout",
     "log",
@@ -151,7 +152,13 @@ fn check_as_config(snippet: &Snippet, fragment: &Mapping) -> Option<String> {
         .arg(&file)
         .current_dir(dir.path());
     for variable in variables(&snippet.text) {
-        command.env(variable, "a-value-from-the-environment");
+        // A URL variable holds a URL (a database URL is checked as one).
+        let value = if variable.ends_with("_URL") {
+            "postgres://hotfolder@127.0.0.1:5432/hotfolder"
+        } else {
+            "a-value-from-the-environment"
+        };
+        command.env(variable, value);
     }
     let out = command.output().expect("run hotfolder check");
     (!out.status.success()).then(|| {
