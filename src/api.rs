@@ -233,6 +233,22 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
         vec![],
         in_flight,
     ));
+    if matches!(ctx.store, crate::state::Store::Postgres(_)) {
+        measured.push(Measured::gauge(
+            "hotfolder_store_up",
+            "1 while the fleet database answers, 0 while it is away.",
+            vec![],
+            if ctx.store_health.is_down() { 0.0 } else { 1.0 },
+        ));
+        measured.push(Measured::counter(
+            "hotfolder_store_outages_total",
+            "Times the fleet database stopped answering.",
+            vec![],
+            ctx.store_health
+                .outages
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ));
+    }
     if let Some((in_use, held)) = crate::memory::heap() {
         measured.push(Measured::gauge(
             "hotfolder_heap_in_use_bytes",

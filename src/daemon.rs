@@ -45,6 +45,8 @@ pub struct Context {
     /// Set when the store failed to write (a full or failing `state_dir`):
     /// the daemon stops at once, since nothing it does could be recorded.
     store_failed: watch::Sender<Option<String>>,
+    /// Whether the fleet database answers (always, for sled).
+    pub store_health: Arc<crate::state::StoreHealth>,
     watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
     router: Router,
 }
@@ -94,6 +96,7 @@ impl Context {
             providers,
             progress,
             metrics,
+            store_health: Arc::clone(&jobs.store_health),
             jobs,
             watch_commands,
             store_failed: watch::channel(None).0,
@@ -270,10 +273,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }
             }
             Some(file) = ready_rx.recv() => {
-                if let Err(e) = take_file(&ctx, file).await {
-                    tracing::error!(error = %e, "cannot record a new job");
-                    if matches!(e, StoreError::Db(_)) {
-                        ctx.store_failed(&e);
+                let (watch, path) = (file.watch.clone(), file.path.clone());
+                match take_file(&ctx, file).await {
+                    Ok(()) => ctx.store_health.answered(),
+                    Err(e @ StoreError::Database(_)) => {
+                        // Offered again once stable: nothing is lost.
+                        ctx.store_health.failed(&e);
+                        if let Some(commands) = ctx.watch_commands.get(&watch) {
+                            let _ = commands.send(WatchCommand::Reoffer(path));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record a new job");
+                        if matches!(e, StoreError::Db(_)) {
+                            ctx.store_failed(&e);
+                        }
                     }
                 }
             }
@@ -281,17 +295,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             _ = heartbeat.tick(), if member.is_some() => {
                 if let Some((member, _)) = &member {
                     match member.heartbeat().await {
-                        Ok(true) => {}
+                        Ok(true) => ctx.store_health.answered(),
                         Ok(false) => {
                             tracing::error!("another node has taken this node's name (this one was presumed dead); stopping");
                             break;
                         }
-                        Err(e) => tracing::warn!(error = %e, "heartbeat to the fleet database failed; trying again"),
+                        Err(e) => ctx.store_health.failed(&e),
                     }
                 }
-                if let Store::Postgres(pg) = &ctx.store {
+                if let Store::Postgres(pg) = &ctx.store
+                    && !ctx.store_health.is_down()
+                {
                     if let Err(e) = pg.renew_claims().await {
-                        tracing::warn!(error = %e, "cannot renew this node's claims; trying again");
+                        ctx.store_health.failed(&e);
                     }
                     match pg.claim_expired(16).await {
                         Ok(taken) => {
@@ -300,7 +316,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                                 ctx.spawn_job(job);
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "cannot look for jobs to take over; trying again"),
+                        Err(e) => ctx.store_health.failed(&e),
                     }
                 }
             }
@@ -556,7 +572,11 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
             async move {
                 let mut job = match start {
                     Some(job) => job,
-                    None => owned.store.get(id).await?,
+                    None => match owned.store.get_for_work(id).await? {
+                        Some(job) => job,
+                        // Another node of the fleet holds it now.
+                        None => return Ok(()),
+                    },
                 };
                 let driven = drive(&owned, &mut job).await;
                 if job.state.is_terminal() || matches!(driven, Err(StoreError::Fenced(_))) {
@@ -568,6 +588,15 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
         ));
         let why = match task.await {
             Ok(Ok(())) => return,
+            Ok(Err(e @ StoreError::Database(_))) => {
+                // The fleet database is away: not a failure of the job. Wait
+                // until it answers, then carry on from what it recorded.
+                ctx.store_health.failed(&e);
+                if !wait_for_the_store(&ctx).await {
+                    return;
+                }
+                continue;
+            }
             Ok(Err(StoreError::Fenced(_))) => {
                 // Another node holds the job now: stop at once, touch nothing.
                 tracing::warn!(
@@ -601,6 +630,22 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
     }
 }
 
+/// Poll the store with a growing pause (1 s up to 30 s) until it answers;
+/// `false` when the daemon stops first.
+async fn wait_for_the_store(ctx: &Context) -> bool {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        if !ctx.engine.pause(pause).await {
+            return false;
+        }
+        if ctx.store.ping().await.is_ok() {
+            ctx.store_health.answered();
+            return true;
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
@@ -616,6 +661,10 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 async fn record_task_failure(ctx: &Context, id: u64, why: &str, failures: u32) -> Option<Duration> {
     let mut job = match ctx.store.get(id).await {
         Ok(job) => job,
+        Err(e @ StoreError::Database(_)) => {
+            ctx.store_health.failed(&e);
+            return Some(Duration::from_secs(5));
+        }
         Err(e) => {
             tracing::error!(job = id, error = %e, "cannot read the job after its task failed; it resumes at the next start");
             return None;
@@ -637,9 +686,16 @@ async fn record_task_failure(ctx: &Context, id: u64, why: &str, failures: u32) -
         let _ = ctx.store.put(&mut job).await;
         return None;
     }
-    if let Err(e) = ctx.store.put(&mut job).await {
-        ctx.store_failed(&e);
-        return None;
+    match ctx.store.put(&mut job).await {
+        Ok(()) => {}
+        Err(e @ StoreError::Database(_)) => {
+            ctx.store_health.failed(&e);
+            return Some(backoff.delay(failures, None));
+        }
+        Err(e) => {
+            ctx.store_failed(&e);
+            return None;
+        }
     }
     Some(if exhausted {
         Duration::ZERO

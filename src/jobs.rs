@@ -36,6 +36,8 @@ pub struct JobsHandle {
     pub watch_counters: HashMap<String, Arc<WatchCounters>>,
     /// Sources that jobs hold (the watches leave them alone).
     pub held: Arc<HeldSources>,
+    /// Whether the fleet database answers.
+    pub store_health: Arc<crate::state::StoreHealth>,
     queue: mpsc::UnboundedSender<Job>,
 }
 
@@ -57,6 +59,7 @@ impl JobsHandle {
             metrics,
             watch_counters,
             held,
+            store_health: Arc::default(),
             queue,
         }
     }

@@ -384,3 +384,61 @@ fn a_frozen_node_taken_over_writes_nothing_when_it_wakes() {
     );
     assert_eq!(pg.sql("frozen", "SELECT state FROM hotfolder_jobs"), "done");
 }
+
+#[test]
+fn postgres_away_for_ten_seconds_loses_and_duplicates_nothing() {
+    let pg = Postgres::start();
+    let url = pg.database("outage");
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
+    let fx = Fixture::new();
+    fx.write_config_parts(ConfigParts {
+        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
+        providers: &format!(
+            "t: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
+            sandbox.endpoint()
+        ),
+        rules: Some("- match: {}\n  provider: t\n"),
+        ..ConfigParts::default()
+    });
+    let mut daemon = fx.start();
+    write_random(&fx.watch.join("big.mp4"), 24 << 20, 11);
+    sandbox.wait_for_offset("big.mp4", 3 << 20, Duration::from_secs(30));
+    pg.stop();
+    // Files dropped while the database is away are taken once it is back.
+    for n in 0..3 {
+        write_random(
+            &fx.watch.join(format!("during-{n}.mp4")),
+            50_000 + n,
+            20 + n,
+        );
+    }
+    std::thread::sleep(Duration::from_secs(10)); // the outage itself, not a wait for an event
+    pg.start_again();
+    common::wait_for("everything delivered", Duration::from_secs(90), || {
+        (pg.sql(
+            "outage",
+            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
+        ) == "4")
+            .then_some(())
+    });
+    assert!(daemon.child_alive(), "the daemon recovered by itself");
+    let log = daemon.log();
+    assert_eq!(
+        common::log_lines_with(&log, &["WARN", "the fleet database is unreachable"]),
+        1,
+        "said once at warn:\n{log}"
+    );
+    assert!(log.contains("the fleet database answers again"), "{log}");
+    let uploads = sandbox.uploads();
+    for name in ["big.mp4", "during-0.mp4", "during-1.mp4", "during-2.mp4"] {
+        let complete = uploads
+            .iter()
+            .filter(|u| u.filename() == name && u.complete())
+            .count();
+        assert_eq!(complete, 1, "{name} delivered once: {uploads:?}");
+    }
+    assert_eq!(pg.sql("outage", "SELECT count(*) FROM hotfolder_jobs"), "4");
+    let done = Fixture::files_in(&fx.done);
+    assert_eq!(done.len(), 8, "four files and four receipts: {done:?}");
+}

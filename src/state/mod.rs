@@ -451,6 +451,63 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Job `id` for this process to work on: `None` when another node of a
+    /// fleet holds it now (a single box holds every job).
+    ///
+    /// # Errors
+    /// Database or decode failure.
+    pub async fn get_for_work(&self, id: u64) -> Result<Option<Job>, StoreError> {
+        match self {
+            Store::Sled(s) => s.get(id).await.map(Some),
+            Store::Postgres(s) => s.get_held(id).await,
+        }
+    }
+
+    /// Does the store answer? (A fleet's database may be away for a while.)
+    ///
+    /// # Errors
+    /// The store's failure.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sled(_) => Ok(()),
+            Store::Postgres(s) => s.ping().await,
+        }
+    }
+}
+
+/// Whether the fleet database answers, said once per outage: `warn` when
+/// it goes away, `info` when it is back, and counted for `/metrics`.
+#[derive(Debug, Default)]
+pub struct StoreHealth {
+    down: std::sync::atomic::AtomicBool,
+    /// Outages since start.
+    pub outages: std::sync::atomic::AtomicU64,
+}
+
+impl StoreHealth {
+    /// A statement failed because the database is unreachable.
+    pub fn failed(&self, error: &StoreError) {
+        use std::sync::atomic::Ordering;
+        if !self.down.swap(true, Ordering::SeqCst) {
+            self.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %error, "the fleet database is unreachable; this node takes no new work and retries until it answers (nothing is lost)");
+        }
+    }
+
+    /// A statement succeeded.
+    pub fn answered(&self) {
+        if self.down.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            tracing::info!("the fleet database answers again; work goes on");
+        }
+    }
+
+    /// Is the database away now?
+    pub fn is_down(&self) -> bool {
+        self.down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 macro_rules! forward {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {

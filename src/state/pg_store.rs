@@ -227,6 +227,46 @@ impl PgStore {
             .collect()
     }
 
+    /// Job `id` for this node to work on: `None` when another node holds
+    /// it now. This node's own claim stands while it holds the job (its name
+    /// is its own), so the copy carries the claim's current epoch.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn get_held(&self, id: u64) -> Result<Option<Job>, StoreError> {
+        let Some((node, _)) = &self.claims else {
+            return self.get(id).await.map(Some);
+        };
+        let row = sqlx::query(
+            "SELECT record::text AS record, epoch, holder FROM hotfolder_jobs WHERE id = $1",
+        )
+        .bind(id as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .ok_or(StoreError::NotFound(id))?;
+        let holder: Option<String> = row.try_get("holder").map_err(unavailable)?;
+        if holder.as_deref() != Some(&**node) {
+            return Ok(None);
+        }
+        let mut job = decode_row(&row)?;
+        let epoch: i64 = row.try_get("epoch").map_err(unavailable)?;
+        job.epoch = epoch as u64;
+        Ok(Some(job))
+    }
+
+    /// Does the database answer?
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     pub(super) fn installation(&self) -> &str {
         &self.installation
     }
