@@ -442,3 +442,75 @@ fn postgres_away_for_ten_seconds_loses_and_duplicates_nothing() {
     let done = Fixture::files_in(&fx.done);
     assert_eq!(done.len(), 8, "four files and four receipts: {done:?}");
 }
+
+#[test]
+fn three_nodes_deliver_a_mixed_drop_exactly_once() {
+    let pg = Postgres::start();
+    let url = pg.database("three");
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &[]);
+    let fx = Fixture::new();
+    fx.write_config_parts(ConfigParts {
+        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
+        providers: &format!("t: {{ type: tus, endpoint: \"{}\" }}\n", sandbox.endpoint()),
+        rules: Some(
+            "- match: { glob: \"tus/**\" }\n  provider: t\n- match: {}\n  provider: archive\n",
+        ),
+        ..ConfigParts::default()
+    });
+    let _a = fx.start();
+    let _b = start_node(&fx, &node_config(&fx, "node-b"));
+    let _c = start_node(&fx, &node_config(&fx, "node-c"));
+    const TO_FOLDER: u64 = 2_000;
+    const TO_TUS: u64 = 300;
+    let staging = fx.root.join("staging");
+    std::fs::create_dir_all(staging.join("archive")).unwrap();
+    std::fs::create_dir_all(staging.join("tus")).unwrap();
+    for n in 0..TO_FOLDER {
+        write_random(&staging.join(format!("archive/a{n:04}.mp4")), 1_000 + n, n);
+    }
+    for n in 0..TO_TUS {
+        write_random(
+            &staging.join(format!("tus/t{n:03}.mp4")),
+            5_000 + n,
+            10_000 + n,
+        );
+    }
+    for sub in ["archive", "tus"] {
+        std::fs::rename(staging.join(sub), fx.watch.join(sub)).unwrap();
+    }
+    let total = TO_FOLDER + TO_TUS;
+    common::wait_for("every job done", Duration::from_secs(240), || {
+        (pg.sql(
+            "three",
+            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
+        ) == total.to_string())
+        .then_some(())
+    });
+    assert_eq!(
+        pg.sql("three", "SELECT count(*) FROM hotfolder_jobs"),
+        total.to_string()
+    );
+    let done = Fixture::files_in(&fx.done);
+    let videos = done.iter().filter(|f| f.ends_with(".mp4")).count() as u64;
+    let receipts = done.iter().filter(|f| f.ends_with(".receipt.json")).count() as u64;
+    assert_eq!(
+        (videos, receipts),
+        (total, total),
+        "each source in done/ once"
+    );
+    assert!(done.iter().all(|f| !f.contains("-1.mp4")), "no second copy");
+    let delivered = Fixture::files_in(&fx.outbox);
+    assert_eq!(delivered.len() as u64, TO_FOLDER, "each archived once");
+    let uploads = sandbox.uploads();
+    let complete = uploads.iter().filter(|u| u.complete()).count() as u64;
+    assert_eq!(complete, TO_TUS, "each tus file uploaded once");
+    let names: std::collections::BTreeSet<_> = uploads
+        .iter()
+        .filter(|u| u.complete())
+        .map(|u| u.filename().to_string())
+        .collect();
+    assert_eq!(names.len() as u64, TO_TUS, "no file uploaded twice");
+    let nodes = pg.sql("three", "SELECT count(DISTINCT holder) FROM hotfolder_jobs");
+    println!("{total} jobs ran on {nodes} nodes");
+}
