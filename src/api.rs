@@ -1,6 +1,7 @@
 //! The HTTP status API (SPEC §5) when `http.listen` is set: `/healthz`,
 //! `/metrics` (Prometheus text), `/api/jobs` (filter with `?state=`),
-//! `/api/jobs/{id}`, `POST /api/jobs/{id}/retry`, and the status page at
+//! `/api/jobs/{id}`, `POST /api/jobs/{id}/retry`, `/api/nodes` (a fleet's
+//! nodes), and the status page at
 //! `/`. With `http.token`, every route but `/healthz` and the page (a shell
 //! holding no data) needs `Authorization: Bearer TOKEN`. Answers never
 //! carry secrets: job views hold no session, URLs or credentials.
@@ -61,6 +62,7 @@ pub fn router(ctx: JobsHandle) -> Router {
     let protected = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/jobs", get(list))
+        .route("/api/nodes", get(nodes))
         .route("/api/jobs/{id}", get(show))
         .route("/api/jobs/{id}/retry", post(retry))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authorize));
@@ -185,6 +187,14 @@ async fn retry(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
         Err(jobs::RetryError::Store(e)) => store_error(&e),
         Err(e @ jobs::RetryError::NotFailed { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    }
+}
+
+/// The nodes of a fleet sharing this store (an empty list on a single box).
+async fn nodes(State(ctx): State<JobsHandle>) -> Response {
+    match ctx.store.nodes().await {
+        Ok(nodes) => Json(nodes).into_response(),
+        Err(e) => store_error(&e),
     }
 }
 

@@ -620,6 +620,7 @@ mod tests {
             filed_to: None,
             remote_id: None,
             duplicate_of: None,
+            node: None,
             bytes_sent: 0,
         }
     }

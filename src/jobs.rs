@@ -121,6 +121,8 @@ pub struct JobView {
     pub remote_id: Option<String>,
     /// Earlier job whose delivery this one duplicates.
     pub duplicate_of: Option<u64>,
+    /// In a fleet, the node that runs (or ran) the job.
+    pub node: Option<String>,
     /// Body bytes sent over all attempts, resends included (at least
     /// `bytes_acknowledged` once delivered; more after cuts and retries).
     pub bytes_sent: u64,
@@ -155,6 +157,7 @@ impl JobView {
                 .map(|p| p.to_string_lossy().into_owned()),
             remote_id: job.delivery.as_ref().map(|d| d.remote_id.clone()),
             duplicate_of: job.duplicate_of,
+            node: job.node.clone(),
             bytes_sent: job.bytes_sent,
         }
     }

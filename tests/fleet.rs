@@ -514,3 +514,63 @@ fn three_nodes_deliver_a_mixed_drop_exactly_once() {
     let nodes = pg.sql("three", "SELECT count(DISTINCT holder) FROM hotfolder_jobs");
     println!("{total} jobs ran on {nodes} nodes");
 }
+
+#[test]
+fn every_node_shows_the_fleet_jobs_their_holders_and_the_nodes() {
+    let pg = Postgres::start();
+    let url = pg.database("views");
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
+    let fx = Fixture::new();
+    fx.write_config_parts(ConfigParts {
+        top: &format!(
+            "store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}\nhttp: {{ listen: \"{address}\" }}"
+        ),
+        ..ConfigParts::default()
+    });
+    let _a = fx.start();
+    let b_config = node_config(&fx, "node-b");
+    let text = std::fs::read_to_string(&b_config).unwrap();
+    std::fs::write(&b_config, text.replace(&address, "127.0.0.1:0")).unwrap();
+    let _b = start_node(&fx, &b_config);
+    let staging = fx.root.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    for n in 0..40 {
+        write_random(&staging.join(format!("v{n:02}.mp4")), 3_000 + n, n);
+    }
+    std::fs::rename(&staging, fx.watch.join("batch")).unwrap();
+    common::wait_for("all 40 done", Duration::from_secs(60), || {
+        (pg.sql(
+            "views",
+            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
+        ) == "40")
+            .then_some(())
+    });
+    // node-a's API lists every job of the fleet, each with the node that ran it.
+    let (status, body) =
+        common::sandbox::http(&address, "GET", "/api/jobs?limit=100", &[]).expect("HTTP");
+    assert_eq!(status, 200, "{body}");
+    let jobs: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(jobs.len(), 40, "{body}");
+    let nodes: std::collections::BTreeSet<_> =
+        jobs.iter().filter_map(|j| j["node"].as_str()).collect();
+    assert!(
+        !nodes.is_empty() && nodes.iter().all(|n| *n == "node-a" || *n == "node-b"),
+        "{nodes:?}"
+    );
+    // And the nodes themselves.
+    let (status, body) = common::sandbox::http(&address, "GET", "/api/nodes", &[]).expect("HTTP");
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let names: Vec<_> = listed.iter().filter_map(|n| n["name"].as_str()).collect();
+    assert_eq!(names, vec!["node-a", "node-b"], "{body}");
+    assert!(
+        listed.iter().all(
+            |n| n["heartbeat_seconds_ago"].as_f64().is_some_and(|s| s < 5.0)
+                && n["jobs_held"].as_u64() == Some(0)
+        ),
+        "{body}"
+    );
+}

@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::Fixture;
 use common::sandbox::http;
@@ -79,7 +79,7 @@ fn a_long_history_is_paged_and_counted_without_reading_it_all() {
     }
     eprintln!("wrote {JOBS} finished jobs in {:?}", started.elapsed());
 
-    let daemon = fx.start();
+    let daemon = fx.start_within(Duration::from_secs(90));
     let get = |path: &str| http(&address, "GET", path, &[]).expect("HTTP answer");
 
     let (status, body) = get("/api/jobs");

@@ -11,7 +11,7 @@ mod paths;
 mod pg_store;
 mod sled_store;
 
-pub use self::pg_store::{Member, PgStore};
+pub use self::pg_store::{Member, NodeView, PgStore};
 pub use self::sled_store::SledStore;
 use crate::hashing::ResumableSha256;
 pub use crate::lifecycle::JobState;
@@ -461,6 +461,17 @@ impl Store {
         match self {
             Store::Sled(s) => s.get(id).await.map(Some),
             Store::Postgres(s) => s.get_held(id).await,
+        }
+    }
+
+    /// The nodes of a fleet (none for a single box).
+    ///
+    /// # Errors
+    /// The store's failure.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, StoreError> {
+        match self {
+            Store::Sled(_) => Ok(Vec::new()),
+            Store::Postgres(s) => s.nodes().await,
         }
     }
 

@@ -255,6 +255,37 @@ impl PgStore {
         Ok(Some(job))
     }
 
+    /// The nodes of the fleet: name, seconds since the last heartbeat,
+    /// when it started, and how many unfinished jobs it holds.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT n.name, extract(epoch FROM now() - n.heartbeat)::float8 AS ago,
+                 n.started_at::text AS started_at,
+                 (SELECT count(*) FROM hotfolder_jobs j WHERE j.holder = n.name
+                     AND j.state NOT IN ('done', 'failed', 'superseded')) AS held
+             FROM hotfolder_nodes n ORDER BY n.name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(NodeView {
+                    name: row.try_get("name").map_err(unavailable)?,
+                    heartbeat_seconds_ago: row
+                        .try_get::<f64, _>("ago")
+                        .map_err(unavailable)?
+                        .max(0.0),
+                    started_at: row.try_get("started_at").map_err(unavailable)?,
+                    jobs_held: row.try_get::<i64, _>("held").map_err(unavailable)? as u64,
+                })
+            })
+            .collect()
+    }
+
     /// Does the database answer?
     ///
     /// # Errors
@@ -562,6 +593,19 @@ impl PgStore {
         .map_err(unavailable)?;
         Ok(ids.into_iter().map(|id| id as u64).collect())
     }
+}
+
+/// One node of the fleet, for the API and the page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeView {
+    /// Its name.
+    pub name: String,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_seconds_ago: f64,
+    /// When it joined.
+    pub started_at: String,
+    /// Unfinished jobs it holds.
+    pub jobs_held: u64,
 }
 
 /// This node's place in the fleet: its heartbeat keeps the name its own.

@@ -166,6 +166,12 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
         self.start_with(Command::new(bin()))
     }
 
+    /// Start the daemon, allowing it `deadline` to say it runs (a start
+    /// that reads a long history on a loaded machine).
+    pub fn start_within(&self, deadline: Duration) -> Daemon {
+        self.start_with_deadline(Command::new(bin()), deadline)
+    }
+
     /// Start the daemon with failpoints set (`FAILPOINTS`, see
     /// src/failpoint.rs), e.g. `"filing::after_move=return"`.
     pub fn start_with_failpoints(&self, failpoints: &str) -> Daemon {
@@ -209,7 +215,11 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
         self.start_with(command)
     }
 
-    fn start_with(&self, mut command: Command) -> Daemon {
+    fn start_with(&self, command: Command) -> Daemon {
+        self.start_with_deadline(command, Duration::from_secs(20))
+    }
+
+    fn start_with_deadline(&self, mut command: Command, deadline: Duration) -> Daemon {
         let log = self.root.join(format!("daemon-{}.log", unique()));
         let log_file = fs::File::create(&log).expect("log file");
         let child = command
@@ -223,7 +233,7 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
             .spawn()
             .expect("spawn hotfolder run");
         let daemon = Daemon { child, log };
-        wait_for("the daemon to start", Duration::from_secs(20), || {
+        wait_for("the daemon to start", deadline, || {
             daemon.log().contains("hotfolder running").then_some(())
         });
         daemon
