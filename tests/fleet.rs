@@ -62,19 +62,7 @@ fn a_daemon_keeps_its_jobs_in_postgres_and_status_reads_them_without_it() {
 #[test]
 fn kill_9_mid_upload_resumes_from_the_database() {
     let pg = Postgres::start();
-    let url = pg.database("resume");
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
-    let fx = Fixture::new();
-    fx.write_config_parts(ConfigParts {
-        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
-        providers: &format!(
-            "t: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
-            sandbox.endpoint()
-        ),
-        rules: Some("- match: {}\n  provider: t\n"),
-        ..ConfigParts::default()
-    });
+    let (fx, sandbox, _dir) = node_to_a_slow_sandbox(&pg, "resume");
     write_random(&fx.watch.join("big.mp4"), 16 << 20, 7);
     let mut first = fx.start();
     sandbox.wait_for_offset("big.mp4", 5 << 20, Duration::from_secs(30));
@@ -272,19 +260,10 @@ fn a_second_live_node_with_the_same_name_is_refused() {
     drop(again);
 }
 
-/// Two nodes (node-a: the fixture's config; node-b: its own) with a 2 s
-/// lease, every file to a throttled tus sandbox; answers them and the
-/// sandbox.
-fn two_nodes_to_a_slow_sandbox(
-    pg: &Postgres,
-    db: &str,
-) -> (
-    Fixture,
-    Sandbox,
-    common::Daemon,
-    common::Daemon,
-    tempfile::TempDir,
-) {
+/// One node (node-a, 2 s lease) with its jobs in database `db`, every
+/// file to a tus sandbox throttled to 4 MiB/s; the folder holds the
+/// sandbox's data.
+fn node_to_a_slow_sandbox(pg: &Postgres, db: &str) -> (Fixture, Sandbox, tempfile::TempDir) {
     let url = pg.database(db);
     let dir = tempfile::tempdir().unwrap();
     let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
@@ -298,6 +277,21 @@ fn two_nodes_to_a_slow_sandbox(
         rules: Some("- match: {}\n  provider: t\n"),
         ..ConfigParts::default()
     });
+    (fx, sandbox, dir)
+}
+
+/// Two such nodes (node-a: the fixture's config; node-b: its own).
+fn two_nodes_to_a_slow_sandbox(
+    pg: &Postgres,
+    db: &str,
+) -> (
+    Fixture,
+    Sandbox,
+    common::Daemon,
+    common::Daemon,
+    tempfile::TempDir,
+) {
+    let (fx, sandbox, dir) = node_to_a_slow_sandbox(pg, db);
     let a = fx.start();
     let b = start_node(&fx, &node_config(&fx, "node-b"));
     (fx, sandbox, a, b, dir)
@@ -388,19 +382,7 @@ fn a_frozen_node_taken_over_writes_nothing_when_it_wakes() {
 #[test]
 fn postgres_away_for_ten_seconds_loses_and_duplicates_nothing() {
     let pg = Postgres::start();
-    let url = pg.database("outage");
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
-    let fx = Fixture::new();
-    fx.write_config_parts(ConfigParts {
-        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
-        providers: &format!(
-            "t: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
-            sandbox.endpoint()
-        ),
-        rules: Some("- match: {}\n  provider: t\n"),
-        ..ConfigParts::default()
-    });
+    let (fx, sandbox, _dir) = node_to_a_slow_sandbox(&pg, "outage");
     let mut daemon = fx.start();
     write_random(&fx.watch.join("big.mp4"), 24 << 20, 11);
     sandbox.wait_for_offset("big.mp4", 3 << 20, Duration::from_secs(30));

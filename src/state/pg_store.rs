@@ -179,7 +179,7 @@ impl PgStore {
     /// # Errors
     /// A database failure.
     pub async fn claim_own(&self) -> Result<Vec<Job>, StoreError> {
-        self.claim("holder = $1").await
+        self.claim("holder = $1", i64::MAX).await
     }
 
     /// Claim up to `limit` unfinished jobs whose lease ran out (their node
@@ -189,30 +189,29 @@ impl PgStore {
     /// # Errors
     /// A database failure.
     pub async fn claim_expired(&self, limit: i64) -> Result<Vec<Job>, StoreError> {
-        self.claim(&format!(
-            "(lease_until IS NULL OR lease_until < now()) AND $1::text IS NOT NULL LIMIT {limit}"
-        ))
-        .await
+        self.claim("(lease_until IS NULL OR lease_until < now())", limit)
+            .await
     }
 
-    /// Claim the unfinished jobs `condition` selects (`$1` is this node).
-    async fn claim(&self, condition: &str) -> Result<Vec<Job>, StoreError> {
+    /// Claim at most `limit` of the unfinished jobs `condition` selects
+    /// (`$1` is this node), oldest first.
+    async fn claim(&self, condition: &str, limit: i64) -> Result<Vec<Job>, StoreError> {
         let Some((node, _)) = &self.claims else {
             return Ok(Vec::new());
         };
-        let condition = condition.replace(" LIMIT ", " ORDER BY id LIMIT ");
         let sql = format!(
             "UPDATE hotfolder_jobs SET holder = $1, epoch = epoch + 1,
                  lease_until = now() + $2::interval
              WHERE id IN (
                  SELECT id FROM hotfolder_jobs
                  WHERE state NOT IN ('done', 'failed', 'superseded') AND {condition}
-                 FOR UPDATE SKIP LOCKED)
+                 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
              RETURNING record::text AS record, epoch"
         );
         let rows = sqlx::query(&sql)
             .bind(&**node)
             .bind(self.lease_interval())
+            .bind(limit)
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
