@@ -11,7 +11,7 @@ use crate::config::{self, Config, ConfigError, LogFormat};
 use crate::control::{self, Request, Response};
 use crate::jobs::{self, JobView};
 use crate::route::{FileFacts, Router};
-use crate::state::{JobState, JobStore, Store};
+use crate::state::{JobState, JobStore, NodeView, Store};
 
 /// hotfolder: watch folders, upload finished video files resumably, file them into done/ or failed/.
 #[derive(Debug, Parser)]
@@ -434,6 +434,16 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
         );
     } else {
         print!("{}", table(&rows));
+        // A fleet's nodes come from the shared database, which any number
+        // of readers may open beside the daemons.
+        if config.store.node().is_some() {
+            let nodes = open_store(config)
+                .await?
+                .nodes()
+                .await
+                .context("cannot read the fleet's nodes")?;
+            print!("\n{}", nodes_table(&nodes));
+        }
     }
     Ok(())
 }
@@ -472,21 +482,44 @@ fn progress_cell(row: &JobView) -> String {
     cell
 }
 
-/// The `status` table.
+/// Lay out `rows` under `header`, columns padded to their display width (a
+/// CJK character takes two cells); the last column is left unpadded.
+fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    use unicode_width::UnicodeWidthStr;
+    let last = header.len().saturating_sub(1);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.width()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate().take(last) {
+            widths[i] = widths[i].max(cell.width());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        for (i, col) in row.iter().enumerate() {
+            out.push_str(col);
+            if i < last {
+                out.push_str(&" ".repeat(widths[i].saturating_sub(col.width()) + 2));
+            }
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+    }
+    out
+}
+
+/// The `status` table. A NODE column appears when jobs run in a fleet.
 pub fn table(rows: &[JobView]) -> String {
-    let header = [
-        "ID",
-        "FILE",
-        "PROVIDER",
-        "STATE",
-        "PROGRESS",
-        "ATTEMPTS",
-        "LAST ERROR",
-    ];
-    let cells: Vec<[String; 7]> = rows
+    let fleet = rows.iter().any(|r| r.node.is_some());
+    let mut header = vec!["ID", "FILE", "PROVIDER", "STATE"];
+    if fleet {
+        header.push("NODE");
+    }
+    header.extend(["PROGRESS", "ATTEMPTS", "LAST ERROR"]);
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            let mut row = vec![
                 r.id.to_string(),
                 if r.watch.is_empty() {
                     r.file.clone()
@@ -495,43 +528,39 @@ pub fn table(rows: &[JobView]) -> String {
                 },
                 r.provider.clone(),
                 r.state.clone(),
+            ];
+            if fleet {
+                row.push(r.node.clone().unwrap_or_else(|| "-".into()));
+            }
+            row.extend([
                 progress_cell(r),
                 r.attempts.to_string(),
                 r.last_error.clone().unwrap_or_default(),
-            ]
+            ]);
+            row
         })
         .collect();
-    // Columns by display width: a CJK character takes two cells.
-    use unicode_width::UnicodeWidthStr;
-    let mut widths = header.map(str::len);
-    for row in &cells {
-        for (i, cell) in row.iter().enumerate().take(6) {
-            widths[i] = widths[i].max(cell.width());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cols: [&str; 7]| {
-        for (i, col) in cols.iter().enumerate() {
-            if i < 6 {
-                out.push_str(col);
-                out.push_str(&" ".repeat(widths[i].saturating_sub(col.width()) + 2));
-            } else {
-                out.push_str(col);
-            }
-        }
-        out.truncate(out.trim_end().len());
-        out.push('\n');
-    };
-    line(header);
-    for row in &cells {
-        line([
-            &row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6],
-        ]);
-    }
+    let mut out = columns(&header, &cells);
     if rows.is_empty() {
         out.push_str("(no jobs yet)\n");
     }
     out
+}
+
+/// The fleet's nodes under the jobs: who is alive and what each holds.
+pub fn nodes_table(nodes: &[NodeView]) -> String {
+    let cells: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                format!("{:.0} s ago", n.heartbeat_seconds_ago),
+                n.started_at.clone(),
+                n.jobs_held.to_string(),
+            ]
+        })
+        .collect();
+    columns(&["NODE", "HEARTBEAT", "STARTED", "JOBS HELD"], &cells)
 }
 
 async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliError> {

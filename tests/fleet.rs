@@ -555,4 +555,46 @@ fn every_node_shows_the_fleet_jobs_their_holders_and_the_nodes() {
         ),
         "{body}"
     );
+    // `status` shows the node beside each job, then the fleet's nodes.
+    let out = fx.hotfolder(&["status"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text.lines().next().unwrap_or_default();
+    assert!(header.contains(" NODE "), "{text}");
+    let job_lines = text.lines().filter(|l| l.contains(".mp4")).count();
+    let with_node = text
+        .lines()
+        .filter(|l| l.contains(".mp4") && (l.contains(" node-a ") || l.contains(" node-b ")))
+        .count();
+    assert_eq!((job_lines, with_node), (40, 40), "{text}");
+    for node in ["node-a", "node-b"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(node)
+                && l.contains("s ago")
+                && l.trim_end().ends_with(" 0")),
+            "{node} listed with its heartbeat and no jobs held: {text}"
+        );
+    }
+    // So does the page, in a real browser.
+    let profile = tempfile::tempdir().unwrap();
+    let dom = common::browser::browse(
+        &format!("http://{address}/"),
+        &["--dump-dom"],
+        profile.path(),
+    );
+    assert!(
+        dom.contains("<th id=\"node-column\">Node</th>"),
+        "a node column: {dom}"
+    );
+    assert!(
+        dom.contains("<td class=\"node\">node-a</td>")
+            || dom.contains("<td class=\"node\">node-b</td>"),
+        "jobs show their node: {dom}"
+    );
+    for node in ["node-a", "node-b"] {
+        assert!(
+            dom.contains(&format!("<td>{node}</td>")),
+            "{node} in the page's nodes list: {dom}"
+        );
+    }
 }

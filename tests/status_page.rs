@@ -5,50 +5,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use common::browser::browse;
 use common::sandbox::{Sandbox, http};
 use common::{Fixture, in_state, wait_for, write_random};
 
 const TOKEN: &str = "page-token-8c2f";
-
-fn chromium() -> &'static str {
-    let path = "/usr/bin/chromium";
-    assert!(
-        Path::new(path).exists(),
-        "Debian's chromium is not installed at {path}; run scripts/test (it installs it with apt-get)"
-    );
-    path
-}
-
-/// Run headless Chromium on `url` with `extra` arguments; answers stdout.
-fn browse(url: &str, extra: &[&str], profile: &Path) -> String {
-    let out = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=4000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra)
-        .arg(url)
-        .output()
-        .expect("run chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn the_page_shows_live_progress_failures_and_a_retry_button() {
@@ -145,6 +109,11 @@ fn the_page_shows_live_progress_failures_and_a_retry_button() {
         "the failure and its reason: {dom}"
     );
     assert!(dom.contains(">Retry</button>"), "a retry button: {dom}");
+    assert!(
+        !dom.contains("<th id=\"node-column\">")
+            && dom.contains("<section id=\"fleet\" hidden=\"\">"),
+        "no node column or nodes list on a single box: {dom}"
+    );
     assert!(
         dom.contains("<div id=\"error\"></div>"),
         "no error shown: {dom}"

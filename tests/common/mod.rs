@@ -3,6 +3,8 @@
 //! binary spawned and killed on drop, and polling with a deadline.
 #![allow(dead_code)]
 
+/// Headless Chromium, for tests/status_page.rs and tests/fleet.rs.
+pub mod browser;
 /// A private PostgreSQL server, for tests/fleet.rs.
 pub mod postgres;
 /// The OK.ru, api.video, Gcore and movingimage simulators as peers, for
