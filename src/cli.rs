@@ -84,6 +84,24 @@ pub enum Command {
         #[arg(long, conflicts_with = "jobs")]
         failed: bool,
     },
+    /// The job store itself.
+    Store {
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
+}
+
+/// `hotfolder store ...`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a single box's history (finished jobs, delivered fingerprints) into the PostgreSQL store of a fleet, so the fleet keeps its duplicate detection. Stop the box first; its sled database is only read.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// The box's state_dir (the folder holding its `db`).
+        #[arg(long, value_name = "STATE_DIR")]
+        from_sled: PathBuf,
+    },
 }
 
 /// A failure, by the exit code it deserves.
@@ -147,6 +165,9 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             jobs,
             failed,
         } => runtime.block_on(retry(&load(&config)?, jobs, failed)),
+        Command::Store {
+            action: StoreCommand::Migrate { config, from_sled },
+        } => runtime.block_on(migrate_from_sled(&load(&config)?, &from_sled)),
     }
 }
 
@@ -561,6 +582,31 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
         })
         .collect();
     columns(&["NODE", "HEARTBEAT", "STARTED", "JOBS HELD"], &cells)
+}
+
+async fn migrate_from_sled(config: &Config, state_dir: &Path) -> Result<(), CliError> {
+    let crate::config::StoreConfig::Postgres { url, .. } = &config.store else {
+        return Err(CliError::Usage(
+            "the config's store is sled: `store migrate` moves a box's history into a fleet's database; give it the fleet's config, with store: { type: postgres, url: ... }".into(),
+        ));
+    };
+    let fleet = crate::state::PgStore::open(url.expose())
+        .await
+        .map_err(|e| CliError::Runtime(anyhow::Error::new(e)))?;
+    let moved = crate::state::migrate::from_sled(state_dir, &fleet)
+        .await
+        .map_err(|e| CliError::Runtime(anyhow::Error::new(e)))?;
+    match moved {
+        crate::state::Imported::Moved { jobs, fingerprints } => println!(
+            "moved {jobs} finished jobs and {fingerprints} delivered fingerprints from {} into the fleet's database (with new job ids); the box's database was only read",
+            state_dir.display()
+        ),
+        crate::state::Imported::AlreadyMoved { at } => println!(
+            "the history in {} was already moved on {at}; nothing more to do",
+            state_dir.display()
+        ),
+    }
+    Ok(())
 }
 
 async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliError> {

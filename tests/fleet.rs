@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::postgres::Postgres;
 use common::sandbox::Sandbox;
-use common::{ConfigParts, Fixture, in_state, wait_for_outcome, write_random};
+use common::{ConfigParts, Fixture, in_state, wait_for, wait_for_outcome, write_random};
 
 /// A fixture whose jobs live in `url`, named `node`.
 fn fleet_fixture(url: &str, node: &str) -> Fixture {
@@ -597,4 +597,155 @@ fn every_node_shows_the_fleet_jobs_their_holders_and_the_nodes() {
             "{node} in the page's nodes list: {dom}"
         );
     }
+}
+
+/// Run `hotfolder ARGS -c CONFIG` from the fixture's root.
+fn hotfolder_with(fx: &Fixture, config: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(common::bin())
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .current_dir(&fx.root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run hotfolder");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// The fixture's config with its jobs in PostgreSQL at `url` (node-a).
+fn fleet_config_beside(fx: &Fixture, url: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&fx.config).expect("config");
+    let path = fx.root.join("fleet.yaml");
+    std::fs::write(
+        &path,
+        format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}\n{text}"),
+    )
+    .expect("write the fleet config");
+    path
+}
+
+#[test]
+fn a_single_boxs_history_moves_into_the_fleet_and_keeps_duplicate_detection() {
+    let pg = Postgres::start();
+    let url = pg.database("grow");
+    // One box on sled: three files delivered, one failed (a broken sidecar).
+    let fx = Fixture::new();
+    for n in 0..3 {
+        write_random(&fx.watch.join(format!("clip-{n}.mp4")), 10_000 + n, n);
+    }
+    std::fs::write(fx.watch.join("broken.json"), b"{oops").unwrap();
+    write_random(&fx.watch.join("broken.mp4"), 5_000, 9);
+    let mut daemon = fx.start();
+    let before = wait_for_outcome(&fx, 3, 1);
+    let fleet = fleet_config_beside(&fx, &url);
+    let state = fx.state.to_string_lossy().into_owned();
+    let migrate = ["store", "migrate", "--from-sled", state.as_str()];
+
+    // Not while the box runs: its database is locked.
+    let (code, text) = hotfolder_with(&fx, &fleet, &migrate);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("another process holds it") && text.contains(&state),
+        "{text}"
+    );
+    daemon.terminate(Duration::from_secs(20));
+
+    // Not into a config whose store is sled: nowhere to move it to.
+    let (code, text) = hotfolder_with(&fx, &fx.config, &migrate);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("store: { type: postgres"), "{text}");
+
+    let (code, text) = hotfolder_with(&fx, &fleet, &migrate);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("4 finished jobs") && text.contains("3 delivered fingerprints"),
+        "{text}"
+    );
+    assert!(!text.contains("oops") && !url.is_empty());
+    assert_eq!(
+        pg.sql("grow", "SELECT count(*) FROM hotfolder_jobs"),
+        "4",
+        "{text}"
+    );
+
+    // The fleet's status shows the box's history (sled is left as it was).
+    let (code, json) = hotfolder_with(&fx, &fleet, &["status", "--json"]);
+    assert_eq!(code, Some(0), "{json}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let files = |rows: &[serde_json::Value], state: &str| {
+        let mut files: Vec<String> = in_state(rows, state)
+            .iter()
+            .map(|r| r["file"].as_str().unwrap_or_default().to_string())
+            .collect();
+        files.sort();
+        files
+    };
+    assert_eq!(files(&rows, "done"), files(&before, "done"));
+    assert_eq!(files(&rows, "failed"), vec!["broken.mp4"]);
+    assert_eq!(fx.status().len(), 4, "the sled store is untouched");
+
+    // Twice: nothing more is moved.
+    let (code, text) = hotfolder_with(&fx, &fleet, &migrate);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("already moved"), "{text}");
+    assert_eq!(pg.sql("grow", "SELECT count(*) FROM hotfolder_jobs"), "4");
+
+    // A node of the fleet knows the box's deliveries: the same content
+    // dropped again is filed as a duplicate of the migrated job.
+    let original = rows
+        .iter()
+        .find(|r| r["file"] == "clip-1.mp4")
+        .expect("clip-1 migrated");
+    std::fs::copy(fx.done.join("clip-1.mp4"), fx.watch.join("again.mp4")).unwrap();
+    let node = start_node(&fx, &fleet);
+    let again = wait_for("again.mp4 filed", Duration::from_secs(30), || {
+        let (_, json) = hotfolder_with(&fx, &fleet, &["status", "--json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&json).ok()?;
+        rows.into_iter()
+            .find(|r| r["file"] == "again.mp4" && r["state"] == "done")
+    });
+    assert_eq!(again["duplicate_of"], original["id"], "{again}");
+    drop(node);
+}
+
+#[test]
+fn a_box_with_unfinished_jobs_is_not_migrated() {
+    let pg = Postgres::start();
+    let url = pg.database("unfinished");
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::start(dir.path(), &["--throttle", "1MiB"]);
+    let fx = Fixture::new();
+    fx.write_config_parts(ConfigParts {
+        providers: &format!(
+            "t: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
+            sandbox.endpoint()
+        ),
+        rules: Some("- match: {}\n  provider: t\n"),
+        ..ConfigParts::default()
+    });
+    write_random(&fx.watch.join("long.mp4"), 20 << 20, 1);
+    let mut daemon = fx.start();
+    fx.wait_for_bytes("long.mp4", 1 << 20, Duration::from_secs(30));
+    daemon.kill9();
+    let fleet = fleet_config_beside(&fx, &url);
+    let state = fx.state.to_string_lossy().into_owned();
+    let (code, text) = hotfolder_with(
+        &fx,
+        &fleet,
+        &["store", "migrate", "--from-sled", state.as_str()],
+    );
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("long.mp4") && text.contains("uploading") && text.contains("finish"),
+        "names the unfinished job and what to do: {text}"
+    );
+    assert_eq!(
+        pg.sql("unfinished", "SELECT count(*) FROM hotfolder_jobs"),
+        "0"
+    );
 }

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod migrate;
 mod paths;
 mod pg_store;
 mod sled_store;
 
-pub use self::pg_store::{Member, NodeView, PgStore};
+pub use self::pg_store::{Imported, Member, NodeView, PgStore};
 pub use self::sled_store::SledStore;
 use crate::hashing::ResumableSha256;
 pub use crate::lifecycle::JobState;
@@ -49,6 +50,18 @@ pub struct ErrorInfo {
     pub excerpt: Option<String>,
     /// When it happened.
     pub at: jiff::Timestamp,
+}
+
+/// A delivered fingerprint and the jobs that claimed it (a store's
+/// duplicate detection, as moved between stores).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentEntry {
+    /// The provider the content went to.
+    pub provider: String,
+    /// Size and ends hash ([`crate::hashing::fingerprint_of`]).
+    pub fingerprint: String,
+    /// The jobs, by id in their store.
+    pub jobs: Vec<u64>,
 }
 
 /// One file's journey. Serialized as JSON with a version tag.

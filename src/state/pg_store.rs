@@ -14,7 +14,7 @@ use std::sync::Arc;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{Job, JobState, Page, StoreError, decode};
+use super::{ContentEntry, Job, JobState, Page, StoreError, decode};
 
 /// The schema, one migration per version, applied in order. Never edit a
 /// released one: add the next.
@@ -591,6 +591,141 @@ impl PgStore {
         .await
         .map_err(unavailable)?;
         Ok(ids.into_iter().map(|id| id as u64).collect())
+    }
+}
+
+/// What [`PgStore::import_history`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Imported {
+    /// Moved this many jobs and fingerprints.
+    Moved {
+        /// Jobs written.
+        jobs: u64,
+        /// Fingerprints that now point at them.
+        fingerprints: u64,
+    },
+    /// This history was moved before (at this time): nothing was written.
+    AlreadyMoved {
+        /// When.
+        at: String,
+    },
+}
+
+/// Rows per statement when importing: few round trips, bounded memory.
+const IMPORT_BATCH: usize = 1_000;
+
+impl PgStore {
+    /// Write another store's finished jobs and delivered fingerprints, in
+    /// one transaction: all or nothing, and once per `origin` (that store's
+    /// installation id). Jobs get ids from this store's sequence (the fleet
+    /// numbers its own); fingerprints and `duplicate_of` follow them.
+    ///
+    /// # Errors
+    /// A database failure (nothing is written then).
+    pub async fn import_history(
+        &self,
+        origin: &str,
+        jobs: &[Job],
+        content: &[ContentEntry],
+    ) -> Result<Imported, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let marker = format!("moved_from_sled:{origin}");
+        let first = sqlx::query(
+            "INSERT INTO hotfolder_meta (key, value) VALUES ($1, now()::text)
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&marker)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if first.rows_affected() == 0 {
+            let at: String = sqlx::query_scalar("SELECT value FROM hotfolder_meta WHERE key = $1")
+                .bind(&marker)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            return Ok(Imported::AlreadyMoved { at });
+        }
+        let ids: Vec<i64> =
+            sqlx::query_scalar("SELECT nextval('hotfolder_job_ids') FROM generate_series(1, $1)")
+                .bind(jobs.len() as i64)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let renumbered: BTreeMap<u64, u64> = jobs
+            .iter()
+            .zip(&ids)
+            .map(|(job, id)| (job.id, *id as u64))
+            .collect();
+        for batch in jobs.chunks(IMPORT_BATCH) {
+            let mut ids = Vec::with_capacity(batch.len());
+            let mut watches = Vec::with_capacity(batch.len());
+            let mut relpaths = Vec::with_capacity(batch.len());
+            let mut states = Vec::with_capacity(batch.len());
+            let mut records = Vec::with_capacity(batch.len());
+            for job in batch {
+                let mut job = job.clone();
+                job.id = renumbered[&job.id];
+                job.duplicate_of = job.duplicate_of.and_then(|id| renumbered.get(&id).copied());
+                job.node = None;
+                job.epoch = 0;
+                records.push(
+                    serde_json::to_string(&job).map_err(|source| StoreError::Decode {
+                        key: job.id.to_string(),
+                        source,
+                    })?,
+                );
+                ids.push(job.id as i64);
+                watches.push(job.watch);
+                relpaths.push(job.relpath.as_os_str().as_bytes().to_vec());
+                states.push(job.state.as_str().to_string());
+            }
+            sqlx::query(
+                "INSERT INTO hotfolder_jobs (id, watch, relpath, state, record)
+                 SELECT id, watch, relpath, state, record::jsonb
+                 FROM UNNEST($1::bigint[], $2::text[], $3::bytea[], $4::text[], $5::text[])
+                     AS t(id, watch, relpath, state, record)",
+            )
+            .bind(ids)
+            .bind(watches)
+            .bind(relpaths)
+            .bind(states)
+            .bind(records)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        let rows: Vec<(&str, &str, i64)> = content
+            .iter()
+            .flat_map(|entry| {
+                entry.jobs.iter().filter_map(|id| {
+                    let id = *renumbered.get(id)? as i64;
+                    Some((entry.provider.as_str(), entry.fingerprint.as_str(), id))
+                })
+            })
+            .collect();
+        let fingerprints = content
+            .iter()
+            .filter(|e| e.jobs.iter().any(|id| renumbered.contains_key(id)))
+            .count() as u64;
+        for batch in rows.chunks(IMPORT_BATCH) {
+            sqlx::query(
+                "INSERT INTO hotfolder_content (provider, fingerprint, job)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(batch.iter().map(|r| r.0).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.1).collect::<Vec<_>>())
+            .bind(batch.iter().map(|r| r.2).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Imported::Moved {
+            jobs: jobs.len() as u64,
+            fingerprints,
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{Job, JobState, JobStore, Page, StoreError, decode, prepare_state_dir};
+use super::{ContentEntry, Job, JobState, JobStore, Page, StoreError, decode, prepare_state_dir};
 use crate::group_commit::GroupCommit;
 
 /// sled's page cache: enough for the jobs in flight and recent history.
@@ -243,6 +243,33 @@ impl JobStore for SledStore {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect())
+    }
+}
+
+impl SledStore {
+    /// Every delivered fingerprint with the jobs that claimed it, for
+    /// moving a box's history into a fleet's store.
+    ///
+    /// # Errors
+    /// A read failure.
+    pub fn content_entries(&self) -> Result<Vec<ContentEntry>, StoreError> {
+        let mut entries = Vec::new();
+        for entry in self.delivered.iter() {
+            let (key, ids) = entry?;
+            let key = String::from_utf8_lossy(&key);
+            let Some((provider, fingerprint)) = key.split_once('\0') else {
+                continue;
+            };
+            entries.push(ContentEntry {
+                provider: provider.to_string(),
+                fingerprint: fingerprint.to_string(),
+                jobs: ids
+                    .chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            });
+        }
+        Ok(entries)
     }
 }
 
