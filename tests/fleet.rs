@@ -749,3 +749,49 @@ fn a_box_with_unfinished_jobs_is_not_migrated() {
         "0"
     );
 }
+
+#[test]
+fn a_dead_nodes_partial_file_on_the_shared_folder_is_resumed_by_the_next() {
+    let pg = Postgres::start();
+    let url = pg.database("partial");
+    let fx = Fixture::new();
+    fx.write_config_parts(ConfigParts {
+        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
+        archive: "chunk_size: 256KiB",
+        ..ConfigParts::default()
+    });
+    let size = 4 << 20;
+    write_random(&fx.watch.join("long.mp4"), size, 7);
+    // node-a stops dead after its fourth chunk is on the share.
+    fx.run_until_failpoint("chunk::acknowledged=3*off->return", Duration::from_secs(30));
+    // Its partial file is named for the fleet (the database's installation
+    // id) and the job: no other node or fleet on the share has that name.
+    let installation = pg.sql(
+        "partial",
+        "SELECT value FROM hotfolder_meta WHERE key = 'installation'",
+    );
+    let job = pg.sql("partial", "SELECT id FROM hotfolder_jobs");
+    let partials = Fixture::files_in(&fx.outbox.join(".hotfolder-partial"));
+    assert_eq!(partials, vec![format!("{installation}-{job}")]);
+    // node-b takes the job over after the lease and resumes that file.
+    let b = start_node(&fx, &node_config(&fx, "node-b"));
+    wait_for("long.mp4 delivered", Duration::from_secs(30), || {
+        fx.done.join("long.mp4").exists().then_some(())
+    });
+    assert!(common::same_bytes(
+        &fx.outbox.join("long.mp4"),
+        &fx.done.join("long.mp4")
+    ));
+    // The fourth chunk was on the share but not yet recorded when node-a
+    // stopped: node-b resumes after the third, the last one recorded.
+    let offsets = b.resume_offsets();
+    assert_eq!(offsets, vec![3 * 256 * 1024], "{}", b.log());
+    assert!(
+        Fixture::files_in(&fx.outbox.join(".hotfolder-partial")).is_empty(),
+        "no partial left behind"
+    );
+    assert_eq!(
+        pg.sql("partial", "SELECT holder FROM hotfolder_jobs"),
+        "node-b"
+    );
+}
