@@ -809,7 +809,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 ctx.metrics
                     .upload_finished(&job.provider, "superseded", None);
                 tracing::warn!(reason = %why, "source changed; abandoning this upload, the file will be taken again once stable");
-                abandon_session(job, &handle).await;
+                abandon_session(&ctx.store, job, &handle).await?;
                 job.apply(Outcome::SourceChanged);
                 ctx.store.put(job).await?;
                 reoffer(ctx, job);
@@ -853,9 +853,22 @@ async fn wait_until_finished(ctx: &Context, id: u64) -> Result<bool, StoreError>
 /// Give up the job's remote upload (deleted where the protocol allows); one
 /// that cannot be deleted is named in the job's `replaced` list, so the
 /// receipt or report tells someone to remove it.
-async fn abandon_session(job: &mut Job, handle: &ProviderHandle) {
+///
+/// Fenced first: a fleet node that lost the job (frozen past its lease)
+/// deletes nothing, since the new holder may be uploading to it.
+async fn abandon_session(
+    store: &Store,
+    job: &mut Job,
+    handle: &ProviderHandle,
+) -> Result<(), StoreError> {
+    // A test holds the process here (as a freeze would) to show what a
+    // node that wakes after losing the job does next.
+    crate::failpoint::active("abandon::before");
+    if job.session.is_some() {
+        store.confirm_hold(job).await?;
+    }
     let Some(session) = job.session.take() else {
-        return;
+        return Ok(());
     };
     if let Err(e) = handle.provider.abandon(&session).await {
         tracing::warn!(error = %e, "could not delete the abandoned upload");
@@ -863,6 +876,7 @@ async fn abandon_session(job: &mut Job, handle: &ProviderHandle) {
             job.replaced.push(format!("{name} (not deleted: {e})"));
         }
     }
+    Ok(())
 }
 
 /// Ask the job's watch to look at its source again (it changed).
@@ -1183,7 +1197,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
         && job.delivery.is_none()
         && let Some(handle) = ctx.providers.get(&job.provider).cloned()
     {
-        abandon_session(job, &handle).await;
+        abandon_session(&ctx.store, job, &handle).await?;
         ctx.store.put(job).await?;
     }
     let Some(watch) = ctx.watch(&job.watch).cloned() else {

@@ -795,3 +795,59 @@ fn a_dead_nodes_partial_file_on_the_shared_folder_is_resumed_by_the_next() {
         "node-b"
     );
 }
+
+#[test]
+fn a_node_frozen_before_giving_up_an_upload_leaves_the_new_holders_upload_alone() {
+    let pg = Postgres::start();
+    let (fx, sandbox, _dir) = node_to_a_slow_sandbox(&pg, "giveup");
+    write_random(&fx.watch.join("big.mp4"), 24 << 20, 11);
+    // node-a believes, after its fourth chunk, that the source changed; it
+    // is frozen at the step before it gives up (deletes) the remote upload.
+    let mut a = fx
+        .start_with_failpoints("upload::source_changed=4*off->return;abandon::before=sleep(5000)");
+    wait_for(
+        "node-a to give up its upload",
+        Duration::from_secs(30),
+        || a.log().contains("abandoning this upload").then_some(()),
+    );
+    a.signal(libc::SIGSTOP);
+    // node-b takes the job over after the lease and carries on with the
+    // same remote upload.
+    let b = start_node(&fx, &node_config(&fx, "node-b"));
+    wait_for("node-b to take over", Duration::from_secs(30), || {
+        b.log().contains("taking over a job").then_some(())
+    });
+    let taken_at = sandbox.wait_for_offset("big.mp4", 5 << 20, Duration::from_secs(30));
+    sandbox.wait_for_offset(
+        "big.mp4",
+        taken_at.offset + (2 << 20),
+        Duration::from_secs(30),
+    );
+    // node-a wakes: it must not delete what node-b is uploading to.
+    a.signal(libc::SIGCONT);
+    wait_for("node-a to notice", Duration::from_secs(30), || {
+        a.log()
+            .contains("another node took this job over")
+            .then_some(())
+    });
+    wait_for("node-b to finish", Duration::from_secs(60), || {
+        (pg.sql("giveup", "SELECT state FROM hotfolder_jobs") == "done").then_some(())
+    });
+    let uploads = sandbox.uploads();
+    assert_eq!(
+        uploads.len(),
+        1,
+        "one remote upload, never replaced: {uploads:?}"
+    );
+    assert!(uploads[0].complete(), "{uploads:?}");
+    assert!(
+        !b.log().contains("starting a new remote upload"),
+        "{}",
+        b.log()
+    );
+    assert!(a.child_alive(), "node-a keeps running");
+    assert_eq!(
+        Fixture::files_in(&fx.done),
+        vec!["big.mp4".to_string(), "big.mp4.receipt.json".to_string()]
+    );
+}

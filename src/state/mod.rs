@@ -477,6 +477,20 @@ impl Store {
         }
     }
 
+    /// Before deleting anything remote for `job`: does this process still
+    /// hold it? (Always, on a single box.) In a fleet the claim is checked
+    /// against its epoch and its lease renewed.
+    ///
+    /// # Errors
+    /// [`StoreError::Fenced`] when another node holds it now, or a
+    /// database failure.
+    pub async fn confirm_hold(&self, job: &Job) -> Result<(), StoreError> {
+        match self {
+            Store::Sled(_) => Ok(()),
+            Store::Postgres(s) => s.confirm_hold(job).await,
+        }
+    }
+
     /// The nodes of a fleet (none for a single box).
     ///
     /// # Errors

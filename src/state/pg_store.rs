@@ -173,6 +173,38 @@ impl PgStore {
         Ok(renewed.rows_affected())
     }
 
+    /// Before an act that cannot be fenced afterwards (deleting a remote
+    /// upload): prove this node still holds `job` under its epoch and
+    /// renew the lease, so no other node can take the job for one more
+    /// lease while the act is done.
+    ///
+    /// # Errors
+    /// [`StoreError::Fenced`] when another node holds it now, or a
+    /// database failure.
+    pub async fn confirm_hold(&self, job: &Job) -> Result<(), StoreError> {
+        let Some((node, _)) = &self.claims else {
+            return Ok(());
+        };
+        if job.epoch == 0 {
+            return Ok(());
+        }
+        let held = sqlx::query(
+            "UPDATE hotfolder_jobs SET lease_until = now() + $4::interval
+             WHERE id = $1 AND epoch = $2 AND holder = $3",
+        )
+        .bind(job.id as i64)
+        .bind(job.epoch as i64)
+        .bind(&**node)
+        .bind(self.lease_interval())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if held.rows_affected() == 0 {
+            return Err(StoreError::Fenced(job.id));
+        }
+        Ok(())
+    }
+
     /// At start: claim again the unfinished jobs this node held before it
     /// stopped (its name is its own again, so that instance is gone).
     ///

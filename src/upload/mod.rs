@@ -505,6 +505,8 @@ impl Engine {
             )));
         }
         tracing::warn!(job = job.id, reason = why, "starting a new remote upload");
+        // Fenced first: a node that lost the job deletes nothing.
+        self.store.confirm_hold(job).await?;
         if let Err(e) = provider.abandon(session).await {
             tracing::warn!(job = job.id, error = %e, "could not delete the abandoned upload");
         }
@@ -666,6 +668,12 @@ fn open_source(job: &Job) -> Result<(File, FileSignature), Stop> {
 }
 
 fn check_unchanged(job: &Job) -> Result<(), Stop> {
+    if crate::failpoint::active("upload::source_changed") {
+        return Err(Stop::SourceChanged(format!(
+            "{} changed while it was being uploaded (failpoint)",
+            job.source.display()
+        )));
+    }
     match std::fs::metadata(&job.source) {
         Ok(meta) if FileSignature::of(&meta).same_content(&job.signature) => Ok(()),
         Ok(_) => Err(Stop::SourceChanged(format!(
