@@ -156,12 +156,22 @@ fn bad_store_settings_are_refused_clearly() {
 /// Start `hotfolder run -c <config>` (another node's config beside the
 /// fixture's); waits until it runs.
 fn start_node(fx: &Fixture, config: &std::path::Path) -> common::Daemon {
+    start_node_with_env(fx, config, &[])
+}
+
+/// [`start_node`] with environment variables set (for `${VARS}` in the config).
+fn start_node_with_env(
+    fx: &Fixture,
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+) -> common::Daemon {
     let log = config.with_extension("log");
     let file = std::fs::File::create(&log).expect("log file");
     let child = std::process::Command::new(common::bin())
         .arg("run")
         .arg("-c")
         .arg(config)
+        .envs(env.iter().copied())
         .current_dir(&fx.root)
         .stdin(std::process::Stdio::null())
         .stdout(file.try_clone().expect("log clone"))
@@ -850,4 +860,100 @@ fn a_node_frozen_before_giving_up_an_upload_leaves_the_new_holders_upload_alone(
         Fixture::files_in(&fx.done),
         vec!["big.mp4".to_string(), "big.mp4.receipt.json".to_string()]
     );
+}
+
+/// The shipped fleet setup (deploy/fleet/): its init.sql makes a role with
+/// the least rights a node needs, and a node runs the shipped config with
+/// that role and delivers (the share and timings made local and short).
+#[test]
+fn the_shipped_fleet_setup_runs_with_the_least_rights() {
+    let pg = Postgres::start();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/fleet");
+    // Without the password, the script refuses and makes nothing.
+    let (ok, text) = pg.script("postgres", &deploy.join("init.sql"), &[]);
+    assert!(
+        !ok && text.contains("set HOTFOLDER_NODE_PASSWORD"),
+        "{text}"
+    );
+    let (ok, text) = pg.script(
+        "postgres",
+        &deploy.join("init.sql"),
+        &[("HOTFOLDER_NODE_PASSWORD", "s3cret-pw")],
+    );
+    assert!(ok, "{text}");
+    for (what, query) in [
+        (
+            "superuser",
+            "SELECT rolsuper OR rolcreatedb OR rolcreaterole FROM pg_roles WHERE rolname = 'hotfolder_node'",
+        ),
+        (
+            "CREATE on the database",
+            "SELECT has_database_privilege('hotfolder_node', 'hotfolder', 'CREATE')",
+        ),
+        (
+            "CREATE in public",
+            "SELECT has_schema_privilege('hotfolder_node', 'public', 'CREATE')",
+        ),
+    ] {
+        assert_eq!(
+            pg.sql("hotfolder", query),
+            "f",
+            "the node role has no {what}"
+        );
+    }
+
+    let fx = Fixture::new();
+    let data = fx.root.join("data");
+    for dir in ["drop", "done", "failed", "outbox"] {
+        std::fs::create_dir_all(data.join(dir)).unwrap();
+    }
+    let mut text = std::fs::read_to_string(deploy.join("hotfolder.yaml")).unwrap();
+    for (from, to) in [
+        ("/data/", format!("{}/", data.display())),
+        ("/var/lib/hotfolder", fx.state.display().to_string()),
+        ("stable_for: 30s", "stable_for: 300ms".to_string()),
+        ("poll_every: 10s", "poll_every: 200ms".to_string()),
+        ("format: json", "format: text".to_string()),
+    ] {
+        assert!(
+            text.contains(from),
+            "deploy/fleet/hotfolder.yaml has {from}"
+        );
+        text = text.replace(from, &to);
+    }
+    let config = fx.root.join("node-1.yaml");
+    std::fs::write(&config, text).unwrap();
+    let url = format!(
+        "postgres://hotfolder_node:s3cret-pw@127.0.0.1:{}/hotfolder",
+        pg.port
+    );
+    let env = [
+        ("HOTFOLDER_DATABASE_URL", url.as_str()),
+        ("HOTFOLDER_NODE", "node-1"),
+    ];
+    let node = start_node_with_env(&fx, &config, &env);
+    for n in 0..3 {
+        write_random(&data.join(format!("drop/clip-{n}.mp4")), 5_000 + n, n);
+    }
+    wait_for("3 files delivered", Duration::from_secs(30), || {
+        (Fixture::files_in(&data.join("outbox")).len() == 3
+            && Fixture::files_in(&data.join("done")).len() == 6)
+            .then_some(())
+    });
+    // Its tables are in its own schema, owned by the node role.
+    assert_eq!(
+        pg.sql(
+            "hotfolder",
+            "SELECT string_agg(DISTINCT schemaname || ':' || tableowner, ',') FROM pg_tables WHERE tablename LIKE 'hotfolder_%'"
+        ),
+        "hotfolder:hotfolder_node"
+    );
+    assert!(!node.log().contains("s3cret-pw"), "{}", node.log());
+    // The compose file beside them is valid YAML naming both nodes.
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy.join("docker-compose.yml")).unwrap())
+            .expect("deploy/fleet/docker-compose.yml parses");
+    for service in ["postgres", "node-1", "node-2"] {
+        assert!(!compose["services"][service].is_null(), "{service}");
+    }
 }

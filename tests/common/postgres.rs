@@ -90,8 +90,8 @@ impl Postgres {
         self.dir.path().join("server.log")
     }
 
-    /// Run one of the server's programs as the cluster's owner.
-    fn run(&self, program: &str, args: &[&str]) -> Output {
+    /// One of the server's programs, run as the cluster's owner.
+    fn command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
         let mut command = if is_root() {
             let mut c = Command::new("setpriv");
@@ -101,11 +101,43 @@ impl Postgres {
         } else {
             Command::new(&path)
         };
+        command.current_dir(self.dir.path());
         command
+    }
+
+    /// Run one of the server's programs as the cluster's owner.
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program)
             .args(args)
-            .current_dir(self.dir.path())
             .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", path.display()))
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+
+    /// Run the psql script `file` as the superuser, connected to `db`, with
+    /// `env` set (as an operator would run a setup script); answers psql's
+    /// output, stdout and stderr together, and whether it succeeded.
+    pub fn script(&self, db: &str, file: &Path, env: &[(&str, &str)]) -> (bool, String) {
+        // A copy the cluster's owner can read, wherever the original is.
+        let copy = self.dir.path().join("script.sql");
+        std::fs::copy(file, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));
+        let _ = Command::new("chmod").arg("644").arg(&copy).status();
+        let port = self.port.to_string();
+        let out = self
+            .command("psql")
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", ROLE, "-d", db])
+            .args(["-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(&copy)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run psql");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     }
 
     fn run_checked(&self, program: &str, args: &[&str]) {
