@@ -220,6 +220,8 @@ def drop_run(binary, pg, scratch, nodes, count, size, label):
         cpu = sum(n.cpu_seconds() for n in running) - cpu_before
         after = pg.statements(db)
         idle = idle_rate * (time.monotonic() - start)
+        row_bytes = float(pg.sql(db, "SELECT avg(pg_column_size(record)) FROM hotfolder_jobs"))
+        table_bytes = int(pg.sql(db, "SELECT pg_total_relation_size('hotfolder_jobs') + pg_total_relation_size('hotfolder_content')"))
         per_node = pg.sql(db, "SELECT string_agg(holder || ' ' || n, ', ' ORDER BY holder) FROM (SELECT holder, count(*) n FROM hotfolder_jobs GROUP BY holder) t")
         delivered = len(os.listdir(outbox / "batch"))
         if delivered != count:
@@ -235,6 +237,8 @@ def drop_run(binary, pg, scratch, nodes, count, size, label):
             "cpu_per_job_ms": cpu / count * 1000,
             "idle_per_s": idle_rate,
             "per_node": per_node,
+            "row_bytes": row_bytes,
+            "table_bytes_per_job": table_bytes / count,
             "top": sorted(used.items(), key=lambda kv: -kv[1][0])[:8],
         }
     finally:
@@ -342,6 +346,10 @@ def main():
             f"{small['rows_per_job']:.1f} | {small['cpu_per_job_ms']:.2f} | {big['gib_per_s']:.2f} ({big['wall']:.1f} s) | "
             f"{big['statements_per_job']:.1f} | {small['per_node']} |"
         )
+    print(
+        f"\na job's record: {rows[0][1]['row_bytes']:.0f} bytes (jsonb, compressed as stored); "
+        f"tables and indexes: {rows[0][1]['table_bytes_per_job'] / 1024:.1f} KiB per job after {args.files} jobs (dead row versions included)"
+    )
     print(f"\nidle traffic: {rows[-1][1]['idle_per_s']:.2f} statements/s with 3 nodes (lease 30s), subtracted above")
     print("\nstatements of the small drop with 3 nodes, by count (calls, rows written):")
     for query, (calls, written) in rows[-1][1]["top"]:
