@@ -641,8 +641,14 @@ async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliEr
             let mut queued = Vec::new();
             let mut errors = Vec::new();
             for id in ids {
-                match jobs::retry(&store, config, &Default::default(), id).await {
-                    Ok(_) => queued.push(id),
+                // No daemon runs here: a running node of the fleet takes
+                // the job (a single box's daemon finds it at its start).
+                let retried = match jobs::retry(&store, config, &Default::default(), id).await {
+                    Ok(job) => store.release_claim(&job).await.map_err(Into::into),
+                    Err(e) => Err(e),
+                };
+                match retried {
+                    Ok(()) => queued.push(id),
                     Err(e) => errors.push(e.to_string()),
                 }
             }

@@ -231,6 +231,8 @@ pub async fn retry(
     {
         let _ = std::fs::remove_file(report);
     }
+    // In a fleet, the retrying process holds the job from here on.
+    store.claim_for_retry(&mut job).await?;
     job.apply(Outcome::Retry);
     job.failures = 0;
     job.last_error = None;

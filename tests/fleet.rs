@@ -957,3 +957,57 @@ fn the_shipped_fleet_setup_runs_with_the_least_rights() {
         assert!(!compose["services"][service].is_null(), "{service}");
     }
 }
+
+/// A failed job retried through another node, or with no daemon at all,
+/// runs again on some node of the fleet: a retry gives the job a claim that
+/// a running node can act on (the node that failed it holds nothing more).
+#[test]
+fn a_failed_job_retried_anywhere_in_the_fleet_runs_again() {
+    let pg = Postgres::start();
+    let (fx, mut sandbox, _dir) = node_to_a_slow_sandbox(&pg, "retried");
+    sandbox.kill();
+    let a = fx.start();
+    let b_config = node_config(&fx, "node-b");
+    let b = start_node(&fx, &b_config);
+    for (seed, name) in ["one.mp4", "two.mp4"].into_iter().enumerate() {
+        write_random(&fx.watch.join(name), 100_000, seed as u64);
+    }
+    // The server is down: both fail after their attempts.
+    wait_for("both failed", Duration::from_secs(60), || {
+        (pg.sql(
+            "retried",
+            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'failed'",
+        ) == "2")
+            .then_some(())
+    });
+    sandbox.start_again();
+    let id_of = |file: &str| {
+        pg.sql(
+            "retried",
+            &format!("SELECT id FROM hotfolder_jobs WHERE record->>'relpath' = '{file}'"),
+        )
+    };
+    // One through node-b's daemon (whichever node failed it).
+    let one = id_of("one.mp4");
+    let (code, text) = hotfolder_with(&fx, &b_config, &["retry", &one]);
+    assert_eq!(code, Some(0), "{text}");
+    // One with no daemon behind the command: a node with no process.
+    let c_config = node_config(&fx, "node-c");
+    let two = id_of("two.mp4");
+    let (code, text) = hotfolder_with(&fx, &c_config, &["retry", &two]);
+    assert_eq!(code, Some(0), "{text}");
+    wait_for("both delivered", Duration::from_secs(40), || {
+        (pg.sql(
+            "retried",
+            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
+        ) == "2")
+            .then_some(())
+    });
+    let complete = sandbox
+        .uploads()
+        .into_iter()
+        .filter(|u| u.complete())
+        .count();
+    assert_eq!(complete, 2);
+    drop((a, b));
+}

@@ -491,6 +491,31 @@ impl Store {
         }
     }
 
+    /// A failed job about to be retried: in a fleet, this process claims
+    /// it (see [`PgStore::claim_for_retry`]); nothing to do on one box.
+    ///
+    /// # Errors
+    /// [`StoreError::Fenced`] when it was retried meanwhile elsewhere, or a
+    /// database failure.
+    pub async fn claim_for_retry(&self, job: &mut Job) -> Result<(), StoreError> {
+        match self {
+            Store::Sled(_) => Ok(()),
+            Store::Postgres(s) => s.claim_for_retry(job).await,
+        }
+    }
+
+    /// Let go of a job this process claimed but will not run, so that a
+    /// running node of the fleet takes it; nothing to do on one box.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn release_claim(&self, job: &Job) -> Result<(), StoreError> {
+        match self {
+            Store::Sled(_) => Ok(()),
+            Store::Postgres(s) => s.release_claim(job).await,
+        }
+    }
+
     /// The nodes of a fleet (none for a single box).
     ///
     /// # Errors

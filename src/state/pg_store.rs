@@ -205,6 +205,52 @@ impl PgStore {
         Ok(())
     }
 
+    /// A failed job about to be retried by this process: it claims the job
+    /// (a new epoch; the node that failed it runs nothing for it any more),
+    /// so the retry's own writes are fenced against a second retry elsewhere.
+    ///
+    /// # Errors
+    /// [`StoreError::Fenced`] when the job is no longer failed (retried
+    /// meanwhile elsewhere), or a database failure.
+    pub async fn claim_for_retry(&self, job: &mut Job) -> Result<(), StoreError> {
+        let Some((node, _)) = &self.claims else {
+            return Ok(());
+        };
+        let epoch: Option<i64> = sqlx::query_scalar(
+            "UPDATE hotfolder_jobs SET holder = $2, epoch = epoch + 1,
+                 lease_until = now() + $3::interval
+             WHERE id = $1 AND state = 'failed' RETURNING epoch",
+        )
+        .bind(job.id as i64)
+        .bind(&**node)
+        .bind(self.lease_interval())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let epoch = epoch.ok_or(StoreError::Fenced(job.id))?;
+        job.epoch = epoch as u64;
+        job.node = Some(node.to_string());
+        Ok(())
+    }
+
+    /// Let go of a job this process claimed but will not run (a `retry`
+    /// with no daemon behind it): any node's next heartbeat claims it.
+    ///
+    /// # Errors
+    /// A database failure.
+    pub async fn release_claim(&self, job: &Job) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE hotfolder_jobs SET holder = NULL, lease_until = NULL
+             WHERE id = $1 AND epoch = $2",
+        )
+        .bind(job.id as i64)
+        .bind(job.epoch as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
     /// At start: claim again the unfinished jobs this node held before it
     /// stopped (its name is its own again, so that instance is gone).
     ///
