@@ -306,7 +306,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 if let Store::Postgres(pg) = &ctx.store
                     && !ctx.store_health.is_down()
                 {
-                    if let Err(e) = pg.renew_claims().await {
+                    if let Err(e) = pg.renew_claims(&dispatch.jobs()).await {
                         ctx.store_health.failed(&e);
                     }
                     match pg.claim_expired(16).await {
@@ -382,8 +382,8 @@ struct Dispatch {
     waiting: HashMap<String, std::collections::VecDeque<u64>>,
     /// Live tasks by provider name.
     live: HashMap<String, usize>,
-    /// Which provider each live task counts against.
-    tasks: HashMap<tokio::task::Id, String>,
+    /// Which provider each live task counts against, and its job.
+    tasks: HashMap<tokio::task::Id, (String, u64)>,
 }
 
 impl Dispatch {
@@ -392,6 +392,17 @@ impl Dispatch {
             h.config.max_concurrent.min(ctx.config.workers)
         });
         concurrent.max(1) * 2
+    }
+
+    /// The jobs this node is running or about to run: the ones whose
+    /// claims it renews (a job it holds but runs nothing for lapses, and
+    /// another node, or this one, claims it again).
+    fn jobs(&self) -> Vec<u64> {
+        self.tasks
+            .values()
+            .map(|(_, id)| *id)
+            .chain(self.waiting.values().flatten().copied())
+            .collect()
     }
 
     /// A job to run: now if its provider has room, else when it has.
@@ -405,9 +416,10 @@ impl Dispatch {
     }
 
     fn spawn(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, key: String, job: Job) {
+        let id = job.id;
         let handle = tasks.spawn(run_job(Arc::clone(ctx), job));
         *self.live.entry(key.clone()).or_insert(0) += 1;
-        self.tasks.insert(handle.id(), key);
+        self.tasks.insert(handle.id(), (key, id));
         ctx.metrics
             .job_tasks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -415,7 +427,7 @@ impl Dispatch {
 
     /// A task ended: start the next waiting jobs of its provider.
     async fn ended(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, id: tokio::task::Id) {
-        let Some(key) = self.tasks.remove(&id) else {
+        let Some((key, _)) = self.tasks.remove(&id) else {
             return;
         };
         ctx.metrics
@@ -852,10 +864,13 @@ async fn wait_until_finished(ctx: &Context, id: u64) -> Result<bool, StoreError>
 
 /// Give up the job's remote upload (deleted where the protocol allows); one
 /// that cannot be deleted is named in the job's `replaced` list, so the
-/// receipt or report tells someone to remove it.
+/// receipt or report tells someone to remove it. The caller records the job
+/// afterwards.
 ///
-/// Fenced first: a fleet node that lost the job (frozen past its lease)
-/// deletes nothing, since the new holder may be uploading to it.
+/// The job is recorded without its session before the delete, and that
+/// write is fenced: a fleet node that lost the job (frozen past its lease)
+/// stops there and deletes nothing, and a node that takes the job over
+/// never resumes a session that is being deleted.
 async fn abandon_session(
     store: &Store,
     job: &mut Job,
@@ -864,15 +879,23 @@ async fn abandon_session(
     // A test holds the process here (as a freeze would) to show what a
     // node that wakes after losing the job does next.
     crate::failpoint::active("abandon::before");
-    if job.session.is_some() {
-        store.confirm_hold(job).await?;
-    }
     let Some(session) = job.session.take() else {
         return Ok(());
     };
-    if let Err(e) = handle.provider.abandon(&session).await {
+    let name = session.remote_id.clone().or(session.upload_url.clone());
+    if let Some(name) = &name {
+        // Named until the delete is known to have happened (a crash in
+        // between leaves it named, as an orphan to remove).
+        job.replaced.push(format!("{name} (given up; deleting it)"));
+    }
+    store.put(job).await?;
+    let outcome = handle.provider.abandon(&session).await;
+    if name.is_some() {
+        job.replaced.pop();
+    }
+    if let Err(e) = outcome {
         tracing::warn!(error = %e, "could not delete the abandoned upload");
-        if let Some(name) = session.remote_id.clone().or(session.upload_url.clone()) {
+        if let Some(name) = name {
             job.replaced.push(format!("{name} (not deleted: {e})"));
         }
     }
@@ -1131,10 +1154,17 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
             Filed::Stopped => return Ok(()),
         },
         AfterSuccess::Delete => {
-            for path in [Some(job.source.clone()), job.sidecar.clone()]
-                .into_iter()
-                .flatten()
-            {
+            // In a fleet, only the job's holder deletes; and only the
+            // version it delivered (checked just before the delete: a new
+            // file may have been dropped under the same name).
+            ctx.store.confirm_hold(job).await?;
+            let ours = if source_changed(job) {
+                tracing::warn!(path = %job.source.display(), "not deleted: another file is there now");
+                Vec::new()
+            } else {
+                vec![Some(job.source.clone()), job.sidecar.clone()]
+            };
+            for path in ours.into_iter().flatten() {
                 if let Err(e) = std::fs::remove_file(&path)
                     && e.kind() != std::io::ErrorKind::NotFound
                 {

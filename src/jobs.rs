@@ -226,18 +226,23 @@ pub async fn retry(
             state: job.state.as_str(),
         });
     }
+    // In a fleet, the retrying process holds the job from here on.
+    store.claim_for_retry(&mut job).await?;
     if let Some(report) = job.report.take()
         && finish::is_report_of(&report, job.id)
     {
         let _ = std::fs::remove_file(report);
     }
-    // In a fleet, the retrying process holds the job from here on.
-    store.claim_for_retry(&mut job).await?;
     job.apply(Outcome::Retry);
     job.failures = 0;
     job.last_error = None;
     store.put(&mut job).await?;
-    bring_back(store, config, held, &mut job).await?;
+    if let Err(e) = bring_back(store, config, held, &mut job).await {
+        // Queued but not run here: in a fleet, a running node takes it (and
+        // files it as failed again if its file cannot be found).
+        let _ = store.release_claim(&job).await;
+        return Err(e);
+    }
     Ok(job)
 }
 

@@ -969,15 +969,15 @@ fn a_failed_job_retried_anywhere_in_the_fleet_runs_again() {
     let a = fx.start();
     let b_config = node_config(&fx, "node-b");
     let b = start_node(&fx, &b_config);
-    for (seed, name) in ["one.mp4", "two.mp4"].into_iter().enumerate() {
+    for (seed, name) in ["one.mp4", "two.mp4", "gone.mp4"].into_iter().enumerate() {
         write_random(&fx.watch.join(name), 100_000, seed as u64);
     }
-    // The server is down: both fail after their attempts.
-    wait_for("both failed", Duration::from_secs(60), || {
+    // The server is down: all fail after their attempts.
+    wait_for("all failed", Duration::from_secs(60), || {
         (pg.sql(
             "retried",
             "SELECT count(*) FROM hotfolder_jobs WHERE state = 'failed'",
-        ) == "2")
+        ) == "3")
             .then_some(())
     });
     sandbox.start_again();
@@ -1009,5 +1009,20 @@ fn a_failed_job_retried_anywhere_in_the_fleet_runs_again() {
         .filter(|u| u.complete())
         .count();
     assert_eq!(complete, 2);
+    // A retry whose file is gone from failed/ says so; the job is not left
+    // queued on a node that will never run it: some node files it as
+    // failed again.
+    std::fs::remove_file(fx.failed.join("gone.mp4")).unwrap();
+    let gone = id_of("gone.mp4");
+    let (code, text) = hotfolder_with(&fx, &b_config, &["retry", &gone]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no longer at"), "{text}");
+    wait_for("gone.mp4 failed again", Duration::from_secs(30), || {
+        let state = pg.sql(
+            "retried",
+            &format!("SELECT state FROM hotfolder_jobs WHERE id = {gone}"),
+        );
+        (state == "failed").then_some(())
+    });
     drop((a, b));
 }

@@ -152,21 +152,26 @@ impl PgStore {
         format!("{} milliseconds", lease.as_millis())
     }
 
-    /// Renew the lease of every unfinished job this node holds. A job
-    /// another node took over meanwhile is not renewed (its holder changed).
+    /// Renew the lease of the unfinished jobs among `jobs` (the ones this
+    /// node runs) that it still holds. A job another node took over
+    /// meanwhile is not renewed (its holder changed); nor is one this node
+    /// holds but runs nothing for, which lapses and is claimed again.
     ///
     /// # Errors
     /// A database failure.
-    pub async fn renew_claims(&self) -> Result<u64, StoreError> {
+    pub async fn renew_claims(&self, jobs: &[u64]) -> Result<u64, StoreError> {
         let Some((node, _)) = &self.claims else {
             return Ok(0);
         };
+        let ids: Vec<i64> = jobs.iter().map(|id| *id as i64).collect();
         let renewed = sqlx::query(
             "UPDATE hotfolder_jobs SET lease_until = now() + $2::interval
-             WHERE holder = $1 AND state NOT IN ('done', 'failed', 'superseded')",
+             WHERE holder = $1 AND id = ANY($3)
+                 AND state NOT IN ('done', 'failed', 'superseded')",
         )
         .bind(&**node)
         .bind(self.lease_interval())
+        .bind(ids)
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
@@ -547,12 +552,13 @@ impl PgStore {
     }
 
     pub(super) async fn get(&self, id: u64) -> Result<Job, StoreError> {
-        let row = sqlx::query("SELECT record::text AS record FROM hotfolder_jobs WHERE id = $1")
-            .bind(id as i64)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?
-            .ok_or(StoreError::NotFound(id))?;
+        let row =
+            sqlx::query("SELECT record::text AS record, holder FROM hotfolder_jobs WHERE id = $1")
+                .bind(id as i64)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?
+                .ok_or(StoreError::NotFound(id))?;
         decode_row(&row)
     }
 
@@ -560,10 +566,10 @@ impl PgStore {
         let state = query.state.map(|s| s.as_str());
         let limit = query.limit.min(i64::MAX as usize) as i64;
         let sql = if query.newest_first {
-            "SELECT record::text AS record FROM hotfolder_jobs
+            "SELECT record::text AS record, holder FROM hotfolder_jobs
              WHERE id < $1 AND ($2::text IS NULL OR state = $2) ORDER BY id DESC LIMIT $3"
         } else {
-            "SELECT record::text AS record FROM hotfolder_jobs
+            "SELECT record::text AS record, holder FROM hotfolder_jobs
              WHERE id > $1 AND ($2::text IS NULL OR state = $2) ORDER BY id LIMIT $3"
         };
         let bound = match (query.newest_first, query.after) {
@@ -608,7 +614,7 @@ impl PgStore {
     }
 
     pub(super) async fn all(&self) -> Result<Vec<Job>, StoreError> {
-        sqlx::query("SELECT record::text AS record FROM hotfolder_jobs ORDER BY id")
+        sqlx::query("SELECT record::text AS record, holder FROM hotfolder_jobs ORDER BY id")
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?
@@ -623,7 +629,7 @@ impl PgStore {
         relpath: &Path,
     ) -> Result<Option<Job>, StoreError> {
         sqlx::query(
-            "SELECT record::text AS record FROM hotfolder_jobs
+            "SELECT record::text AS record, holder FROM hotfolder_jobs
              WHERE watch = $1 AND relpath = $2 ORDER BY id DESC LIMIT 1",
         )
         .bind(watch)
@@ -871,9 +877,16 @@ fn version_key(job: &Job) -> String {
     hex::encode(hash.finalize())
 }
 
+/// A job from a row; where the row has the claim's `holder`, that is the
+/// job's node (the record names the node that last wrote it, which may have
+/// lost the job since).
 fn decode_row(row: &sqlx::postgres::PgRow) -> Result<Job, StoreError> {
     let record: String = row.try_get("record").map_err(unavailable)?;
-    decode(record.as_bytes())
+    let mut job = decode(record.as_bytes())?;
+    if let Ok(Some(holder)) = row.try_get::<Option<String>, _>("holder") {
+        job.node = Some(holder);
+    }
+    Ok(job)
 }
 
 /// Apply the migrations the database has not seen, in one transaction under

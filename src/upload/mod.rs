@@ -505,11 +505,6 @@ impl Engine {
             )));
         }
         tracing::warn!(job = job.id, reason = why, "starting a new remote upload");
-        // Fenced first: a node that lost the job deletes nothing.
-        self.store.confirm_hold(job).await?;
-        if let Err(e) = provider.abandon(session).await {
-            tracing::warn!(job = job.id, error = %e, "could not delete the abandoned upload");
-        }
         if let Some(old) = session
             .remote_id
             .clone()
@@ -521,7 +516,12 @@ impl Engine {
         job.acked = 0;
         job.hash = None;
         job.apply(Outcome::CreateStarted);
+        // Recorded (fenced) before the delete: a node that lost the job
+        // stops here, and one that takes it over never resumes this session.
         self.store.put(job).await?;
+        if let Err(e) = provider.abandon(session).await {
+            tracing::warn!(job = job.id, error = %e, "could not delete the abandoned upload");
+        }
         Ok(())
     }
 
