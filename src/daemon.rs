@@ -306,7 +306,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 if let Store::Postgres(pg) = &ctx.store
                     && !ctx.store_health.is_down()
                 {
-                    if let Err(e) = pg.renew_claims(&dispatch.jobs()).await {
+                    if let Err(e) = pg.renew_claims(&ctx.jobs.accepted()).await {
                         ctx.store_health.failed(&e);
                     }
                     match pg.claim_expired(16).await {
@@ -394,17 +394,6 @@ impl Dispatch {
         concurrent.max(1) * 2
     }
 
-    /// The jobs this node is running or about to run: the ones whose
-    /// claims it renews (a job it holds but runs nothing for lapses, and
-    /// another node, or this one, claims it again).
-    fn jobs(&self) -> Vec<u64> {
-        self.tasks
-            .values()
-            .map(|(_, id)| *id)
-            .chain(self.waiting.values().flatten().copied())
-            .collect()
-    }
-
     /// A job to run: now if its provider has room, else when it has.
     fn offer(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, job: Job) {
         let key = job.provider.clone();
@@ -427,9 +416,10 @@ impl Dispatch {
 
     /// A task ended: start the next waiting jobs of its provider.
     async fn ended(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, id: tokio::task::Id) {
-        let Some((key, _)) = self.tasks.remove(&id) else {
+        let Some((key, job)) = self.tasks.remove(&id) else {
             return;
         };
+        ctx.jobs.ended(job);
         ctx.metrics
             .job_tasks
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -442,8 +432,9 @@ impl Dispatch {
             };
             match ctx.store.get(next).await {
                 Ok(job) if !job.state.is_terminal() => self.spawn(ctx, tasks, key.clone(), job),
-                Ok(_) => {}
+                Ok(_) => ctx.jobs.ended(next),
                 Err(e) => {
+                    ctx.jobs.ended(next);
                     tracing::error!(job = next, error = %e, "cannot read a queued job; it resumes at the next start")
                 }
             }

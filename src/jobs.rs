@@ -39,6 +39,9 @@ pub struct JobsHandle {
     /// Whether the fleet database answers.
     pub store_health: Arc<crate::state::StoreHealth>,
     queue: mpsc::UnboundedSender<Job>,
+    /// Jobs queued here and not yet ended (count per id): in a fleet, the
+    /// claims this node renews, wherever the job is on its way to a worker.
+    accepted: Arc<std::sync::Mutex<HashMap<u64, usize>>>,
 }
 
 impl JobsHandle {
@@ -61,13 +64,39 @@ impl JobsHandle {
             held,
             store_health: Arc::default(),
             queue,
+            accepted: Arc::default(),
         }
     }
 
     /// Queue a job (already stored) for a worker; it holds its source.
     pub fn queue(&self, job: Job) {
         self.held.hold(&job.source);
+        if let Ok(mut accepted) = self.accepted.lock() {
+            *accepted.entry(job.id).or_insert(0) += 1;
+        }
         let _ = self.queue.send(job);
+    }
+
+    /// A queued job's run ended here (finished, handed on, or not run).
+    pub fn ended(&self, id: u64) {
+        if let Ok(mut accepted) = self.accepted.lock()
+            && let Some(n) = accepted.get_mut(&id)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                accepted.remove(&id);
+            }
+        }
+    }
+
+    /// The jobs queued here and not yet ended: in a fleet, the claims this
+    /// node renews. A job it holds but runs nothing for is not among them,
+    /// so its claim lapses and it is claimed again.
+    pub fn accepted(&self) -> Vec<u64> {
+        self.accepted
+            .lock()
+            .map(|a| a.keys().copied().collect())
+            .unwrap_or_default()
     }
 }
 
