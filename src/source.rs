@@ -1,8 +1,9 @@
 //! Reading a source file, shared by the engine and the providers (which
 //! know nothing else of jobs): the signature that says which version of a
 //! file a job delivers, and chunks read lazily in pooled pieces so that a
-//! chunk never sits whole in memory; every piece is hashed as it is read,
-//! so the sha256 costs no second pass over the source.
+//! chunk never sits whole in memory; every piece is hashed once read, on a
+//! thread beside the reads and the send, so the sha256 costs no second pass
+//! over the source and little wall time.
 
 use std::fs::File;
 use std::io;
@@ -67,15 +68,21 @@ static SPARE_PIECES: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 struct PooledPiece(Vec<u8>);
 
 impl PooledPiece {
-    /// A buffer of `len` bytes (zeroed), from the pool when one is spare.
+    /// A buffer of `len` bytes, from the pool when one is spare. Its
+    /// contents are whatever it held (it is read into at once): a spare is
+    /// shortened, never zeroed again; only bytes it never had are zeroed
+    /// (a fresh buffer, or one kept from a short last piece).
     fn with_len(len: usize) -> Self {
         let mut buf = SPARE_PIECES
             .lock()
             .ok()
             .and_then(|mut spare| spare.pop())
             .unwrap_or_else(|| Vec::with_capacity(PIECE as usize));
-        buf.clear();
-        buf.resize(len, 0);
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
         PooledPiece(buf)
     }
 }
@@ -201,27 +208,48 @@ pub struct Chunk {
     /// Where the next read starts (one piece ahead of what was handed out).
     read_position: u64,
     /// The read of the next piece, started before it is asked for. Dropped
-    /// with the chunk when a send fails: the read then only touches this
-    /// chunk's own hasher, which the engine discards.
+    /// with the chunk when a send fails.
     ahead: Option<JoinHandle<io::Result<Bytes>>>,
-    hasher: Arc<Mutex<ResumableSha256>>,
+    /// Each piece read goes here, in order, to be hashed on a thread of its
+    /// own: reading, hashing and sending then run at once.
+    to_hash: tokio::sync::mpsc::Sender<Bytes>,
     counters: Arc<Counters>,
 }
 
+/// Pieces read ahead of the hash, at most.
+const HASH_QUEUE: usize = 2;
+
+/// The file hash at the end of a chunk: ready once every piece of the chunk
+/// has been hashed; `None` when the chunk was dropped before all its pieces
+/// were read (a failed or partial send).
+pub type ChunkHash = JoinHandle<Option<ResumableSha256>>;
+
 impl Chunk {
-    /// A chunk of `file` from `start`, `len` bytes long; each piece read is
-    /// fed to `hasher`, which must already stand at `start`.
+    /// A chunk of `file` from `start`, `len` bytes long, and the file hash
+    /// at its end: each piece read is fed to `hash`, which must stand at
+    /// `start`, on a blocking thread beside the reads and the send.
     pub(crate) fn new(
         file: Arc<File>,
         start: u64,
         len: u64,
         total: u64,
         chunk_size: u64,
-        hasher: Arc<Mutex<ResumableSha256>>,
+        hash: ResumableSha256,
         counters: Arc<Counters>,
-    ) -> Self {
+    ) -> (Self, ChunkHash) {
         counters.in_flight.store(0, Ordering::Relaxed);
-        Chunk {
+        let (to_hash, mut pieces) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
+        let hashed = tokio::task::spawn_blocking(move || {
+            let mut hash = hash;
+            let mut left = len;
+            while left > 0 {
+                let piece = pieces.blocking_recv()?;
+                hash.update(&piece);
+                left = left.saturating_sub(piece.len() as u64);
+            }
+            Some(hash)
+        });
+        let chunk = Chunk {
             start,
             len,
             total,
@@ -230,9 +258,10 @@ impl Chunk {
             file,
             read_position: start,
             ahead: None,
-            hasher,
+            to_hash,
             counters,
-        }
+        };
+        (chunk, hashed)
     }
 
     /// Offset one past the last byte.
@@ -248,8 +277,9 @@ impl Chunk {
     /// The next piece of at most [`PIECE`] bytes, or `None` at the chunk's end.
     ///
     /// Reads one piece ahead: while the caller sends (or writes) this piece,
-    /// the next one is read and hashed on the blocking pool, so reading and
-    /// hashing overlap the network instead of adding to it.
+    /// the next one is read on the blocking pool and earlier ones are
+    /// hashed on another thread, so reading, hashing and the network overlap
+    /// instead of adding up.
     ///
     /// # Errors
     /// An I/O error, or `UnexpectedEof` when the source shrank.
@@ -279,19 +309,21 @@ impl Chunk {
         }
         let want = remaining.min(PIECE) as usize;
         let file = Arc::clone(&self.file);
-        let hasher = Arc::clone(&self.hasher);
+        let to_hash = self.to_hash.clone();
         let counters = Arc::clone(&self.counters);
         let offset = self.read_position;
         self.read_position += want as u64;
         Some(tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
             let mut piece = PooledPiece::with_len(want);
             read_source_at(&file, &mut piece.0, offset)?;
-            hasher
-                .lock()
-                .map_err(|_| io::Error::other("hash state poisoned"))?
-                .update(&piece.0);
             counters.add_read(want as u64);
-            Ok(Bytes::from_owner(piece))
+            let piece = Bytes::from_owner(piece);
+            // Waits while the hash is HASH_QUEUE pieces behind; a closed
+            // queue means the chunk was given up.
+            to_hash
+                .blocking_send(piece.clone())
+                .map_err(|_| io::Error::other("the chunk's hash was given up"))?;
+            Ok(piece)
         }))
     }
 

@@ -156,10 +156,13 @@ fn endless_url_expiry_fails_the_job_after_a_bounded_number_of_videos() {
     let reason = report["reason"].as_str().unwrap_or_default().to_string();
     assert!(reason.contains("invalidated 10 remote uploads"), "{report}");
     let videos = sandbox.records_where("okru", "file_name", "never.mp4");
-    assert_eq!(
-        videos.len(),
-        11,
-        "ten replaced and the last one: {videos:?}"
+    // Ten replaced and the last one; a create whose connection closed
+    // before it was answered may have made no video, and counts (as a
+    // possible orphan) all the same.
+    let interrupted = common::log_lines_with(&daemon.log(), &["an interrupted create call"]);
+    assert!(
+        videos.len() == 11 || (videos.len() == 11 - interrupted && interrupted > 0),
+        "ten replaced and the last one ({interrupted} interrupted creates): {videos:?}"
     );
     assert!(
         videos.iter().all(|v| v["updated"] != true),

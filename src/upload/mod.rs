@@ -7,7 +7,7 @@
 pub mod progress;
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
@@ -380,14 +380,13 @@ impl Engine {
             check_unchanged(job)?;
             let start = job.acked;
             let len = job.chunk_size.min(signature.size - start);
-            let hasher = Arc::new(Mutex::new(job.hash.clone().unwrap_or_default()));
-            let chunk = Chunk::new(
+            let (chunk, hashed) = Chunk::new(
                 Arc::clone(file),
                 start,
                 len,
                 signature.size,
                 job.chunk_size,
-                Arc::clone(&hasher),
+                job.hash.clone().unwrap_or_default(),
                 Arc::clone(counters),
             );
             let session = job.session.as_mut().ok_or_else(|| {
@@ -412,10 +411,13 @@ impl Engine {
                 vec![("provider", job.provider.clone())],
                 len,
             );
-            let hasher = hasher.lock().map(|h| h.clone()).unwrap_or_default();
-            if acked == start + len {
-                job.hash = Some(hasher);
-            } else if acked > start && acked < start + len {
+            // Every piece was read once the send ended; the hash follows.
+            let hashed = hashed.await.ok().flatten();
+            if acked == start + len
+                && let Some(hash) = hashed
+            {
+                job.hash = Some(hash);
+            } else if acked > start && acked <= start + len {
                 // Partial acknowledgement: re-derive the hash at the acked offset.
                 job.hash = Some(catch_up(job.hash.take(), file, acked, counters).await?);
             } else {
