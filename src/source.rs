@@ -205,19 +205,19 @@ pub struct Chunk {
     /// Chunks in the whole file.
     pub count: u64,
     file: Arc<File>,
-    /// Where the next read starts (one piece ahead of what was handed out).
-    read_position: u64,
-    /// The read of the next piece, started before it is asked for. Dropped
-    /// with the chunk when a send fails.
-    ahead: Option<JoinHandle<io::Result<Bytes>>>,
-    /// Each piece read goes here, in order, to be hashed on a thread of its
-    /// own: reading, hashing and sending then run at once.
-    to_hash: tokio::sync::mpsc::Sender<Bytes>,
+    /// Pieces read by the chunk's reader, in order; started at the first
+    /// [`Chunk::next_piece`]. Dropped with the chunk when a send fails,
+    /// which stops the reader.
+    pieces: Option<tokio::sync::mpsc::Receiver<io::Result<Bytes>>>,
+    /// Where the reader hands each piece to be hashed (taken by the reader).
+    to_hash: Option<tokio::sync::mpsc::Sender<Bytes>>,
     counters: Arc<Counters>,
 }
 
-/// Pieces read ahead of the hash, at most.
-const HASH_QUEUE: usize = 2;
+/// Pieces read ahead of the send, and of the hash, at most: slack enough
+/// that the reader, the hash and the send each run at their own pace, and
+/// memory stays a few pieces per upload.
+const AHEAD: usize = 3;
 
 /// The file hash at the end of a chunk: ready once every piece of the chunk
 /// has been hashed; `None` when the chunk was dropped before all its pieces
@@ -238,7 +238,7 @@ impl Chunk {
         counters: Arc<Counters>,
     ) -> (Self, ChunkHash) {
         counters.in_flight.store(0, Ordering::Relaxed);
-        let (to_hash, mut pieces) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
+        let (to_hash, mut pieces) = tokio::sync::mpsc::channel::<Bytes>(AHEAD);
         let hashed = tokio::task::spawn_blocking(move || {
             let mut hash = hash;
             let mut left = len;
@@ -256,9 +256,8 @@ impl Chunk {
             index: start / chunk_size.max(1),
             count: total.div_ceil(chunk_size.max(1)).max(1),
             file,
-            read_position: start,
-            ahead: None,
-            to_hash,
+            pieces: None,
+            to_hash: Some(to_hash),
             counters,
         };
         (chunk, hashed)
@@ -276,55 +275,61 @@ impl Chunk {
 
     /// The next piece of at most [`PIECE`] bytes, or `None` at the chunk's end.
     ///
-    /// Reads one piece ahead: while the caller sends (or writes) this piece,
-    /// the next one is read on the blocking pool and earlier ones are
-    /// hashed on another thread, so reading, hashing and the network overlap
-    /// instead of adding up.
+    /// A reader on the blocking pool runs up to [`AHEAD`] pieces ahead of
+    /// the caller and hands each piece to the hash as well, so reading,
+    /// hashing and the network overlap instead of adding up.
     ///
     /// # Errors
     /// An I/O error, or `UnexpectedEof` when the source shrank.
     pub async fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
-        let reading = match self.ahead.take() {
-            Some(reading) => reading,
-            None => match self.start_read() {
-                Some(reading) => reading,
-                None => return Ok(None),
-            },
+        if self.pieces.is_none() {
+            self.pieces = Some(self.start_reader());
+        }
+        let Some(pieces) = self.pieces.as_mut() else {
+            return Ok(None);
         };
-        let piece = reading.await.map_err(io::Error::other)??;
-        self.ahead = self.start_read();
-        self.counters
-            .in_flight
-            .fetch_add(piece.len() as u64, Ordering::Relaxed);
-        Ok(Some(piece))
+        match pieces.recv().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(e),
+            Some(Ok(piece)) => {
+                self.counters
+                    .in_flight
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                Ok(Some(piece))
+            }
+        }
     }
 
-    /// Start reading (and hashing) the piece at `read_position`, if any is
-    /// left. Reads are strictly one at a time, so the hash sees the pieces
-    /// in order.
-    fn start_read(&mut self) -> Option<JoinHandle<io::Result<Bytes>>> {
-        let remaining = self.end() - self.read_position;
-        if remaining == 0 {
-            return None;
-        }
-        let want = remaining.min(PIECE) as usize;
+    /// Read the chunk piece by piece, in order, into the hash's queue and
+    /// the caller's; it stops when either is gone (the chunk was dropped).
+    fn start_reader(&mut self) -> tokio::sync::mpsc::Receiver<io::Result<Bytes>> {
+        let (out, pieces) = tokio::sync::mpsc::channel(AHEAD);
+        let to_hash = self.to_hash.take();
         let file = Arc::clone(&self.file);
-        let to_hash = self.to_hash.clone();
         let counters = Arc::clone(&self.counters);
-        let offset = self.read_position;
-        self.read_position += want as u64;
-        Some(tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
-            let mut piece = PooledPiece::with_len(want);
-            read_source_at(&file, &mut piece.0, offset)?;
-            counters.add_read(want as u64);
-            let piece = Bytes::from_owner(piece);
-            // Waits while the hash is HASH_QUEUE pieces behind; a closed
-            // queue means the chunk was given up.
-            to_hash
-                .blocking_send(piece.clone())
-                .map_err(|_| io::Error::other("the chunk's hash was given up"))?;
-            Ok(piece)
-        }))
+        let (mut position, end) = (self.start, self.end());
+        tokio::task::spawn_blocking(move || {
+            let Some(to_hash) = to_hash else {
+                return;
+            };
+            while position < end {
+                let want = (end - position).min(PIECE) as usize;
+                let mut piece = PooledPiece::with_len(want);
+                if let Err(e) = read_source_at(&file, &mut piece.0, position) {
+                    let _ = out.blocking_send(Err(e));
+                    return;
+                }
+                counters.add_read(want as u64);
+                let piece = Bytes::from_owner(piece);
+                if to_hash.blocking_send(piece.clone()).is_err()
+                    || out.blocking_send(Ok(piece)).is_err()
+                {
+                    return;
+                }
+                position += want as u64;
+            }
+        });
+        pieces
     }
 
     /// The digest of this chunk's bytes, for protocols that want a checksum

