@@ -1035,3 +1035,33 @@ fn a_failed_job_retried_anywhere_in_the_fleet_runs_again() {
     });
     drop((a, b));
 }
+
+/// A node that stops dead after moving a file into done/ but before
+/// recording it: the node that takes the job over finishes that filing from
+/// the recorded intent (the file is in done/ once, with one receipt).
+#[test]
+fn a_half_done_filing_is_finished_by_the_node_that_takes_over() {
+    let pg = Postgres::start();
+    let url = pg.database("filing");
+    let fx = fleet_fixture(&url, "node-a");
+    write_random(&fx.watch.join("clip.mp4"), 50_000, 3);
+    fx.run_until_failpoint("filing::after_move=return", Duration::from_secs(30));
+    assert!(fx.done.join("clip.mp4").exists(), "moved before the stop");
+    assert_eq!(
+        pg.sql("filing", "SELECT state FROM hotfolder_jobs"),
+        "filing"
+    );
+    let b = start_node(&fx, &node_config(&fx, "node-b"));
+    wait_for(
+        "node-b to finish the filing",
+        Duration::from_secs(30),
+        || (pg.sql("filing", "SELECT state FROM hotfolder_jobs") == "done").then_some(()),
+    );
+    assert!(b.log().contains("taking over a job"), "{}", b.log());
+    assert_eq!(
+        Fixture::files_in(&fx.done),
+        vec!["clip.mp4".to_string(), "clip.mp4.receipt.json".to_string()]
+    );
+    assert!(Fixture::files_in(&fx.watch).is_empty());
+    assert_eq!(Fixture::files_in(&fx.outbox).len(), 1);
+}
