@@ -217,7 +217,7 @@ pub struct Chunk {
 /// Pieces read ahead of the send, and of the hash, at most: slack enough
 /// that the reader, the hash and the send each run at their own pace, and
 /// memory stays a few pieces per upload.
-const AHEAD: usize = 3;
+const AHEAD: usize = 2;
 
 /// The file hash at the end of a chunk: ready once every piece of the chunk
 /// has been hashed; `None` when the chunk was dropped before all its pieces
