@@ -431,6 +431,8 @@ async fn open_store(config: &Config) -> Result<Store, CliError> {
 }
 
 async fn status(config: &Config, json: bool) -> Result<(), CliError> {
+    // Opened when no daemon answers, or for a fleet's nodes; at most once.
+    let mut store = None;
     let rows = match control::ask(&config.state_dir, &Request::Status)
         .await
         .context("the running daemon gave an unreadable answer")?
@@ -444,7 +446,7 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 "the daemon answered something else"
             )));
         }
-        None => jobs::status(&open_store(config).await?, None)
+        None => jobs::status(store.insert(open_store(config).await?), None)
             .await
             .context("cannot read jobs")?,
     };
@@ -458,8 +460,11 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
         // A fleet's nodes come from the shared database, which any number
         // of readers may open beside the daemons.
         if config.store.node().is_some() {
-            let nodes = open_store(config)
-                .await?
+            let store = match store {
+                Some(store) => store,
+                None => open_store(config).await?,
+            };
+            let nodes = store
                 .nodes()
                 .await
                 .context("cannot read the fleet's nodes")?;

@@ -57,6 +57,15 @@ const MIGRATIONS: &[&str] = &[
          WHERE state NOT IN ('done', 'failed', 'superseded');",
 ];
 
+/// The SQL condition "the job is unfinished" (the states that are not
+/// [`JobState::is_terminal`]), for the queries of claims and leases. A
+/// macro, so that queries stay string literals.
+macro_rules! unfinished {
+    () => {
+        "state NOT IN ('done', 'failed', 'superseded')"
+    };
+}
+
 /// Any number: the advisory lock that serialises migrations across nodes.
 const MIGRATION_LOCK: i64 = 0x686f_7466_6f6c_6472;
 
@@ -164,11 +173,11 @@ impl PgStore {
             return Ok(0);
         };
         let ids: Vec<i64> = jobs.iter().map(|id| *id as i64).collect();
-        let renewed = sqlx::query(
+        let renewed = sqlx::query(concat!(
             "UPDATE hotfolder_jobs SET lease_until = now() + $2::interval
-             WHERE holder = $1 AND id = ANY($3)
-                 AND state NOT IN ('done', 'failed', 'superseded')",
-        )
+             WHERE holder = $1 AND id = ANY($3) AND ",
+            unfinished!()
+        ))
         .bind(&**node)
         .bind(self.lease_interval())
         .bind(ids)
@@ -287,9 +296,10 @@ impl PgStore {
                  lease_until = now() + $2::interval
              WHERE id IN (
                  SELECT id FROM hotfolder_jobs
-                 WHERE state NOT IN ('done', 'failed', 'superseded') AND {condition}
+                 WHERE {unfinished} AND {condition}
                  ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
-             RETURNING record::text AS record, epoch"
+             RETURNING record::text AS record, epoch",
+            unfinished = unfinished!()
         );
         let rows = sqlx::query(&sql)
             .bind(&**node)
@@ -343,13 +353,14 @@ impl PgStore {
     /// # Errors
     /// A database failure.
     pub async fn nodes(&self) -> Result<Vec<NodeView>, StoreError> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "SELECT n.name, extract(epoch FROM now() - n.heartbeat)::float8 AS ago,
                  n.started_at::text AS started_at,
-                 (SELECT count(*) FROM hotfolder_jobs j WHERE j.holder = n.name
-                     AND j.state NOT IN ('done', 'failed', 'superseded')) AS held
-             FROM hotfolder_nodes n ORDER BY n.name",
-        )
+                 (SELECT count(*) FROM hotfolder_jobs j WHERE j.holder = n.name AND j.",
+            unfinished!(),
+            ") AS held
+             FROM hotfolder_nodes n ORDER BY n.name"
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
@@ -926,4 +937,18 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         tracing::info!(version = index + 1, "store schema migrated");
     }
     tx.commit().await.map_err(unavailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::lifecycle::STATES;
+
+    #[test]
+    fn the_unfinished_condition_names_exactly_the_terminal_states() {
+        let condition = unfinished!();
+        for state in STATES {
+            let named = condition.contains(&format!("'{}'", state.as_str()));
+            assert_eq!(named, state.is_terminal(), "{state:?} in {condition}");
+        }
+    }
 }
