@@ -43,6 +43,13 @@ struct Uploads {
 
 type Shared = Arc<Mutex<Uploads>>;
 
+/// The uploads, for one request's look or change.
+fn lock(uploads: &Shared) -> std::io::Result<std::sync::MutexGuard<'_, Uploads>> {
+    uploads
+        .lock()
+        .map_err(|_| std::io::Error::other("the uploads table is poisoned"))
+}
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -159,9 +166,7 @@ async fn serve(mut stream: TcpStream, uploads: Shared) -> std::io::Result<()> {
                     continue;
                 };
                 let key = {
-                    let mut all = uploads
-                        .lock()
-                        .map_err(|_| std::io::Error::other("poisoned"))?;
+                    let mut all = lock(&uploads)?;
                     all.next += 1;
                     let key = all.next.to_string();
                     all.by_id.insert(
@@ -177,12 +182,7 @@ async fn serve(mut stream: TcpStream, uploads: Shared) -> std::io::Result<()> {
                 reply(&mut stream, "201 Created", &headers, b"").await?;
             }
             "HEAD" => {
-                let found = uploads
-                    .lock()
-                    .map_err(|_| std::io::Error::other("poisoned"))?
-                    .by_id
-                    .get(&id)
-                    .cloned();
+                let found = lock(&uploads)?.by_id.get(&id).cloned();
                 match found {
                     None => reply(&mut stream, "404 Not Found", &[], b"").await?,
                     Some(u) => {
@@ -198,12 +198,7 @@ async fn serve(mut stream: TcpStream, uploads: Shared) -> std::io::Result<()> {
             "PATCH" => {
                 let length = head.number("content-length").unwrap_or(0);
                 let offset = head.number("upload-offset");
-                let current = uploads
-                    .lock()
-                    .map_err(|_| std::io::Error::other("poisoned"))?
-                    .by_id
-                    .get(&id)
-                    .map(|u| u.offset);
+                let current = lock(&uploads)?.by_id.get(&id).map(|u| u.offset);
                 if current.is_none() || current != offset {
                     let status = if current.is_none() {
                         "404 Not Found"
@@ -228,9 +223,7 @@ async fn serve(mut stream: TcpStream, uploads: Shared) -> std::io::Result<()> {
                     received += n as u64;
                 }
                 let offset = {
-                    let mut all = uploads
-                        .lock()
-                        .map_err(|_| std::io::Error::other("poisoned"))?;
+                    let mut all = lock(&uploads)?;
                     let Some(upload) = all.by_id.get_mut(&id) else {
                         return Ok(());
                     };
@@ -251,12 +244,7 @@ async fn serve(mut stream: TcpStream, uploads: Shared) -> std::io::Result<()> {
                 .await?;
             }
             "DELETE" => {
-                let removed = uploads
-                    .lock()
-                    .map_err(|_| std::io::Error::other("poisoned"))?
-                    .by_id
-                    .remove(&id)
-                    .is_some();
+                let removed = lock(&uploads)?.by_id.remove(&id).is_some();
                 let status = if removed {
                     "204 No Content"
                 } else {
@@ -266,9 +254,7 @@ async fn serve(mut stream: TcpStream, uploads: Shared) -> std::io::Result<()> {
             }
             "GET" if head.path == "/stats" => {
                 let body = {
-                    let all = uploads
-                        .lock()
-                        .map_err(|_| std::io::Error::other("poisoned"))?;
+                    let all = lock(&uploads)?;
                     serde_json::to_vec(&all.by_id).map_err(std::io::Error::other)?
                 };
                 let headers = [("Content-Type", "application/json".into())];

@@ -12,11 +12,17 @@ use common::postgres::Postgres;
 use common::sandbox::Sandbox;
 use common::{ConfigParts, Fixture, in_state, wait_for, wait_for_outcome, write_random};
 
+/// The top-level config line of a fleet node named `node` with its jobs in
+/// `url` (a 2 s lease, so that takeovers come quickly).
+fn store_line(url: &str, node: &str) -> String {
+    format!("store: {{ type: postgres, url: \"{url}\", node: {node}, lease: 2s }}")
+}
+
 /// A fixture whose jobs live in `url`, named `node`.
 fn fleet_fixture(url: &str, node: &str) -> Fixture {
     let fx = Fixture::new();
     fx.write_config_parts(ConfigParts {
-        top: &format!("store: {{ type: postgres, url: \"{url}\", node: {node}, lease: 2s }}"),
+        top: &store_line(url, node),
         ..ConfigParts::default()
     });
     fx
@@ -153,38 +159,6 @@ fn bad_store_settings_are_refused_clearly() {
     assert!(text.contains("store.node"), "{text}");
 }
 
-/// Start `hotfolder run -c <config>` (another node's config beside the
-/// fixture's); waits until it runs.
-fn start_node(fx: &Fixture, config: &std::path::Path) -> common::Daemon {
-    start_node_with_env(fx, config, &[])
-}
-
-/// [`start_node`] with environment variables set (for `${VARS}` in the config).
-fn start_node_with_env(
-    fx: &Fixture,
-    config: &std::path::Path,
-    env: &[(&str, &str)],
-) -> common::Daemon {
-    let log = config.with_extension("log");
-    let file = std::fs::File::create(&log).expect("log file");
-    let child = std::process::Command::new(common::bin())
-        .arg("run")
-        .arg("-c")
-        .arg(config)
-        .envs(env.iter().copied())
-        .current_dir(&fx.root)
-        .stdin(std::process::Stdio::null())
-        .stdout(file.try_clone().expect("log clone"))
-        .stderr(file)
-        .spawn()
-        .expect("spawn a node");
-    let daemon = common::Daemon { child, log };
-    common::wait_for("the node to start", Duration::from_secs(20), || {
-        daemon.log().contains("hotfolder running").then_some(())
-    });
-    daemon
-}
-
 /// The fixture's config as node `node` with its own state_dir.
 fn node_config(fx: &Fixture, node: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&fx.config).expect("config");
@@ -202,7 +176,7 @@ fn two_nodes_on_one_folder_deliver_each_file_once() {
     let url = pg.database("two");
     let fx = fleet_fixture(&url, "node-a");
     let _a = fx.start();
-    let _b = start_node(&fx, &node_config(&fx, "node-b"));
+    let _b = fx.start_node(&node_config(&fx, "node-b"), &[]);
     // Written elsewhere and moved in at once: both nodes see every file
     // become stable at the same moment.
     let staging = fx.root.join("staging");
@@ -272,7 +246,7 @@ fn a_second_live_node_with_the_same_name_is_refused() {
     );
     // Once the first has stopped, the name is free again.
     first.terminate(Duration::from_secs(20));
-    let again = start_node(&fx, &twin);
+    let again = fx.start_node(&twin, &[]);
     drop(again);
 }
 
@@ -285,7 +259,7 @@ fn node_to_a_slow_sandbox(pg: &Postgres, db: &str) -> (Fixture, Sandbox, tempfil
     let sandbox = Sandbox::start(dir.path(), &["--throttle", "4MiB"]);
     let fx = Fixture::new();
     fx.write_config_parts(ConfigParts {
-        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
+        top: &store_line(&url, "node-a"),
         providers: &format!(
             "t: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB }}\n",
             sandbox.endpoint()
@@ -309,7 +283,7 @@ fn two_nodes_to_a_slow_sandbox(
 ) {
     let (fx, sandbox, dir) = node_to_a_slow_sandbox(pg, db);
     let a = fx.start();
-    let b = start_node(&fx, &node_config(&fx, "node-b"));
+    let b = fx.start_node(&node_config(&fx, "node-b"), &[]);
     (fx, sandbox, a, b, dir)
 }
 
@@ -327,10 +301,11 @@ fn a_dead_nodes_upload_is_taken_over_and_resumed() {
     };
     dead.kill9();
     let committed = sandbox.upload_named("big.mp4").map_or(0, |u| u.offset);
-    common::wait_for(
-        "the survivor to finish the upload",
+    pg.wait_for_answer(
+        "takeover",
+        "SELECT state FROM hotfolder_jobs",
+        "done",
         Duration::from_secs(60),
-        || (pg.sql("takeover", "SELECT state FROM hotfolder_jobs") == "done").then_some(()),
     );
     let log = survivor.log();
     assert!(log.contains("taking over a job"), "{log}");
@@ -368,10 +343,11 @@ fn a_frozen_node_taken_over_writes_nothing_when_it_wakes() {
         (&b, &a)
     };
     frozen.signal(libc::SIGSTOP);
-    common::wait_for(
-        "the other node to finish it",
+    pg.wait_for_answer(
+        "frozen",
+        "SELECT state FROM hotfolder_jobs",
+        "done",
         Duration::from_secs(60),
-        || (pg.sql("frozen", "SELECT state FROM hotfolder_jobs") == "done").then_some(()),
     );
     assert!(other.log().contains("taking over a job"), "{}", other.log());
     frozen.signal(libc::SIGCONT);
@@ -413,13 +389,12 @@ fn postgres_away_for_ten_seconds_loses_and_duplicates_nothing() {
     }
     std::thread::sleep(Duration::from_secs(10)); // the outage itself, not a wait for an event
     pg.start_again();
-    common::wait_for("everything delivered", Duration::from_secs(90), || {
-        (pg.sql(
-            "outage",
-            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
-        ) == "4")
-            .then_some(())
-    });
+    pg.wait_for_answer(
+        "outage",
+        "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
+        "4",
+        Duration::from_secs(90),
+    );
     assert!(daemon.child_alive(), "the daemon recovered by itself");
     let log = daemon.log();
     assert_eq!(
@@ -449,7 +424,7 @@ fn three_nodes_deliver_a_mixed_drop_exactly_once() {
     let sandbox = Sandbox::start(dir.path(), &[]);
     let fx = Fixture::new();
     fx.write_config_parts(ConfigParts {
-        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
+        top: &store_line(&url, "node-a"),
         providers: &format!("t: {{ type: tus, endpoint: \"{}\" }}\n", sandbox.endpoint()),
         rules: Some(
             "- match: { glob: \"tus/**\" }\n  provider: t\n- match: {}\n  provider: archive\n",
@@ -457,8 +432,8 @@ fn three_nodes_deliver_a_mixed_drop_exactly_once() {
         ..ConfigParts::default()
     });
     let _a = fx.start();
-    let _b = start_node(&fx, &node_config(&fx, "node-b"));
-    let _c = start_node(&fx, &node_config(&fx, "node-c"));
+    let _b = fx.start_node(&node_config(&fx, "node-b"), &[]);
+    let _c = fx.start_node(&node_config(&fx, "node-c"), &[]);
     const TO_FOLDER: u64 = 2_000;
     const TO_TUS: u64 = 300;
     let staging = fx.root.join("staging");
@@ -478,13 +453,12 @@ fn three_nodes_deliver_a_mixed_drop_exactly_once() {
         std::fs::rename(staging.join(sub), fx.watch.join(sub)).unwrap();
     }
     let total = TO_FOLDER + TO_TUS;
-    common::wait_for("every job done", Duration::from_secs(240), || {
-        (pg.sql(
-            "three",
-            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
-        ) == total.to_string())
-        .then_some(())
-    });
+    pg.wait_for_answer(
+        "three",
+        "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
+        &total.to_string(),
+        Duration::from_secs(240),
+    );
     assert_eq!(
         pg.sql("three", "SELECT count(*) FROM hotfolder_jobs"),
         total.to_string()
@@ -524,7 +498,8 @@ fn every_node_shows_the_fleet_jobs_their_holders_and_the_nodes() {
     let fx = Fixture::new();
     fx.write_config_parts(ConfigParts {
         top: &format!(
-            "store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}\nhttp: {{ listen: \"{address}\" }}"
+            "{}\nhttp: {{ listen: \"{address}\" }}",
+            store_line(&url, "node-a")
         ),
         ..ConfigParts::default()
     });
@@ -532,20 +507,19 @@ fn every_node_shows_the_fleet_jobs_their_holders_and_the_nodes() {
     let b_config = node_config(&fx, "node-b");
     let text = std::fs::read_to_string(&b_config).unwrap();
     std::fs::write(&b_config, text.replace(&address, "127.0.0.1:0")).unwrap();
-    let _b = start_node(&fx, &b_config);
+    let _b = fx.start_node(&b_config, &[]);
     let staging = fx.root.join("staging");
     std::fs::create_dir_all(&staging).unwrap();
     for n in 0..40 {
         write_random(&staging.join(format!("v{n:02}.mp4")), 3_000 + n, n);
     }
     std::fs::rename(&staging, fx.watch.join("batch")).unwrap();
-    common::wait_for("all 40 done", Duration::from_secs(60), || {
-        (pg.sql(
-            "views",
-            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
-        ) == "40")
-            .then_some(())
-    });
+    pg.wait_for_answer(
+        "views",
+        "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
+        "40",
+        Duration::from_secs(60),
+    );
     // node-a's API lists every job of the fleet, each with the node that ran it.
     let (status, body) =
         common::sandbox::http(&address, "GET", "/api/jobs?limit=100", &[]).expect("HTTP");
@@ -615,16 +589,9 @@ fn every_node_shows_the_fleet_jobs_their_holders_and_the_nodes() {
     }
 }
 
-/// Run `hotfolder ARGS -c CONFIG` from the fixture's root.
+/// `hotfolder ARGS -c CONFIG`: its exit code and everything it printed.
 fn hotfolder_with(fx: &Fixture, config: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(common::bin())
-        .args(args)
-        .arg("-c")
-        .arg(config)
-        .current_dir(&fx.root)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run hotfolder");
+    let out = fx.hotfolder_with(config, args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -637,11 +604,8 @@ fn hotfolder_with(fx: &Fixture, config: &std::path::Path, args: &[&str]) -> (Opt
 fn fleet_config_beside(fx: &Fixture, url: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&fx.config).expect("config");
     let path = fx.root.join("fleet.yaml");
-    std::fs::write(
-        &path,
-        format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}\n{text}"),
-    )
-    .expect("write the fleet config");
+    std::fs::write(&path, format!("{}\n{text}", store_line(url, "node-a")))
+        .expect("write the fleet config");
     path
 }
 
@@ -718,7 +682,7 @@ fn a_single_boxs_history_moves_into_the_fleet_and_keeps_duplicate_detection() {
         .find(|r| r["file"] == "clip-1.mp4")
         .expect("clip-1 migrated");
     std::fs::copy(fx.done.join("clip-1.mp4"), fx.watch.join("again.mp4")).unwrap();
-    let node = start_node(&fx, &fleet);
+    let node = fx.start_node(&fleet, &[]);
     let again = wait_for("again.mp4 filed", Duration::from_secs(30), || {
         let (_, json) = hotfolder_with(&fx, &fleet, &["status", "--json"]);
         let rows: Vec<serde_json::Value> = serde_json::from_str(&json).ok()?;
@@ -772,7 +736,7 @@ fn a_dead_nodes_partial_file_on_the_shared_folder_is_resumed_by_the_next() {
     let url = pg.database("partial");
     let fx = Fixture::new();
     fx.write_config_parts(ConfigParts {
-        top: &format!("store: {{ type: postgres, url: \"{url}\", node: node-a, lease: 2s }}"),
+        top: &store_line(&url, "node-a"),
         archive: "chunk_size: 256KiB",
         ..ConfigParts::default()
     });
@@ -790,7 +754,7 @@ fn a_dead_nodes_partial_file_on_the_shared_folder_is_resumed_by_the_next() {
     let partials = Fixture::files_in(&fx.outbox.join(".hotfolder-partial"));
     assert_eq!(partials, vec![format!("{installation}-{job}")]);
     // node-b takes the job over after the lease and resumes that file.
-    let b = start_node(&fx, &node_config(&fx, "node-b"));
+    let b = fx.start_node(&node_config(&fx, "node-b"), &[]);
     wait_for("long.mp4 delivered", Duration::from_secs(30), || {
         fx.done.join("long.mp4").exists().then_some(())
     });
@@ -829,7 +793,7 @@ fn a_node_frozen_before_giving_up_an_upload_leaves_the_new_holders_upload_alone(
     a.signal(libc::SIGSTOP);
     // node-b takes the job over after the lease and carries on with the
     // same remote upload.
-    let b = start_node(&fx, &node_config(&fx, "node-b"));
+    let b = fx.start_node(&node_config(&fx, "node-b"), &[]);
     wait_for("node-b to take over", Duration::from_secs(30), || {
         b.log().contains("taking over a job").then_some(())
     });
@@ -846,9 +810,12 @@ fn a_node_frozen_before_giving_up_an_upload_leaves_the_new_holders_upload_alone(
             .contains("another node took this job over")
             .then_some(())
     });
-    wait_for("node-b to finish", Duration::from_secs(60), || {
-        (pg.sql("giveup", "SELECT state FROM hotfolder_jobs") == "done").then_some(())
-    });
+    pg.wait_for_answer(
+        "giveup",
+        "SELECT state FROM hotfolder_jobs",
+        "done",
+        Duration::from_secs(60),
+    );
     let uploads = sandbox.uploads();
     assert_eq!(
         uploads.len(),
@@ -940,7 +907,7 @@ fn the_shipped_fleet_setup_runs_with_the_least_rights() {
         ("HOTFOLDER_DATABASE_URL", url.as_str()),
         ("HOTFOLDER_NODE", "node-1"),
     ];
-    let node = start_node_with_env(&fx, &config, &env);
+    let node = fx.start_node(&config, &env);
     for n in 0..3 {
         write_random(&data.join(format!("drop/clip-{n}.mp4")), 5_000 + n, n);
     }
@@ -977,18 +944,17 @@ fn a_failed_job_retried_anywhere_in_the_fleet_runs_again() {
     sandbox.kill();
     let a = fx.start();
     let b_config = node_config(&fx, "node-b");
-    let b = start_node(&fx, &b_config);
+    let b = fx.start_node(&b_config, &[]);
     for (seed, name) in ["one.mp4", "two.mp4", "gone.mp4"].into_iter().enumerate() {
         write_random(&fx.watch.join(name), 100_000, seed as u64);
     }
     // The server is down: all fail after their attempts.
-    wait_for("all failed", Duration::from_secs(60), || {
-        (pg.sql(
-            "retried",
-            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'failed'",
-        ) == "3")
-            .then_some(())
-    });
+    pg.wait_for_answer(
+        "retried",
+        "SELECT count(*) FROM hotfolder_jobs WHERE state = 'failed'",
+        "3",
+        Duration::from_secs(60),
+    );
     sandbox.start_again();
     let id_of = |file: &str| {
         pg.sql(
@@ -1005,13 +971,12 @@ fn a_failed_job_retried_anywhere_in_the_fleet_runs_again() {
     let two = id_of("two.mp4");
     let (code, text) = hotfolder_with(&fx, &c_config, &["retry", &two]);
     assert_eq!(code, Some(0), "{text}");
-    wait_for("both delivered", Duration::from_secs(40), || {
-        (pg.sql(
-            "retried",
-            "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
-        ) == "2")
-            .then_some(())
-    });
+    pg.wait_for_answer(
+        "retried",
+        "SELECT count(*) FROM hotfolder_jobs WHERE state = 'done'",
+        "2",
+        Duration::from_secs(40),
+    );
     let complete = sandbox
         .uploads()
         .into_iter()
@@ -1026,13 +991,12 @@ fn a_failed_job_retried_anywhere_in_the_fleet_runs_again() {
     let (code, text) = hotfolder_with(&fx, &b_config, &["retry", &gone]);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("no longer at"), "{text}");
-    wait_for("gone.mp4 failed again", Duration::from_secs(30), || {
-        let state = pg.sql(
-            "retried",
-            &format!("SELECT state FROM hotfolder_jobs WHERE id = {gone}"),
-        );
-        (state == "failed").then_some(())
-    });
+    pg.wait_for_answer(
+        "retried",
+        &format!("SELECT state FROM hotfolder_jobs WHERE id = {gone}"),
+        "failed",
+        Duration::from_secs(30),
+    );
     drop((a, b));
 }
 
@@ -1051,11 +1015,12 @@ fn a_half_done_filing_is_finished_by_the_node_that_takes_over() {
         pg.sql("filing", "SELECT state FROM hotfolder_jobs"),
         "filing"
     );
-    let b = start_node(&fx, &node_config(&fx, "node-b"));
-    wait_for(
-        "node-b to finish the filing",
+    let b = fx.start_node(&node_config(&fx, "node-b"), &[]);
+    pg.wait_for_answer(
+        "filing",
+        "SELECT state FROM hotfolder_jobs",
+        "done",
         Duration::from_secs(30),
-        || (pg.sql("filing", "SELECT state FROM hotfolder_jobs") == "done").then_some(()),
     );
     assert!(b.log().contains("taking over a job"), "{}", b.log());
     assert_eq!(

@@ -105,10 +105,16 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
 
     /// Run `hotfolder ARGS -c <config>` to completion.
     pub fn hotfolder(&self, args: &[&str]) -> Output {
+        self.hotfolder_with(&self.config, args)
+    }
+
+    /// Run `hotfolder ARGS -c CONFIG` (another config beside the fixture's,
+    /// e.g. another node's) from the fixture's root, to completion.
+    pub fn hotfolder_with(&self, config: &Path, args: &[&str]) -> Output {
         Command::new(bin())
             .args(args)
             .arg("-c")
-            .arg(&self.config)
+            .arg(config)
             .current_dir(&self.root)
             .stdin(Stdio::null())
             .output()
@@ -221,13 +227,33 @@ rules:\n  - match: {{}}\n    provider: archive\n    metadata: {{ title: \"{{stem
         self.start_with_deadline(command, Duration::from_secs(20))
     }
 
-    fn start_with_deadline(&self, mut command: Command, deadline: Duration) -> Daemon {
+    fn start_with_deadline(&self, command: Command, deadline: Duration) -> Daemon {
         let log = self.root.join(format!("daemon-{}.log", unique()));
+        self.run_daemon(command, &self.config, log, deadline)
+    }
+
+    /// Start `hotfolder run -c CONFIG` (another node's config beside the
+    /// fixture's) with `env` set, logging beside its config; waits until it
+    /// runs.
+    pub fn start_node(&self, config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut command = Command::new(bin());
+        command.envs(env.iter().copied());
+        let log = config.with_extension("log");
+        self.run_daemon(command, config, log, Duration::from_secs(20))
+    }
+
+    fn run_daemon(
+        &self,
+        mut command: Command,
+        config: &Path,
+        log: PathBuf,
+        deadline: Duration,
+    ) -> Daemon {
         let log_file = fs::File::create(&log).expect("log file");
         let child = command
             .arg("run")
             .arg("-c")
-            .arg(&self.config)
+            .arg(config)
             .current_dir(&self.root)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log clone"))

@@ -241,6 +241,14 @@ impl Postgres {
         })
     }
 
+    /// Poll `query` in database `db` until it answers `expected` (within
+    /// `deadline`).
+    pub fn wait_for_answer(&self, db: &str, query: &str, expected: &str, deadline: Duration) {
+        wait_for(&format!("{query} to answer {expected}"), deadline, || {
+            (self.sql(db, query) == expected).then_some(())
+        });
+    }
+
     /// The folder holding the cluster (for a look after a failure).
     pub fn path(&self) -> &Path {
         self.dir.path()
