@@ -209,7 +209,8 @@ pub struct Chunk {
     /// [`Chunk::next_piece`]. Dropped with the chunk when a send fails,
     /// which stops the reader.
     pieces: Option<tokio::sync::mpsc::Receiver<io::Result<Bytes>>>,
-    /// Where the reader hands each piece to be hashed (taken by the reader).
+    /// Where the reader hands each piece to be hashed (taken by the reader;
+    /// none for a lane's chunk, whose bytes a separate pass hashes in order).
     to_hash: Option<tokio::sync::mpsc::Sender<Bytes>>,
     counters: Arc<Counters>,
 }
@@ -249,7 +250,23 @@ impl Chunk {
             }
             Some(hash)
         });
-        let chunk = Chunk {
+        let mut chunk = Chunk::unhashed(file, start, len, total, chunk_size, counters);
+        chunk.to_hash = Some(to_hash);
+        (chunk, hashed)
+    }
+
+    /// A chunk read for sending only: a lane of a parallel upload sends
+    /// ranges out of order, so the file hash is taken by one pass of its own
+    /// (see the engine's lanes).
+    pub(crate) fn unhashed(
+        file: Arc<File>,
+        start: u64,
+        len: u64,
+        total: u64,
+        chunk_size: u64,
+        counters: Arc<Counters>,
+    ) -> Self {
+        Chunk {
             start,
             len,
             total,
@@ -257,10 +274,9 @@ impl Chunk {
             count: total.div_ceil(chunk_size.max(1)).max(1),
             file,
             pieces: None,
-            to_hash: Some(to_hash),
+            to_hash: None,
             counters,
-        };
-        (chunk, hashed)
+        }
     }
 
     /// Offset one past the last byte.
@@ -309,9 +325,6 @@ impl Chunk {
         let counters = Arc::clone(&self.counters);
         let (mut position, end) = (self.start, self.end());
         tokio::task::spawn_blocking(move || {
-            let Some(to_hash) = to_hash else {
-                return;
-            };
             while position < end {
                 let want = (end - position).min(PIECE) as usize;
                 let mut piece = PooledPiece::with_len(want);
@@ -321,9 +334,10 @@ impl Chunk {
                 }
                 counters.add_read(want as u64);
                 let piece = Bytes::from_owner(piece);
-                if to_hash.blocking_send(piece.clone()).is_err()
-                    || out.blocking_send(Ok(piece)).is_err()
-                {
+                let hash_gone = to_hash
+                    .as_ref()
+                    .is_some_and(|to_hash| to_hash.blocking_send(piece.clone()).is_err());
+                if hash_gone || out.blocking_send(Ok(piece)).is_err() {
                     return;
                 }
                 position += want as u64;

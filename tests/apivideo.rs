@@ -217,3 +217,74 @@ fn wrong_credentials_fail_at_once_without_leaking() {
 fn tokens_refused_right_after_authentication_fail_after_one_reauthentication() {
     APIVIDEO.tokens_refused_right_after_authentication("api_key", "sandbox-api-key");
 }
+
+/// `parallel: 4` with numbered parts: parts travel side by side (the
+/// sandbox saw several bodies at once), the last part only after every
+/// other is stored (the simulator refuses it earlier), no byte is sent
+/// twice, and the video holds the file's bytes.
+#[test]
+fn parallel_parts_arrive_side_by_side_and_the_last_one_after_the_rest() {
+    const SIZE: u64 = 33 * MIB; // six whole parts and a short last one
+    let (fx, sandbox) = APIVIDEO.setup_with(
+        &["--throttle", "64MiB"],
+        "upload_mode: parts, parallel: 4",
+        CHUNK,
+    );
+    let source = ProviderCase::drop_file(&fx, "wide.mp4", SIZE, 21);
+    let daemon = fx.start();
+    wait_done(&fx, &daemon, 1, Duration::from_secs(60));
+
+    let video = assert_delivered(&fx, &sandbox, source.name, SIZE, &source.hash);
+    assert_eq!(video["parts"], 7, "{video}");
+    assert_eq!(video["bytes_received"], SIZE, "no part sent twice: {video}");
+    let peak = sandbox.stats().bodies_in_flight_peak;
+    assert!(
+        peak >= 2,
+        "parts were sent one at a time (peak {peak} bodies at once)"
+    );
+    assert!(
+        !daemon.log().contains("before parts"),
+        "the last part never went early:\n{}",
+        daemon.log()
+    );
+}
+
+/// `kill -9` while four parts are in flight, then a restart: the parts
+/// acknowledged before the crash are not sent again (each lane resends at
+/// most the part it had in flight), on the same video.
+#[test]
+fn kill_9_mid_parallel_parts_resends_only_the_parts_in_flight() {
+    const SIZE: u64 = 48 * MIB;
+    let (fx, sandbox) = APIVIDEO.setup_with(
+        &["--throttle", "12MiB"],
+        "upload_mode: parts, parallel: 4",
+        CHUNK,
+    );
+    let source = ProviderCase::drop_file(&fx, "wide.mp4", SIZE, 22);
+    let key = APIVIDEO.key_of(source.name);
+    let mut daemon = fx.start();
+    sandbox.wait_for_record("apivideo", key, ("parts", 4), Duration::from_secs(60));
+    daemon.kill9();
+    let at_kill = sandbox.settled_record("apivideo", key);
+    assert_ne!(
+        at_kill["complete"], true,
+        "finished before the kill: {at_kill}"
+    );
+
+    let daemon = fx.start();
+    wait_done(&fx, &daemon, 1, Duration::from_secs(90));
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("resuming the parallel parts")
+                && common::field(l, "acked").is_some_and(|a| a != "0")),
+        "the restart resumed the lanes where they stood:\n{log}"
+    );
+    let video = assert_delivered(&fx, &sandbox, source.name, SIZE, &source.hash);
+    let bytes = video["bytes_received"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        bytes <= SIZE + 4 * CHUNK,
+        "the server received {bytes} bytes for {SIZE}: more than the parts in flight again"
+    );
+    assert_eq!(sandbox.records("apivideo").len(), 1, "no second video");
+}

@@ -183,6 +183,26 @@ const CASES: &[Case] = &[
         says: &["5MiB", "raise chunk_size"],
     },
     Case {
+        name: "api.video parallel parts without numbered parts",
+        edit: (
+            "providers:\n",
+            "providers:\n  av:\n    type: apivideo\n    api_key: k\n    parallel: 4\n",
+        ),
+        line: 12,
+        key: "providers.av.parallel",
+        says: &["upload_mode: parts"],
+    },
+    Case {
+        name: "parallel on a provider whose protocol has no parallel parts",
+        edit: (
+            "    path: ./outbox\n",
+            "    path: ./outbox\n    parallel: 2\n",
+        ),
+        line: 12,
+        key: "providers.archive.parallel",
+        says: &["folder", "remove parallel"],
+    },
+    Case {
         name: "secret file that cannot be read",
         edit: (
             "providers:\n",

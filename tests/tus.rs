@@ -481,3 +481,143 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// The partial uploads of a parallel delivery (none from other jobs here).
+fn partials(sandbox: &Sandbox) -> Vec<common::sandbox::TusUpload> {
+    sandbox
+        .uploads()
+        .into_iter()
+        .filter(|u| u.concat.as_deref() == Some("partial"))
+        .collect()
+}
+
+/// `parallel: 4` against a server offering `concatenation`: four partial
+/// uploads filled side by side (several bodies at once on the server),
+/// each byte sent once, then one final upload that joins them in order,
+/// carries the file's metadata, holds its bytes and is the receipt's.
+#[test]
+fn parallel_parts_are_sent_side_by_side_and_joined_in_order() {
+    const SIZE: u64 = 38 * MIB; // 10 chunks of 4 MiB: lanes of 3, 3, 2 and 2
+    let fx = Fixture::new();
+    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &["--throttle", "64MiB"]);
+    fx.write_tus_config(&sandbox.endpoint(), "chunk_size: 4MiB, parallel: 4");
+    write_random(&fx.watch.join("wide.mp4"), SIZE, 31);
+    let daemon = fx.start();
+    wait_settled(&fx, &daemon, 1, Duration::from_secs(60));
+
+    let parts = partials(&sandbox);
+    assert_eq!(parts.len(), 4, "{parts:?}");
+    assert!(parts.iter().all(|p| p.complete()), "{parts:?}");
+    let received: u64 = parts.iter().map(|p| p.bytes_received).sum();
+    assert_eq!(received, SIZE, "no byte sent twice: {parts:?}");
+    let finals = sandbox.uploads_named("wide.mp4");
+    assert_eq!(finals.len(), 1, "one final upload: {finals:?}");
+    let joined = &finals[0];
+    assert_eq!(joined.concat.as_deref(), Some("final"), "{joined:?}");
+    assert!(joined.complete(), "{joined:?}");
+    let by_length: Vec<u64> = joined
+        .parts
+        .iter()
+        .map(|id| parts.iter().find(|p| p.id == *id).map_or(0, |p| p.length))
+        .collect();
+    assert_eq!(
+        by_length,
+        [12 * MIB, 12 * MIB, 8 * MIB, 6 * MIB],
+        "in file order"
+    );
+    assert!(
+        same_bytes(&sandbox.bin(&joined.id), &fx.done.join("wide.mp4")),
+        "the joined upload holds the file's bytes"
+    );
+    let peak = sandbox.stats().bodies_in_flight_peak;
+    assert!(peak >= 2, "parts went one at a time (peak {peak})");
+    let receipt = read_json(&fx.done.join("wide.mp4.receipt.json"));
+    assert_eq!(receipt["remote_id"], joined.id.as_str(), "{receipt}");
+}
+
+/// `kill -9` while the four parts are in flight, then a restart: each part
+/// goes on from the offset its server reports (HEAD on the partial upload),
+/// so at most the chunk each had in flight is sent again; the same partial
+/// uploads are joined, once.
+#[test]
+fn kill_9_mid_parallel_parts_resumes_each_part_where_its_server_stands() {
+    const SIZE: u64 = 96 * MIB;
+    const CHUNK: u64 = 4 * MIB;
+    let fx = Fixture::new();
+    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &["--throttle", "32MiB"]);
+    fx.write_tus_config(
+        &sandbox.endpoint(),
+        "chunk_size: 4MiB, parallel: 4, retry: { max_attempts: 20, initial_backoff: 50ms, max_backoff: 500ms }",
+    );
+    write_random(&fx.watch.join("wide.mp4"), SIZE, 32);
+    let mut daemon = fx.start();
+    // Half a chunk past 40% of the bytes: every lane is inside a chunk.
+    wait_for("40% of the parts received", Duration::from_secs(60), || {
+        let parts = partials(&sandbox);
+        let received: u64 = parts.iter().map(|p| p.bytes_received).sum();
+        (parts.len() == 4 && received >= SIZE * 4 / 10 + CHUNK / 2).then_some(())
+    });
+    daemon.kill9();
+    let first_log = daemon.log();
+    assert!(
+        sandbox.uploads_named("wide.mp4").is_empty(),
+        "joined before the kill; throttle harder"
+    );
+
+    let daemon = fx.start();
+    wait_settled(&fx, &daemon, 1, Duration::from_secs(90));
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("resuming the parallel parts")
+                && common::field(l, "acked").is_some_and(|a| a != "0")),
+        "the restart resumed the parts where they stood:\n{log}"
+    );
+    assert!(!log.contains("starting a new remote upload"), "{log}");
+    let parts = partials(&sandbox);
+    assert_eq!(parts.len(), 4, "the same four partial uploads: {parts:?}");
+    let received: u64 = parts.iter().map(|p| p.bytes_received).sum();
+    assert!(
+        received <= SIZE + 4 * CHUNK,
+        "the server received {received} bytes for {SIZE}: more than the chunks in flight again\n{first_log}"
+    );
+    let finals = sandbox.uploads_named("wide.mp4");
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert!(same_bytes(
+        &sandbox.bin(&finals[0].id),
+        &fx.done.join("wide.mp4")
+    ));
+}
+
+/// A crash after every part is acknowledged, just before the request that
+/// joins them: the restart joins the same parts once, and the receipt names
+/// the join a crash inside it could have left (no lookup exists for it).
+#[test]
+fn crash_before_the_join_joins_the_same_parts_once() {
+    const SIZE: u64 = 20 * MIB;
+    let fx = Fixture::new();
+    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &[]);
+    fx.write_tus_config(&sandbox.endpoint(), "chunk_size: 4MiB, parallel: 3");
+    write_random(&fx.watch.join("join.mp4"), SIZE, 33);
+    let log = fx.run_until_failpoint("lanes::before_join=return", Duration::from_secs(60));
+    assert!(log.contains("failpoint lanes::before_join"), "{log}");
+    assert!(sandbox.uploads_named("join.mp4").is_empty());
+
+    let daemon = fx.start();
+    wait_settled(&fx, &daemon, 1, Duration::from_secs(60));
+    let parts = partials(&sandbox);
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    let received: u64 = parts.iter().map(|p| p.bytes_received).sum();
+    assert_eq!(received, SIZE, "no part sent again: {parts:?}");
+    let finals = sandbox.uploads_named("join.mp4");
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert!(same_bytes(
+        &sandbox.bin(&finals[0].id),
+        &fx.done.join("join.mp4")
+    ));
+    let receipt = read_json(&fx.done.join("join.mp4.receipt.json"));
+    assert!(
+        receipt["replaced"].to_string().contains("joined upload"),
+        "{receipt}"
+    );
+}

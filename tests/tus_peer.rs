@@ -569,3 +569,30 @@ fn daemon_delivers_a_dropped_file_to_the_official_server() {
         "the source left the watch"
     );
 }
+
+/// `parallel: 4` where the server does not offer `concatenation` (the
+/// official Node server's FileStore does not): the file goes as one plain
+/// upload, chunk after chunk, and arrives whole; no partial upload is made.
+#[test]
+fn parallel_without_concatenation_on_the_server_uploads_one_plain_upload() {
+    let fx = tus_fixture("4MiB\n  parallel: 4");
+    let peer = start_peer(&fx);
+    let extensions = tus_extensions(&peer);
+    assert!(
+        !extensions.split(',').any(|e| e.trim() == "concatenation"),
+        "the official server now offers concatenation ({extensions:?}): test parallel parts against it"
+    );
+    set_endpoint(&fx, &peer.url);
+    let source = fx.root.join("media/wide.mp4");
+    write_random(&source, 18 * MIB + 5, 9);
+
+    let out = upload(&fx, &[&source]);
+    assert!(
+        out.status.success(),
+        "hotfolder upload failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_stored(&peer, "wide.mp4", &source);
+    assert_eq!(peer.uploads().len(), 1, "one upload, no partials");
+}

@@ -152,6 +152,7 @@ struct RawProvider {
     timeout: Option<Dur>,
     retry: Option<RawRetry>,
     chunk_size: Option<ByteSize>,
+    parallel: Option<Num<usize>>,
     // folder
     path: Option<Text>,
     // okru
@@ -313,6 +314,51 @@ struct Resolver<'a> {
     file: &'a Path,
     base: PathBuf,
     index: &'a PositionIndex,
+}
+
+/// Most parts one file is sent in at once.
+const MAX_PARALLEL: usize = 32;
+
+/// `parallel: N` only where the protocol lets parts of one file travel
+/// side by side (docs/providers/ says why for each type).
+fn check_parallel(
+    loader: &Resolver,
+    key: &str,
+    parallel: usize,
+    kind: &ProviderKind,
+) -> Result<(), ConfigError> {
+    if !(1..=MAX_PARALLEL).contains(&parallel) {
+        return Err(loader.error(key, format!("must be 1 to {MAX_PARALLEL}")));
+    }
+    if parallel == 1 {
+        return Ok(());
+    }
+    let refusal = match kind {
+        ProviderKind::Tus { .. } => return Ok(()),
+        ProviderKind::Apivideo {
+            upload_token: Some(_),
+            ..
+        } => {
+            "with a delegated upload_token the first chunk creates the video, so parts cannot start side by side; use api_key, or parallel: 1"
+        }
+        ProviderKind::Apivideo { upload_mode, .. } if upload_mode != "parts" => {
+            "api.video takes parts side by side only as numbered parts: add upload_mode: parts"
+        }
+        ProviderKind::Apivideo { .. } => return Ok(()),
+        ProviderKind::Folder { .. } => {
+            "the folder provider writes one file on a local or mounted disk; remove parallel"
+        }
+        ProviderKind::Okru { .. } => {
+            "OK.ru's upload protocol takes chunks one after another (docs/providers/okru.md); remove parallel"
+        }
+        ProviderKind::Gcore { .. } => {
+            "Gcore's upload servers do not offer tus concatenation (docs/providers/gcore.md); remove parallel"
+        }
+        ProviderKind::Movingimage { .. } => {
+            "movingimage's upload takes chunks one after another (docs/providers/movingimage.md); remove parallel"
+        }
+    };
+    Err(loader.error(key, refusal))
 }
 
 fn default_chunk_size(kind: &str) -> u64 {
@@ -860,6 +906,8 @@ impl Resolver<'_> {
         if max_concurrent == 0 {
             return Err(self.error(&key("max_concurrent"), "must be at least 1"));
         }
+        let parallel = raw.parallel.map_or(1, |n| n.0);
+        check_parallel(self, &key("parallel"), parallel, &kind)?;
         Ok(ProviderConfig {
             name: name.to_string(),
             base_url,
@@ -867,6 +915,7 @@ impl Resolver<'_> {
             timeout: raw.timeout.map_or(Duration::from_secs(120), |d| d.0),
             retry,
             chunk_size,
+            parallel,
             kind,
         })
     }

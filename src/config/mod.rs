@@ -249,6 +249,9 @@ pub struct ProviderConfig {
     pub retry: RetryConfig,
     /// Bytes per request; fixed per job when the job starts.
     pub chunk_size: u64,
+    /// Parts of one file sent at once (`parallel: N`, tus concatenation or
+    /// api.video parts); 1 sends chunk after chunk.
+    pub parallel: usize,
     /// Type-specific settings.
     #[serde(flatten)]
     pub kind: ProviderKind,

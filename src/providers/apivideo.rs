@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::http::{self, excerpt, status_error, transport_error};
 use super::token::{self, Refusal, Token, TokenCache};
 use super::{
-    Chunk, Delivery, ErrorKind, Lookup, ProviderError, RemoteOffset, Session, UploadRequest,
+    Chunk, Delivery, ErrorKind, Lane, Lookup, ProviderError, RemoteOffset, Session, UploadRequest,
     Uploader,
 };
 
@@ -47,6 +47,7 @@ pub struct ApiVideoProvider {
     mode: UploadMode,
     client: reqwest::Client,
     tokens: TokenCache,
+    parallel: usize,
 }
 
 fn video_id(value: &Value) -> Option<String> {
@@ -79,7 +80,16 @@ impl ApiVideoProvider {
             mode,
             client: http::client(timeout)?,
             tokens: TokenCache::default(),
+            parallel: 1,
         })
+    }
+
+    /// Send up to `parallel` parts at once (`upload_mode: parts` with an
+    /// API key; the config refuses other combinations). The last part still
+    /// goes alone, after every other part is acknowledged.
+    pub fn with_parallel(mut self, parallel: usize) -> Self {
+        self.parallel = parallel.max(1);
+        self
     }
 
     fn url(&self, path: &str) -> Result<Url, ProviderError> {
@@ -241,6 +251,102 @@ impl ApiVideoProvider {
     }
 }
 
+impl ApiVideoProvider {
+    /// POST one chunk; answers the offset acknowledged and the answer's
+    /// JSON (the video's id, and its assets after the last chunk).
+    async fn post_chunk(
+        &self,
+        session: &Session,
+        request: &UploadRequest<'_>,
+        chunk: Chunk,
+    ) -> Result<(u64, Value), ProviderError> {
+        let end = chunk.end();
+        let range = self.content_range(&chunk);
+        let len = chunk.len;
+        let part = Part::stream_with_length(reqwest::Body::wrap_stream(chunk.into_stream()), len)
+            .file_name(request.file_name.to_string())
+            .mime_str("application/octet-stream")
+            .map_err(|e| ProviderError::new(ErrorKind::Permanent, format!("api.video: {e}")))?;
+        let mut form = Form::new();
+        let call = match (&self.credentials, &session.remote_id) {
+            (Credentials::UploadToken(token), id) => {
+                if let Some(id) = id {
+                    form = form.text("videoId", id.clone());
+                }
+                let mut url = self.url("upload")?;
+                url.query_pairs_mut().append_pair("token", token);
+                Call {
+                    builder: self.client.post(url),
+                    token: None,
+                }
+            }
+            (Credentials::ApiKey(_), Some(id)) => {
+                self.request(Method::POST, &format!("videos/{id}/source"))
+                    .await?
+            }
+            (Credentials::ApiKey(_), None) => {
+                return Err(ProviderError::new(
+                    ErrorKind::Gone,
+                    "the job has no api.video video id",
+                ));
+            }
+        };
+        let response = call
+            .builder
+            .header("Content-Range", range)
+            .multipart(form.part("file", part))
+            .send()
+            .await
+            .map_err(|e| transport_error("api.video upload", &e))?;
+        if response.status().is_success() {
+            if let Some(token) = &call.token {
+                self.tokens.accepted(token).await;
+            }
+            let value: Value = response.json().await.unwrap_or(Value::Null);
+            return Ok((end, value));
+        }
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let secrets = self.secrets();
+        let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        if status == StatusCode::BAD_REQUEST
+            && body.to_ascii_lowercase().contains("already uploaded")
+        {
+            // A previous attempt completed before the crash: confirm with status.
+            if let Some(id) = session.remote_id.clone()
+                && finished_ingest(&self.status(&id).await?)
+            {
+                return Ok((request.size, Value::Null));
+            }
+        }
+        let mut error = ProviderError::new(
+            http::kind_of(status),
+            format!("api.video upload: the server answered {status}"),
+        );
+        error.status = Some(status.as_u16());
+        error.excerpt = excerpt(&body, &refs);
+        if let Some(text) = &error.excerpt {
+            error.message.push_str(&format!(" ({text})"));
+        }
+        match status.as_u16() {
+            401 => self.refused(&mut error, call.token.as_deref()).await,
+            // With a delegated token the first chunk creates the video: a 404
+            // then is the token itself refused, which no new video can fix.
+            404 if matches!(self.credentials, Credentials::UploadToken(_))
+                && session.remote_id.is_none() =>
+            {
+                error.kind = ErrorKind::Permanent;
+                error
+                    .message
+                    .push_str("; the upload token was refused: check upload_token");
+            }
+            404 => error.kind = ErrorKind::Gone,
+            _ => {}
+        }
+        Err(error)
+    }
+}
+
 /// A request and the access token it carries (none with a delegated token).
 struct Call {
     builder: reqwest::RequestBuilder,
@@ -327,7 +433,14 @@ impl Uploader for ApiVideoProvider {
                 "api.video create: answer without videoId",
             )
         })?;
-        Ok(Session::for_remote(id))
+        let mut session = Session::for_remote(id);
+        if self.parallel > 1 && self.mode == UploadMode::Parts {
+            // Every part but the last goes in lanes; the last follows them.
+            let last_start =
+                (request.size.max(1) - 1) / request.chunk_size.max(1) * request.chunk_size.max(1);
+            session.lanes = Lane::plan(last_start, request.chunk_size, self.parallel);
+        }
+        Ok(session)
     }
 
     async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
@@ -388,96 +501,26 @@ impl Uploader for ApiVideoProvider {
         request: &UploadRequest<'_>,
         chunk: Chunk,
     ) -> Result<u64, ProviderError> {
-        let end = chunk.end();
-        let range = self.content_range(&chunk);
-        let len = chunk.len;
-        let part = Part::stream_with_length(reqwest::Body::wrap_stream(chunk.into_stream()), len)
-            .file_name(request.file_name.to_string())
-            .mime_str("application/octet-stream")
-            .map_err(|e| ProviderError::new(ErrorKind::Permanent, format!("api.video: {e}")))?;
-        let mut form = Form::new();
-        let call = match (&self.credentials, &session.remote_id) {
-            (Credentials::UploadToken(token), id) => {
-                if let Some(id) = id {
-                    form = form.text("videoId", id.clone());
-                }
-                let mut url = self.url("upload")?;
-                url.query_pairs_mut().append_pair("token", token);
-                Call {
-                    builder: self.client.post(url),
-                    token: None,
-                }
-            }
-            (Credentials::ApiKey(_), Some(id)) => {
-                self.request(Method::POST, &format!("videos/{id}/source"))
-                    .await?
-            }
-            (Credentials::ApiKey(_), None) => {
-                return Err(ProviderError::new(
-                    ErrorKind::Gone,
-                    "the job has no api.video video id",
-                ));
-            }
-        };
-        let response = call
-            .builder
-            .header("Content-Range", range)
-            .multipart(form.part("file", part))
-            .send()
-            .await
-            .map_err(|e| transport_error("api.video upload", &e))?;
-        if response.status().is_success() {
-            if let Some(token) = &call.token {
-                self.tokens.accepted(token).await;
-            }
-            let value: Value = response.json().await.unwrap_or(Value::Null);
-            if session.remote_id.is_none() {
-                session.remote_id = video_id(&value);
-            }
-            if let Some(assets) = value.get("assets") {
-                session.extra.insert("assets".into(), assets.clone());
-            }
-            return Ok(end);
+        let (acked, answer) = self.post_chunk(session, request, chunk).await?;
+        if session.remote_id.is_none() {
+            session.remote_id = video_id(&answer);
         }
-        let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        let secrets = self.secrets();
-        let refs: Vec<&str> = secrets.iter().map(String::as_str).collect();
-        if status == StatusCode::BAD_REQUEST
-            && body.to_ascii_lowercase().contains("already uploaded")
-        {
-            // A previous attempt completed before the crash: confirm with status.
-            if let Some(id) = session.remote_id.clone()
-                && finished_ingest(&self.status(&id).await?)
-            {
-                return Ok(request.size);
-            }
+        if let Some(assets) = answer.get("assets") {
+            session.extra.insert("assets".into(), assets.clone());
         }
-        let mut error = ProviderError::new(
-            http::kind_of(status),
-            format!("api.video upload: the server answered {status}"),
-        );
-        error.status = Some(status.as_u16());
-        error.excerpt = excerpt(&body, &refs);
-        if let Some(text) = &error.excerpt {
-            error.message.push_str(&format!(" ({text})"));
-        }
-        match status.as_u16() {
-            401 => self.refused(&mut error, call.token.as_deref()).await,
-            // With a delegated token the first chunk creates the video: a 404
-            // then is the token itself refused, which no new video can fix.
-            404 if matches!(self.credentials, Credentials::UploadToken(_))
-                && session.remote_id.is_none() =>
-            {
-                error.kind = ErrorKind::Permanent;
-                error
-                    .message
-                    .push_str("; the upload token was refused: check upload_token");
-            }
-            404 => error.kind = ErrorKind::Gone,
-            _ => {}
-        }
-        Err(error)
+        Ok(acked)
+    }
+
+    /// A part other than the last, beside others: `part K/N` names where
+    /// it goes, so parts may arrive in any order.
+    async fn send_lane(
+        &self,
+        session: &Session,
+        request: &UploadRequest<'_>,
+        _lane: &Lane,
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        Ok(self.post_chunk(session, request, chunk).await?.0)
     }
 
     async fn finalize(

@@ -97,7 +97,7 @@ impl Uploader for FolderProvider {
             Ok(Session {
                 remote_id: None,
                 upload_url: Some(partial.to_string_lossy().into_owned()),
-                extra: Default::default(),
+                ..Default::default()
             })
         })
         .await
@@ -109,7 +109,7 @@ impl Uploader for FolderProvider {
             Lookup::Found(Session {
                 remote_id: None,
                 upload_url: Some(partial.to_string_lossy().into_owned()),
-                extra: Default::default(),
+                ..Default::default()
             })
         } else {
             Lookup::NotFound

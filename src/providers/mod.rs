@@ -61,6 +61,76 @@ pub struct Session {
     /// Provider-specific state (e.g. chunk count, server chosen).
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// With `parallel: N`: the ranges of the file sent side by side, each
+    /// with its own acknowledged offset. Empty for a sequential upload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lanes: Vec<Lane>,
+}
+
+/// One range of a file sent beside others (`parallel: N`), checkpointed on
+/// its own so a crash resumes every lane where its server confirmed it.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lane {
+    /// Offset in the file of the lane's first byte (a chunk boundary).
+    pub start: u64,
+    /// Offset one past its last byte.
+    pub end: u64,
+    /// Offset in the file up to which the server acknowledged this lane.
+    pub acked: u64,
+    /// The lane's own upload, where the protocol gives each part one (a
+    /// tus partial upload, made by `create`); may work as a credential,
+    /// like `upload_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_url: Option<String>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("start", &self.start)
+            .field("end", &self.end)
+            .field("acked", &self.acked)
+            .field(
+                "upload_url",
+                &self.upload_url.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl Lane {
+    /// Split `0..end` into at most `parallel` lanes of whole chunks, as even
+    /// as chunks allow (the first lanes take one chunk more). Fewer than two
+    /// chunks make no lanes: a sequential upload does as well.
+    pub fn plan(end: u64, chunk_size: u64, parallel: usize) -> Vec<Lane> {
+        let chunk_size = chunk_size.max(1);
+        let chunks = end.div_ceil(chunk_size);
+        let lanes = chunks.min(parallel as u64);
+        if lanes < 2 {
+            return Vec::new();
+        }
+        let (each, extra) = (chunks / lanes, chunks % lanes);
+        let mut start = 0;
+        (0..lanes)
+            .map(|i| {
+                let count = each + u64::from(i < extra);
+                let lane_end = (start + count * chunk_size).min(end);
+                let lane = Lane {
+                    start,
+                    end: lane_end,
+                    acked: start,
+                    ..Lane::default()
+                };
+                start = lane_end;
+                lane
+            })
+            .collect()
+    }
+
+    /// Every byte of the lane acknowledged.
+    pub fn done(&self) -> bool {
+        self.acked >= self.end
+    }
 }
 
 impl std::fmt::Debug for Session {
@@ -72,6 +142,7 @@ impl std::fmt::Debug for Session {
                 &self.upload_url.as_ref().map(|_| "<redacted>"),
             )
             .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .field("lanes", &self.lanes)
             .finish()
     }
 }
@@ -282,6 +353,44 @@ pub trait Uploader {
         chunk: Chunk,
     ) -> Result<u64, ProviderError>;
 
+    /// With lanes: where the server stands on one lane, as an offset in
+    /// the file; [`RemoteOffset::Unknown`] trusts the persisted
+    /// acknowledgement (the part in flight at a crash is sent again).
+    async fn lane_offset(
+        &self,
+        _session: &Session,
+        _lane: &Lane,
+    ) -> Result<RemoteOffset, ProviderError> {
+        Ok(RemoteOffset::Unknown)
+    }
+
+    /// With lanes: send one chunk of `lane`, beside chunks of other lanes;
+    /// answer the offset in the file the server acknowledged.
+    async fn send_lane(
+        &self,
+        _session: &Session,
+        _request: &UploadRequest<'_>,
+        _lane: &Lane,
+        _chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        Err(ProviderError::new(
+            ErrorKind::Permanent,
+            "this provider cannot send parts in parallel",
+        ))
+    }
+
+    /// Every lane is acknowledged: join them into the one remote object
+    /// (tus's final concatenation), so the session then reads as a
+    /// sequential upload whose bytes all arrived. Protocols whose lanes are
+    /// parts of one object already (api.video) keep the default.
+    async fn join_lanes(
+        &self,
+        _session: &mut Session,
+        _request: &UploadRequest<'_>,
+    ) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     /// Renew an expired upload URL or token inside the session. Protocols
     /// without renewal keep the default, which changes nothing.
     async fn renew(
@@ -348,7 +457,7 @@ impl Provider {
                     .collect();
                 let endpoint = config.base_url.as_deref().unwrap_or(endpoint);
                 TusProvider::new(endpoint, &headers, config.timeout)
-                    .map(|p| Provider::Tus(Box::new(p)))
+                    .map(|p| Provider::Tus(Box::new(p.with_parallel(config.parallel))))
             }
             ProviderKind::Okru {
                 application_key,
@@ -391,7 +500,7 @@ impl Provider {
                     UploadMode::Bytes
                 };
                 ApiVideoProvider::new(&base, credentials, mode, config.timeout)
-                    .map(|p| Provider::Apivideo(Box::new(p)))
+                    .map(|p| Provider::Apivideo(Box::new(p.with_parallel(config.parallel))))
             }
             ProviderKind::Gcore {
                 api_key,
@@ -495,6 +604,32 @@ impl Uploader for Provider {
         forward!(self, p => p.send(session, request, chunk))
     }
 
+    async fn lane_offset(
+        &self,
+        session: &Session,
+        lane: &Lane,
+    ) -> Result<RemoteOffset, ProviderError> {
+        forward!(self, p => p.lane_offset(session, lane))
+    }
+
+    async fn send_lane(
+        &self,
+        session: &Session,
+        request: &UploadRequest<'_>,
+        lane: &Lane,
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        forward!(self, p => p.send_lane(session, request, lane, chunk))
+    }
+
+    async fn join_lanes(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+    ) -> Result<(), ProviderError> {
+        forward!(self, p => p.join_lanes(session, request))
+    }
+
     async fn renew(
         &self,
         session: &mut Session,
@@ -520,5 +655,31 @@ impl Uploader for Provider {
         if let Provider::Folder(p) = self {
             p.release(session).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lane;
+
+    #[test]
+    fn lanes_are_whole_chunks_as_even_as_chunks_allow() {
+        let spans = |lanes: Vec<Lane>| -> Vec<(u64, u64)> {
+            lanes.iter().map(|l| (l.start, l.end)).collect()
+        };
+        // 10 chunks (the last short) in 4 lanes: 3, 3, 2 and 2 chunks.
+        assert_eq!(
+            spans(Lane::plan(38, 4, 4)),
+            [(0, 12), (12, 24), (24, 32), (32, 38)]
+        );
+        // More lanes than chunks: one chunk each.
+        assert_eq!(spans(Lane::plan(10, 4, 8)), [(0, 4), (4, 8), (8, 10)]);
+        // One chunk, or parallel 1: no lanes (a sequential upload).
+        assert!(Lane::plan(4, 4, 4).is_empty());
+        assert!(Lane::plan(0, 4, 4).is_empty());
+        assert!(Lane::plan(100, 4, 1).is_empty());
+        let lanes = Lane::plan(100, 4, 3);
+        assert!(lanes.iter().all(|l| l.acked == l.start && !l.done()));
+        assert_eq!(lanes.last().map(|l| l.end), Some(100));
     }
 }

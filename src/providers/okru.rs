@@ -231,7 +231,7 @@ impl Uploader for OkruProvider {
             (Some(url), Some(id)) => Ok(Session {
                 remote_id: Some(id),
                 upload_url: Some(url.to_string()),
-                extra: Default::default(),
+                ..Default::default()
             }),
             _ => Err(ProviderError::new(
                 ErrorKind::Transient,

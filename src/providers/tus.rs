@@ -11,7 +11,7 @@ use tokio::sync::OnceCell;
 
 use super::http::{self, status_error, transport_error};
 use super::{
-    Chunk, Delivery, ErrorKind, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
+    Chunk, Delivery, ErrorKind, Lane, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
 };
 use crate::source::ChecksumAlgorithm;
 
@@ -22,6 +22,7 @@ const OFFSET_OCTETS: &str = "application/offset+octet-stream";
 #[derive(Debug, Clone, Default)]
 struct Capabilities {
     termination: bool,
+    concatenation: bool,
     checksum: Option<ChecksumAlgorithm>,
     max_size: Option<u64>,
 }
@@ -34,6 +35,7 @@ pub struct TusProvider {
     client: reqwest::Client,
     capabilities: OnceCell<Capabilities>,
     extra_metadata: Vec<(String, String)>,
+    parallel: usize,
 }
 
 impl TusProvider {
@@ -73,6 +75,7 @@ impl TusProvider {
             client: http::client(timeout)?,
             capabilities: OnceCell::new(),
             extra_metadata: Vec::new(),
+            parallel: 1,
         })
     }
 
@@ -80,6 +83,13 @@ impl TusProvider {
     /// `token`, `video_id`, `client_id`).
     pub fn with_metadata(mut self, pairs: Vec<(String, String)>) -> Self {
         self.extra_metadata = pairs;
+        self
+    }
+
+    /// Send each file in up to `parallel` partial uploads side by side,
+    /// joined at the end, where the server offers `concatenation`.
+    pub fn with_parallel(mut self, parallel: usize) -> Self {
+        self.parallel = parallel.max(1);
         self
     }
 
@@ -160,6 +170,7 @@ impl TusProvider {
                 };
                 Ok(Capabilities {
                     termination: has("termination"),
+                    concatenation: has("concatenation"),
                     checksum,
                     max_size: header("tus-max-size").parse().ok(),
                 })
@@ -230,16 +241,87 @@ impl TusProvider {
                 ),
             ));
         }
-        let response = self
+        if self.parallel > 1 && self.capabilities().await?.concatenation {
+            let lanes = Lane::plan(request.size, request.chunk_size, self.parallel);
+            if !lanes.is_empty() {
+                return self.create_partials(request, lanes).await;
+            }
+        }
+        let url = self
+            .post(
+                "tus create",
+                &[
+                    ("Upload-Length", request.size.to_string()),
+                    ("Upload-Metadata", self.metadata_header(request)),
+                ],
+            )
+            .await?;
+        let remote_id = url
+            .path_segments()
+            .and_then(|mut s| s.next_back().map(str::to_string))
+            .filter(|s| !s.is_empty());
+        Ok(Session {
+            remote_id,
+            upload_url: Some(url.to_string()),
+            ..Default::default()
+        })
+    }
+
+    /// One partial upload per lane (`Upload-Concat: partial`), tagged with
+    /// the job so an operator can find one a crash left; the file's own
+    /// metadata goes on the final upload that joins them. A refusal part
+    /// way deletes the partials already made.
+    async fn create_partials(
+        &self,
+        request: &UploadRequest<'_>,
+        mut lanes: Vec<Lane>,
+    ) -> Result<Session, ProviderError> {
+        let tag = format!("hotfolder_job {}", BASE64.encode(request.tag));
+        for i in 0..lanes.len() {
+            let length = lanes[i].end - lanes[i].start;
+            let made = self
+                .post(
+                    "tus create (partial)",
+                    &[
+                        ("Upload-Concat", "partial".to_string()),
+                        ("Upload-Length", length.to_string()),
+                        ("Upload-Metadata", tag.clone()),
+                    ],
+                )
+                .await;
+            match made {
+                Ok(url) => lanes[i].upload_url = Some(url.to_string()),
+                Err(e) => {
+                    for made in lanes[..i].iter().filter_map(|l| l.upload_url.as_deref()) {
+                        if let Ok(url) = Url::parse(made) {
+                            let _ = self.terminate(&url).await;
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Session {
+            lanes,
+            ..Default::default()
+        })
+    }
+
+    /// POST a creation request with `headers` and no body; answers the
+    /// new upload's URL.
+    async fn post(&self, what: &str, headers: &[(&str, String)]) -> Result<Url, ProviderError> {
+        let mut builder = self
             .request(Method::POST, &self.endpoint)
-            .header("Upload-Length", request.size)
-            .header("Upload-Metadata", self.metadata_header(request))
-            .header("Content-Length", 0)
+            .header("Content-Length", 0);
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        let response = builder
             .send()
             .await
-            .map_err(|e| transport_error("tus create", &e))?;
+            .map_err(|e| transport_error(what, &e))?;
         if response.status() != StatusCode::CREATED {
-            let mut error = status_error("tus create", response, &self.secrets()).await;
+            let mut error = status_error(what, response, &self.secrets()).await;
             // Say what the operator has to fix for the answers that mean a
             // wrong setting rather than a passing fault.
             match error.status {
@@ -261,23 +343,14 @@ impl TusProvider {
             .ok_or_else(|| {
                 ProviderError::new(
                     ErrorKind::Transient,
-                    "tus create: 201 without a Location header",
+                    format!("{what}: 201 without a Location header"),
                 )
             })?;
-        let url = self.endpoint.join(location).map_err(|e| {
+        self.endpoint.join(location).map_err(|e| {
             ProviderError::new(
                 ErrorKind::Transient,
-                format!("tus create: bad Location {location:?}: {e}"),
+                format!("{what}: bad Location {location:?}: {e}"),
             )
-        })?;
-        let remote_id = url
-            .path_segments()
-            .and_then(|mut s| s.next_back().map(str::to_string))
-            .filter(|s| !s.is_empty());
-        Ok(Session {
-            remote_id,
-            upload_url: Some(url.to_string()),
-            extra: Default::default(),
         })
     }
 
@@ -356,9 +429,122 @@ impl Uploader for TusProvider {
         _request: &UploadRequest<'_>,
         _acknowledged: u64,
     ) -> Result<RemoteOffset, ProviderError> {
+        self.head(&self.upload_url(session)?).await
+    }
+
+    async fn send(
+        &self,
+        session: &mut Session,
+        _request: &UploadRequest<'_>,
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        self.patch(&self.upload_url(session)?, 0, chunk).await
+    }
+
+    async fn lane_offset(
+        &self,
+        _session: &Session,
+        lane: &Lane,
+    ) -> Result<RemoteOffset, ProviderError> {
+        Ok(match self.head(&lane_url(lane)?).await? {
+            RemoteOffset::At(offset) => RemoteOffset::At(lane.start + offset),
+            other => other,
+        })
+    }
+
+    async fn send_lane(
+        &self,
+        _session: &Session,
+        _request: &UploadRequest<'_>,
+        lane: &Lane,
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
+        self.patch(&lane_url(lane)?, lane.start, chunk).await
+    }
+
+    /// `POST endpoint` with `Upload-Concat: final;URL1 URL2 ...` and the
+    /// file's metadata: the server joins the partial uploads into the one
+    /// the session then names.
+    async fn join_lanes(
+        &self,
+        session: &mut Session,
+        request: &UploadRequest<'_>,
+    ) -> Result<(), ProviderError> {
+        let urls = session
+            .lanes
+            .iter()
+            .map(|lane| lane_url(lane).map(|u| u.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let url = self
+            .post(
+                "tus create (final concatenation)",
+                &[
+                    ("Upload-Concat", format!("final;{}", urls.join(" "))),
+                    ("Upload-Metadata", self.metadata_header(request)),
+                ],
+            )
+            .await
+            .map_err(|mut e| {
+                // A partial upload expired or was deleted: send the parts again.
+                if matches!(e.status, Some(404 | 410)) {
+                    e.kind = ErrorKind::Gone;
+                }
+                e
+            })?;
+        session.remote_id = url
+            .path_segments()
+            .and_then(|mut s| s.next_back().map(str::to_string))
+            .filter(|s| !s.is_empty());
+        session.upload_url = Some(url.to_string());
+        Ok(())
+    }
+
+    async fn finalize(
+        &self,
+        session: &mut Session,
+        _request: &UploadRequest<'_>,
+        _sha256: &str,
+    ) -> Result<Delivery, ProviderError> {
         let url = self.upload_url(session)?;
+        Ok(Delivery {
+            remote_id: session.remote_id.clone().unwrap_or_else(|| url.to_string()),
+            url: Some(url.to_string()),
+            links: Default::default(),
+        })
+    }
+
+    /// Terminate the upload, and the partial uploads of parallel lanes.
+    async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
+        let mut urls: Vec<Url> = session
+            .lanes
+            .iter()
+            .filter_map(|lane| lane_url(lane).ok())
+            .collect();
+        if session.upload_url.is_some() || urls.is_empty() {
+            urls.push(self.upload_url(session)?);
+        }
+        let mut outcome = Ok(());
+        for url in &urls {
+            if let Err(e) = self.terminate(url).await {
+                outcome = Err(e);
+            }
+        }
+        outcome
+    }
+}
+
+fn lane_url(lane: &Lane) -> Result<Url, ProviderError> {
+    lane.upload_url
+        .as_deref()
+        .and_then(|u| Url::parse(u).ok())
+        .ok_or_else(|| ProviderError::new(ErrorKind::Gone, "a parallel part has no tus upload URL"))
+}
+
+impl TusProvider {
+    /// `HEAD url`: the upload's offset, or gone.
+    async fn head(&self, url: &Url) -> Result<RemoteOffset, ProviderError> {
         let response = self
-            .request(Method::HEAD, &url)
+            .request(Method::HEAD, url)
             .send()
             .await
             .map_err(|e| transport_error("tus HEAD", &e))?;
@@ -376,18 +562,13 @@ impl Uploader for TusProvider {
         }
     }
 
-    async fn send(
-        &self,
-        session: &mut Session,
-        _request: &UploadRequest<'_>,
-        chunk: Chunk,
-    ) -> Result<u64, ProviderError> {
-        let url = self.upload_url(session)?;
+    /// `PATCH url` with `chunk`, the upload starting at `base` in the file;
+    /// answers the acknowledged offset in the file.
+    async fn patch(&self, url: &Url, base: u64, chunk: Chunk) -> Result<u64, ProviderError> {
         let checksum = self.capabilities().await?.checksum;
-        let start = chunk.start;
         let builder = self
-            .request(Method::PATCH, &url)
-            .header("Upload-Offset", start);
+            .request(Method::PATCH, url)
+            .header("Upload-Offset", chunk.start - base);
         let builder = self.with_body(builder, chunk, checksum).await?;
         let response = builder
             .send()
@@ -395,12 +576,14 @@ impl Uploader for TusProvider {
             .map_err(|e| transport_error("tus PATCH", &e))?;
         let status = response.status().as_u16();
         match status {
-            200 | 204 => upload_offset(&response).ok_or_else(|| {
-                ProviderError::new(
-                    ErrorKind::OffsetMismatch,
-                    "tus PATCH: answer without a valid Upload-Offset",
-                )
-            }),
+            200 | 204 => upload_offset(&response)
+                .map(|offset| base + offset)
+                .ok_or_else(|| {
+                    ProviderError::new(
+                        ErrorKind::OffsetMismatch,
+                        "tus PATCH: answer without a valid Upload-Offset",
+                    )
+                }),
             409 | 460 => {
                 let mut error = status_error("tus PATCH", response, &self.secrets()).await;
                 error.kind = ErrorKind::OffsetMismatch;
@@ -424,28 +607,17 @@ impl Uploader for TusProvider {
         }
     }
 
-    async fn finalize(
-        &self,
-        session: &mut Session,
-        _request: &UploadRequest<'_>,
-        _sha256: &str,
-    ) -> Result<Delivery, ProviderError> {
-        let url = self.upload_url(session)?;
-        Ok(Delivery {
-            remote_id: session.remote_id.clone().unwrap_or_else(|| url.to_string()),
-            url: Some(url.to_string()),
-            links: Default::default(),
-        })
-    }
-
-    async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
-        let url = self.upload_url(session)?;
+    /// `DELETE url` where the server offers termination; otherwise the
+    /// upload stays until the server expires it.
+    async fn terminate(&self, url: &Url) -> Result<(), ProviderError> {
         if !self.capabilities().await.is_ok_and(|c| c.termination) {
-            tracing::warn!(upload = %url, "the tus server does not offer termination; the abandoned upload stays until it expires");
+            tracing::warn!(
+                "the tus server does not offer termination; the abandoned upload stays until it expires"
+            );
             return Ok(());
         }
         let response = self
-            .request(Method::DELETE, &url)
+            .request(Method::DELETE, url)
             .send()
             .await
             .map_err(|e| transport_error("tus DELETE", &e))?;

@@ -1,9 +1,11 @@
 //! The api.video simulator (PROTOCOLS §2), read from the protocol text
 //! alone: API key → bearer tokens (expiring after `--token-ttl`), refresh,
 //! videos created with metadata and listed by it, multipart chunks with
-//! strict `Content-Range` (`bytes F-L/T` contiguous, or `part K/N` in order;
-//! at least 5 MiB except the last), status with received ranges, delegated
-//! upload tokens, and "already uploaded" for a source sent twice.
+//! strict `Content-Range` (`bytes F-L/T` contiguous, or `part K/N`; at least
+//! 5 MiB except the last), status with received ranges, delegated upload
+//! tokens, and "already uploaded" for a source sent twice. Parts may arrive
+//! side by side and in any order (a part sent again replaces it); the last
+//! part (`N/N`) is refused until every other part is stored, then joins them.
 
 // Refusals are ready HTTP responses carried as errors, the axum idiom.
 #![allow(clippy::result_large_err)]
@@ -49,6 +51,9 @@ pub struct Video {
     pub received: u64,
     /// Parts stored (parts mode).
     pub parts: u64,
+    /// Size of each part stored, by part number (parts mode).
+    #[serde(default)]
+    pub part_sizes: BTreeMap<u64, u64>,
     /// Body bytes received over all requests.
     pub bytes_received: u64,
     /// Every byte arrived.
@@ -207,6 +212,7 @@ fn new_video(sandbox: &Sandbox, title: String, delegated: bool) -> Option<Video>
         total: None,
         received: 0,
         parts: 0,
+        part_sizes: BTreeMap::new(),
         bytes_received: 0,
         complete: false,
         deleted: false,
@@ -566,13 +572,17 @@ async fn store_chunk(
             )
         }
         Range::Part { index, count } => {
-            if index != video.parts + 1 {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "Content-Range part is out of order.",
-                );
-            }
-            (video.received, None, count == Some(index), None)
+            return store_part(
+                sandbox,
+                video,
+                index,
+                count,
+                field,
+                reset,
+                reset_after,
+                headers,
+            )
+            .await;
         }
     };
     if let Some(len) = expected
@@ -631,6 +641,136 @@ async fn store_chunk(
     });
     if let Some(video) = &snapshot {
         save(sandbox, video);
+    }
+    if received.cut
+        && let Some(Extension(reset)) = reset
+    {
+        return reset.drop_connection().await;
+    }
+    if !whole {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "The file part is shorter than its Content-Range.",
+        );
+    }
+    match snapshot {
+        Some(video) if video.complete => (
+            StatusCode::CREATED,
+            Json(video_json(&video, &host(headers))),
+        )
+            .into_response(),
+        Some(video) => Json(json!({"videoId": video.video_id})).into_response(),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "The requested resource was not found.",
+        ),
+    }
+}
+
+fn part_path(sandbox: &Sandbox, id: &str, index: u64) -> std::path::PathBuf {
+    sandbox
+        .data
+        .join("apivideo")
+        .join(format!("{id}.part{index}"))
+}
+
+/// One numbered part, stored on its own: parts may arrive side by side and
+/// in any order. The last part (`N/N`) is taken only once parts 1..N-1 are
+/// all stored; it joins them into the video's bytes.
+#[allow(clippy::too_many_arguments)]
+async fn store_part(
+    sandbox: &Sandbox,
+    video: Video,
+    index: u64,
+    count: Option<u64>,
+    field: axum::extract::multipart::Field<'_>,
+    reset: Option<Extension<ConnectionReset>>,
+    reset_after: Option<Extension<ResetAfter>>,
+    headers: &HeaderMap,
+) -> Response {
+    let last = count == Some(index);
+    if last {
+        let missing: Vec<String> = (1..index)
+            .filter(|k| !video.part_sizes.contains_key(k))
+            .map(|k| k.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "The last part arrived before parts {} were stored.",
+                    missing.join(", ")
+                ),
+            );
+        }
+    }
+    let id = video.video_id.clone();
+    let staging = part_path(sandbox, &id, index).with_extension(format!("part{index}.tmp"));
+    let Ok(mut file) = std::fs::File::create(&staging) else {
+        return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage missing");
+    };
+    let cut_after = reset_after.map(|Extension(ResetAfter(n))| n);
+    let outcome = write_body(
+        &sandbox.faults,
+        field,
+        &mut file,
+        u64::MAX,
+        cut_after,
+        |bytes| {
+            sandbox
+                .apivideo
+                .with(&id, |v| v.bytes_received += bytes.len() as u64);
+        },
+    )
+    .await;
+    let received = match outcome {
+        Ok(received) => received,
+        Err(_) => return problem(StatusCode::BAD_REQUEST, "The file part is too long."),
+    };
+    let whole = !received.broken;
+    if whole && received.bytes < MIN_CHUNK && !last {
+        let _ = std::fs::remove_file(&staging);
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "Chunks must be at least 5 MiB except the last one.",
+        );
+    }
+    let stored = whole && std::fs::rename(&staging, part_path(sandbox, &id, index)).is_ok();
+    let snapshot = sandbox.apivideo.with(&id, |v| {
+        if stored {
+            v.part_sizes.insert(index, received.bytes);
+            v.parts = v.part_sizes.len() as u64;
+            v.received = (1..).map_while(|k| v.part_sizes.get(&k)).sum();
+        }
+        v.clone()
+    });
+    if stored && last && snapshot.is_some() {
+        // Join parts 1..=N into the video's bytes.
+        let joined = (|| -> std::io::Result<u64> {
+            let mut out = std::fs::File::create(bin_path(sandbox, &id))?;
+            let mut total = 0;
+            for k in 1..=index {
+                let path = part_path(sandbox, &id, k);
+                total += std::io::copy(&mut std::fs::File::open(&path)?, &mut out)?;
+                std::fs::remove_file(path)?;
+            }
+            Ok(total)
+        })();
+        let Ok(total) = joined else {
+            return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage failed");
+        };
+        let _ = sandbox.apivideo.with(&id, |v| {
+            v.total = Some(total);
+            v.received = total;
+            v.complete = true;
+        });
+    }
+    let snapshot = sandbox.apivideo.with(&id, |v| v.clone()).or(snapshot);
+    if let Some(video) = &snapshot {
+        save(sandbox, video);
+    }
+    if !stored {
+        let _ = std::fs::remove_file(&staging);
     }
     if received.cut
         && let Some(Extension(reset)) = reset

@@ -40,6 +40,7 @@ pub async fn write_body<S, E>(
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
 {
+    let _receiving = Receiving::new(faults);
     let mut received = Received {
         bytes: 0,
         broken: false,
@@ -72,4 +73,26 @@ where
         }
     }
     Ok(received)
+}
+
+/// Counts one body being received, however its request ends.
+struct Receiving<'a>(&'a Faults);
+
+impl<'a> Receiving<'a> {
+    fn new(faults: &'a Faults) -> Self {
+        use std::sync::atomic::Ordering;
+        let now = faults.bodies_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        faults
+            .bodies_in_flight_peak
+            .fetch_max(now, Ordering::SeqCst);
+        Receiving(faults)
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        self.0
+            .bodies_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }

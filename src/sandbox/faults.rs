@@ -43,6 +43,11 @@ pub struct Faults {
     pub rate_limited: AtomicU64,
     /// 502s sent after the request was handled.
     pub gateway_errors: AtomicU64,
+    /// Request bodies being received right now.
+    pub bodies_in_flight: AtomicU64,
+    /// The most request bodies received at once since start: shows that a
+    /// client sent parts of a file side by side.
+    pub bodies_in_flight_peak: AtomicU64,
 }
 
 impl Faults {
@@ -63,6 +68,8 @@ impl Faults {
             resets: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             gateway_errors: AtomicU64::new(0),
+            bodies_in_flight: AtomicU64::new(0),
+            bodies_in_flight_peak: AtomicU64::new(0),
         }
     }
 
@@ -152,5 +159,6 @@ pub async fn stats(State(sandbox): State<Arc<Sandbox>>) -> axum::Json<serde_json
         "resets": f.resets.load(Ordering::Relaxed),
         "rate_limited": f.rate_limited.load(Ordering::Relaxed),
         "gateway_errors": f.gateway_errors.load(Ordering::Relaxed),
+        "bodies_in_flight_peak": f.bodies_in_flight_peak.load(Ordering::Relaxed),
     }))
 }

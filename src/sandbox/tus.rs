@@ -1,7 +1,9 @@
 //! The tus 1.0.0 simulator at `/tus/files/` (PROTOCOLS §5), strict: it
 //! refuses requests without `Tus-Resumable`, wrong content types, offsets
 //! that do not match (409), checksums that do not match (460), bodies past
-//! `Upload-Length`, concurrent PATCHes (423) and expired uploads (410). Each
+//! `Upload-Length`, concurrent PATCHes (423) and expired uploads (410). It
+//! offers `concatenation` (PROTOCOLS §5): partial uploads, joined by a final
+//! one only once each is complete; Gcore's upload leg does not. Each
 //! upload's bytes are kept in `<data>/tus/<id>.bin` with `<id>.json` beside.
 
 // Refusals are ready HTTP responses carried as errors, the axum idiom; their
@@ -30,7 +32,10 @@ use super::tokens::now;
 use super::{ConnectionReset, Sandbox, records};
 
 const MAX_SIZE: u64 = 64 << 30;
-const EXTENSIONS: &str = "creation,creation-with-upload,termination,checksum,expiration";
+const EXTENSIONS: &str =
+    "creation,creation-with-upload,termination,checksum,expiration,concatenation";
+/// Gcore's upload servers: the same tus without concatenation.
+const GCORE_EXTENSIONS: &str = "creation,creation-with-upload,termination,checksum,expiration";
 
 /// One upload as the simulator sees it (also its `<id>.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +56,12 @@ pub struct Upload {
     pub terminated: bool,
     /// Seconds since the epoch of the last write.
     pub last_activity: f64,
+    /// `partial` or `final` (concatenation), none for a plain upload.
+    #[serde(default)]
+    pub concat: Option<String>,
+    /// A final upload's partial uploads, in order.
+    #[serde(default)]
+    pub parts: Vec<String>,
     #[serde(skip)]
     busy: bool,
 }
@@ -194,11 +205,16 @@ fn expired(sandbox: &Sandbox, upload: &Upload) -> bool {
     })
 }
 
-async fn options() -> Response {
+async fn options(uri: axum::http::Uri) -> Response {
     let mut response = tus_response(StatusCode::NO_CONTENT);
     let headers = response.headers_mut();
     headers.insert("tus-version", HeaderValue::from_static("1.0.0"));
-    headers.insert("tus-extension", HeaderValue::from_static(EXTENSIONS));
+    let extensions = if uri.path().starts_with("/upload") {
+        GCORE_EXTENSIONS
+    } else {
+        EXTENSIONS
+    };
+    headers.insert("tus-extension", HeaderValue::from_static(extensions));
     headers.insert(
         "tus-checksum-algorithm",
         HeaderValue::from_static("sha1,sha256"),
@@ -229,6 +245,23 @@ async fn create(
     if let Err(response) = precheck(&sandbox, &headers) {
         return response;
     }
+    let gcore_leg = uri.path().starts_with("/upload");
+    let concat = match headers.get("upload-concat").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(value)) if !gcore_leg => match value.strip_prefix("final;") {
+            Some(urls) => return create_final(&sandbox, &headers, urls),
+            None if value == "partial" => Some("partial".to_string()),
+            None => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "Upload-Concat must be 'partial' or 'final;URL1 URL2 ...'",
+                );
+            }
+        },
+        Some(_) => {
+            return refuse(StatusCode::BAD_REQUEST, "concatenation is not offered here");
+        }
+    };
     if headers.contains_key("upload-defer-length") {
         return refuse(
             StatusCode::BAD_REQUEST,
@@ -247,16 +280,10 @@ async fn create(
             "Upload-Length exceeds Tus-Max-Size",
         );
     }
-    let metadata = match headers
-        .get("upload-metadata")
-        .map(|v| v.to_str().map(parse_metadata))
-    {
-        None => BTreeMap::new(),
-        Some(Ok(Ok(map))) => map,
-        Some(Ok(Err(e))) => return refuse(StatusCode::BAD_REQUEST, &e),
-        Some(Err(_)) => return refuse(StatusCode::BAD_REQUEST, "Upload-Metadata is not ASCII"),
+    let metadata = match metadata_of(&headers) {
+        Ok(map) => map,
+        Err(refusal) => return refusal,
     };
-    let gcore_leg = uri.path().starts_with("/upload");
     let gcore_video = if gcore_leg {
         match super::gcore::check_upload_metadata(&sandbox, &metadata) {
             Ok(video) => Some(video),
@@ -279,6 +306,8 @@ async fn create(
         patches: 0,
         terminated: false,
         last_activity: now(),
+        concat,
+        parts: Vec::new(),
         busy: false,
     };
     if std::fs::File::create(data_path(&sandbox, &id, "bin")).is_err() {
@@ -314,6 +343,114 @@ async fn create(
     response
 }
 
+fn metadata_of(headers: &HeaderMap) -> Result<BTreeMap<String, String>, Response> {
+    match headers
+        .get("upload-metadata")
+        .map(|v| v.to_str().map(parse_metadata))
+    {
+        None => Ok(BTreeMap::new()),
+        Some(Ok(Ok(map))) => Ok(map),
+        Some(Ok(Err(e))) => Err(refuse(StatusCode::BAD_REQUEST, &e)),
+        Some(Err(_)) => Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "Upload-Metadata is not ASCII",
+        )),
+    }
+}
+
+/// `Upload-Concat: final;URL1 URL2 ...`: join complete partial uploads, in
+/// the order given, into a new complete upload.
+fn create_final(sandbox: &Sandbox, headers: &HeaderMap, urls: &str) -> Response {
+    if headers.contains_key("upload-length") {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "a final upload takes no Upload-Length",
+        );
+    }
+    let metadata = match metadata_of(headers) {
+        Ok(map) => map,
+        Err(refusal) => return refusal,
+    };
+    let mut parts = Vec::new();
+    for url in urls.split_whitespace() {
+        let id = url.rsplit('/').next().unwrap_or_default();
+        let Some(part) = sandbox
+            .tus
+            .with(id, |u| u.clone())
+            .filter(|u| !u.terminated && url.contains("/tus/files/"))
+        else {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                &format!("partial upload {url} does not exist"),
+            );
+        };
+        if expired(sandbox, &part) {
+            return refuse(StatusCode::GONE, &format!("partial upload {url} expired"));
+        }
+        if part.concat.as_deref() != Some("partial") {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                &format!("{url} is not a partial upload"),
+            );
+        }
+        if part.offset != part.length {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                &format!("partial upload {url} is not complete"),
+            );
+        }
+        parts.push(part);
+    }
+    if parts.is_empty() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "a final upload needs partial uploads",
+        );
+    }
+    let id = format!(
+        "{:016x}{:08x}",
+        rand::random::<u64>(),
+        sandbox.tus.map.lock().map_or(0, |m| m.len())
+    );
+    let joined = (|| -> std::io::Result<()> {
+        let mut out = std::fs::File::create(data_path(sandbox, &id, "bin"))?;
+        for part in &parts {
+            let mut input = std::fs::File::open(data_path(sandbox, &part.id, "bin"))?;
+            std::io::copy(&mut input, &mut out)?;
+        }
+        Ok(())
+    })();
+    if joined.is_err() {
+        return refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "sandbox cannot store the upload",
+        );
+    }
+    let length = parts.iter().map(|p| p.length).sum();
+    let upload = Upload {
+        id: id.clone(),
+        length,
+        offset: length,
+        metadata,
+        bytes_received: 0,
+        patches: 0,
+        terminated: false,
+        last_activity: now(),
+        concat: Some("final".into()),
+        parts: parts.into_iter().map(|p| p.id).collect(),
+        busy: false,
+    };
+    save(sandbox, &upload);
+    if let Ok(mut map) = sandbox.tus.map.lock() {
+        map.insert(id.clone(), upload);
+    }
+    let mut response = tus_response(StatusCode::CREATED);
+    if let Ok(location) = HeaderValue::from_str(&format!("/tus/files/{id}")) {
+        response.headers_mut().insert("location", location);
+    }
+    response
+}
+
 async fn head(
     State(sandbox): State<Arc<Sandbox>>,
     Path(id): Path<String>,
@@ -336,6 +473,21 @@ async fn head(
     response
         .headers_mut()
         .insert("upload-offset", HeaderValue::from(upload.offset));
+    let concat = match upload.concat.as_deref() {
+        Some("final") => Some(format!(
+            "final;{}",
+            upload
+                .parts
+                .iter()
+                .map(|id| format!("/tus/files/{id}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )),
+        other => other.map(str::to_string),
+    };
+    if let Some(value) = concat.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().insert("upload-concat", value);
+    }
     response
         .headers_mut()
         .insert("upload-length", HeaderValue::from(upload.length));
@@ -381,6 +533,12 @@ async fn patch(
     };
     if expired(&sandbox, &upload) {
         return refuse(StatusCode::GONE, "upload expired");
+    }
+    if upload.concat.as_deref() == Some("final") {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "a final upload is made by concatenation and takes no PATCH",
+        );
     }
     if headers.get("content-type").and_then(|v| v.to_str().ok())
         != Some("application/offset+octet-stream")

@@ -751,7 +751,7 @@ mod tests {
         job.session = Some(crate::providers::Session {
             remote_id: Some("v1".into()),
             upload_url: Some("https://up.example/u?token=SECRET-77".into()),
-            extra: Default::default(),
+            ..Default::default()
         });
         let text = format!("{job:?}");
         assert!(!text.contains("SECRET-77"), "{text}");

@@ -7,6 +7,7 @@
 pub mod progress;
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -271,66 +272,71 @@ impl Engine {
                     }
                 }
             };
-            // Learn where the server stands. Where asking creates a second
-            // leg of the remote object (Gcore's tus upload), that intent is
-            // recorded first, as for `create`.
-            if provider.creates_on_offset(&session) {
-                if session.extra.remove(LEG_INTENT).is_some() {
-                    note_possible_orphan(
-                        job,
-                        &format!(
-                            "an upload session tagged hotfolder_job={tag} for {}",
-                            session.remote_id.as_deref().unwrap_or("the remote video")
-                        ),
-                    );
+            let sent = if session.lanes.is_empty() {
+                // Learn where the server stands. Where asking creates a second
+                // leg of the remote object (Gcore's tus upload), that intent is
+                // recorded first, as for `create`.
+                if provider.creates_on_offset(&session) {
+                    if session.extra.remove(LEG_INTENT).is_some() {
+                        note_possible_orphan(
+                            job,
+                            &format!(
+                                "an upload session tagged hotfolder_job={tag} for {}",
+                                session.remote_id.as_deref().unwrap_or("the remote video")
+                            ),
+                        );
+                    }
+                    session.extra.insert(LEG_INTENT.into(), true.into());
+                    job.session = Some(session.clone());
+                    self.store.put(job).await?;
                 }
-                session.extra.insert(LEG_INTENT.into(), true.into());
-                job.session = Some(session.clone());
-                self.store.put(job).await?;
-            }
-            let before = session.clone();
-            let asked = provider.offset(&mut session, &request, job.acked).await;
-            let leg_answered = match &asked {
-                Ok(_) => true,
-                Err(e) => e.status.is_some_and(|s| !is_gateway_error(s)),
+                let before = session.clone();
+                let asked = provider.offset(&mut session, &request, job.acked).await;
+                let leg_answered = match &asked {
+                    Ok(_) => true,
+                    Err(e) => e.status.is_some_and(|s| !is_gateway_error(s)),
+                };
+                if leg_answered {
+                    session.extra.remove(LEG_INTENT);
+                }
+                let offset = match asked {
+                    Ok(RemoteOffset::At(offset)) if offset <= signature.size => offset,
+                    Ok(RemoteOffset::Unknown) => job.acked,
+                    Ok(RemoteOffset::At(_) | RemoteOffset::Gone) => {
+                        let why = "the remote upload was gone";
+                        check_replacements(
+                            &mut replacements,
+                            ProviderError::new(ErrorKind::Gone, why),
+                        )?;
+                        self.replace_session(job, provider, &session, why).await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        job.session = Some(session);
+                        return Err(e.into());
+                    }
+                };
+                if offset != job.acked || job.attempts > 1 {
+                    tracing::info!(job = job.id, file = %job.relpath.display(), offset, size = signature.size, "resuming");
+                }
+                let hasher = catch_up(job.hash.take(), &file, offset, counters).await?;
+                job.apply(Outcome::Created);
+                job.acked = offset;
+                job.hash = Some(hasher);
+                let session_changed = session != before;
+                job.session = Some(session);
+                if session_changed {
+                    // e.g. an upload URL obtained while asking: persist it before any byte.
+                    self.store.put(job).await?;
+                }
+                self.send_chunks(job, provider, &request, &file, signature, counters)
+                    .await
+            } else {
+                job.session = Some(session);
+                self.send_lanes(job, provider, &request, &file, signature, counters)
+                    .await
             };
-            if leg_answered {
-                session.extra.remove(LEG_INTENT);
-            }
-            let offset = match asked {
-                Ok(RemoteOffset::At(offset)) if offset <= signature.size => offset,
-                Ok(RemoteOffset::Unknown) => job.acked,
-                Ok(RemoteOffset::At(_) | RemoteOffset::Gone) => {
-                    let why = "the remote upload was gone";
-                    check_replacements(
-                        &mut replacements,
-                        ProviderError::new(ErrorKind::Gone, why),
-                    )?;
-                    self.replace_session(job, provider, &session, why).await?;
-                    continue;
-                }
-                Err(e) => {
-                    job.session = Some(session);
-                    return Err(e.into());
-                }
-            };
-            if offset != job.acked || job.attempts > 1 {
-                tracing::info!(job = job.id, file = %job.relpath.display(), offset, size = signature.size, "resuming");
-            }
-            let hasher = catch_up(job.hash.take(), &file, offset, counters).await?;
-            job.apply(Outcome::Created);
-            job.acked = offset;
-            job.hash = Some(hasher);
-            let session_changed = session != before;
-            job.session = Some(session);
-            if session_changed {
-                // e.g. an upload URL obtained while asking: persist it before any byte.
-                self.store.put(job).await?;
-            }
-            match self
-                .send_chunks(job, provider, &request, &file, signature, counters)
-                .await
-            {
+            match sent {
                 Ok(()) => return self.finalize(job, provider, &request).await,
                 Err(Stop::Provider(e)) if e.kind == ErrorKind::Gone => {
                     check_replacements(&mut replacements, e.clone())?;
@@ -440,6 +446,219 @@ impl Engine {
         Ok(())
     }
 
+    /// `parallel: N`: send the session's lanes side by side, each chunk by
+    /// chunk, persisting each lane's acknowledgement as it comes, while a
+    /// pass of its own hashes the file in order (lanes send out of order);
+    /// then join the lanes and send what follows them (api.video's last
+    /// part, which may only come after the others) as a sequential upload
+    /// would. Every lane's persisted offset stays at or below what its
+    /// server acknowledged.
+    async fn send_lanes(
+        &self,
+        job: &mut Job,
+        provider: &Provider,
+        request: &UploadRequest<'_>,
+        file: &Arc<File>,
+        signature: FileSignature,
+        counters: &Arc<Counters>,
+    ) -> Result<(), Stop> {
+        let mut session = job.session.take().unwrap_or_default();
+        // Where the server stands on each lane.
+        for i in 0..session.lanes.len() {
+            let lane = &session.lanes[i];
+            match provider.lane_offset(&session, lane).await {
+                Ok(RemoteOffset::At(at)) if (lane.start..=lane.end).contains(&at) => {
+                    session.lanes[i].acked = at;
+                }
+                Ok(RemoteOffset::Unknown) => {}
+                Ok(RemoteOffset::At(_) | RemoteOffset::Gone) => {
+                    job.session = Some(session);
+                    return Err(ProviderError::new(
+                        ErrorKind::Gone,
+                        "a part of the parallel upload was gone",
+                    )
+                    .into());
+                }
+                Err(e) => {
+                    job.session = Some(session);
+                    return Err(e.into());
+                }
+            }
+        }
+        let lanes_end = session.lanes.last().map_or(0, |lane| lane.end);
+        job.apply(Outcome::Created);
+        job.acked = lanes_acked(&session.lanes);
+        job.session = Some(session.clone());
+        self.store.put(job).await?;
+        if job.acked > 0 || job.attempts > 1 {
+            tracing::info!(job = job.id, file = %job.relpath.display(), acked = job.acked, lanes = session.lanes.len(), "resuming the parallel parts");
+        }
+        let source = (job.source.clone(), job.signature);
+        let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel::<(usize, u64)>();
+        let workers = futures_util::future::try_join_all(
+            session
+                .lanes
+                .iter()
+                .enumerate()
+                .filter(|(_, lane)| !lane.done())
+                .map(|(i, lane)| {
+                    let acks = acks_tx.clone();
+                    let (session, source) = (&session, &source);
+                    async move {
+                        let mut at = lane.acked;
+                        while at < lane.end {
+                            if self.stopping() {
+                                return Err(Stop::Interrupted);
+                            }
+                            check_source(&source.0, &source.1)?;
+                            let len = request.chunk_size.min(lane.end - at);
+                            let chunk = Chunk::unhashed(
+                                Arc::clone(file),
+                                at,
+                                len,
+                                signature.size,
+                                request.chunk_size,
+                                Arc::clone(counters),
+                            );
+                            let acked = provider
+                                .send_lane(session, request, lane, chunk)
+                                .await
+                                .map_err(|e| match check_source(&source.0, &source.1) {
+                                    Err(changed) => changed,
+                                    Ok(()) => Stop::Provider(e),
+                                })?;
+                            if acked <= at || acked > at + len {
+                                return Err(ProviderError::new(
+                                    ErrorKind::OffsetMismatch,
+                                    format!(
+                                        "the provider acknowledged offset {acked} after a part {at}..{}",
+                                        at + len
+                                    ),
+                                )
+                                .into());
+                            }
+                            crate::failpoint::crash("lane::acknowledged");
+                            at = acked;
+                            // The coordinator outlives every worker.
+                            let _ = acks.send((i, acked));
+                        }
+                        Ok(())
+                    }
+                }),
+        );
+        drop(acks_tx);
+        tokio::pin!(workers);
+        let hash_pass = catch_up(job.hash.take(), file, lanes_end, counters);
+        tokio::pin!(hash_pass);
+        let mut hashed = None;
+        let mut workers_ended = false;
+        loop {
+            tokio::select! {
+                ack = acks.recv() => match ack {
+                    Some((lane, acked)) => self.lane_acknowledged(job, lane, acked).await?,
+                    None => break,
+                },
+                ended = &mut workers, if !workers_ended => {
+                    workers_ended = true;
+                    if let Err(stop) = ended {
+                        // Persist what was acknowledged before the failure.
+                        while let Ok((lane, acked)) = acks.try_recv() {
+                            self.lane_acknowledged(job, lane, acked).await?;
+                        }
+                        return Err(stop);
+                    }
+                },
+                hash = &mut hash_pass, if hashed.is_none() => {
+                    // Kept with the next acknowledgement: a crash after it
+                    // needs no second pass.
+                    let hash = hash?;
+                    job.hash = Some(hash.clone());
+                    hashed = Some(hash);
+                },
+            }
+        }
+        if !workers_ended {
+            (&mut workers).await?;
+        }
+        let hash = match hashed {
+            Some(hash) => hash,
+            None => hash_pass.await?,
+        };
+        job.hash = Some(hash);
+        job.acked = lanes_end;
+        self.join_lanes(job, provider, request).await?;
+        self.send_chunks(job, provider, request, file, signature, counters)
+            .await
+    }
+
+    /// Record one lane's acknowledgement (and the bytes it moved).
+    async fn lane_acknowledged(&self, job: &mut Job, lane: usize, acked: u64) -> Result<(), Stop> {
+        let Some(lane) = job
+            .session
+            .as_mut()
+            .and_then(|session| session.lanes.get_mut(lane))
+        else {
+            return Ok(());
+        };
+        let moved = acked.saturating_sub(lane.acked);
+        lane.acked = acked;
+        job.bytes_sent += moved;
+        self.metrics.add(
+            "hotfolder_bytes_uploaded_total",
+            vec![("provider", job.provider.clone())],
+            moved,
+        );
+        job.acked = job.session.as_ref().map_or(0, |s| lanes_acked(&s.lanes));
+        job.apply(Outcome::Acknowledged);
+        job.failures = 0;
+        self.store.put(job).await?;
+        self.progress.acked(job.id, job.acked);
+        Ok(())
+    }
+
+    /// Every lane is acknowledged: join them into one remote object. Where
+    /// lanes are uploads of their own (tus partials), the join makes a new
+    /// object, so its intent is recorded first, as for `create`; after it
+    /// the session reads as a sequential upload.
+    async fn join_lanes(
+        &self,
+        job: &mut Job,
+        provider: &Provider,
+        request: &UploadRequest<'_>,
+    ) -> Result<(), Stop> {
+        let mut session = job.session.take().unwrap_or_default();
+        let makes_object = session.lanes.iter().any(|l| l.upload_url.is_some());
+        if makes_object {
+            if session.extra.remove(JOIN_INTENT).is_some() {
+                note_possible_orphan(
+                    job,
+                    &format!(
+                        "a joined upload of the parallel parts, tagged hotfolder_job={}",
+                        request.tag
+                    ),
+                );
+            }
+            session.extra.insert(JOIN_INTENT.into(), true.into());
+            job.session = Some(session.clone());
+            self.store.put(job).await?;
+        }
+        crate::failpoint::crash("lanes::before_join");
+        let joined = provider.join_lanes(&mut session, request).await;
+        let answered = match &joined {
+            Ok(()) => true,
+            Err(e) => e.unsent || e.status.is_some_and(|s| !is_gateway_error(s)),
+        };
+        if answered {
+            session.extra.remove(JOIN_INTENT);
+        }
+        if joined.is_ok() {
+            session.lanes.clear();
+        }
+        job.session = Some(session);
+        self.store.put(job).await?;
+        joined.map_err(Stop::Provider)
+    }
+
     async fn finalize(
         &self,
         job: &mut Job,
@@ -511,6 +730,7 @@ impl Engine {
             .remote_id
             .clone()
             .or_else(|| session.upload_url.clone())
+            .or_else(|| session.lanes.iter().find_map(|l| l.upload_url.clone()))
         {
             job.replaced.push(old);
         }
@@ -670,39 +890,48 @@ fn open_source(job: &Job) -> Result<(File, FileSignature), Stop> {
 }
 
 fn check_unchanged(job: &Job) -> Result<(), Stop> {
+    check_source(&job.source, &job.signature)
+}
+
+/// The source at `path` still has the content `signature` describes.
+fn check_source(path: &Path, signature: &FileSignature) -> Result<(), Stop> {
     if crate::failpoint::active("upload::source_changed") {
         return Err(Stop::SourceChanged(format!(
             "{} changed while it was being uploaded (failpoint)",
-            job.source.display()
+            path.display()
         )));
     }
-    match std::fs::metadata(&job.source) {
-        Ok(meta) if FileSignature::of(&meta).same_content(&job.signature) => Ok(()),
+    match std::fs::metadata(path) {
+        Ok(meta) if FileSignature::of(&meta).same_content(signature) => Ok(()),
         Ok(_) => Err(Stop::SourceChanged(format!(
             "{} changed while it was being uploaded",
-            job.source.display()
+            path.display()
         ))),
-        Err(e) => Err(source_error(job, &e)),
+        Err(e) => Err(source_error_at(path, &e)),
     }
 }
 
 /// A source that vanished or cannot be read fails the job at once.
 fn source_error(job: &Job, error: &std::io::Error) -> Stop {
+    source_error_at(&job.source, error)
+}
+
+fn source_error_at(path: &Path, error: &std::io::Error) -> Stop {
     let message = match error.kind() {
         std::io::ErrorKind::NotFound => {
-            format!("{} vanished before it was delivered", job.source.display())
+            format!("{} vanished before it was delivered", path.display())
         }
         std::io::ErrorKind::PermissionDenied => format!(
             "cannot read {}: permission denied; give the hotfolder user read access",
-            job.source.display()
+            path.display()
         ),
         std::io::ErrorKind::UnexpectedEof => {
             return Stop::SourceChanged(format!(
                 "{} became shorter while it was read",
-                job.source.display()
+                path.display()
             ));
         }
-        _ => format!("cannot read {}: {error}", job.source.display()),
+        _ => format!("cannot read {}: {error}", path.display()),
     };
     Stop::Provider(ProviderError::new(ErrorKind::Permanent, message))
 }
@@ -742,6 +971,14 @@ async fn catch_up(
     .await
     .map_err(|e| Stop::SourceChanged(format!("cannot re-read the source to resume: {e}")))
 }
+
+/// Bytes the server acknowledged across `lanes`.
+fn lanes_acked(lanes: &[crate::providers::Lane]) -> u64 {
+    lanes.iter().map(|l| l.acked.saturating_sub(l.start)).sum()
+}
+
+/// Session key marking the join of parallel parts in flight.
+const JOIN_INTENT: &str = "joining";
 
 /// Session key marking a second create leg in flight (see
 /// [`Uploader::creates_on_offset`]).

@@ -40,6 +40,12 @@ pub struct TusUpload {
     pub patches: u64,
     /// Deleted by a client.
     pub terminated: bool,
+    /// `partial` or `final` (concatenation), none for a plain upload.
+    #[serde(default)]
+    pub concat: Option<String>,
+    /// A final upload's partial uploads, in order.
+    #[serde(default)]
+    pub parts: Vec<String>,
 }
 
 impl TusUpload {
@@ -68,6 +74,9 @@ pub struct Stats {
     /// 502s sent after the request was handled.
     #[serde(default)]
     pub gateway_errors: u64,
+    /// The most request bodies received at once.
+    #[serde(default)]
+    pub bodies_in_flight_peak: u64,
 }
 
 /// A running `hotfolder sandbox`, killed (SIGKILL) when dropped.
