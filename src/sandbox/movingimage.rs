@@ -425,6 +425,11 @@ async fn upload(
         .mi_quota
         .is_some_and(|q| start + length > q.0)
     {
+        // Read the chunk before refusing it, as a server that checks the
+        // quota on what it stored would: an answer sent while the client is
+        // still writing races it into a broken pipe, which says nothing of
+        // the quota.
+        let _ = axum::body::to_bytes(body, usize::MAX).await;
         return api_error(StatusCode::FORBIDDEN, 1101, "storage quota reached");
     }
     let Ok(mut file) = std::fs::OpenOptions::new()
