@@ -215,6 +215,27 @@ pub struct Chunk {
     counters: Arc<Counters>,
 }
 
+/// A chunk's checksum being computed ahead of its send. It holds the very
+/// open file it reads, so it can only ever match chunks of that file (a
+/// new attempt opens the file again and computes its own).
+pub struct DigestAhead {
+    file: Arc<File>,
+    start: u64,
+    len: u64,
+    algorithm: ChecksumAlgorithm,
+    digest: JoinHandle<io::Result<Vec<u8>>>,
+}
+
+impl DigestAhead {
+    /// True when this is the digest `chunk` needs.
+    pub fn is_for(&self, chunk: &Chunk, algorithm: ChecksumAlgorithm) -> bool {
+        Arc::ptr_eq(&self.file, &chunk.file)
+            && self.start == chunk.start
+            && self.len == chunk.len
+            && self.algorithm == algorithm
+    }
+}
+
 /// Pieces read ahead of the send, and of the hash, at most: slack enough
 /// that the reader, the hash and the send each run at their own pace, and
 /// memory stays a few pieces per upload.
@@ -347,30 +368,66 @@ impl Chunk {
     }
 
     /// The digest of this chunk's bytes, for protocols that want a checksum
-    /// header before the body. It reads the range once more (normally from the
-    /// page cache) without touching the file hash; memory stays one piece.
+    /// header before the body: taken from `ahead` when that is this chunk's
+    /// (computed while the chunk before it was sent), else read once more
+    /// now (normally from the page cache) without touching the file hash;
+    /// memory stays one piece.
     ///
     /// # Errors
     /// I/O errors, or `UnexpectedEof` when the source shrank.
-    pub async fn digest(&self, algorithm: ChecksumAlgorithm) -> io::Result<Vec<u8>> {
+    pub async fn digest(
+        &self,
+        algorithm: ChecksumAlgorithm,
+        ahead: Option<DigestAhead>,
+    ) -> io::Result<Vec<u8>> {
+        let ahead = match ahead {
+            Some(ahead) if ahead.is_for(self, algorithm) => ahead,
+            _ => self.digest_of(self.start, self.len, algorithm),
+        };
+        ahead.digest.await.map_err(io::Error::other)?
+    }
+
+    /// Start the digest of the chunk that follows this one (the same length
+    /// at most, up to the file's end) on the blocking pool, so that it is
+    /// ready when that chunk is sent: the checksum leaves the critical path.
+    /// `None` after the file's last chunk.
+    pub fn digest_following(&self, algorithm: ChecksumAlgorithm) -> Option<DigestAhead> {
+        if self.is_last() {
+            return None;
+        }
+        let start = self.end();
+        Some(self.digest_of(start, self.len.min(self.total - start), algorithm))
+    }
+
+    fn digest_of(&self, start: u64, len: u64, algorithm: ChecksumAlgorithm) -> DigestAhead {
         use sha2::Digest;
         let file = Arc::clone(&self.file);
         let counters = Arc::clone(&self.counters);
-        let (start, end) = (self.start, self.end());
-        tokio::task::spawn_blocking(move || {
+        let digest = tokio::task::spawn_blocking(move || {
             let mut sha1 = sha1::Sha1::new();
             let mut sha256 = sha2::Sha256::new();
-            read_range(&file, start, end, &counters, |piece| match algorithm {
-                ChecksumAlgorithm::Sha1 => sha1.update(piece),
-                ChecksumAlgorithm::Sha256 => sha256.update(piece),
-            })?;
+            read_range(
+                &file,
+                start,
+                start + len,
+                &counters,
+                |piece| match algorithm {
+                    ChecksumAlgorithm::Sha1 => sha1.update(piece),
+                    ChecksumAlgorithm::Sha256 => sha256.update(piece),
+                },
+            )?;
             Ok(match algorithm {
                 ChecksumAlgorithm::Sha1 => sha1.finalize().to_vec(),
                 ChecksumAlgorithm::Sha256 => sha256.finalize().to_vec(),
             })
-        })
-        .await
-        .map_err(io::Error::other)?
+        });
+        DigestAhead {
+            file: Arc::clone(&self.file),
+            start,
+            len,
+            algorithm,
+            digest,
+        }
     }
 
     /// The chunk as a byte stream, for an HTTP request body.
@@ -378,5 +435,78 @@ impl Chunk {
         futures_util::stream::try_unfold(self, |mut chunk| async move {
             Ok(chunk.next_piece().await?.map(|piece| (piece, chunk)))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn chunk_of(
+        file: &Arc<File>,
+        start: u64,
+        len: u64,
+        total: u64,
+        counters: &Arc<Counters>,
+    ) -> Chunk {
+        Chunk::unhashed(
+            Arc::clone(file),
+            start,
+            len,
+            total,
+            len,
+            Arc::clone(counters),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_following_chunks_digest_is_read_ahead_and_used_once_it_matches() {
+        use sha2::Digest;
+        let mut tmp = tempfile::tempfile().unwrap();
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        tmp.write_all(&bytes).unwrap();
+        let file = Arc::new(tmp);
+        let counters = Arc::new(Counters::default());
+        let first = chunk_of(&file, 0, 4_000, 10_000, &counters);
+        let ahead = first.digest_following(ChecksumAlgorithm::Sha256).unwrap();
+        let second = chunk_of(&file, 4_000, 4_000, 10_000, &counters);
+        assert!(ahead.is_for(&second, ChecksumAlgorithm::Sha256));
+        assert!(!ahead.is_for(&second, ChecksumAlgorithm::Sha1));
+        assert!(!ahead.is_for(&first, ChecksumAlgorithm::Sha256));
+        // Let the read-ahead finish: using it then reads nothing more.
+        while counters.read.load(Ordering::Relaxed) < 4_000 {
+            tokio::task::yield_now().await;
+        }
+        let digest = second
+            .digest(ChecksumAlgorithm::Sha256, Some(ahead))
+            .await
+            .unwrap();
+        assert_eq!(digest, sha2::Sha256::digest(&bytes[4_000..8_000]).to_vec());
+        assert_eq!(
+            counters.read.load(Ordering::Relaxed),
+            4_000,
+            "read once, ahead"
+        );
+        // The last chunk is shorter; nothing follows it.
+        let last = chunk_of(&file, 8_000, 2_000, 10_000, &counters);
+        let ahead = second.digest_following(ChecksumAlgorithm::Sha1).unwrap();
+        assert!(ahead.is_for(&last, ChecksumAlgorithm::Sha1));
+        assert!(last.digest_following(ChecksumAlgorithm::Sha1).is_none());
+        // A digest ahead of another file is never used.
+        let other = Arc::new(tempfile::tempfile().unwrap());
+        assert!(!ahead.is_for(
+            &chunk_of(&other, 8_000, 2_000, 10_000, &counters),
+            ChecksumAlgorithm::Sha1
+        ));
+        let digest = first
+            .digest(ChecksumAlgorithm::Sha1, Some(ahead))
+            .await
+            .unwrap();
+        assert_eq!(
+            digest,
+            sha1::Sha1::digest(&bytes[..4_000]).to_vec(),
+            "a mismatch computes its own"
+        );
     }
 }

@@ -13,7 +13,7 @@ use super::http::{self, status_error, transport_error};
 use super::{
     Chunk, Delivery, ErrorKind, Lane, ProviderError, RemoteOffset, Session, UploadRequest, Uploader,
 };
-use crate::source::ChecksumAlgorithm;
+use crate::source::{ChecksumAlgorithm, DigestAhead};
 
 const TUS_VERSION: &str = "1.0.0";
 const OFFSET_OCTETS: &str = "application/offset+octet-stream";
@@ -36,7 +36,14 @@ pub struct TusProvider {
     capabilities: OnceCell<Capabilities>,
     extra_metadata: Vec<(String, String)>,
     parallel: usize,
+    /// Checksums of the chunks that come next, computed while the chunks
+    /// before them are sent (one per upload in flight, a few at most).
+    digests_ahead: std::sync::Mutex<Vec<DigestAhead>>,
 }
+
+/// Checksums kept ahead at most (one per upload or lane in flight; an
+/// upload that ended leaves one behind, dropped first).
+const DIGESTS_AHEAD_MAX: usize = 16;
 
 impl TusProvider {
     /// A client for `endpoint`, sending `headers` (values are secrets) on
@@ -76,6 +83,7 @@ impl TusProvider {
             capabilities: OnceCell::new(),
             extra_metadata: Vec::new(),
             parallel: 1,
+            digests_ahead: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -364,8 +372,19 @@ impl TusProvider {
             .header("Content-Type", OFFSET_OCTETS)
             .header("Content-Length", chunk.len);
         if let Some(algorithm) = checksum {
-            // The checksum header goes before the body: hash the chunk first.
-            let digest = chunk.digest(algorithm).await.map_err(|e| {
+            // The checksum header goes before the body: the chunk's digest
+            // was computed while the chunk before it was sent (else now),
+            // and the next chunk's starts now, beside this send.
+            let ahead = self.digest_ahead(&chunk, algorithm);
+            if let Some(next) = chunk.digest_following(algorithm)
+                && let Ok(mut kept) = self.digests_ahead.lock()
+            {
+                if kept.len() >= DIGESTS_AHEAD_MAX {
+                    kept.remove(0);
+                }
+                kept.push(next);
+            }
+            let digest = chunk.digest(algorithm, ahead).await.map_err(|e| {
                 ProviderError::new(
                     ErrorKind::Transient,
                     format!("cannot read the source for the chunk checksum: {e}"),
@@ -377,6 +396,15 @@ impl TusProvider {
             );
         }
         Ok(builder.body(reqwest::Body::wrap_stream(chunk.into_stream())))
+    }
+}
+
+impl TusProvider {
+    /// The digest computed ahead for `chunk`, taken out of the kept ones.
+    fn digest_ahead(&self, chunk: &Chunk, algorithm: ChecksumAlgorithm) -> Option<DigestAhead> {
+        let mut kept = self.digests_ahead.lock().ok()?;
+        let at = kept.iter().position(|d| d.is_for(chunk, algorithm))?;
+        Some(kept.remove(at))
     }
 }
 
