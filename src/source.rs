@@ -227,6 +227,12 @@ pub struct DigestAhead {
 }
 
 impl DigestAhead {
+    /// Finished, and its file is no longer open for an upload: the upload
+    /// it was computed for ended (or failed) before using it.
+    pub fn is_orphaned(&self) -> bool {
+        self.digest.is_finished() && Arc::strong_count(&self.file) == 1
+    }
+
     /// True when this is the digest `chunk` needs.
     pub fn is_for(&self, chunk: &Chunk, algorithm: ChecksumAlgorithm) -> bool {
         Arc::ptr_eq(&self.file, &chunk.file)
@@ -390,13 +396,19 @@ impl Chunk {
     /// Start the digest of the chunk that follows this one (the same length
     /// at most, up to the file's end) on the blocking pool, so that it is
     /// ready when that chunk is sent: the checksum leaves the critical path.
-    /// `None` after the file's last chunk.
-    pub fn digest_following(&self, algorithm: ChecksumAlgorithm) -> Option<DigestAhead> {
-        if self.is_last() {
+    /// `None` when this chunk ends at `until` (the end of the file, or of a
+    /// parallel lane, whose next chunk is another lane's and already sent).
+    pub fn digest_following(
+        &self,
+        algorithm: ChecksumAlgorithm,
+        until: u64,
+    ) -> Option<DigestAhead> {
+        let start = self.end();
+        let until = until.min(self.total);
+        if start >= until {
             return None;
         }
-        let start = self.end();
-        Some(self.digest_of(start, self.len.min(self.total - start), algorithm))
+        Some(self.digest_of(start, self.len.min(until - start), algorithm))
     }
 
     fn digest_of(&self, start: u64, len: u64, algorithm: ChecksumAlgorithm) -> DigestAhead {
@@ -469,7 +481,9 @@ mod tests {
         let file = Arc::new(tmp);
         let counters = Arc::new(Counters::default());
         let first = chunk_of(&file, 0, 4_000, 10_000, &counters);
-        let ahead = first.digest_following(ChecksumAlgorithm::Sha256).unwrap();
+        let ahead = first
+            .digest_following(ChecksumAlgorithm::Sha256, 10_000)
+            .unwrap();
         let second = chunk_of(&file, 4_000, 4_000, 10_000, &counters);
         assert!(ahead.is_for(&second, ChecksumAlgorithm::Sha256));
         assert!(!ahead.is_for(&second, ChecksumAlgorithm::Sha1));
@@ -490,9 +504,20 @@ mod tests {
         );
         // The last chunk is shorter; nothing follows it.
         let last = chunk_of(&file, 8_000, 2_000, 10_000, &counters);
-        let ahead = second.digest_following(ChecksumAlgorithm::Sha1).unwrap();
+        let ahead = second
+            .digest_following(ChecksumAlgorithm::Sha1, 10_000)
+            .unwrap();
         assert!(ahead.is_for(&last, ChecksumAlgorithm::Sha1));
-        assert!(last.digest_following(ChecksumAlgorithm::Sha1).is_none());
+        assert!(
+            last.digest_following(ChecksumAlgorithm::Sha1, 10_000)
+                .is_none()
+        );
+        // Nor after the end of a lane.
+        assert!(
+            first
+                .digest_following(ChecksumAlgorithm::Sha1, 4_000)
+                .is_none()
+        );
         // A digest ahead of another file is never used.
         let other = Arc::new(tempfile::tempfile().unwrap());
         assert!(!ahead.is_for(

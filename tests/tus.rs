@@ -621,3 +621,52 @@ fn crash_before_the_join_joins_the_same_parts_once() {
         "{receipt}"
     );
 }
+
+/// A partial upload deleted on the server mid-upload: the parts start over
+/// as new partial uploads (the old ones deleted), the file arrives whole,
+/// and the receipt names the old parts by id, never by URL.
+#[test]
+fn a_part_gone_mid_upload_starts_the_parts_over_and_names_the_old_ones() {
+    const SIZE: u64 = 32 * MIB;
+    let fx = Fixture::new();
+    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &["--throttle", "32MiB"]);
+    fx.write_tus_config(
+        &sandbox.endpoint(),
+        "chunk_size: 4MiB, parallel: 4, retry: { max_attempts: 20, initial_backoff: 50ms, max_backoff: 500ms }",
+    );
+    write_random(&fx.watch.join("gone.mp4"), SIZE, 34);
+    let daemon = fx.start();
+    let first = wait_for("a part half sent", Duration::from_secs(60), || {
+        partials(&sandbox)
+            .into_iter()
+            .find(|p| p.bytes_received >= 2 * MIB && !p.complete())
+    });
+    assert_eq!(sandbox.terminate(&first.id), 204);
+    wait_settled(&fx, &daemon, 1, Duration::from_secs(90));
+
+    let finals = sandbox.uploads_named("gone.mp4");
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    assert!(same_bytes(
+        &sandbox.bin(&finals[0].id),
+        &fx.done.join("gone.mp4")
+    ));
+    let live: Vec<_> = partials(&sandbox)
+        .into_iter()
+        .filter(|p| !p.terminated)
+        .collect();
+    assert_eq!(
+        live.len(),
+        4,
+        "four new parts, the old ones deleted: {live:?}"
+    );
+    let receipt = read_json(&fx.done.join("gone.mp4.receipt.json"));
+    let replaced = receipt["replaced"].to_string();
+    assert!(
+        replaced.contains("4 parallel parts") && replaced.contains(&first.id),
+        "{receipt}"
+    );
+    assert!(
+        !replaced.contains("http"),
+        "no part URL in the receipt: {receipt}"
+    );
+}

@@ -41,9 +41,9 @@ pub struct TusProvider {
     digests_ahead: std::sync::Mutex<Vec<DigestAhead>>,
 }
 
-/// Checksums kept ahead at most (one per upload or lane in flight; an
-/// upload that ended leaves one behind, dropped first).
-const DIGESTS_AHEAD_MAX: usize = 16;
+/// Checksums kept ahead at most: one per upload or lane in flight (an
+/// upload that ended may leave one behind, dropped when it is noticed).
+const DIGESTS_AHEAD_MAX: usize = 64;
 
 impl TusProvider {
     /// A client for `endpoint`, sending `headers` (values are secrets) on
@@ -362,11 +362,15 @@ impl TusProvider {
         })
     }
 
+    /// `chunk` as the body, with its checksum where the server takes one;
+    /// `until` is where the upload the chunk belongs to ends (the file, or
+    /// a lane's partial upload), up to which digests are computed ahead.
     async fn with_body(
         &self,
         builder: reqwest::RequestBuilder,
         chunk: Chunk,
         checksum: Option<ChecksumAlgorithm>,
+        until: u64,
     ) -> Result<reqwest::RequestBuilder, ProviderError> {
         let mut builder = builder
             .header("Content-Type", OFFSET_OCTETS)
@@ -376,9 +380,11 @@ impl TusProvider {
             // was computed while the chunk before it was sent (else now),
             // and the next chunk's starts now, beside this send.
             let ahead = self.digest_ahead(&chunk, algorithm);
-            if let Some(next) = chunk.digest_following(algorithm)
+            if let Some(next) = chunk.digest_following(algorithm, until)
                 && let Ok(mut kept) = self.digests_ahead.lock()
             {
+                // Drop what ended uploads left (their files close with it).
+                kept.retain(|d| !d.is_orphaned());
                 if kept.len() >= DIGESTS_AHEAD_MAX {
                     kept.remove(0);
                 }
@@ -466,7 +472,9 @@ impl Uploader for TusProvider {
         _request: &UploadRequest<'_>,
         chunk: Chunk,
     ) -> Result<u64, ProviderError> {
-        self.patch(&self.upload_url(session)?, 0, chunk).await
+        let total = chunk.total;
+        self.patch(&self.upload_url(session)?, (0, total), chunk)
+            .await
     }
 
     async fn lane_offset(
@@ -487,7 +495,8 @@ impl Uploader for TusProvider {
         lane: &Lane,
         chunk: Chunk,
     ) -> Result<u64, ProviderError> {
-        self.patch(&lane_url(lane)?, lane.start, chunk).await
+        self.patch(&lane_url(lane)?, (lane.start, lane.end), chunk)
+            .await
     }
 
     /// `POST endpoint` with `Upload-Concat: final;URL1 URL2 ...` and the
@@ -590,14 +599,19 @@ impl TusProvider {
         }
     }
 
-    /// `PATCH url` with `chunk`, the upload starting at `base` in the file;
-    /// answers the acknowledged offset in the file.
-    async fn patch(&self, url: &Url, base: u64, chunk: Chunk) -> Result<u64, ProviderError> {
+    /// `PATCH url` with `chunk`, the upload spanning `base..until` of the
+    /// file; answers the acknowledged offset in the file.
+    async fn patch(
+        &self,
+        url: &Url,
+        (base, until): (u64, u64),
+        chunk: Chunk,
+    ) -> Result<u64, ProviderError> {
         let checksum = self.capabilities().await?.checksum;
         let builder = self
             .request(Method::PATCH, url)
             .header("Upload-Offset", chunk.start - base);
-        let builder = self.with_body(builder, chunk, checksum).await?;
+        let builder = self.with_body(builder, chunk, checksum, until).await?;
         let response = builder
             .send()
             .await

@@ -495,7 +495,10 @@ impl Engine {
         }
         let source = (job.source.clone(), job.signature);
         let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel::<(usize, u64)>();
-        let workers = futures_util::future::try_join_all(
+        // Set by the first lane that fails: the others end at their next
+        // chunk boundary, so no acknowledged chunk in flight is thrown away.
+        let give_up = std::sync::atomic::AtomicBool::new(false);
+        let workers = futures_util::future::join_all(
             session
                 .lanes
                 .iter()
@@ -503,12 +506,15 @@ impl Engine {
                 .filter(|(_, lane)| !lane.done())
                 .map(|(i, lane)| {
                     let acks = acks_tx.clone();
-                    let (session, source) = (&session, &source);
-                    async move {
+                    let (session, source, give_up) = (&session, &source, &give_up);
+                    let lane_run = async move {
                         let mut at = lane.acked;
                         while at < lane.end {
                             if self.stopping() {
                                 return Err(Stop::Interrupted);
+                            }
+                            if give_up.load(std::sync::atomic::Ordering::Relaxed) {
+                                return Ok(());
                             }
                             check_source(&source.0, &source.1)?;
                             let len = request.chunk_size.min(lane.end - at);
@@ -543,12 +549,20 @@ impl Engine {
                             let _ = acks.send((i, acked));
                         }
                         Ok(())
+                    };
+                    async move {
+                        let ended = lane_run.await;
+                        if ended.is_err() {
+                            give_up.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        ended
                     }
                 }),
         );
         drop(acks_tx);
         tokio::pin!(workers);
-        let hash_pass = catch_up(job.hash.take(), file, lanes_end, counters);
+        let (hash_pass, _stop_hashing) =
+            catch_up_stoppable(job.hash.take(), file, lanes_end, counters);
         tokio::pin!(hash_pass);
         let mut hashed = None;
         let mut workers_ended = false;
@@ -560,7 +574,7 @@ impl Engine {
                 },
                 ended = &mut workers, if !workers_ended => {
                     workers_ended = true;
-                    if let Err(stop) = ended {
+                    if let Some(stop) = ended.into_iter().find_map(Result::err) {
                         // Persist what was acknowledged before the failure.
                         while let Ok((lane, acked)) = acks.try_recv() {
                             self.lane_acknowledged(job, lane, acked).await?;
@@ -577,8 +591,20 @@ impl Engine {
                 },
             }
         }
-        if !workers_ended {
-            (&mut workers).await?;
+        if !workers_ended && let Some(stop) = (&mut workers).await.into_iter().find_map(Result::err)
+        {
+            return Err(stop);
+        }
+        if job
+            .session
+            .as_ref()
+            .is_some_and(|s| s.lanes.iter().any(|lane| !lane.done()))
+        {
+            return Err(ProviderError::new(
+                ErrorKind::OffsetMismatch,
+                "a parallel part stopped before its end",
+            )
+            .into());
         }
         let hash = match hashed {
             Some(hash) => hash,
@@ -726,13 +752,33 @@ impl Engine {
             )));
         }
         tracing::warn!(job = job.id, reason = why, "starting a new remote upload");
+        if session.extra.contains_key(JOIN_INTENT) {
+            note_possible_orphan(
+                job,
+                &format!(
+                    "a joined upload of the parallel parts, tagged hotfolder_job={}-{}",
+                    self.store.installation(),
+                    job.id
+                ),
+            );
+        }
         if let Some(old) = session
             .remote_id
             .clone()
             .or_else(|| session.upload_url.clone())
-            .or_else(|| session.lanes.iter().find_map(|l| l.upload_url.clone()))
         {
             job.replaced.push(old);
+        } else if !session.lanes.is_empty() {
+            // A part's URL may work as a credential: name the parts by
+            // their last path segment only.
+            let ids: Vec<&str> = session
+                .lanes
+                .iter()
+                .filter_map(|l| l.upload_url.as_deref())
+                .filter_map(|u| u.trim_end_matches('/').rsplit('/').next())
+                .collect();
+            job.replaced
+                .push(format!("{} parallel parts ({})", ids.len(), ids.join(", ")));
         }
         job.session = None;
         job.acked = 0;
@@ -952,6 +998,46 @@ async fn catch_up(
     target: u64,
     counters: &Arc<Counters>,
 ) -> Result<ResumableSha256, Stop> {
+    let (hash, _stop_on_drop) = catch_up_stoppable(checkpoint, file, target, counters);
+    hash.await
+}
+
+/// [`catch_up`] that stops reading (between pieces) once the returned
+/// guard is dropped: a future dropped early (a lane failed, shutdown) must
+/// not leave a whole-file read running behind it.
+fn catch_up_stoppable(
+    checkpoint: Option<ResumableSha256>,
+    file: &Arc<File>,
+    target: u64,
+    counters: &Arc<Counters>,
+) -> (
+    impl std::future::Future<Output = Result<ResumableSha256, Stop>> + use<>,
+    StopOnDrop,
+) {
+    let stop = StopOnDrop::default();
+    let stopped = Arc::clone(&stop.0);
+    let (file, counters) = (Arc::clone(file), Arc::clone(counters));
+    let hash = async move { catch_up_inner(checkpoint, &file, target, &counters, stopped).await };
+    (hash, stop)
+}
+
+/// Sets its flag when dropped.
+#[derive(Default)]
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn catch_up_inner(
+    checkpoint: Option<ResumableSha256>,
+    file: &Arc<File>,
+    target: u64,
+    counters: &Arc<Counters>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<ResumableSha256, Stop> {
     let mut hasher = checkpoint.unwrap_or_default();
     if hasher.length() > target {
         hasher = ResumableSha256::default();
@@ -962,10 +1048,17 @@ async fn catch_up(
     let file = Arc::clone(file);
     let counters = Arc::clone(counters);
     blocking_io(move || {
-        let start = hasher.length();
-        source::read_range(&file, start, target, &counters, |piece| {
-            hasher.update(piece);
-        })?;
+        let mut start = hasher.length();
+        while start < target {
+            if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(std::io::Error::other("stopped"));
+            }
+            let end = target.min(start + source::PIECE);
+            source::read_range(&file, start, end, &counters, |piece| {
+                hasher.update(piece);
+            })?;
+            start = end;
+        }
         Ok(hasher)
     })
     .await
