@@ -622,11 +622,13 @@ fn crash_before_the_join_joins_the_same_parts_once() {
     );
 }
 
-/// A partial upload deleted on the server mid-upload: the parts start over
-/// as new partial uploads (the old ones deleted), the file arrives whole,
-/// and the receipt names the old parts by id, never by URL.
+/// A partial upload deleted on the server mid-upload (as one that expires
+/// before the join would be): that part alone is sent again, on a new
+/// partial upload (PROTOCOLS §5: "resend that part"); the other parts keep
+/// their uploads and are joined with it in file order; the receipt names
+/// the lost part by id, never by URL.
 #[test]
-fn a_part_gone_mid_upload_starts_the_parts_over_and_names_the_old_ones() {
+fn a_part_gone_mid_upload_is_sent_again_alone() {
     const SIZE: u64 = 32 * MIB;
     let fx = Fixture::new();
     let sandbox = Sandbox::start(&fx.root.join("sandbox"), &["--throttle", "32MiB"]);
@@ -641,28 +643,43 @@ fn a_part_gone_mid_upload_starts_the_parts_over_and_names_the_old_ones() {
             .into_iter()
             .find(|p| p.bytes_received >= 2 * MIB && !p.complete())
     });
+    let others: Vec<String> = partials(&sandbox)
+        .into_iter()
+        .filter(|p| p.id != first.id)
+        .map(|p| p.id)
+        .collect();
     assert_eq!(sandbox.terminate(&first.id), 204);
     wait_settled(&fx, &daemon, 1, Duration::from_secs(90));
 
     let finals = sandbox.uploads_named("gone.mp4");
     assert_eq!(finals.len(), 1, "{finals:?}");
+    let joined = &finals[0];
     assert!(same_bytes(
-        &sandbox.bin(&finals[0].id),
+        &sandbox.bin(&joined.id),
         &fx.done.join("gone.mp4")
     ));
-    let live: Vec<_> = partials(&sandbox)
-        .into_iter()
-        .filter(|p| !p.terminated)
-        .collect();
     assert_eq!(
-        live.len(),
-        4,
-        "four new parts, the old ones deleted: {live:?}"
+        partials(&sandbox).len(),
+        5,
+        "one new part: {:?}",
+        partials(&sandbox)
+    );
+    assert!(!joined.parts.contains(&first.id), "{joined:?}");
+    for id in &others {
+        assert!(
+            joined.parts.contains(id),
+            "{id} kept its upload: {joined:?}"
+        );
+    }
+    assert!(
+        daemon.log().contains("sending that part again"),
+        "{}",
+        daemon.log()
     );
     let receipt = read_json(&fx.done.join("gone.mp4.receipt.json"));
     let replaced = receipt["replaced"].to_string();
     assert!(
-        replaced.contains("4 parallel parts") && replaced.contains(&first.id),
+        replaced.contains(&format!("parallel part {}", first.id)),
         "{receipt}"
     );
     assert!(

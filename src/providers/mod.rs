@@ -364,6 +364,27 @@ pub trait Uploader {
         Ok(RemoteOffset::Unknown)
     }
 
+    /// True when a lane gone on the server can be made again on its own
+    /// ([`Uploader::reopen_lane`]) rather than the whole upload.
+    fn reopens_lanes(&self) -> bool {
+        false
+    }
+
+    /// With lanes: the lane's server lost it (a tus partial upload expired
+    /// or deleted): make the lane a new upload of its own, from its start.
+    /// Where lanes have no upload of their own the whole object is gone,
+    /// which the default says.
+    async fn reopen_lane(
+        &self,
+        _request: &UploadRequest<'_>,
+        _lane: &mut Lane,
+    ) -> Result<(), ProviderError> {
+        Err(ProviderError::new(
+            ErrorKind::Gone,
+            "the remote upload was gone",
+        ))
+    }
+
     /// With lanes: send one chunk of `lane`, beside chunks of other lanes;
     /// answer the offset in the file the server acknowledged.
     async fn send_lane(
@@ -586,6 +607,13 @@ impl Uploader for Provider {
         }
     }
 
+    fn reopens_lanes(&self) -> bool {
+        match self {
+            Provider::Tus(p) => p.reopens_lanes(),
+            _ => false,
+        }
+    }
+
     async fn offset(
         &self,
         session: &mut Session,
@@ -620,6 +648,14 @@ impl Uploader for Provider {
         chunk: Chunk,
     ) -> Result<u64, ProviderError> {
         forward!(self, p => p.send_lane(session, request, lane, chunk))
+    }
+
+    async fn reopen_lane(
+        &self,
+        request: &UploadRequest<'_>,
+        lane: &mut Lane,
+    ) -> Result<(), ProviderError> {
+        forward!(self, p => p.reopen_lane(request, lane))
     }
 
     async fn join_lanes(

@@ -284,20 +284,8 @@ impl TusProvider {
         request: &UploadRequest<'_>,
         mut lanes: Vec<Lane>,
     ) -> Result<Session, ProviderError> {
-        let tag = format!("hotfolder_job {}", BASE64.encode(request.tag));
         for i in 0..lanes.len() {
-            let length = lanes[i].end - lanes[i].start;
-            let made = self
-                .post(
-                    "tus create (partial)",
-                    &[
-                        ("Upload-Concat", "partial".to_string()),
-                        ("Upload-Length", length.to_string()),
-                        ("Upload-Metadata", tag.clone()),
-                    ],
-                )
-                .await;
-            match made {
+            match self.create_partial(request, &lanes[i]).await {
                 Ok(url) => lanes[i].upload_url = Some(url.to_string()),
                 Err(e) => {
                     for made in lanes[..i].iter().filter_map(|l| l.upload_url.as_deref()) {
@@ -313,6 +301,26 @@ impl TusProvider {
             lanes,
             ..Default::default()
         })
+    }
+
+    /// `POST endpoint` with `Upload-Concat: partial` for `lane`.
+    async fn create_partial(
+        &self,
+        request: &UploadRequest<'_>,
+        lane: &Lane,
+    ) -> Result<Url, ProviderError> {
+        self.post(
+            "tus create (partial)",
+            &[
+                ("Upload-Concat", "partial".to_string()),
+                ("Upload-Length", (lane.end - lane.start).to_string()),
+                (
+                    "Upload-Metadata",
+                    format!("hotfolder_job {}", BASE64.encode(request.tag)),
+                ),
+            ],
+        )
+        .await
     }
 
     /// POST a creation request with `headers` and no body; answers the
@@ -486,6 +494,22 @@ impl Uploader for TusProvider {
             RemoteOffset::At(offset) => RemoteOffset::At(lane.start + offset),
             other => other,
         })
+    }
+
+    fn reopens_lanes(&self) -> bool {
+        true
+    }
+
+    /// A new partial upload for the lane, which starts over.
+    async fn reopen_lane(
+        &self,
+        request: &UploadRequest<'_>,
+        lane: &mut Lane,
+    ) -> Result<(), ProviderError> {
+        let url = self.create_partial(request, lane).await?;
+        lane.upload_url = Some(url.to_string());
+        lane.acked = lane.start;
+        Ok(())
     }
 
     async fn send_lane(

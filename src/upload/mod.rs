@@ -338,6 +338,18 @@ impl Engine {
             };
             match sent {
                 Ok(()) => return self.finalize(job, provider, &request).await,
+                // A part of a parallel upload gone (expired before the
+                // join, deleted): each part's server is asked again, and
+                // only the gone part is sent again.
+                Err(Stop::Provider(e))
+                    if e.kind == ErrorKind::Gone
+                        && recoveries < MAX_RECOVERIES_PER_ATTEMPT
+                        && provider.reopens_lanes()
+                        && job.session.as_ref().is_some_and(|s| !s.lanes.is_empty()) =>
+                {
+                    recoveries += 1;
+                    tracing::info!(job = job.id, error = %e, "a part of the parallel upload was refused as gone; asking each part's server");
+                }
                 Err(Stop::Provider(e)) if e.kind == ErrorKind::Gone => {
                     check_replacements(&mut replacements, e.clone())?;
                     let session = job.session.take().unwrap_or_default();
@@ -472,12 +484,30 @@ impl Engine {
                 }
                 Ok(RemoteOffset::Unknown) => {}
                 Ok(RemoteOffset::At(_) | RemoteOffset::Gone) => {
-                    job.session = Some(session);
-                    return Err(ProviderError::new(
-                        ErrorKind::Gone,
-                        "a part of the parallel upload was gone",
-                    )
-                    .into());
+                    // That part alone is sent again, on a new upload of its
+                    // own where the protocol has one (PROTOCOLS §5: "resend
+                    // that part"), persisted before any byte of it.
+                    let mut lane = session.lanes[i].clone();
+                    if let Err(e) = provider.reopen_lane(request, &mut lane).await {
+                        job.session = Some(session);
+                        return Err(e.into());
+                    }
+                    tracing::warn!(
+                        job = job.id,
+                        start = lane.start,
+                        end = lane.end,
+                        "a parallel part was gone on the server; sending that part again"
+                    );
+                    if let Some(id) = session.lanes[i]
+                        .upload_url
+                        .as_deref()
+                        .and_then(last_segment)
+                    {
+                        job.replaced.push(format!("parallel part {id}"));
+                    }
+                    session.lanes[i] = lane;
+                    job.session = Some(session.clone());
+                    self.store.put(job).await?;
                 }
                 Err(e) => {
                     job.session = Some(session);
@@ -775,7 +805,7 @@ impl Engine {
                 .lanes
                 .iter()
                 .filter_map(|l| l.upload_url.as_deref())
-                .filter_map(|u| u.trim_end_matches('/').rsplit('/').next())
+                .filter_map(last_segment)
                 .collect();
             job.replaced
                 .push(format!("{} parallel parts ({})", ids.len(), ids.join(", ")));
@@ -1063,6 +1093,12 @@ async fn catch_up_inner(
     })
     .await
     .map_err(|e| Stop::SourceChanged(format!("cannot re-read the source to resume: {e}")))
+}
+
+/// The last path segment of a URL: names an upload without the rest of a
+/// URL that may work as a credential.
+fn last_segment(url: &str) -> Option<&str> {
+    url.trim_end_matches('/').rsplit('/').next()
 }
 
 /// Bytes the server acknowledged across `lanes`.
