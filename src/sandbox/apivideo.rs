@@ -705,7 +705,11 @@ async fn store_part(
         }
     }
     let id = video.video_id.clone();
-    let staging = part_path(sandbox, &id, index).with_extension(format!("part{index}.tmp"));
+    // One staging file per request: a part sent again while the server
+    // still reads the first copy (from a client that died) must not write
+    // into, or delete, the other's file.
+    let staging = part_path(sandbox, &id, index)
+        .with_extension(format!("part{index}.{:016x}.tmp", rand::random::<u64>()));
     let Ok(mut file) = std::fs::File::create(&staging) else {
         return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage missing");
     };
@@ -782,6 +786,9 @@ async fn store_part(
             StatusCode::BAD_REQUEST,
             "The file part is shorter than its Content-Range.",
         );
+    }
+    if !stored {
+        return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage failed");
     }
     match snapshot {
         Some(video) if video.complete => (
