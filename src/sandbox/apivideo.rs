@@ -653,6 +653,12 @@ async fn store_chunk(
             "The file part is shorter than its Content-Range.",
         );
     }
+    stored_answer(snapshot, headers)
+}
+
+/// The answer to a stored chunk or part: the full video (201) once it is
+/// complete, else its id.
+fn stored_answer(snapshot: Option<Video>, headers: &HeaderMap) -> Response {
     match snapshot {
         Some(video) if video.complete => (
             StatusCode::CREATED,
@@ -790,16 +796,5 @@ async fn store_part(
     if !stored {
         return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage failed");
     }
-    match snapshot {
-        Some(video) if video.complete => (
-            StatusCode::CREATED,
-            Json(video_json(&video, &host(headers))),
-        )
-            .into_response(),
-        Some(video) => Json(json!({"videoId": video.video_id})).into_response(),
-        None => problem(
-            StatusCode::NOT_FOUND,
-            "The requested resource was not found.",
-        ),
-    }
+    stored_answer(snapshot, headers)
 }

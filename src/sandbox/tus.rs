@@ -292,11 +292,7 @@ async fn create(
     } else {
         None
     };
-    let id = format!(
-        "{:016x}{:08x}",
-        rand::random::<u64>(),
-        sandbox.tus.map.lock().map_or(0, |m| m.len())
-    );
+    let id = new_id(&sandbox);
     let upload = Upload {
         id: id.clone(),
         length,
@@ -358,6 +354,15 @@ fn metadata_of(headers: &HeaderMap) -> Result<BTreeMap<String, String>, Response
     }
 }
 
+/// A fresh upload id.
+fn new_id(sandbox: &Sandbox) -> String {
+    format!(
+        "{:016x}{:08x}",
+        rand::random::<u64>(),
+        sandbox.tus.map.lock().map_or(0, |m| m.len())
+    )
+}
+
 /// `Upload-Concat: final;URL1 URL2 ...`: join complete partial uploads, in
 /// the order given, into a new complete upload.
 fn create_final(sandbox: &Sandbox, headers: &HeaderMap, urls: &str) -> Response {
@@ -407,11 +412,7 @@ fn create_final(sandbox: &Sandbox, headers: &HeaderMap, urls: &str) -> Response 
             "a final upload needs partial uploads",
         );
     }
-    let id = format!(
-        "{:016x}{:08x}",
-        rand::random::<u64>(),
-        sandbox.tus.map.lock().map_or(0, |m| m.len())
-    );
+    let id = new_id(sandbox);
     let joined = (|| -> std::io::Result<()> {
         let mut out = std::fs::File::create(data_path(sandbox, &id, "bin"))?;
         for part in &parts {

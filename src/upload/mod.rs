@@ -423,12 +423,7 @@ impl Engine {
                 }
             };
             crate::failpoint::crash("chunk::acknowledged");
-            job.bytes_sent += len;
-            self.metrics.add(
-                "hotfolder_bytes_uploaded_total",
-                vec![("provider", job.provider.clone())],
-                len,
-            );
+            self.count_sent(job, len);
             // Every piece was read once the send ended; the hash follows.
             let hashed = hashed.await.ok().flatten();
             if acked == start + len
@@ -439,14 +434,7 @@ impl Engine {
                 // Partial acknowledgement: re-derive the hash at the acked offset.
                 job.hash = Some(catch_up(job.hash.take(), file, acked, counters).await?);
             } else {
-                return Err(ProviderError::new(
-                    ErrorKind::OffsetMismatch,
-                    format!(
-                        "the provider acknowledged offset {acked} after a chunk {start}..{}",
-                        start + len
-                    ),
-                )
-                .into());
+                return Err(acked_outside(acked, start, len).into());
             }
             job.acked = acked;
             job.apply(Outcome::Acknowledged);
@@ -559,19 +547,9 @@ impl Engine {
                             let acked = provider
                                 .send_lane(session, request, lane, chunk)
                                 .await
-                                .map_err(|e| match check_source(&source.0, &source.1) {
-                                    Err(changed) => changed,
-                                    Ok(()) => Stop::Provider(e),
-                                })?;
+                                .map_err(|e| source_verdict(&source.0, &source.1, &e))?;
                             if acked <= at || acked > at + len {
-                                return Err(ProviderError::new(
-                                    ErrorKind::OffsetMismatch,
-                                    format!(
-                                        "the provider acknowledged offset {acked} after a part {at}..{}",
-                                        at + len
-                                    ),
-                                )
-                                .into());
+                                return Err(acked_outside(acked, at, len).into());
                             }
                             crate::failpoint::crash("lane::acknowledged");
                             at = acked;
@@ -647,6 +625,16 @@ impl Engine {
             .await
     }
 
+    /// `bytes` more were acknowledged: the job's count and `/metrics`.
+    fn count_sent(&self, job: &mut Job, bytes: u64) {
+        job.bytes_sent += bytes;
+        self.metrics.add(
+            "hotfolder_bytes_uploaded_total",
+            vec![("provider", job.provider.clone())],
+            bytes,
+        );
+    }
+
     /// Record one lane's acknowledgement (and the bytes it moved).
     async fn lane_acknowledged(&self, job: &mut Job, lane: usize, acked: u64) -> Result<(), Stop> {
         let Some(lane) = job
@@ -658,12 +646,7 @@ impl Engine {
         };
         let moved = acked.saturating_sub(lane.acked);
         lane.acked = acked;
-        job.bytes_sent += moved;
-        self.metrics.add(
-            "hotfolder_bytes_uploaded_total",
-            vec![("provider", job.provider.clone())],
-            moved,
-        );
+        self.count_sent(job, moved);
         job.acked = job.session.as_ref().map_or(0, |s| lanes_acked(&s.lanes));
         job.apply(Outcome::Acknowledged);
         job.failures = 0;
@@ -1014,7 +997,12 @@ fn source_error_at(path: &Path, error: &std::io::Error) -> Stop {
 
 /// Turn a provider error caused by reading the source into the source's own verdict.
 fn source_error_of(job: &Job, error: &ProviderError) -> Stop {
-    match check_unchanged(job) {
+    source_verdict(&job.source, &job.signature, error)
+}
+
+/// [`source_error_of`] for the source at `path` with `signature`.
+fn source_verdict(path: &Path, signature: &FileSignature, error: &ProviderError) -> Stop {
+    match check_source(path, signature) {
         Err(stop) => stop,
         Ok(()) => Stop::Provider(error.clone()),
     }
@@ -1046,8 +1034,32 @@ fn catch_up_stoppable(
 ) {
     let stop = StopOnDrop::default();
     let stopped = Arc::clone(&stop.0);
+    let mut hasher = checkpoint.unwrap_or_default();
+    if hasher.length() > target {
+        hasher = ResumableSha256::default();
+    }
     let (file, counters) = (Arc::clone(file), Arc::clone(counters));
-    let hash = async move { catch_up_inner(checkpoint, &file, target, &counters, stopped).await };
+    let hash = async move {
+        if hasher.length() == target {
+            return Ok(hasher);
+        }
+        blocking_io(move || {
+            let mut start = hasher.length();
+            while start < target {
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(std::io::Error::other("stopped"));
+                }
+                let end = target.min(start + source::PIECE);
+                source::read_range(&file, start, end, &counters, |piece| {
+                    hasher.update(piece);
+                })?;
+                start = end;
+            }
+            Ok(hasher)
+        })
+        .await
+        .map_err(|e| Stop::SourceChanged(format!("cannot re-read the source to resume: {e}")))
+    };
     (hash, stop)
 }
 
@@ -1061,38 +1073,16 @@ impl Drop for StopOnDrop {
     }
 }
 
-async fn catch_up_inner(
-    checkpoint: Option<ResumableSha256>,
-    file: &Arc<File>,
-    target: u64,
-    counters: &Arc<Counters>,
-    stopped: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<ResumableSha256, Stop> {
-    let mut hasher = checkpoint.unwrap_or_default();
-    if hasher.length() > target {
-        hasher = ResumableSha256::default();
-    }
-    if hasher.length() == target {
-        return Ok(hasher);
-    }
-    let file = Arc::clone(file);
-    let counters = Arc::clone(counters);
-    blocking_io(move || {
-        let mut start = hasher.length();
-        while start < target {
-            if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(std::io::Error::other("stopped"));
-            }
-            let end = target.min(start + source::PIECE);
-            source::read_range(&file, start, end, &counters, |piece| {
-                hasher.update(piece);
-            })?;
-            start = end;
-        }
-        Ok(hasher)
-    })
-    .await
-    .map_err(|e| Stop::SourceChanged(format!("cannot re-read the source to resume: {e}")))
+/// A provider acknowledged an offset outside the chunk `start..start+len`
+/// it was sent: ask its offset again.
+fn acked_outside(acked: u64, start: u64, len: u64) -> ProviderError {
+    ProviderError::new(
+        ErrorKind::OffsetMismatch,
+        format!(
+            "the provider acknowledged offset {acked} after a chunk {start}..{}",
+            start + len
+        ),
+    )
 }
 
 /// The last path segment of a URL: names an upload without the rest of a
