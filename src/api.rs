@@ -259,6 +259,20 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
                 .load(std::sync::atomic::Ordering::Relaxed),
         ));
     }
+    if let Some((requested, flushed)) = ctx.store.durability_counts() {
+        measured.push(Measured::counter(
+            "hotfolder_store_durable_writes_total",
+            "Job steps written and waited for until on disk.",
+            vec![],
+            requested,
+        ));
+        measured.push(Measured::counter(
+            "hotfolder_store_flushes_total",
+            "Flushes of the embedded database (durable writes made at once share one).",
+            vec![],
+            flushed,
+        ));
+    }
     if let Some((in_use, held)) = crate::memory::heap() {
         measured.push(Measured::gauge(
             "hotfolder_heap_in_use_bytes",

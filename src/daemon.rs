@@ -767,7 +767,9 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 }
                 crate::failpoint::crash("finalize::after");
                 job.apply(Outcome::Delivered);
-                ctx.store.put(job).await?;
+                // Durable with filing's first step, before anything is
+                // moved or the provider's own record of it is released.
+                ctx.store.put_buffered(job).await?;
             }
             AttemptEnd::Duplicate(earlier) => {
                 tracing::info!(
@@ -917,8 +919,15 @@ enum Filed {
 /// first, then the move is made, then its result recorded. A crash at any
 /// point is finished from the intent by the next start, never repeated.
 /// Transient failures (a full disk, a mount gone) are retried with backoff;
-/// the file stays where it is meanwhile.
-async fn file_below(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, StoreError> {
+/// the file stays where it is meanwhile. The name of the report that will
+/// sit beside the file (`report`: its suffix) is chosen and recorded with
+/// the intent, in the same durable write.
+async fn file_below(
+    ctx: &Context,
+    job: &mut Job,
+    root: &Path,
+    report: Option<&'static str>,
+) -> Result<Filed, StoreError> {
     if let Some(filed) = &job.filed_to {
         return Ok(Filed::At(filed.clone()));
     }
@@ -935,9 +944,16 @@ async fn file_below(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, 
         let step = match job.filing.clone() {
             None => {
                 let (from, to) = (job.source.clone(), target.clone());
-                blocking(move || crate::finish::plan(&from, &to))
-                    .await
-                    .map(FilingStep::Planned)
+                blocking(move || {
+                    let intent = crate::finish::plan(&from, &to)?;
+                    // No free report name yet is no reason not to file:
+                    // the report then chooses its name when it is written.
+                    let report = report.and_then(|suffix| {
+                        crate::fsx::free_name(&finish::report_path(&intent.to, suffix)).ok()
+                    });
+                    Ok(FilingStep::Planned(intent, report))
+                })
+                .await
             }
             Some(intent) => {
                 let signature = job.signature;
@@ -947,15 +963,21 @@ async fn file_below(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, 
             }
         };
         match step {
-            Ok(FilingStep::Planned(intent)) => {
+            Ok(FilingStep::Planned(intent, report)) => {
                 job.filing = Some(intent);
+                if let Some(report) = report {
+                    job.report_temporary = Some(crate::fsx::temporary_beside(&report));
+                    job.report = Some(report);
+                }
                 ctx.store.put(job).await?;
             }
             Ok(FilingStep::Carried(Carried::Moved(to))) => {
                 crate::failpoint::crash("filing::after_move");
                 job.filed_to = Some(to.clone());
                 job.filing = None;
-                ctx.store.put(job).await?;
+                // Lost in a crash, this is learnt again from the intent
+                // (the move is found made); the job's end makes it durable.
+                ctx.store.put_buffered(job).await?;
                 return Ok(Filed::At(to));
             }
             Ok(FilingStep::Carried(Carried::NameTaken)) => {
@@ -984,9 +1006,10 @@ async fn file_below(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, 
     }
 }
 
-/// One step of filing: a name chosen (to record), or a recorded move made.
+/// One step of filing: a name chosen (to record, with its report's name),
+/// or a recorded move made.
 enum FilingStep {
-    Planned(crate::state::FilingIntent),
+    Planned(crate::state::FilingIntent, Option<PathBuf>),
     Carried(Carried),
 }
 
@@ -1016,9 +1039,15 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-/// File the source below `root`, then its sidecar beside it.
-async fn file_with_sidecar(ctx: &Context, job: &mut Job, root: &Path) -> Result<Filed, StoreError> {
-    let filed = file_below(ctx, job, root).await?;
+/// File the source below `root`, then its sidecar beside it; `report` as
+/// for [`file_below`].
+async fn file_with_sidecar(
+    ctx: &Context,
+    job: &mut Job,
+    root: &Path,
+    report: Option<&'static str>,
+) -> Result<Filed, StoreError> {
+    let filed = file_below(ctx, job, root, report).await?;
     if let Filed::At(filed) = &filed
         && let Some(sidecar) = job.sidecar.clone().filter(|s| s.exists())
     {
@@ -1076,6 +1105,21 @@ async fn write_report_once(
         };
     }
     let wanted = finish::report_path(at, suffix);
+    // The name chosen and recorded with the filing: written there, unless
+    // someone took that name meanwhile.
+    if let (Some(planned), Some(temporary)) = (job.report.clone(), stale)
+        && (0..crate::fsx::MAX_NUMBERED).any(|n| crate::fsx::numbered(&wanted, n) == planned)
+    {
+        job.report_temporary = Some(temporary.clone());
+        match write_report_at(&planned, &temporary, &report).await {
+            Ok(true) => {
+                job.report_temporary = None;
+                return Ok(());
+            }
+            Ok(false) => {}
+            Err(()) => return Ok(()),
+        }
+    }
     for _ in 0..crate::fsx::MAX_NUMBERED {
         let path = match crate::fsx::free_name(&wanted) {
             Ok(path) => path,
@@ -1088,39 +1132,65 @@ async fn write_report_once(
         job.report = Some(path.clone());
         job.report_temporary = Some(temporary.clone());
         ctx.store.put(job).await?;
-        let (at, through, body) = (path.clone(), temporary.clone(), report.clone());
-        // Written and fsynced on the blocking pool, not a runtime thread.
-        let written =
-            tokio::task::spawn_blocking(move || finish::write_report(&at, &through, &body))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match written {
-            Ok(()) => {
-                crate::failpoint::crash("report::after_write");
+        match write_report_at(&path, &temporary, &report).await {
+            Ok(true) => {
                 job.report_temporary = None;
                 return Ok(());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "cannot write the report");
-                return Ok(());
-            }
+            Ok(false) => continue,
+            Err(()) => return Ok(()),
         }
     }
     Ok(())
 }
 
-async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
+/// Write a report at `path` through `temporary` (recorded before): `true`
+/// once written, `false` when the name is taken, `Err` (logged) when it
+/// cannot be written at all.
+async fn write_report_at(
+    path: &Path,
+    temporary: &Path,
+    report: &serde_json::Value,
+) -> Result<bool, ()> {
+    let (at, through, body) = (path.to_path_buf(), temporary.to_path_buf(), report.clone());
+    // Written and fsynced on the blocking pool, not a runtime thread.
+    let written = tokio::task::spawn_blocking(move || finish::write_report(&at, &through, &body))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match written {
+        Ok(()) => {
+            crate::failpoint::crash("report::after_write");
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the report");
+            Err(())
+        }
+    }
+}
+
+/// The delivery is on disk: the provider's own bookkeeping for an
+/// idempotent finalisation (the folder provider's marker) can go.
+async fn release_session(ctx: &Context, job: &Job) {
     if let Some(handle) = ctx.providers.get(&job.provider)
         && let Some(session) = &job.session
     {
-        // The delivery is recorded: the provider's own bookkeeping for an
-        // idempotent finalisation (the folder provider's marker) can go.
         handle.provider.release(session).await;
     }
+}
+
+/// The suffix of a delivered file's receipt.
+const RECEIPT: &str = ".receipt.json";
+/// The suffix of a failed file's error report.
+const ERROR_REPORT: &str = ".error.json";
+
+async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
     let Some(watch) = ctx.watch(&job.watch).cloned() else {
         job.apply(Outcome::Filed);
-        return ctx.store.put(job).await;
+        ctx.store.put(job).await?;
+        release_session(ctx, job).await;
+        return Ok(());
     };
     if job.filed_to.is_none() && job.filing.is_none() && source_changed(job) {
         // Overwritten after the upload finished: the remote video holds the
@@ -1135,15 +1205,27 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
         ));
         job.apply(Outcome::SourceChanged);
         ctx.store.put(job).await?;
+        release_session(ctx, job).await;
         reoffer(ctx, job);
         return Ok(());
     }
+    let receipt = watch.receipts.then_some(RECEIPT);
+    if watch.after_success != AfterSuccess::Move {
+        // Moving makes the delivery durable with its intent; otherwise
+        // that happens here, before the source is deleted.
+        ctx.store.flush().await?;
+        release_session(ctx, job).await;
+    }
     let receipt_at = match watch.after_success {
-        AfterSuccess::Move => match file_with_sidecar(ctx, job, &watch.done_dir).await? {
-            Filed::At(filed) => filed,
-            Filed::LeftInPlace => watch.done_dir.join(&job.relpath),
-            Filed::Stopped => return Ok(()),
-        },
+        AfterSuccess::Move => {
+            let filed = file_with_sidecar(ctx, job, &watch.done_dir, receipt).await?;
+            release_session(ctx, job).await;
+            match filed {
+                Filed::At(filed) => filed,
+                Filed::LeftInPlace => watch.done_dir.join(&job.relpath),
+                Filed::Stopped => return Ok(()),
+            }
+        }
         AfterSuccess::Delete => {
             // In a fleet, only the job's holder deletes; and only the
             // version it delivered (checked just before the delete: a new
@@ -1167,7 +1249,7 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
         }
         AfterSuccess::Leave => watch.done_dir.join(&job.relpath),
     };
-    if watch.receipts {
+    if receipt.is_some() {
         let earlier = match job.duplicate_of {
             Some(id) => ctx.store.get(id).await.ok(),
             None => None,
@@ -1195,7 +1277,7 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
             replaced: &job.replaced,
         };
         let receipt = serde_json::to_value(&receipt).unwrap_or_default();
-        write_report_once(ctx, job, &receipt_at, ".receipt.json", receipt).await?;
+        write_report_once(ctx, job, &receipt_at, RECEIPT, receipt).await?;
     }
     // Done is done: a retried error from earlier on would only mislead status.
     job.last_error = None;
@@ -1227,7 +1309,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     };
     let present = job.source.exists() || job.filed_to.is_some() || job.filing.is_some();
     let report_at = if present {
-        match file_with_sidecar(ctx, job, &watch.failed_dir).await? {
+        match file_with_sidecar(ctx, job, &watch.failed_dir, Some(ERROR_REPORT)).await? {
             Filed::At(filed) => filed,
             Filed::LeftInPlace => watch.failed_dir.join(&job.relpath),
             Filed::Stopped => return Ok(()),
@@ -1251,7 +1333,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
         replaced: &job.replaced,
     };
     let report = serde_json::to_value(&report).unwrap_or_default();
-    write_report_once(ctx, job, &report_at, ".error.json", report).await?;
+    write_report_once(ctx, job, &report_at, ERROR_REPORT, report).await?;
     tracing::warn!(reason = %error.as_ref().map_or("unknown", |e| e.reason.as_str()), filed_to = %job.filed_to.as_deref().map_or_else(|| "(not moved)".into(), |p| p.display().to_string()), "failed");
     job.apply(Outcome::Filed);
     ctx.store.put(job).await?;

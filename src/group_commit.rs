@@ -6,6 +6,7 @@
 //! write made before it started, so a caller that arrives while a flush runs
 //! only needs the next one, which then serves everyone who arrived meanwhile.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -36,6 +37,15 @@ pub struct GroupCommit {
     flush: Arc<FlushFn>,
     queue: Arc<Mutex<Queue>>,
     completed: watch::Sender<Completed>,
+    counts: Arc<Counts>,
+}
+
+/// How much durability was asked for and what it cost, for `/metrics`: a
+/// bulk drop's flushes per file are what a group commit is there to cut.
+#[derive(Default)]
+struct Counts {
+    requested: AtomicU64,
+    flushed: AtomicU64,
 }
 
 impl GroupCommit {
@@ -45,7 +55,16 @@ impl GroupCommit {
             flush: Arc::new(flush),
             queue: Arc::default(),
             completed: watch::Sender::new(Completed::default()),
+            counts: Arc::default(),
         }
+    }
+
+    /// Durable writes asked for, and flushes run to serve them, so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.counts.requested.load(Ordering::Relaxed),
+            self.counts.flushed.load(Ordering::Relaxed),
+        )
     }
 
     /// Wait until a flush that started after this call has finished.
@@ -57,6 +76,7 @@ impl GroupCommit {
     /// The message of the failed flush that covered this request.
     pub async fn flush(&self) -> Result<(), String> {
         let mut completed = self.completed.subscribe();
+        self.counts.requested.fetch_add(1, Ordering::Relaxed);
         let ticket = {
             let mut queue = self.queue.lock().map_err(|_| "flush queue poisoned")?;
             queue.requested += 1;
@@ -84,6 +104,7 @@ impl GroupCommit {
                 Err(_) => return,
             };
             let run = Arc::clone(&self.flush);
+            self.counts.flushed.fetch_add(1, Ordering::Relaxed);
             let error = match tokio::task::spawn_blocking(move || run()).await {
                 Ok(result) => result.err(),
                 Err(e) => Some(format!("flush thread failed: {e}")),

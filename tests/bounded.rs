@@ -1,7 +1,9 @@
 //! A big drop never makes a task per file: job tasks live only while they
 //! can make progress (a few per provider beyond its `max_concurrent`); the
 //! other jobs wait as ids. `/metrics` shows the live tasks
-//! (`hotfolder_job_tasks`) beside the queue.
+//! (`hotfolder_job_tasks`) beside the queue. And a drop of small files
+//! costs few durable database writes per file: steps with no request or
+//! irreversible move between them share one.
 
 mod common;
 
@@ -55,4 +57,48 @@ fn a_big_drop_keeps_job_tasks_bounded() {
         "at most a few job tasks at once, not one per file: {most_tasks}"
     );
     drop(daemon);
+}
+
+fn counter(address: &str, name: &str) -> f64 {
+    let (_, metrics) = http(address, "GET", "/metrics", &[]).expect("metrics");
+    gauge(&metrics, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Each durable write is a wait for the disk (shared by the steps of jobs
+/// that wait at once): a small file's job takes five: its create intent,
+/// its session, its upload's end (the last chunk's acknowledgement with
+/// it), its filing and receipt names (its delivery with them), and its end.
+#[test]
+fn a_small_file_costs_five_durable_writes() {
+    const FILES: usize = 40;
+    const WRITES_PER_FILE: f64 = 5.0;
+    let address = free_address();
+    let fx = Fixture::with_config("", "", &format!("http: {{ listen: \"{address}\" }}"));
+    let staged = fx.root.join("staged");
+    for n in 0..FILES {
+        write_random(&staged.join(format!("f{n:03}.mp4")), 4096, n as u64);
+    }
+    let daemon = fx.start();
+    let before = counter(&address, "hotfolder_store_durable_writes_total");
+    std::fs::rename(&staged, fx.watch.join("batch")).expect("drop");
+    wait_for("every file done", Duration::from_secs(120), || {
+        (in_state(&fx.status(), "done").len() == FILES).then_some(())
+    });
+    let writes = counter(&address, "hotfolder_store_durable_writes_total") - before;
+    let flushes = counter(&address, "hotfolder_store_flushes_total");
+    drop(daemon);
+    let receipts = Fixture::files_in(&fx.done.join("batch"))
+        .iter()
+        .filter(|name| name.ends_with(".receipt.json"))
+        .count();
+    assert_eq!(receipts, FILES, "every file filed with its receipt");
+    eprintln!(
+        "{FILES} small files: {writes} durable writes ({:.1} per file), {flushes} flushes in all",
+        writes / FILES as f64
+    );
+    assert!(
+        writes <= WRITES_PER_FILE * FILES as f64,
+        "at most {WRITES_PER_FILE} durable writes per small file, not {:.1}",
+        writes / FILES as f64
+    );
 }

@@ -755,9 +755,11 @@ fn a_dead_nodes_partial_file_on_the_shared_folder_is_resumed_by_the_next() {
     assert_eq!(partials, vec![format!("{installation}-{job}")]);
     // node-b takes the job over after the lease and resumes that file.
     let b = fx.start_node(&node_config(&fx, "node-b"), &[]);
-    wait_for("long.mp4 delivered", Duration::from_secs(30), || {
-        fx.done.join("long.mp4").exists().then_some(())
-    });
+    wait_for(
+        "long.mp4 delivered and its job done",
+        Duration::from_secs(30),
+        || (pg.sql("partial", "SELECT state FROM hotfolder_jobs") == "done").then_some(()),
+    );
     assert!(common::same_bytes(
         &fx.outbox.join("long.mp4"),
         &fx.done.join("long.mp4")

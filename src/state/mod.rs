@@ -348,6 +348,10 @@ pub trait JobStore {
 
     /// Record a new job unless a job exists for this version of its file
     /// (another node of a fleet took it at the same moment): `false` then.
+    /// The record may reach the disk only with the next durable write
+    /// ([`JobStore::put`], [`JobStore::flush`]): nothing acts on a job (no
+    /// request, no move) before its first durable step, and a new job lost
+    /// to a crash before that is simply its file, found again at start.
     ///
     /// # Errors
     /// Database failure.
@@ -578,6 +582,18 @@ macro_rules! forward {
             Store::Postgres($s) => $call,
         }
     };
+}
+
+impl Store {
+    /// Durable writes asked for and flushes run so far (the embedded
+    /// store's group commit); `None` for a fleet database, whose every
+    /// write is its own transaction.
+    pub fn durability_counts(&self) -> Option<(u64, u64)> {
+        match self {
+            Store::Sled(s) => Some(s.durability_counts()),
+            Store::Postgres(_) => None,
+        }
+    }
 }
 
 impl JobStore for Store {

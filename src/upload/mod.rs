@@ -439,7 +439,11 @@ impl Engine {
             job.acked = acked;
             job.apply(Outcome::Acknowledged);
             job.failures = 0;
-            self.store.put(job).await?;
+            if acked < signature.size {
+                self.store.put(job).await?;
+            }
+            // The last chunk's acknowledgement is made durable by the end
+            // of the upload (`finalize`), before any further request.
             self.progress.acked(job.id, acked);
             tracing::debug!(job = job.id, offset = acked, "chunk acknowledged");
         }
