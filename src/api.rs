@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::jobs::JobsHandle;
 use crate::jobs::{self, JobView};
 use crate::metrics::Measured;
+use crate::pause::{PauseError, Scope};
 use crate::state::{JobStore, StoreError};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -65,6 +66,9 @@ pub fn router(ctx: JobsHandle) -> Router {
         .route("/api/nodes", get(nodes))
         .route("/api/jobs/{id}", get(show))
         .route("/api/jobs/{id}/retry", post(retry))
+        .route("/api/pauses", get(pauses))
+        .route("/api/pause", post(pause))
+        .route("/api/resume", post(resume))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authorize));
     // The page is a shell with no data: it asks for the token and sends
     // it as a header (a browser cannot add one when it opens a page).
@@ -190,6 +194,41 @@ async fn retry(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
     }
 }
 
+/// `?provider=NAME` or `?watch=NAME` (neither: everything).
+#[derive(Debug, Default, serde::Deserialize)]
+struct ScopeQuery {
+    provider: Option<String>,
+    watch: Option<String>,
+}
+
+/// The paused scopes.
+async fn pauses(State(ctx): State<JobsHandle>) -> Response {
+    Json(ctx.pauses.current()).into_response()
+}
+
+async fn pause(State(ctx): State<JobsHandle>, Query(scope): Query<ScopeQuery>) -> Response {
+    change_pause(&ctx, scope, true).await
+}
+
+async fn resume(State(ctx): State<JobsHandle>, Query(scope): Query<ScopeQuery>) -> Response {
+    change_pause(&ctx, scope, false).await
+}
+
+/// Pause or resume; answers the paused scopes afterwards.
+async fn change_pause(ctx: &JobsHandle, query: ScopeQuery, paused: bool) -> Response {
+    let changed = match Scope::named(query.provider, query.watch) {
+        Ok(scope) => {
+            crate::pause::change(&ctx.store, &ctx.config, Some(&ctx.pauses), scope, paused).await
+        }
+        Err(e) => Err(e),
+    };
+    match changed {
+        Ok(scopes) => Json(scopes).into_response(),
+        Err(PauseError::Store(e)) => store_error(&e),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    }
+}
+
 /// The nodes of a fleet sharing this store (an empty list on a single box).
 async fn nodes(State(ctx): State<JobsHandle>) -> Response {
     match ctx.store.nodes().await {
@@ -257,6 +296,19 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
             ctx.store_health
                 .outages
                 .load(std::sync::atomic::Ordering::Relaxed),
+        ));
+    }
+    for scope in ctx.pauses.current() {
+        let (kind, name) = match &scope {
+            Scope::All => ("all", String::new()),
+            Scope::Provider(p) => ("provider", p.clone()),
+            Scope::Watch(w) => ("watch", w.clone()),
+        };
+        measured.push(Measured::gauge(
+            "hotfolder_paused",
+            "Paused scopes (1 each): everything, a provider or a watch; their uploads wait.",
+            vec![("scope", kind.to_string()), ("name", name)],
+            1.0,
         ));
     }
     if let Some((requested, flushed)) = ctx.store.durability_counts() {

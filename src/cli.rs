@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config, ConfigError, LogFormat};
 use crate::control::{self, Request, Response};
 use crate::jobs::{self, JobView};
+use crate::pause::Scope;
 use crate::route::{FileFacts, Router};
 use crate::state::{JobState, JobStore, NodeView, Store};
 
@@ -84,11 +85,36 @@ pub enum Command {
         #[arg(long, conflicts_with = "jobs")]
         failed: bool,
     },
+    /// Pause uploads (of one provider, one watch, or everything): each finishes the chunk in flight and waits; files keep being found and queued. Kept across restarts until `resume`.
+    Pause {
+        #[command(flatten)]
+        config: ConfigFile,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Resume what `pause` paused (the same provider, watch, or everything).
+    Resume {
+        #[command(flatten)]
+        config: ConfigFile,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
     /// The job store itself.
     Store {
         #[command(subcommand)]
         action: StoreCommand,
     },
+}
+
+/// Which uploads `pause` and `resume` act on: neither option means everything.
+#[derive(Debug, clap::Args)]
+pub struct ScopeArgs {
+    /// Only the uploads to this provider (its name in the config).
+    #[arg(long, value_name = "NAME", conflicts_with = "watch")]
+    provider: Option<String>,
+    /// Only the uploads of files from this watch (its name in the config).
+    #[arg(long, value_name = "NAME")]
+    watch: Option<String>,
 }
 
 /// `hotfolder store ...`.
@@ -165,6 +191,12 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             jobs,
             failed,
         } => runtime.block_on(retry(&load(&config)?, jobs, failed)),
+        Command::Pause { config, scope } => {
+            runtime.block_on(pause_or_resume(&load(&config)?, scope, true))
+        }
+        Command::Resume { config, scope } => {
+            runtime.block_on(pause_or_resume(&load(&config)?, scope, false))
+        }
         Command::Store {
             action: StoreCommand::Migrate { config, from_sled },
         } => runtime.block_on(migrate_from_sled(&load(&config)?, &from_sled)),
@@ -457,6 +489,24 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
         );
     } else {
         print!("{}", table(&rows));
+        let paused = match &store {
+            Some(store) => crate::pause::load(store)
+                .await
+                .context("cannot read the paused scopes")?
+                .into_iter()
+                .collect(),
+            None => match control::ask(&config.state_dir, &Request::Pauses).await {
+                Ok(Some(Response::Paused(scopes))) => scopes,
+                _ => Vec::new(),
+            },
+        };
+        if !paused.is_empty() {
+            let names: Vec<String> = paused.iter().map(ToString::to_string).collect();
+            println!(
+                "\npaused: {} (uploads wait; `hotfolder resume` lets them go on)",
+                names.join(", ")
+            );
+        }
         // A fleet's nodes come from the shared database, which any number
         // of readers may open beside the daemons.
         if config.store.node().is_some() {
@@ -610,6 +660,47 @@ async fn migrate_from_sled(config: &Config, state_dir: &Path) -> Result<(), CliE
             "the history in {} was already moved on {at}; nothing more to do",
             state_dir.display()
         ),
+    }
+    Ok(())
+}
+
+/// Pause or resume through the running daemon, or (none runs here) in the
+/// store, where the daemon finds it at its start (and a fleet's nodes at
+/// their next heartbeat).
+async fn pause_or_resume(config: &Config, scope: ScopeArgs, paused: bool) -> Result<(), CliError> {
+    let scope = Scope::named(scope.provider, scope.watch)
+        .and_then(|scope| scope.check(config).map(|()| scope))
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let request = Request::Pause {
+        scope: scope.clone(),
+        paused,
+    };
+    let scopes: Vec<Scope> = match control::ask(&config.state_dir, &request)
+        .await
+        .context("the running daemon gave an unreadable answer")?
+    {
+        Some(Response::Paused(scopes)) => scopes,
+        Some(Response::Error(e)) => {
+            return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}")));
+        }
+        Some(_) => {
+            return Err(CliError::Runtime(anyhow::anyhow!(
+                "the daemon answered something else"
+            )));
+        }
+        None => {
+            let store = open_store(config).await?;
+            crate::pause::change(&store, config, None, scope.clone(), paused)
+                .await
+                .context("cannot record it")?
+                .into_iter()
+                .collect()
+        }
+    };
+    println!("{} {scope}", if paused { "paused" } else { "resumed" });
+    if !scopes.is_empty() {
+        let names: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+        println!("paused now: {}", names.join(", "));
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::jobs::JobsHandle;
 use crate::jobs::{self, JobView};
+use crate::pause::Scope;
 use crate::state::{JobState, JobStore};
 
 /// A request to the daemon.
@@ -26,6 +27,15 @@ pub enum Request {
         /// Every failed job.
         failed: bool,
     },
+    /// Pause (`paused: true`) or resume a scope.
+    Pause {
+        /// What to pause or resume.
+        scope: Scope,
+        /// Pause, or resume.
+        paused: bool,
+    },
+    /// The paused scopes.
+    Pauses,
 }
 
 /// The daemon's answer.
@@ -41,6 +51,8 @@ pub enum Response {
         /// Refusals.
         errors: Vec<String>,
     },
+    /// The scopes paused now.
+    Paused(Vec<Scope>),
     /// The request failed.
     Error(String),
 }
@@ -97,6 +109,15 @@ async fn answer(ctx: JobsHandle, stream: UnixStream) {
             Err(e) => Response::Error(e.to_string()),
         },
         Ok(Request::Retry { jobs: ids, failed }) => retry(&ctx, ids, failed).await,
+        Ok(Request::Pause { scope, paused }) => {
+            match crate::pause::change(&ctx.store, &ctx.config, Some(&ctx.pauses), scope, paused)
+                .await
+            {
+                Ok(scopes) => Response::Paused(scopes.into_iter().collect()),
+                Err(e) => Response::Error(e.to_string()),
+            }
+        }
+        Ok(Request::Pauses) => Response::Paused(ctx.pauses.current().into_iter().collect()),
     };
     if let Ok(mut bytes) = serde_json::to_vec(&response) {
         bytes.push(b'\n');

@@ -17,6 +17,7 @@ use crate::config::{AfterSuccess, Config, Duplicates, Unmatched, WatchConfig};
 use crate::finish::{self, Carried, DuplicateOf, ErrorReport, Receipt};
 use crate::jobs::JobsHandle;
 use crate::lifecycle::Outcome;
+use crate::pause::Pauses;
 use crate::providers::{ErrorKind, ProviderError, Uploader};
 use crate::route::{FileFacts, Router};
 use crate::state::{Job, JobState, JobStore, Store, StoreError};
@@ -62,6 +63,7 @@ impl Context {
         watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
         watch_counters: HashMap<String, Arc<WatchCounters>>,
         held: Arc<HeldSources>,
+        pauses: Pauses,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
         let progress = ProgressBoard::default();
         let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -71,6 +73,7 @@ impl Context {
             shutdown,
             metrics: Arc::clone(&metrics),
             content_claims: Arc::default(),
+            pauses: pauses.clone(),
         };
         let providers = config
             .providers
@@ -78,7 +81,7 @@ impl Context {
             .map(|(name, p)| (name.clone(), Arc::new(ProviderHandle::new(p))))
             .collect();
         let (job_tx, job_rx) = mpsc::unbounded_channel();
-        let jobs = JobsHandle::new(
+        let mut jobs = JobsHandle::new(
             Arc::new(config.clone()),
             store.clone(),
             progress.clone(),
@@ -87,6 +90,7 @@ impl Context {
             held,
             job_tx,
         );
+        jobs.pauses = pauses;
         let ctx = Arc::new(Context {
             router: Router::new(&config),
             workers: Arc::new(Semaphore::new(config.workers)),
@@ -184,6 +188,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .filter(|job| !job.state.is_terminal())
             .collect(),
     };
+    let pauses = Pauses::new(crate::pause::load(&store).await?);
+    for scope in pauses.current() {
+        tracing::warn!(scope = %scope, "uploads are paused (kept from before the restart); `hotfolder resume` lets them go on");
+    }
     let held = Arc::new(HeldSources::default());
     for job in &unfinished {
         held.hold(&job.source);
@@ -221,6 +229,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         watch_commands,
         watch_counters,
         held,
+        pauses,
     );
     let api = match &ctx.config.http {
         Some(http) => Some(
@@ -308,6 +317,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 {
                     if let Err(e) = pg.renew_claims(&ctx.jobs.accepted()).await {
                         ctx.store_health.failed(&e);
+                    }
+                    // Another node (or `hotfolder pause` beside the fleet)
+                    // may have paused or resumed something.
+                    match crate::pause::load(&ctx.store).await {
+                        Ok(scopes) => ctx.jobs.pauses.replace(scopes),
+                        Err(e) => ctx.store_health.failed(&e),
                     }
                     match pg.claim_expired(16).await {
                         Ok(taken) => {
@@ -738,6 +753,18 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
             ctx.store.put(job).await?;
             continue;
         };
+        if let Some(scope) = ctx.engine.pauses.holding(&job.watch, &job.provider) {
+            tracing::info!(scope = %scope, "paused; waiting to be resumed");
+            if !ctx
+                .engine
+                .pauses
+                .until_running(&job.watch, &job.provider, &mut shutdown)
+                .await
+            {
+                return Ok(());
+            }
+            continue;
+        }
         let permits = tokio::select! {
             () = crate::shutdown::stopped(&mut shutdown) => return Ok(()),
             permits = async {
@@ -823,6 +850,12 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
             AttemptEnd::Interrupted => {
                 ctx.store.put(job).await?;
                 return Ok(());
+            }
+            AttemptEnd::Paused(scope) => {
+                // Stopped at a chunk boundary, not a failure: not an attempt.
+                job.attempts = job.attempts.saturating_sub(1);
+                ctx.store.put(job).await?;
+                tracing::info!(scope = %scope, acked = job.acked, "paused after the chunk in flight");
             }
             AttemptEnd::SameContentInFlight(earlier) => {
                 // Waiting is not an attempt, and holds no upload slot.

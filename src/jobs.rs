@@ -38,6 +38,9 @@ pub struct JobsHandle {
     pub held: Arc<HeldSources>,
     /// Whether the fleet database answers.
     pub store_health: Arc<crate::state::StoreHealth>,
+    /// The paused scopes, as the running jobs see them (none until the
+    /// daemon gives its own).
+    pub pauses: crate::pause::Pauses,
     queue: mpsc::UnboundedSender<Job>,
     /// Jobs queued here and not yet ended (count per id): in a fleet, the
     /// claims this node renews, wherever the job is on its way to a worker.
@@ -63,6 +66,7 @@ impl JobsHandle {
             watch_counters,
             held,
             store_health: Arc::default(),
+            pauses: Default::default(),
             queue,
             accepted: Arc::default(),
         }

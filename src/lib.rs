@@ -34,6 +34,7 @@ pub mod lifecycle;
 pub mod memory;
 pub mod metrics;
 pub mod oneshot;
+pub mod pause;
 pub mod providers;
 pub mod retry;
 pub mod route;

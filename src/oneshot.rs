@@ -52,6 +52,8 @@ pub async fn upload(
         HashMap::new(),
         HashMap::new(),
         Default::default(),
+        // Pauses hold the daemon's uploads; an upload asked for by hand is not held.
+        Default::default(),
     );
     let mut outcomes = Vec::new();
     let mut tasks = JoinSet::new();

@@ -369,6 +369,19 @@ pub trait JobStore {
     /// [`StoreError::NotFound`], or a decode failure.
     async fn get(&self, id: u64) -> Result<Job, StoreError>;
 
+    /// An operator's setting kept with the jobs (the paused scopes), so
+    /// that it survives a restart and holds for every node of a fleet.
+    ///
+    /// # Errors
+    /// Database failure.
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Keep a setting, durably.
+    ///
+    /// # Errors
+    /// Database failure.
+    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
     /// One page of jobs in id order (or newest first), at most
     /// `query.limit`: the cost of a page does not grow with history.
     ///
@@ -623,6 +636,14 @@ impl JobStore for Store {
 
     async fn get(&self, id: u64) -> Result<Job, StoreError> {
         forward!(self, s => s.get(id).await)
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        forward!(self, s => s.setting(key).await)
+    }
+
+    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        forward!(self, s => s.set_setting(key, value).await)
     }
 
     async fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {

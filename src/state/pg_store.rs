@@ -456,6 +456,27 @@ impl PgStore {
     }
 
     /// Nothing to do: every statement was committed durably.
+    pub(super) async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT value FROM hotfolder_meta WHERE key = $1")
+            .bind(format!("setting/{key}"))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    pub(super) async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO hotfolder_meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .bind(format!("setting/{key}"))
+        .bind(value)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }

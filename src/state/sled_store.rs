@@ -150,6 +150,18 @@ impl JobStore for SledStore {
         Ok(true)
     }
 
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .meta
+            .get(setting_key(key))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.meta.insert(setting_key(key), value.as_bytes())?;
+        self.flush().await
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.commit
             .flush()
@@ -278,6 +290,12 @@ impl SledStore {
         }
         Ok(entries)
     }
+}
+
+/// Operators' settings live in the meta tree beside the store's own keys,
+/// under a prefix of their own.
+fn setting_key(key: &str) -> String {
+    format!("setting/{key}")
 }
 
 fn installation_id(meta: &sled::Tree) -> Result<std::sync::Arc<str>, StoreError> {

@@ -81,6 +81,9 @@ pub enum AttemptEnd {
     SourceChanged(String),
     /// Shutdown asked us to stop; everything acknowledged is persisted.
     Interrupted,
+    /// A pause of this scope stopped the upload at a chunk boundary;
+    /// everything acknowledged is persisted.
+    Paused(crate::pause::Scope),
     /// This earlier job is uploading the same content to the same provider
     /// now: wait for it to end, then attempt again (a duplicate of it, or
     /// the upload itself if it failed).
@@ -102,6 +105,7 @@ enum Stop {
     Provider(ProviderError),
     SourceChanged(String),
     Interrupted,
+    Paused(crate::pause::Scope),
     Store(StoreError),
 }
 
@@ -130,11 +134,25 @@ pub struct Engine {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Held while a job checks for and claims its content (duplicates).
     pub content_claims: Arc<tokio::sync::Mutex<()>>,
+    /// The paused scopes: an upload they cover stops at its next chunk.
+    pub pauses: crate::pause::Pauses,
 }
 
 impl Engine {
     fn stopping(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Whether `job` stops before its next chunk: shutdown, or a pause
+    /// that covers it.
+    fn halt(&self, job_watch: &str, provider: &str) -> Result<(), Stop> {
+        if self.stopping() {
+            return Err(Stop::Interrupted);
+        }
+        match self.pauses.holding(job_watch, provider) {
+            Some(scope) => Err(Stop::Paused(scope)),
+            None => Ok(()),
+        }
     }
 
     /// Run one attempt of `job` with `handle`, persisting every step.
@@ -149,6 +167,7 @@ impl Engine {
             Err(Stop::Provider(e)) => AttemptEnd::Failed(e),
             Err(Stop::SourceChanged(why)) => AttemptEnd::SourceChanged(why),
             Err(Stop::Interrupted) => AttemptEnd::Interrupted,
+            Err(Stop::Paused(scope)) => AttemptEnd::Paused(scope),
             Err(Stop::Store(e)) => AttemptEnd::Failed(ProviderError::new(
                 ErrorKind::Transient,
                 format!("cannot record progress: {e}"),
@@ -392,9 +411,7 @@ impl Engine {
         counters: &Arc<Counters>,
     ) -> Result<(), Stop> {
         while job.acked < signature.size {
-            if self.stopping() {
-                return Err(Stop::Interrupted);
-            }
+            self.halt(&job.watch, &job.provider)?;
             check_unchanged(job)?;
             let start = job.acked;
             let len = job.chunk_size.min(signature.size - start);
@@ -516,6 +533,7 @@ impl Engine {
             tracing::info!(job = job.id, file = %job.relpath.display(), acked = job.acked, lanes = session.lanes.len(), "resuming the parallel parts");
         }
         let source = (job.source.clone(), job.signature);
+        let (job_watch, job_provider) = (job.watch.clone(), job.provider.clone());
         let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel::<(usize, u64)>();
         // Set by the first lane that fails: the others end at their next
         // chunk boundary, so no acknowledged chunk in flight is thrown away.
@@ -529,12 +547,11 @@ impl Engine {
                 .map(|(i, lane)| {
                     let acks = acks_tx.clone();
                     let (session, source, give_up) = (&session, &source, &give_up);
+                    let (job_watch, job_provider) = (&job_watch, &job_provider);
                     let lane_run = async move {
                         let mut at = lane.acked;
                         while at < lane.end {
-                            if self.stopping() {
-                                return Err(Stop::Interrupted);
-                            }
+                            self.halt(job_watch, job_provider)?;
                             if give_up.load(std::sync::atomic::Ordering::Relaxed) {
                                 return Ok(());
                             }
