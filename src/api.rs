@@ -67,6 +67,7 @@ pub fn router(ctx: JobsHandle) -> Router {
         .route("/api/jobs/{id}", get(show))
         .route("/api/jobs/{id}/retry", post(retry))
         .route("/api/pauses", get(pauses))
+        .route("/api/webhooks", get(webhooks))
         .route("/api/pause", post(pause))
         .route("/api/resume", post(resume))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authorize));
@@ -194,6 +195,21 @@ async fn retry(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
     }
 }
 
+/// Webhook events waiting for their receiver, oldest first (no URL: the
+/// webhook's scheme and host only).
+async fn webhooks(State(ctx): State<JobsHandle>) -> Response {
+    match ctx.store.outbox(1000).await {
+        Ok(waiting) => Json(
+            waiting
+                .iter()
+                .map(crate::notify::WaitingView::of)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => store_error(&e),
+    }
+}
+
 /// `?provider=NAME` or `?watch=NAME` (neither: everything).
 #[derive(Debug, Default, serde::Deserialize)]
 struct ScopeQuery {
@@ -309,6 +325,44 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
             "Paused scopes (1 each): everything, a provider or a watch; their uploads wait.",
             vec![("scope", kind.to_string()), ("name", name)],
             1.0,
+        ));
+    }
+    if let Some(notifier) = &ctx.notifier
+        && !notifier.is_empty()
+    {
+        use std::sync::atomic::Ordering;
+        let waiting = ctx.store.outbox(usize::MAX).await.unwrap_or_default();
+        measured.push(Measured::gauge(
+            "hotfolder_webhooks_waiting",
+            "Webhook events not yet taken by their receiver.",
+            vec![],
+            waiting.len() as f64,
+        ));
+        measured.push(Measured::gauge(
+            "hotfolder_webhooks_failing",
+            "Webhook events whose receiver refused or missed a try (they are tried again).",
+            vec![],
+            waiting.iter().filter(|n| n.attempts > 0).count() as f64,
+        ));
+        measured.push(Measured::counter(
+            "hotfolder_webhook_deliveries_total",
+            "Webhook events their receiver took.",
+            vec![],
+            notifier.delivered.load(Ordering::Relaxed),
+        ));
+        measured.push(Measured::counter(
+            "hotfolder_webhook_failed_tries_total",
+            "Tries of webhook events that failed (refused, no answer, no connection).",
+            vec![],
+            notifier.failed_tries.load(Ordering::Relaxed),
+        ));
+    }
+    for (scope, name, rate) in ctx.bandwidth.limits() {
+        measured.push(Measured::gauge(
+            "hotfolder_bandwidth_limit_bytes_per_second",
+            "The bandwidth limit in force, by scope (all uploads, or a provider); 0 while its timetable says off.",
+            vec![("scope", scope.to_string()), ("name", name)],
+            rate.unwrap_or(0) as f64,
         ));
     }
     if let Some((requested, flushed)) = ctx.store.durability_counts() {

@@ -500,6 +500,20 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 _ => Vec::new(),
             },
         };
+        let waiting = match &store {
+            Some(store) => store
+                .outbox(1000)
+                .await
+                .context("cannot read the webhook outbox")?
+                .iter()
+                .map(crate::notify::WaitingView::of)
+                .collect(),
+            None => match control::ask(&config.state_dir, &Request::Webhooks).await {
+                Ok(Some(Response::Webhooks(waiting))) => waiting,
+                _ => Vec::new(),
+            },
+        };
+        print!("{}", webhooks_table(&waiting));
         if !paused.is_empty() {
             let names: Vec<String> = paused.iter().map(ToString::to_string).collect();
             println!(
@@ -522,6 +536,31 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Webhook events still waiting: how many, and the ones that failed a try
+/// with the reason (the webhook by scheme and host only: a URL can be a
+/// credential).
+fn webhooks_table(waiting: &[crate::notify::WaitingView]) -> String {
+    if waiting.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nwebhook events waiting: {} (they are tried again until taken)\n",
+        waiting.len()
+    );
+    for w in waiting.iter().filter(|w| w.attempts > 0).take(10) {
+        out.push_str(&format!(
+            "  job {} {} to {}: {} tries, last: {}; next at {}\n",
+            w.job,
+            w.event.as_str(),
+            w.webhook,
+            w.attempts,
+            w.last_error.as_deref().unwrap_or("-"),
+            w.next_at.strftime("%H:%M:%S")
+        ));
+    }
+    out
 }
 
 fn human_bytes(n: f64) -> String {

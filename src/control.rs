@@ -36,6 +36,8 @@ pub enum Request {
     },
     /// The paused scopes.
     Pauses,
+    /// Webhook events waiting for their receiver.
+    Webhooks,
 }
 
 /// The daemon's answer.
@@ -53,6 +55,8 @@ pub enum Response {
     },
     /// The scopes paused now.
     Paused(Vec<Scope>),
+    /// Webhook events waiting.
+    Webhooks(Vec<crate::notify::WaitingView>),
     /// The request failed.
     Error(String),
 }
@@ -118,6 +122,12 @@ async fn answer(ctx: JobsHandle, stream: UnixStream) {
             }
         }
         Ok(Request::Pauses) => Response::Paused(ctx.pauses.current().into_iter().collect()),
+        Ok(Request::Webhooks) => match ctx.store.outbox(1000).await {
+            Ok(waiting) => {
+                Response::Webhooks(waiting.iter().map(crate::notify::WaitingView::of).collect())
+            }
+            Err(e) => Response::Error(e.to_string()),
+        },
     };
     if let Ok(mut bytes) = serde_json::to_vec(&response) {
         bytes.push(b'\n');

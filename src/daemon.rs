@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{AfterSuccess, Config, Duplicates, Unmatched, WatchConfig};
+use crate::config::{AfterSuccess, Config, Duplicates, NotifyEvent, Unmatched, WatchConfig};
 use crate::finish::{self, Carried, DuplicateOf, ErrorReport, Receipt};
 use crate::jobs::JobsHandle;
 use crate::lifecycle::Outcome;
@@ -50,6 +50,8 @@ pub struct Context {
     pub store_health: Arc<crate::state::StoreHealth>,
     watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
     router: Router,
+    /// Webhooks: events go to its outbox with the job step that raises them.
+    pub notifier: Arc<crate::notify::Notifier>,
 }
 
 impl Context {
@@ -67,6 +69,7 @@ impl Context {
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
         let progress = ProgressBoard::default();
         let metrics = Arc::new(crate::metrics::Metrics::default());
+        let clock = crate::bandwidth::Clock::from_env();
         let engine = Engine {
             store: store.clone(),
             progress: progress.clone(),
@@ -74,7 +77,13 @@ impl Context {
             metrics: Arc::clone(&metrics),
             content_claims: Arc::default(),
             pauses: pauses.clone(),
+            bandwidth: Arc::new(crate::bandwidth::Bandwidth::new(&config, clock.now())),
         };
+        tokio::spawn(crate::bandwidth::follow_timetables(
+            Arc::clone(&engine.bandwidth),
+            clock,
+            engine.shutdown.clone(),
+        ));
         let providers = config
             .providers
             .iter()
@@ -91,6 +100,15 @@ impl Context {
             job_tx,
         );
         jobs.pauses = pauses;
+        jobs.bandwidth = Arc::clone(&engine.bandwidth);
+        let notifier = Arc::new(crate::notify::Notifier::new(
+            Arc::clone(&jobs.config),
+            store.clone(),
+        ));
+        if !notifier.is_empty() {
+            tokio::spawn(Arc::clone(&notifier).run(engine.shutdown.clone()));
+        }
+        jobs.notifier = Some(Arc::clone(&notifier));
         let ctx = Arc::new(Context {
             router: Router::new(&config),
             workers: Arc::new(Semaphore::new(config.workers)),
@@ -104,6 +122,7 @@ impl Context {
             jobs,
             watch_commands,
             store_failed: watch::channel(None).0,
+            notifier,
         });
         (ctx, job_rx)
     }
@@ -245,6 +264,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let control = crate::control::serve(ctx.jobs.clone(), stop_rx.clone())
         .map_err(|(path, error)| DaemonError::Control { path, error })?;
 
+    tokio::spawn(offer_parked_jobs_again(Arc::clone(&ctx)));
+
     // Resume what was in flight.
     let resumed = unfinished.len();
     for job in unfinished {
@@ -381,6 +402,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     crate::control::remove_socket(&ctx.config.state_dir);
     tracing::info!("stopped; state flushed");
     Ok(())
+}
+
+/// Each time the paused scopes change, offer the jobs a pause set aside
+/// again (those still paused are set aside again at once).
+async fn offer_parked_jobs_again(ctx: Arc<Context>) {
+    let mut changes = ctx.engine.pauses.changes();
+    let mut shutdown = ctx.engine.shutdown.clone();
+    loop {
+        tokio::select! {
+            () = crate::shutdown::stopped(&mut shutdown) => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        for id in ctx.engine.pauses.take_parked() {
+            // Through a claim: in a fleet another node may hold it by now.
+            match ctx.store.get_for_work(id).await {
+                Ok(Some(job)) if !job.state.is_terminal() => ctx.spawn_job(job),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(job = id, error = %e, "cannot offer a paused job again; it is taken at the next start")
+                }
+            }
+        }
+    }
 }
 
 /// How often free heap pages are given back to the system.
@@ -755,15 +799,8 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
         };
         if let Some(scope) = ctx.engine.pauses.holding(&job.watch, &job.provider) {
             tracing::info!(scope = %scope, "paused; waiting to be resumed");
-            if !ctx
-                .engine
-                .pauses
-                .until_running(&job.watch, &job.provider, &mut shutdown)
-                .await
-            {
-                return Ok(());
-            }
-            continue;
+            ctx.engine.pauses.park(job.id);
+            return Ok(());
         }
         let permits = tokio::select! {
             () = crate::shutdown::stopped(&mut shutdown) => return Ok(()),
@@ -773,6 +810,16 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 (provider, worker)
             } => permits,
         };
+        // Paused while it waited for a slot: no new upload starts.
+        if ctx
+            .engine
+            .pauses
+            .holding(&job.watch, &job.provider)
+            .is_some()
+        {
+            drop(permits);
+            continue;
+        }
         job.attempts += 1;
         // Tests make an attempt panic or pause here (failpoint actions).
         crate::failpoint::active("job::attempt");
@@ -832,6 +879,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 let delay = handle.backoff.delay(job.failures, error.retry_after);
                 tracing::warn!(error = %error, failures = job.failures, retry_in = ?delay, "attempt failed; will retry");
                 job.apply(Outcome::Transient);
+                ctx.notifier.raise(job, NotifyEvent::Retried).await?;
                 ctx.store.put(job).await?;
                 if !ctx.engine.pause(delay).await {
                     return Ok(());
@@ -1003,6 +1051,9 @@ async fn file_below(
                     job.report = Some(report);
                 }
                 ctx.store.put(job).await?;
+                // The delivery is durable with the intent: the provider's
+                // own record of it can go, whatever filing meets next.
+                release_session(ctx, job).await;
             }
             Ok(FilingStep::Carried(Carried::Moved(to))) => {
                 crate::failpoint::crash("filing::after_move");
@@ -1028,6 +1079,7 @@ async fn file_below(
                 tracing::error!(error = %e, "cannot file the source; will try again (nothing is lost: the file stays where it is)");
                 note_filing_failure(job, &e);
                 ctx.store.put(job).await?;
+                release_session(ctx, job).await;
                 let delay = backoff
                     .delay(failures.min(20), None)
                     .max(Duration::from_millis(500));
@@ -1221,6 +1273,7 @@ const ERROR_REPORT: &str = ".error.json";
 async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
     let Some(watch) = ctx.watch(&job.watch).cloned() else {
         job.apply(Outcome::Filed);
+        ctx.notifier.raise(job, NotifyEvent::Done).await?;
         ctx.store.put(job).await?;
         release_session(ctx, job).await;
         return Ok(());
@@ -1315,6 +1368,7 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
     // Done is done: a retried error from earlier on would only mislead status.
     job.last_error = None;
     job.apply(Outcome::Filed);
+    ctx.notifier.raise(job, NotifyEvent::Done).await?;
     ctx.store.put(job).await?;
     tracing::info!(filed_to = %job.filed_to.as_deref().map_or_else(|| "(left in place)".into(), |p| p.display().to_string()), "done");
     Ok(())
@@ -1338,6 +1392,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     }
     let Some(watch) = ctx.watch(&job.watch).cloned() else {
         job.apply(Outcome::Filed);
+        ctx.notifier.raise(job, NotifyEvent::Failed).await?;
         return ctx.store.put(job).await;
     };
     let present = job.source.exists() || job.filed_to.is_some() || job.filing.is_some();
@@ -1369,6 +1424,7 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     write_report_once(ctx, job, &report_at, ERROR_REPORT, report).await?;
     tracing::warn!(reason = %error.as_ref().map_or("unknown", |e| e.reason.as_str()), filed_to = %job.filed_to.as_deref().map_or_else(|| "(not moved)".into(), |p| p.display().to_string()), "failed");
     job.apply(Outcome::Filed);
+    ctx.notifier.raise(job, NotifyEvent::Failed).await?;
     ctx.store.put(job).await?;
     Ok(())
 }

@@ -41,6 +41,10 @@ pub struct JobsHandle {
     /// The paused scopes, as the running jobs see them (none until the
     /// daemon gives its own).
     pub pauses: crate::pause::Pauses,
+    /// The bandwidth limits in force (none until the daemon gives its own).
+    pub bandwidth: Arc<crate::bandwidth::Bandwidth>,
+    /// The webhooks' sender (for their counters), once the daemon has one.
+    pub notifier: Option<Arc<crate::notify::Notifier>>,
     queue: mpsc::UnboundedSender<Job>,
     /// Jobs queued here and not yet ended (count per id): in a fleet, the
     /// claims this node renews, wherever the job is on its way to a worker.
@@ -67,6 +71,8 @@ impl JobsHandle {
             held,
             store_health: Arc::default(),
             pauses: Default::default(),
+            bandwidth: Arc::default(),
+            notifier: None,
             queue,
             accepted: Arc::default(),
         }

@@ -20,6 +20,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod bandwidth;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -33,6 +34,7 @@ pub mod jobs;
 pub mod lifecycle;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod oneshot;
 pub mod pause;
 pub mod providers;

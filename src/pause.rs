@@ -122,6 +122,10 @@ pub enum PauseError {
 #[derive(Clone)]
 pub struct Pauses {
     scopes: Arc<watch::Sender<BTreeSet<Scope>>>,
+    /// Jobs a pause stopped: their tasks ended (a waiting task would hold
+    /// a slot that other, unpaused work needs); they are offered again
+    /// when the paused scopes change.
+    parked: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl Default for Pauses {
@@ -135,6 +139,7 @@ impl Pauses {
     pub fn new(scopes: BTreeSet<Scope>) -> Self {
         Pauses {
             scopes: Arc::new(watch::Sender::new(scopes)),
+            parked: Arc::default(),
         }
     }
 
@@ -162,19 +167,24 @@ impl Pauses {
         });
     }
 
-    /// Wait until nothing holds a job of `watch` uploading to `provider`.
-    /// `false` when `shutdown` came first.
-    pub async fn until_running(
-        &self,
-        watch: &str,
-        provider: &str,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
-        let mut scopes = self.scopes.subscribe();
-        tokio::select! {
-            () = crate::shutdown::stopped(shutdown) => false,
-            running = scopes.wait_for(|s| !s.iter().any(|s| s.covers(watch, provider))) => running.is_ok(),
+    /// Set job `id` aside until the paused scopes change.
+    pub fn park(&self, id: u64) {
+        if let Ok(mut parked) = self.parked.lock() {
+            parked.push(id);
         }
+    }
+
+    /// The jobs set aside so far (they are no longer set aside).
+    pub fn take_parked(&self) -> Vec<u64> {
+        self.parked
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
+    }
+
+    /// A receiver that sees every change of the paused scopes.
+    pub fn changes(&self) -> watch::Receiver<BTreeSet<Scope>> {
+        self.scopes.subscribe()
     }
 }
 
@@ -208,6 +218,10 @@ pub async fn change(
     paused: bool,
 ) -> Result<BTreeSet<Scope>, PauseError> {
     scope.check(config)?;
+    // One change at a time in this process: two at once would each write
+    // the list as they read it, and one would be lost.
+    static CHANGING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = CHANGING.lock().await;
     let mut scopes = load(store).await?;
     let changed = if paused {
         scopes.insert(scope.clone())
@@ -241,27 +255,16 @@ mod tests {
         assert!(!Scope::Watch("w".into()).covers("v", "w"));
     }
 
-    #[tokio::test]
-    async fn a_waiting_job_wakes_when_its_scope_resumes() {
+    #[test]
+    fn a_parked_job_is_handed_back_once() {
         let pauses = Pauses::new([Scope::Provider("p".into())].into());
-        let (_stop, mut shutdown) = watch::channel(false);
         assert_eq!(pauses.holding("w", "p"), Some(Scope::Provider("p".into())));
         assert_eq!(pauses.holding("w", "q"), None);
-        let waiter = {
-            let pauses = pauses.clone();
-            tokio::spawn(async move { pauses.until_running("w", "p", &mut shutdown).await })
-        };
+        let changes = pauses.changes();
+        pauses.park(7);
         pauses.replace([Scope::Watch("other".into())].into());
-        assert!(waiter.await.expect("waiter"));
-    }
-
-    #[tokio::test]
-    async fn shutdown_ends_the_wait() {
-        let pauses = Pauses::new([Scope::All].into());
-        let (stop, mut shutdown) = watch::channel(false);
-        let waiter =
-            tokio::spawn(async move { pauses.until_running("w", "p", &mut shutdown).await });
-        stop.send_replace(true);
-        assert!(!waiter.await.expect("waiter"));
+        assert!(changes.has_changed().unwrap_or(false));
+        assert_eq!(pauses.take_parked(), vec![7]);
+        assert!(pauses.take_parked().is_empty());
     }
 }

@@ -121,6 +121,7 @@ impl Router {
                         Value::String("{stem}".into()),
                     )]),
                     duplicates: Duplicates::Skip,
+                    notify: Vec::new(),
                 };
                 self.render(&fallback, facts)
             }

@@ -213,6 +213,10 @@ pub struct Chunk {
     /// none for a lane's chunk, whose bytes a separate pass hashes in order).
     to_hash: Option<tokio::sync::mpsc::Sender<Bytes>>,
     counters: Arc<Counters>,
+    /// The bandwidth limits its bytes pass through on their way out.
+    throttle: crate::bandwidth::Throttle,
+    /// The rest of a piece cut into slices for a throttled send.
+    pending: Option<Bytes>,
 }
 
 /// A chunk's checksum being computed ahead of its send. It holds the very
@@ -303,7 +307,16 @@ impl Chunk {
             pieces: None,
             to_hash: None,
             counters,
+            throttle: Vec::new(),
+            pending: None,
         }
+    }
+
+    /// Hand the bytes out no faster than these limits allow, in slices of
+    /// at most [`crate::bandwidth::SLICE`].
+    pub(crate) fn throttled(mut self, throttle: crate::bandwidth::Throttle) -> Self {
+        self.throttle = throttle;
+        self
     }
 
     /// Offset one past the last byte.
@@ -325,22 +338,35 @@ impl Chunk {
     /// # Errors
     /// An I/O error, or `UnexpectedEof` when the source shrank.
     pub async fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
+        let mut piece = match self.pending.take() {
+            Some(rest) => rest,
+            None => match self.read_piece().await? {
+                Some(piece) => piece,
+                None => return Ok(None),
+            },
+        };
+        if !self.throttle.is_empty() {
+            if piece.len() > crate::bandwidth::SLICE {
+                self.pending = Some(piece.split_off(crate::bandwidth::SLICE));
+            }
+            for limit in &self.throttle {
+                limit.take(piece.len()).await;
+            }
+        }
+        self.counters
+            .in_flight
+            .fetch_add(piece.len() as u64, Ordering::Relaxed);
+        Ok(Some(piece))
+    }
+
+    async fn read_piece(&mut self) -> io::Result<Option<Bytes>> {
         if self.pieces.is_none() {
             self.pieces = Some(self.start_reader());
         }
         let Some(pieces) = self.pieces.as_mut() else {
             return Ok(None);
         };
-        match pieces.recv().await {
-            None => Ok(None),
-            Some(Err(e)) => Err(e),
-            Some(Ok(piece)) => {
-                self.counters
-                    .in_flight
-                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                Ok(Some(piece))
-            }
-        }
+        pieces.recv().await.transpose()
     }
 
     /// Read the chunk piece by piece, in order, into the hash's queue and

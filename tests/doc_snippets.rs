@@ -13,8 +13,10 @@ use std::process::Command;
 use serde_yaml::{Mapping, Value};
 
 /// Keys `hotfolder` accepts at the top of its config.
-const TOP_LEVEL: [&str; 11] = [
+const TOP_LEVEL: [&str; 13] = [
     "state_dir",
+    "bandwidth",
+    "notify",
     "store",
     "workers",
     "shutdown_timeout",

@@ -154,7 +154,18 @@ fn endless_url_expiry_fails_the_job_after_a_bounded_number_of_videos() {
         path.exists().then(|| common::read_json(&path))
     });
     let reason = report["reason"].as_str().unwrap_or_default().to_string();
-    assert!(reason.contains("invalidated 10 remote uploads"), "{report}");
+    // Ten replaced uploads end it; a create interrupted on the way (its
+    // possible orphan named in the same list) can add to the count.
+    let counted: usize = reason
+        .split("invalidated ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (10..=12).contains(&counted) && reason.contains("remote uploads of this file"),
+        "{report}"
+    );
     let videos = sandbox.records_where("okru", "file_name", "never.mp4");
     // Ten replaced and the last one; a create whose connection closed
     // before it was answered may have made no video, and counts (as a

@@ -179,3 +179,45 @@ fn pause_refuses_a_name_the_config_does_not_have() {
     let out = fx.hotfolder(&["pause", "--provider", "archive", "--watch", "drop"]);
     assert_eq!(out.status.code(), Some(2), "both a provider and a watch");
 }
+
+#[test]
+fn a_paused_watch_holds_no_slot_that_another_watch_needs() {
+    // One upload at a time to the provider: at most two job tasks. Five
+    // paused files must not keep the other watch's file waiting.
+    let fx = Fixture::with_config("", "max_concurrent: 1", "");
+    let text = std::fs::read_to_string(&fx.config).expect("config");
+    std::fs::create_dir_all(fx.root.join("other")).expect("other watch");
+    std::fs::write(
+        &fx.config,
+        text.replacen(
+            "watches:\n",
+            "watches:\n  - name: other\n    path: ./other\n",
+            1,
+        ),
+    )
+    .expect("config");
+    let daemon = fx.start();
+    ok(&fx.hotfolder(&["pause", "--watch", "drop"]));
+    for n in 0..5 {
+        write_random(&fx.watch.join(format!("held{n}.mp4")), 10_000, n);
+    }
+    wait_for("five jobs queued and held", Duration::from_secs(30), || {
+        (in_state(&fx.status(), "queued").len() == 5).then_some(())
+    });
+    write_random(&fx.root.join("other/free.mp4"), 10_000, 9);
+    wait_for(
+        "the other watch's file done",
+        Duration::from_secs(30),
+        || (in_state(&fx.status(), "done").len() == 1).then_some(()),
+    );
+    assert_eq!(
+        in_state(&fx.status(), "queued").len(),
+        5,
+        "the paused ones still wait"
+    );
+    ok(&fx.hotfolder(&["resume", "--watch", "drop"]));
+    wait_for("all six done", Duration::from_secs(30), || {
+        (in_state(&fx.status(), "done").len() == 6).then_some(())
+    });
+    drop(daemon);
+}

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::positions::PositionIndex;
 use super::values::{ByteSize, Dur, Flag, Num, Secret, Text, interpolate};
 use super::*;
+use crate::bandwidth::Schedule;
 
 /// A configuration problem, located in the file.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -61,6 +62,23 @@ struct RawConfig {
     rules: Vec<RawRule>,
     #[serde(default)]
     unmatched: Unmatched,
+    bandwidth: Option<Schedule>,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
+}
+
+/// One webhook.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    url: Option<Secret>,
+    url_file: Option<Text>,
+    events: Option<Vec<Text>>,
+    secret: Option<Secret>,
+    secret_file: Option<Text>,
+    #[serde(default)]
+    headers: BTreeMap<String, Secret>,
+    format: Option<Text>,
 }
 
 #[derive(Deserialize, Default)]
@@ -153,6 +171,7 @@ struct RawProvider {
     retry: Option<RawRetry>,
     chunk_size: Option<ByteSize>,
     parallel: Option<Num<usize>>,
+    bandwidth: Option<Schedule>,
     // folder
     path: Option<Text>,
     // okru
@@ -191,6 +210,8 @@ struct RawRule {
     metadata: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     duplicates: Duplicates,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
 }
 
 #[derive(Deserialize, Default)]
@@ -539,9 +560,29 @@ impl Resolver<'_> {
             providers.insert(name, resolved);
         }
 
+        let notify = self.notify("notify", raw.notify)?;
         let mut rules = Vec::new();
         for (i, rule) in raw.rules.into_iter().enumerate() {
             rules.push(self.rule(i, rule, &watches, &providers)?);
+        }
+        // Deliveries are kept by webhook URL: one URL is one webhook.
+        let mut seen = std::collections::BTreeSet::new();
+        let all_hooks =
+            notify
+                .iter()
+                .map(|h| ("notify".to_string(), h))
+                .chain(rules.iter().flat_map(|r| {
+                    r.notify
+                        .iter()
+                        .map(move |h| (format!("rules[{}].notify", r.index), h))
+                }));
+        for (key, hook) in all_hooks {
+            if !seen.insert(hook.url.expose().to_string()) {
+                return Err(self.error(
+                    &key,
+                    "the same webhook URL appears twice; give it once (top level for every job, or in one rule)",
+                ));
+            }
         }
 
         let config = Config {
@@ -561,6 +602,9 @@ impl Resolver<'_> {
             providers,
             rules,
             unmatched: raw.unmatched,
+            bandwidth: raw.bandwidth,
+            notify,
+            retry: default_retry,
         };
         self.check_folders(&config)?;
         Ok(config)
@@ -916,6 +960,7 @@ impl Resolver<'_> {
             retry,
             chunk_size,
             parallel,
+            bandwidth: raw.bandwidth.clone(),
             kind,
         })
     }
@@ -966,7 +1011,9 @@ impl Resolver<'_> {
             interpolate_json(value)
                 .map_err(|m| self.error(&key(&format!("metadata.{name}")), m))?;
         }
+        let notify = self.notify(&key("notify"), raw.notify)?;
         Ok(Rule {
+            notify,
             index: i,
             watch,
             glob,
@@ -976,6 +1023,80 @@ impl Resolver<'_> {
             metadata,
             duplicates: raw.duplicates,
         })
+    }
+
+    /// Webhooks under `key` (`notify`, `rules[N].notify`).
+    fn notify(&self, key: &str, raw: Vec<RawNotify>) -> Result<Vec<NotifyConfig>, ConfigError> {
+        let mut out = Vec::new();
+        for (i, raw) in raw.into_iter().enumerate() {
+            let key = format!("{key}[{i}]");
+            let url = self
+                .secret(&format!("{key}.url"), raw.url, raw.url_file.as_ref())?
+                .ok_or_else(|| self.error(&key, "a webhook needs a `url` (or `url_file`)"))?;
+            match url::Url::parse(url.expose()) {
+                Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+                _ => {
+                    return Err(
+                        self.error(&format!("{key}.url"), "is not an http:// or https:// URL")
+                    );
+                }
+            }
+            let events = match raw.events {
+                None => NotifyEvent::ALL.to_vec(),
+                Some(names) => {
+                    let mut events = Vec::new();
+                    for (j, name) in names.iter().enumerate() {
+                        let event = NotifyEvent::ALL
+                            .into_iter()
+                            .find(|e| e.as_str() == name.trim())
+                            .ok_or_else(|| {
+                                self.error(
+                                    &format!("{key}.events[{j}]"),
+                                    format!(
+                                        "{:?} is not an event; use done, failed or retried",
+                                        name.0
+                                    ),
+                                )
+                            })?;
+                        events.push(event);
+                    }
+                    events
+                }
+            };
+            let format = match raw.format.as_deref().map(str::trim) {
+                None | Some("json") => NotifyFormat::Json,
+                Some("slack") => NotifyFormat::Slack,
+                Some(other) => {
+                    return Err(self.error(
+                        &format!("{key}.format"),
+                        format!("{other:?} is not a format; use json or slack"),
+                    ));
+                }
+            };
+            for (name, value) in &raw.headers {
+                let valid = reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                    && reqwest::header::HeaderValue::from_str(value.expose()).is_ok();
+                if !valid {
+                    return Err(self.error(
+                        &format!("{key}.headers.{name}"),
+                        "is not a valid HTTP header (name: letters, digits and -; value: visible characters)",
+                    ));
+                }
+            }
+            let secret = self.secret(
+                &format!("{key}.secret"),
+                raw.secret,
+                raw.secret_file.as_ref(),
+            )?;
+            out.push(NotifyConfig {
+                url,
+                events,
+                secret,
+                headers: raw.headers,
+                format,
+            });
+        }
+        Ok(out)
     }
 
     /// done/failed folders must not be inside a watched tree unless excluded

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use load::{ConfigError, load, load_str};
-pub use values::{ByteSize, Dur, Secret};
+pub use values::{ByteSize, Dur, Secret, parse_scalar};
 
 /// The whole resolved configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +43,85 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// What to do with a file no rule matches.
     pub unmatched: Unmatched,
+    /// The limit on all uploads together (a rate or a weekly timetable).
+    pub bandwidth: Option<crate::bandwidth::Schedule>,
+    /// Webhooks told about every job's events.
+    pub notify: Vec<NotifyConfig>,
+    /// `defaults.retry`: the shared backoff (providers may override it;
+    /// webhook deliveries use it).
+    pub retry: RetryConfig,
+}
+
+/// A webhook: where to tell which events, signed with `secret`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotifyConfig {
+    /// Where events are POSTed. A secret: a chat's incoming-webhook URL
+    /// is a credential.
+    pub url: Secret,
+    /// Which events it gets.
+    pub events: Vec<NotifyEvent>,
+    /// Key of the `X-Hotfolder-Signature` HMAC-SHA256 of the body.
+    pub secret: Option<Secret>,
+    /// Extra request headers (values are kept secret: often a token).
+    pub headers: BTreeMap<String, Secret>,
+    /// The body's form.
+    pub format: NotifyFormat,
+}
+
+impl NotifyConfig {
+    /// A short, stable name for this webhook that shows nothing of its URL
+    /// (the outbox keys deliveries by it, status shows it).
+    pub fn key(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.url.expose().as_bytes());
+        hex::encode(&digest[..6])
+    }
+
+    /// Scheme and host of the URL only, for a person to recognise it.
+    pub fn host(&self) -> String {
+        url::Url::parse(self.url.expose()).map_or_else(
+            |_| "(bad url)".into(),
+            |u| format!("{}://{}", u.scheme(), u.host_str().unwrap_or("")),
+        )
+    }
+}
+
+/// What a webhook is told about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyEvent {
+    /// A file delivered (or found delivered already) and filed.
+    Done,
+    /// A job failed for good; its file is in failed/.
+    Failed,
+    /// An attempt failed and the job will try again.
+    Retried,
+}
+
+impl NotifyEvent {
+    /// Every event (a webhook without `events` gets all).
+    pub const ALL: [NotifyEvent; 3] =
+        [NotifyEvent::Done, NotifyEvent::Failed, NotifyEvent::Retried];
+
+    /// Its name in config and bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::Done => "done",
+            NotifyEvent::Failed => "failed",
+            NotifyEvent::Retried => "retried",
+        }
+    }
+}
+
+/// The body of a webhook's request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyFormat {
+    /// The event as a JSON document.
+    Json,
+    /// `{"text": "..."}`, which a Slack (or Mattermost, Teams-compatible)
+    /// incoming-webhook URL takes as it is.
+    Slack,
 }
 
 impl Config {
@@ -252,6 +331,8 @@ pub struct ProviderConfig {
     /// Parts of one file sent at once (`parallel: N`, tus concatenation or
     /// api.video parts); 1 sends chunk after chunk.
     pub parallel: usize,
+    /// The limit on this provider's uploads together.
+    pub bandwidth: Option<crate::bandwidth::Schedule>,
     /// Type-specific settings.
     #[serde(flatten)]
     pub kind: ProviderKind,
@@ -348,6 +429,9 @@ pub struct Rule {
     pub metadata: BTreeMap<String, serde_json::Value>,
     /// Skip or upload content already delivered to this provider.
     pub duplicates: Duplicates,
+    /// Webhooks told about the events of the jobs this rule routes (as
+    /// well as the top-level ones).
+    pub notify: Vec<NotifyConfig>,
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -114,7 +114,7 @@ where
 }
 
 /// Deserialize any `FromStr` type from an interpolated scalar.
-fn parse_scalar<'de, D, T>(deserializer: D, what: &'static str) -> Result<T, D::Error>
+pub fn parse_scalar<'de, D, T>(deserializer: D, what: &'static str) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: FromStr,

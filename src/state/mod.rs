@@ -2,6 +2,7 @@
 //! work starts and after every acknowledged step, so that a restart resumes
 //! what was in flight and never redoes what finished.
 
+pub use crate::notify::Notification;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -155,6 +156,11 @@ pub struct Job {
     pub started_at: Option<jiff::Timestamp>,
     /// Reached a terminal state.
     pub finished_at: Option<jiff::Timestamp>,
+    /// Webhook events raised so far: each event's id counts on from it, so
+    /// a job retried by hand raises new ids, while a step redone after a
+    /// crash (whose count was not recorded) raises the same one again.
+    #[serde(default)]
+    pub events_raised: u64,
     /// Last write.
     pub updated_at: jiff::Timestamp,
 }
@@ -207,6 +213,7 @@ impl Job {
             created_at: now,
             started_at: None,
             finished_at: None,
+            events_raised: 0,
             updated_at: now,
         }
     }
@@ -381,6 +388,40 @@ pub trait JobStore {
     /// # Errors
     /// Database failure.
     async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
+
+    /// Add a webhook delivery to the outbox unless one with its key is
+    /// there. Like [`JobStore::create`], it may reach the disk only with
+    /// the next durable write (the job step that raised it).
+    ///
+    /// # Errors
+    /// Database failure.
+    async fn outbox_add(&self, delivery: &Notification) -> Result<(), StoreError>;
+
+    /// Deliveries whose time has come, at most `limit`, oldest first; in a
+    /// fleet each is kept from the other nodes for
+    /// [`crate::notify::SENDING_FOR`] while this one sends it.
+    ///
+    /// # Errors
+    /// Database or decode failure.
+    async fn outbox_due(&self, limit: usize) -> Result<Vec<Notification>, StoreError>;
+
+    /// Record a failed try (attempts, next time, reason).
+    ///
+    /// # Errors
+    /// Database failure.
+    async fn outbox_update(&self, delivery: &Notification) -> Result<(), StoreError>;
+
+    /// A delivery the receiver took.
+    ///
+    /// # Errors
+    /// Database failure.
+    async fn outbox_remove(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Every delivery waiting, at most `limit`, oldest first (for status).
+    ///
+    /// # Errors
+    /// Database or decode failure.
+    async fn outbox(&self, limit: usize) -> Result<Vec<Notification>, StoreError>;
 
     /// One page of jobs in id order (or newest first), at most
     /// `query.limit`: the cost of a page does not grow with history.
@@ -644,6 +685,26 @@ impl JobStore for Store {
 
     async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
         forward!(self, s => s.set_setting(key, value).await)
+    }
+
+    async fn outbox_add(&self, delivery: &Notification) -> Result<(), StoreError> {
+        forward!(self, s => s.outbox_add(delivery).await)
+    }
+
+    async fn outbox_due(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {
+        forward!(self, s => s.outbox_due(limit).await)
+    }
+
+    async fn outbox_update(&self, delivery: &Notification) -> Result<(), StoreError> {
+        forward!(self, s => s.outbox_update(delivery).await)
+    }
+
+    async fn outbox_remove(&self, key: &str) -> Result<(), StoreError> {
+        forward!(self, s => s.outbox_remove(key).await)
+    }
+
+    async fn outbox(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {
+        forward!(self, s => s.outbox(limit).await)
     }
 
     async fn page(&self, query: &Page) -> Result<Vec<Job>, StoreError> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{ContentEntry, Job, JobState, Page, StoreError, decode};
+use super::{ContentEntry, Job, JobState, Notification, Page, StoreError, decode};
 
 /// The schema, one migration per version, applied in order. Never edit a
 /// released one: add the next.
@@ -55,6 +55,13 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE hotfolder_jobs ADD COLUMN lease_until timestamptz;
      CREATE INDEX hotfolder_jobs_by_lease ON hotfolder_jobs (lease_until)
          WHERE state NOT IN ('done', 'failed', 'superseded');",
+    // 4: the webhook outbox: one row per event and webhook.
+    "CREATE TABLE hotfolder_outbox (
+         key text PRIMARY KEY,
+         next_at timestamptz NOT NULL,
+         delivery jsonb NOT NULL
+     );
+     CREATE INDEX hotfolder_outbox_by_time ON hotfolder_outbox (next_at);",
 ];
 
 /// The SQL condition "the job is unfinished" (the states that are not
@@ -456,6 +463,66 @@ impl PgStore {
     }
 
     /// Nothing to do: every statement was committed durably.
+    pub(super) async fn outbox_add(&self, delivery: &Notification) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO hotfolder_outbox (key, next_at, delivery) VALUES ($1, now(), $2::jsonb)
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&delivery.key)
+        .bind(delivery_json(delivery)?)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn outbox_due(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {
+        // Taken for a while, so that the other nodes leave them alone.
+        let rows: Vec<String> = sqlx::query_scalar(
+            "UPDATE hotfolder_outbox SET next_at = now() + make_interval(secs => $2)
+             WHERE key IN (SELECT key FROM hotfolder_outbox WHERE next_at <= now()
+                           ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING delivery::text",
+        )
+        .bind(limit as i64)
+        .bind(crate::notify::SENDING_FOR.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(|r| delivery_of(r)).collect()
+    }
+
+    pub(super) async fn outbox_update(&self, delivery: &Notification) -> Result<(), StoreError> {
+        sqlx::query("UPDATE hotfolder_outbox SET next_at = $2::timestamptz, delivery = $3::jsonb WHERE key = $1")
+            .bind(&delivery.key)
+            .bind(delivery.next_at.to_string())
+            .bind(delivery_json(delivery)?)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn outbox_remove(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM hotfolder_outbox WHERE key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn outbox(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT delivery::text FROM hotfolder_outbox ORDER BY next_at LIMIT $1",
+        )
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(|r| delivery_of(r)).collect()
+    }
+
     pub(super) async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         sqlx::query_scalar("SELECT value FROM hotfolder_meta WHERE key = $1")
             .bind(format!("setting/{key}"))
@@ -958,6 +1025,20 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         tracing::info!(version = index + 1, "store schema migrated");
     }
     tx.commit().await.map_err(unavailable)
+}
+
+fn delivery_json(delivery: &Notification) -> Result<String, StoreError> {
+    serde_json::to_string(delivery).map_err(|source| StoreError::Decode {
+        key: delivery.key.clone(),
+        source,
+    })
+}
+
+fn delivery_of(text: &str) -> Result<Notification, StoreError> {
+    serde_json::from_str(text).map_err(|source| StoreError::Decode {
+        key: "hotfolder_outbox".into(),
+        source,
+    })
 }
 
 #[cfg(test)]

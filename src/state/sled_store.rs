@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use super::{ContentEntry, Job, JobState, JobStore, Page, StoreError, decode, prepare_state_dir};
+use super::{
+    ContentEntry, Job, JobState, JobStore, Notification, Page, StoreError, decode,
+    prepare_state_dir,
+};
 use crate::group_commit::GroupCommit;
 
 /// sled's page cache: enough for the jobs in flight and recent history.
@@ -21,6 +24,8 @@ pub struct SledStore {
     sources: sled::Tree,
     delivered: sled::Tree,
     meta: sled::Tree,
+    /// Webhook deliveries waiting, by their key.
+    outbox: sled::Tree,
 }
 
 fn source_key(watch: &str, relpath: &Path) -> Vec<u8> {
@@ -90,6 +95,7 @@ impl SledStore {
             jobs,
             sources: db.open_tree("sources")?,
             delivered: db.open_tree("delivered")?,
+            outbox: db.open_tree("outbox")?,
             meta,
         })
     }
@@ -160,6 +166,56 @@ impl JobStore for SledStore {
     async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.meta.insert(setting_key(key), value.as_bytes())?;
         self.flush().await
+    }
+
+    async fn outbox_add(&self, delivery: &Notification) -> Result<(), StoreError> {
+        let bytes = encode_delivery(delivery)?;
+        let _ =
+            self.outbox
+                .compare_and_swap(delivery.key.as_bytes(), None::<&[u8]>, Some(bytes))?;
+        Ok(())
+    }
+
+    async fn outbox_due(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {
+        let now = jiff::Timestamp::now();
+        let mut due: Vec<Notification> = self
+            .outbox(usize::MAX)
+            .await?
+            .into_iter()
+            .filter(|d| d.next_at <= now)
+            .collect();
+        due.truncate(limit);
+        Ok(due)
+    }
+
+    async fn outbox_update(&self, delivery: &Notification) -> Result<(), StoreError> {
+        // Only while it waits: a delivery removed meanwhile stays removed.
+        let bytes = encode_delivery(delivery)?;
+        let _ = self
+            .outbox
+            .fetch_and_update(delivery.key.as_bytes(), |old| old.map(|_| bytes.clone()))?;
+        Ok(())
+    }
+
+    async fn outbox_remove(&self, key: &str) -> Result<(), StoreError> {
+        self.outbox.remove(key.as_bytes())?;
+        Ok(())
+    }
+
+    async fn outbox(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {
+        let mut all = Vec::new();
+        for entry in &self.outbox {
+            let (key, bytes) = entry?;
+            let delivery: Notification =
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Decode {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    source,
+                })?;
+            all.push(delivery);
+        }
+        all.sort_by_key(|d| d.next_at);
+        all.truncate(limit);
+        Ok(all)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -290,6 +346,13 @@ impl SledStore {
         }
         Ok(entries)
     }
+}
+
+fn encode_delivery(delivery: &Notification) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(delivery).map_err(|source| StoreError::Decode {
+        key: delivery.key.clone(),
+        source,
+    })
 }
 
 /// Operators' settings live in the meta tree beside the store's own keys,

@@ -136,6 +136,8 @@ pub struct Engine {
     pub content_claims: Arc<tokio::sync::Mutex<()>>,
     /// The paused scopes: an upload they cover stops at its next chunk.
     pub pauses: crate::pause::Pauses,
+    /// The bandwidth limits uploads pass through.
+    pub bandwidth: Arc<crate::bandwidth::Bandwidth>,
 }
 
 impl Engine {
@@ -424,6 +426,7 @@ impl Engine {
                 job.hash.clone().unwrap_or_default(),
                 Arc::clone(counters),
             );
+            let chunk = chunk.throttled(self.bandwidth.throttle_for(&job.provider));
             let session = job.session.as_mut().ok_or_else(|| {
                 ProviderError::new(ErrorKind::Gone, "the job has no upload session")
             })?;
@@ -564,7 +567,8 @@ impl Engine {
                                 signature.size,
                                 request.chunk_size,
                                 Arc::clone(counters),
-                            );
+                            )
+                            .throttled(self.bandwidth.throttle_for(job_provider));
                             let acked = provider
                                 .send_lane(session, request, lane, chunk)
                                 .await
