@@ -233,7 +233,7 @@ impl Notifier {
                 next_at: jiff::Timestamp::now(),
                 last_error: None,
             };
-            self.store.outbox_add(&delivery).await?;
+            self.store.outbox_add(&delivery, job).await?;
         }
         self.wake.notify_one();
         Ok(())

@@ -543,3 +543,60 @@ fn a_fleet_node_sends_its_events_through_the_databases_outbox() {
     verify(&receiver.taken()[0]);
     drop(daemon);
 }
+
+/// A node that lost a job (another holds it under a newer epoch) adds no
+/// event for it: the outbox write is fenced like the job's own writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_lost_the_job_adds_no_event() {
+    use hotfolder::config::NotifyEvent;
+    use hotfolder::state::{
+        FileSignature, Job, JobStore, Notification, PgStore, Store, StoreError,
+    };
+    let pg = common::postgres::Postgres::start();
+    let url = pg.database("fence");
+    let store = Store::Postgres(PgStore::open(&url).await.expect("open the fleet store"));
+    let signature = FileSignature {
+        size: 1,
+        mtime_ns: 1,
+        dev: 1,
+        ino: 1,
+    };
+    let mut job = Job::new(
+        1,
+        "drop",
+        std::path::Path::new("a.mp4"),
+        std::path::Path::new("/x/a.mp4"),
+        signature,
+        "archive",
+    );
+    store.put(&mut job).await.expect("the job");
+    // Another node took it over: its epoch moved on.
+    pg.sql("fence", "UPDATE hotfolder_jobs SET epoch = 2 WHERE id = 1");
+    let event = |key: &str| Notification {
+        key: key.to_string(),
+        event_id: key.to_string(),
+        event: NotifyEvent::Retried,
+        webhook: "w".into(),
+        host: "http://127.0.0.1".into(),
+        document: serde_json::json!({}),
+        attempts: 0,
+        next_at: jiff::Timestamp::now(),
+        last_error: None,
+    };
+    job.epoch = 1;
+    let stale = store.outbox_add(&event("stale"), &job).await;
+    assert!(matches!(stale, Err(StoreError::Fenced(1))), "{stale:?}");
+    job.epoch = 2;
+    store
+        .outbox_add(&event("current"), &job)
+        .await
+        .expect("the holder adds it");
+    let keys: Vec<String> = store
+        .outbox(10)
+        .await
+        .expect("outbox")
+        .into_iter()
+        .map(|n| n.key)
+        .collect();
+    assert_eq!(keys, vec!["current".to_string()]);
+}

@@ -389,13 +389,15 @@ pub trait JobStore {
     /// Database failure.
     async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
 
-    /// Add a webhook delivery to the outbox unless one with its key is
-    /// there. Like [`JobStore::create`], it may reach the disk only with
-    /// the next durable write (the job step that raised it).
+    /// Add a webhook delivery that `job`'s step raised to the outbox,
+    /// unless one with its key is there. Like [`JobStore::create`], it may
+    /// reach the disk only with the next durable write (that step's). In a
+    /// fleet it is fenced as the job's writes are: a node that lost the job
+    /// adds nothing.
     ///
     /// # Errors
-    /// Database failure.
-    async fn outbox_add(&self, delivery: &Notification) -> Result<(), StoreError>;
+    /// Database failure; [`StoreError::Fenced`].
+    async fn outbox_add(&self, delivery: &Notification, job: &Job) -> Result<(), StoreError>;
 
     /// Deliveries whose time has come, at most `limit`, oldest first; in a
     /// fleet each is kept from the other nodes for
@@ -687,8 +689,8 @@ impl JobStore for Store {
         forward!(self, s => s.set_setting(key, value).await)
     }
 
-    async fn outbox_add(&self, delivery: &Notification) -> Result<(), StoreError> {
-        forward!(self, s => s.outbox_add(delivery).await)
+    async fn outbox_add(&self, delivery: &Notification, job: &Job) -> Result<(), StoreError> {
+        forward!(self, s => s.outbox_add(delivery, job).await)
     }
 
     async fn outbox_due(&self, limit: usize) -> Result<Vec<Notification>, StoreError> {

@@ -463,16 +463,35 @@ impl PgStore {
     }
 
     /// Nothing to do: every statement was committed durably.
-    pub(super) async fn outbox_add(&self, delivery: &Notification) -> Result<(), StoreError> {
+    pub(super) async fn outbox_add(
+        &self,
+        delivery: &Notification,
+        job: &Job,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        if job.epoch > 0 {
+            // The job's row is held until the commit: no claim moves its
+            // epoch between this check and the insert.
+            let epoch: Option<i64> =
+                sqlx::query_scalar("SELECT epoch FROM hotfolder_jobs WHERE id = $1 FOR SHARE")
+                    .bind(job.id as i64)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            if epoch != Some(job.epoch as i64) {
+                return Err(StoreError::Fenced(job.id));
+            }
+        }
         sqlx::query(
             "INSERT INTO hotfolder_outbox (key, next_at, delivery) VALUES ($1, now(), $2::jsonb)
              ON CONFLICT (key) DO NOTHING",
         )
         .bind(&delivery.key)
         .bind(delivery_json(delivery)?)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
         Ok(())
     }
 

@@ -168,7 +168,7 @@ impl JobStore for SledStore {
         self.flush().await
     }
 
-    async fn outbox_add(&self, delivery: &Notification) -> Result<(), StoreError> {
+    async fn outbox_add(&self, delivery: &Notification, _job: &Job) -> Result<(), StoreError> {
         let bytes = encode_delivery(delivery)?;
         let _ =
             self.outbox
