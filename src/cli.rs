@@ -462,22 +462,37 @@ async fn open_store(config: &Config) -> Result<Store, CliError> {
         .map_err(|e| CliError::Runtime(anyhow::Error::new(e)))
 }
 
+/// Ask the daemon running on this state folder, keeping the answer
+/// `expected` picks out; `Ok(None)` when no daemon answers (the caller
+/// then reads the store itself). The daemon's error, or an answer of
+/// another kind, is the command's error.
+async fn ask_daemon<T>(
+    config: &Config,
+    request: &Request,
+    expected: impl FnOnce(Response) -> Option<T>,
+) -> Result<Option<T>, CliError> {
+    let answer = control::ask(&config.state_dir, request)
+        .await
+        .context("the running daemon gave an unreadable answer")?;
+    match answer {
+        None => Ok(None),
+        Some(Response::Error(e)) => Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}"))),
+        Some(other) => expected(other).map(Some).ok_or_else(|| {
+            CliError::Runtime(anyhow::anyhow!("the daemon answered something else"))
+        }),
+    }
+}
+
 async fn status(config: &Config, json: bool) -> Result<(), CliError> {
     // Opened when no daemon answers, or for a fleet's nodes; at most once.
     let mut store = None;
-    let rows = match control::ask(&config.state_dir, &Request::Status)
-        .await
-        .context("the running daemon gave an unreadable answer")?
+    let rows = match ask_daemon(config, &Request::Status, |r| match r {
+        Response::Jobs(rows) => Some(rows),
+        _ => None,
+    })
+    .await?
     {
-        Some(Response::Jobs(rows)) => rows,
-        Some(Response::Error(e)) => {
-            return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}")));
-        }
-        Some(_) => {
-            return Err(CliError::Runtime(anyhow::anyhow!(
-                "the daemon answered something else"
-            )));
-        }
+        Some(rows) => rows,
         None => jobs::status(store.insert(open_store(config).await?), None)
             .await
             .context("cannot read jobs")?,
@@ -495,10 +510,14 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 .context("cannot read the paused scopes")?
                 .into_iter()
                 .collect(),
-            None => match control::ask(&config.state_dir, &Request::Pauses).await {
-                Ok(Some(Response::Paused(scopes))) => scopes,
-                _ => Vec::new(),
-            },
+            None => ask_daemon(config, &Request::Pauses, |r| match r {
+                Response::Paused(scopes) => Some(scopes),
+                _ => None,
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
         };
         let waiting = match &store {
             Some(store) => store
@@ -508,10 +527,14 @@ async fn status(config: &Config, json: bool) -> Result<(), CliError> {
                 .iter()
                 .map(crate::notify::WaitingView::of)
                 .collect(),
-            None => match control::ask(&config.state_dir, &Request::Webhooks).await {
-                Ok(Some(Response::Webhooks(waiting))) => waiting,
-                _ => Vec::new(),
-            },
+            None => ask_daemon(config, &Request::Webhooks, |r| match r {
+                Response::Webhooks(waiting) => Some(waiting),
+                _ => None,
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
         };
         print!("{}", webhooks_table(&waiting));
         if !paused.is_empty() {
@@ -714,19 +737,13 @@ async fn pause_or_resume(config: &Config, scope: ScopeArgs, paused: bool) -> Res
         scope: scope.clone(),
         paused,
     };
-    let scopes: Vec<Scope> = match control::ask(&config.state_dir, &request)
-        .await
-        .context("the running daemon gave an unreadable answer")?
-    {
-        Some(Response::Paused(scopes)) => scopes,
-        Some(Response::Error(e)) => {
-            return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}")));
-        }
-        Some(_) => {
-            return Err(CliError::Runtime(anyhow::anyhow!(
-                "the daemon answered something else"
-            )));
-        }
+    let answer = ask_daemon(config, &request, |r| match r {
+        Response::Paused(scopes) => Some(scopes),
+        _ => None,
+    })
+    .await?;
+    let scopes: Vec<Scope> = match answer {
+        Some(scopes) => scopes,
         None => {
             let store = open_store(config).await?;
             crate::pause::change(&store, config, None, scope.clone(), paused)
@@ -749,19 +766,13 @@ async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliEr
         jobs: ids.clone(),
         failed,
     };
-    let (queued, errors) = match control::ask(&config.state_dir, &request)
-        .await
-        .context("the running daemon gave an unreadable answer")?
-    {
-        Some(Response::Retried { queued, errors }) => (queued, errors),
-        Some(Response::Error(e)) => {
-            return Err(CliError::Runtime(anyhow::anyhow!("the daemon said: {e}")));
-        }
-        Some(_) => {
-            return Err(CliError::Runtime(anyhow::anyhow!(
-                "the daemon answered something else"
-            )));
-        }
+    let answer = ask_daemon(config, &request, |r| match r {
+        Response::Retried { queued, errors } => Some((queued, errors)),
+        _ => None,
+    })
+    .await?;
+    let (queued, errors) = match answer {
+        Some(answer) => answer,
         None => {
             let store = open_store(config).await?;
             let mut ids = ids;

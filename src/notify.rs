@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -220,6 +221,7 @@ impl Notifier {
             job.events_raised,
             event.as_str()
         );
+        let document = document(&self.config, job, event, &event_id);
         for webhook in wanted {
             let key = webhook.key();
             let delivery = Notification {
@@ -228,7 +230,7 @@ impl Notifier {
                 event,
                 webhook: key,
                 host: webhook.host(),
-                document: document(&self.config, job, event, &event_id),
+                document: document.clone(),
                 attempts: 0,
                 next_at: jiff::Timestamp::now(),
                 last_error: None,
@@ -352,8 +354,6 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
-
-use futures_util::StreamExt as _;
 
 #[cfg(test)]
 mod tests {

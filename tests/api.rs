@@ -7,14 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::sandbox::http;
-use common::{Fixture, in_state, wait_for, write_random};
+use common::{Fixture, free_address, in_state, wait_for, write_random};
 
 const TOKEN: &str = "api-secret-token-4b1d9e";
-
-fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").to_string()
-}
 
 fn start(token: bool) -> (Fixture, common::Daemon, String) {
     let address = free_address();

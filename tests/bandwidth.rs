@@ -8,14 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::sandbox::{Sandbox, http};
-use common::{ConfigParts, Fixture, in_state, read_json, wait_for, write_random};
+use common::{ConfigParts, Fixture, free_address, in_state, read_json, wait_for, write_random};
 
 const MIB: u64 = 1 << 20;
-
-fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").to_string()
-}
 
 fn limit_in_metrics(address: &str, scope: &str, name: &str) -> Option<f64> {
     let (_, metrics) = http(address, "GET", "/metrics", &[]).ok()?;

@@ -10,12 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::sandbox::http;
-use common::{Fixture, in_state, wait_for, write_random};
-
-fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").to_string()
-}
+use common::{Fixture, free_address, in_state, wait_for, write_random};
 
 fn gauge(metrics: &str, name: &str) -> Option<f64> {
     metrics

@@ -11,12 +11,9 @@ use std::os::unix::fs::symlink;
 use std::time::Duration;
 
 use common::sandbox::{Sandbox, http};
-use common::{ConfigParts, Fixture, log_lines_with, wait_for, wait_for_outcome, write_random};
-
-fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").to_string()
-}
+use common::{
+    ConfigParts, Fixture, free_address, log_lines_with, wait_for, wait_for_outcome, write_random,
+};
 
 /// `/metrics` of a daemon listening on `address`, as text.
 fn scrape(address: &str) -> String {

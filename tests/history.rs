@@ -10,17 +10,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::Fixture;
 use common::sandbox::http;
+use common::{Fixture, free_address};
 use hotfolder::lifecycle::Outcome;
 use hotfolder::state::{FileSignature, Job, JobStore, Store};
 
 const JOBS: u64 = 100_000;
-
-fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").to_string()
-}
 
 /// CPU seconds (user + system) the process has used so far.
 fn cpu_seconds(pid: i32) -> f64 {

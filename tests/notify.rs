@@ -158,6 +158,16 @@ fn fixture(hooks: &str, top: &str) -> Fixture {
     fx
 }
 
+/// Only `.mp4` files are routed: with `unmatched: fail`, anything else fails.
+fn route_only_mp4(fx: &Fixture) {
+    let text = std::fs::read_to_string(&fx.config).expect("config");
+    std::fs::write(
+        &fx.config,
+        text.replace("- match: {}", "- match: { glob: \"*.mp4\" }"),
+    )
+    .expect("config");
+}
+
 fn hook(receiver: &Receiver, extra: &str) -> String {
     format!(
         "  - {{ url: \"{}\", secret: \"{SECRET}\", headers: {{ X-Team: studio-a }}{extra} }}",
@@ -170,12 +180,7 @@ fn done_and_failed_arrive_signed_with_the_receipts_facts() {
     let receiver = Receiver::start(Answer::Take);
     let fx = fixture(&hook(&receiver, ""), "unmatched: fail");
     // Only .mp4 files are routed; the .mov fails as unmatched.
-    let text = std::fs::read_to_string(&fx.config).expect("config");
-    std::fs::write(
-        &fx.config,
-        text.replace("- match: {}", "- match: { glob: \"*.mp4\" }"),
-    )
-    .expect("config");
+    route_only_mp4(&fx);
     let daemon = fx.start();
     write_random(&fx.watch.join("good.mp4"), 200_000, 1);
     write_random(&fx.watch.join("odd.mov"), 1000, 2);
@@ -238,10 +243,7 @@ fn done_and_failed_arrive_signed_with_the_receipts_facts() {
 #[test]
 fn a_refusing_receiver_gets_the_same_event_again_until_it_takes_it() {
     let receiver = Receiver::start(Answer::Refuse);
-    let address = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("address").to_string()
-    };
+    let address = common::free_address();
     let fx = fixture(
         &hook(&receiver, ", events: [done]"),
         &format!("http: {{ listen: \"{address}\" }}"),
@@ -281,9 +283,7 @@ fn a_refusing_receiver_gets_the_same_event_again_until_it_takes_it() {
 #[test]
 fn an_event_waiting_at_a_kill_9_is_delivered_after_the_restart() {
     // Nothing listens at first: the receiver's port is reserved, then freed.
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = listener.local_addr().expect("address").to_string();
-    drop(listener);
+    let address = common::free_address();
     let url = format!("http://{address}/hook");
     let fx = fixture(
         &format!("  - {{ url: \"{url}\", secret: \"{SECRET}\" }}"),
@@ -429,12 +429,7 @@ fn a_redirect_is_not_followed_and_not_counted_as_taken() {
 fn a_job_retried_by_hand_raises_events_with_new_ids() {
     let receiver = Receiver::start(Answer::Take);
     let fx = fixture(&hook(&receiver, ", events: [failed]"), "unmatched: fail");
-    let text = std::fs::read_to_string(&fx.config).expect("config");
-    std::fs::write(
-        &fx.config,
-        text.replace("- match: {}", "- match: { glob: \"*.mp4\" }"),
-    )
-    .expect("config");
+    route_only_mp4(&fx);
     let daemon = fx.start();
     write_random(&fx.watch.join("twice.mov"), 1000, 9);
     wait_for("the first failure told", Duration::from_secs(30), || {

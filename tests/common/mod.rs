@@ -23,6 +23,13 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+/// An address on 127.0.0.1 nothing listens on now (for a daemon's
+/// `http:` block, or a receiver started later).
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").to_string()
+}
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_hotfolder")
