@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::jobs::JobsHandle;
 use crate::jobs::{self, JobView};
-use crate::metrics::Measured;
+use crate::metrics::{self, Measured};
 use crate::pause::{PauseError, Scope};
 use crate::state::{JobStore, StoreError};
 
@@ -270,44 +270,27 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
     let mut measured: Vec<Measured> = by_state
         .into_iter()
         .map(|(state, n)| {
-            Measured::gauge(
-                "hotfolder_jobs",
-                "Jobs by state.",
-                vec![("state", state.to_string())],
-                n as f64,
-            )
+            Measured::new(&metrics::JOBS, vec![("state", state.to_string())], n as f64)
         })
         .collect();
-    measured.push(Measured::gauge(
-        "hotfolder_queue_depth",
-        "Unfinished jobs not uploading right now.",
+    measured.push(Measured::new(
+        &metrics::QUEUE_DEPTH,
         vec![],
         waiting.max(0.0),
     ));
-    measured.push(Measured::gauge(
-        "hotfolder_job_tasks",
-        "Job tasks alive now; other queued jobs wait without one.",
-        vec![],
-        ctx.metrics
-            .job_tasks
-            .load(std::sync::atomic::Ordering::Relaxed) as f64,
-    ));
-    measured.push(Measured::gauge(
-        "hotfolder_uploads_in_flight",
-        "Uploads moving bytes right now.",
+    measured.push(Measured::new(
+        &metrics::UPLOADS_IN_FLIGHT,
         vec![],
         in_flight,
     ));
     if matches!(ctx.store, crate::state::Store::Postgres(_)) {
-        measured.push(Measured::gauge(
-            "hotfolder_store_up",
-            "1 while the fleet database answers, 0 while it is away.",
+        measured.push(Measured::new(
+            &metrics::STORE_UP,
             vec![],
             if ctx.store_health.is_down() { 0.0 } else { 1.0 },
         ));
-        measured.push(Measured::counter(
-            "hotfolder_store_outages_total",
-            "Times the fleet database stopped answering.",
+        measured.push(Measured::count(
+            &metrics::STORE_OUTAGES,
             vec![],
             ctx.store_health
                 .outages
@@ -320,9 +303,8 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
             Scope::Provider(p) => ("provider", p.clone()),
             Scope::Watch(w) => ("watch", w.clone()),
         };
-        measured.push(Measured::gauge(
-            "hotfolder_paused",
-            "Paused scopes (1 each): everything, a provider or a watch; their uploads wait.",
+        measured.push(Measured::new(
+            &metrics::PAUSED,
             vec![("scope", kind.to_string()), ("name", name)],
             1.0,
         ));
@@ -332,96 +314,71 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
     {
         use std::sync::atomic::Ordering;
         let waiting = ctx.store.outbox(usize::MAX).await.unwrap_or_default();
-        measured.push(Measured::gauge(
-            "hotfolder_webhooks_waiting",
-            "Webhook events not yet taken by their receiver.",
+        measured.push(Measured::new(
+            &metrics::WEBHOOKS_WAITING,
             vec![],
             waiting.len() as f64,
         ));
-        measured.push(Measured::gauge(
-            "hotfolder_webhooks_failing",
-            "Webhook events whose receiver refused or missed a try (they are tried again).",
+        measured.push(Measured::new(
+            &metrics::WEBHOOKS_FAILING,
             vec![],
             waiting.iter().filter(|n| n.attempts > 0).count() as f64,
         ));
-        measured.push(Measured::counter(
-            "hotfolder_webhook_deliveries_total",
-            "Webhook events their receiver took.",
+        measured.push(Measured::count(
+            &metrics::WEBHOOK_DELIVERIES,
             vec![],
             notifier.delivered.load(Ordering::Relaxed),
         ));
-        measured.push(Measured::counter(
-            "hotfolder_webhook_failed_tries_total",
-            "Tries of webhook events that failed (refused, no answer, no connection).",
+        measured.push(Measured::count(
+            &metrics::WEBHOOK_FAILED_TRIES,
             vec![],
             notifier.failed_tries.load(Ordering::Relaxed),
         ));
     }
     for (scope, name, rate) in ctx.bandwidth.limits() {
-        measured.push(Measured::gauge(
-            "hotfolder_bandwidth_limit_bytes_per_second",
-            "The bandwidth limit in force, by scope (all uploads, or a provider); 0 while its timetable says off.",
+        measured.push(Measured::new(
+            &metrics::BANDWIDTH_LIMIT,
             vec![("scope", scope.to_string()), ("name", name)],
             rate.unwrap_or(0) as f64,
         ));
     }
     if let Some((requested, flushed)) = ctx.store.durability_counts() {
-        measured.push(Measured::counter(
-            "hotfolder_store_durable_writes_total",
-            "Job steps written and waited for until on disk.",
+        measured.push(Measured::count(
+            &metrics::STORE_DURABLE_WRITES,
             vec![],
             requested,
         ));
-        measured.push(Measured::counter(
-            "hotfolder_store_flushes_total",
-            "Flushes of the embedded database (durable writes made at once share one).",
-            vec![],
-            flushed,
-        ));
+        measured.push(Measured::count(&metrics::STORE_FLUSHES, vec![], flushed));
     }
     if let Some((in_use, held)) = crate::memory::heap() {
-        measured.push(Measured::gauge(
-            "hotfolder_heap_in_use_bytes",
-            "Bytes of live heap allocations (glibc's count).",
-            vec![],
-            in_use as f64,
-        ));
-        measured.push(Measured::gauge(
-            "hotfolder_heap_held_bytes",
-            "Bytes the heap holds from the system, in use or free (glibc's count).",
-            vec![],
-            held as f64,
-        ));
+        measured.push(Measured::new(&metrics::HEAP_IN_USE, vec![], in_use as f64));
+        measured.push(Measured::new(&metrics::HEAP_HELD, vec![], held as f64));
     }
     let mut watches: Vec<_> = ctx.watch_counters.iter().collect();
     watches.sort_by_key(|(name, _)| name.as_str());
     for (watch, counters) in &watches {
         use std::sync::atomic::Ordering;
         let by_watch = || vec![("watch", (*watch).clone())];
-        measured.push(Measured::counter(
-            "hotfolder_files_detected_total",
-            "Files found complete and offered, by watch.",
+        measured.push(Measured::count(
+            &metrics::FILES_DETECTED,
             by_watch(),
             counters.detected.load(Ordering::Relaxed),
         ));
-        measured.push(Measured::counter(
-            "hotfolder_files_vanished_total",
-            "Files that disappeared before they were complete (not those hotfolder moved), by watch.",
+        measured.push(Measured::count(
+            &metrics::FILES_VANISHED,
             by_watch(),
             counters.vanished.load(Ordering::Relaxed),
         ));
-        measured.push(Measured::counter(
-            "hotfolder_scans_total",
-            "Full scans of the watch folder, by watch.",
+        measured.push(Measured::count(
+            &metrics::SCANS,
             by_watch(),
             counters.scans.load(Ordering::Relaxed),
         ));
     }
     for (watch, counters) in &watches {
         for (reason, n) in counters.skipped.snapshot() {
-            measured.push(Measured::counter(
-                "hotfolder_files_skipped_total",
-                "Files left in place, by watch and reason (each version of a file once).",
+            measured.push(Measured::count(
+                &metrics::FILES_SKIPPED,
                 vec![("watch", (*watch).clone()), ("reason", reason.to_string())],
                 n,
             ));

@@ -468,9 +468,7 @@ impl Dispatch {
         let handle = tasks.spawn(run_job(Arc::clone(ctx), job));
         *self.live.entry(key.clone()).or_insert(0) += 1;
         self.tasks.insert(handle.id(), (key, id));
-        ctx.metrics
-            .job_tasks
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.metrics.job_tasks.inc();
     }
 
     /// A task ended: start the next waiting jobs of its provider.
@@ -479,9 +477,7 @@ impl Dispatch {
             return;
         };
         ctx.jobs.ended(job);
-        ctx.metrics
-            .job_tasks
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.metrics.job_tasks.dec();
         if let Some(n) = self.live.get_mut(&key) {
             *n = n.saturating_sub(1);
         }
@@ -678,8 +674,7 @@ pub async fn run_job(ctx: Arc<Context>, job: Job) {
             Err(_) => return, // cancelled: the daemon is stopping
         };
         task_failures += 1;
-        ctx.metrics
-            .add("hotfolder_job_task_failures_total", vec![], 1);
+        ctx.metrics.job_task_failures.inc();
         tracing::error!(job = id, error = %why, "job task failed (a bug or a store failure); recorded on the job");
         match record_task_failure(&ctx, id, &why, task_failures).await {
             Some(delay) => {
@@ -871,11 +866,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                     Some(status) => format!("http_{status}"),
                     None => format!("{:?}", error.kind).to_ascii_lowercase(),
                 };
-                ctx.metrics.add(
-                    "hotfolder_retries_total",
-                    vec![("provider", job.provider.clone()), ("reason", reason)],
-                    1,
-                );
+                ctx.metrics.retried(&job.provider, reason);
                 let delay = handle.backoff.delay(job.failures, error.retry_after);
                 tracing::warn!(error = %error, failures = job.failures, retry_in = ?delay, "attempt failed; will retry");
                 job.apply(Outcome::Transient);

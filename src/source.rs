@@ -173,12 +173,12 @@ pub struct Counters {
     pub in_flight: AtomicU64,
     /// Source bytes read by every job, for `/metrics`: moved as bytes are
     /// read, so a long upload does not look stalled until it ends.
-    pub all_jobs_read: Arc<AtomicU64>,
+    pub all_jobs_read: prometheus_client::metrics::counter::Counter,
 }
 
 impl Counters {
     /// Counters of one attempt that also add to `all_jobs_read`.
-    pub fn new(all_jobs_read: Arc<AtomicU64>) -> Self {
+    pub fn new(all_jobs_read: prometheus_client::metrics::counter::Counter) -> Self {
         Counters {
             all_jobs_read,
             ..Counters::default()
@@ -188,7 +188,7 @@ impl Counters {
     /// `bytes` more were read from the source.
     pub fn add_read(&self, bytes: u64) {
         self.read.fetch_add(bytes, Ordering::Relaxed);
-        self.all_jobs_read.fetch_add(bytes, Ordering::Relaxed);
+        self.all_jobs_read.inc_by(bytes);
     }
 }
 

@@ -223,3 +223,69 @@ fn routes_answer_without_auth_when_no_token_is_set() {
     assert_eq!(get(&address, "/api/jobs/1", None).0, 200);
     assert_eq!(get(&address, "/nowhere", None).0, 404);
 }
+
+/// Every family `/metrics` can ever show is there from the first scrape,
+/// with its HELP and TYPE, before anything has happened; every count is a
+/// counter and every level a gauge.
+#[test]
+fn metrics_declare_every_family_at_start() {
+    let (_fx, _daemon, address) = start(false);
+    let (status, text) = get(&address, "/metrics", None);
+    assert_eq!(status, 200);
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    let typed: std::collections::BTreeMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let helped: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let counters = [
+        "hotfolder_uploads_total",
+        "hotfolder_bytes_uploaded_total",
+        "hotfolder_retries_total",
+        "hotfolder_source_bytes_read_total",
+        "hotfolder_files_detected_total",
+        "hotfolder_files_vanished_total",
+        "hotfolder_files_skipped_total",
+        "hotfolder_scans_total",
+        "hotfolder_store_outages_total",
+        "hotfolder_store_durable_writes_total",
+        "hotfolder_store_flushes_total",
+        "hotfolder_webhook_deliveries_total",
+        "hotfolder_webhook_failed_tries_total",
+    ];
+    let gauges = [
+        "hotfolder_jobs",
+        "hotfolder_queue_depth",
+        "hotfolder_job_tasks",
+        "hotfolder_uploads_in_flight",
+        "hotfolder_store_up",
+        "hotfolder_paused",
+        "hotfolder_webhooks_waiting",
+        "hotfolder_webhooks_failing",
+        "hotfolder_bandwidth_limit_bytes_per_second",
+    ];
+    for (names, kind) in [(&counters[..], "counter"), (&gauges[..], "gauge")] {
+        for name in names {
+            assert_eq!(typed.get(name), Some(&kind), "TYPE of {name}:\n{text}");
+            assert!(helped.contains(name), "HELP of {name}:\n{text}");
+        }
+    }
+    assert_eq!(
+        typed.get("hotfolder_upload_duration_seconds"),
+        Some(&"histogram"),
+        "{text}"
+    );
+    for (name, kind) in &typed {
+        assert_eq!(
+            name.ends_with("_total"),
+            *kind == "counter",
+            "{name} is a {kind}:\n{text}"
+        );
+    }
+}

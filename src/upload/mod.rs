@@ -653,11 +653,7 @@ impl Engine {
     /// `bytes` more were acknowledged: the job's count and `/metrics`.
     fn count_sent(&self, job: &mut Job, bytes: u64) {
         job.bytes_sent += bytes;
-        self.metrics.add(
-            "hotfolder_bytes_uploaded_total",
-            vec![("provider", job.provider.clone())],
-            bytes,
-        );
+        self.metrics.bytes_uploaded(&job.provider, bytes);
     }
 
     /// Record one lane's acknowledgement (and the bytes it moved).

@@ -3,7 +3,9 @@
 //! store holds what was acknowledged; this holds what is moving now.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+use prometheus_client::metrics::counter::Counter;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -45,8 +47,8 @@ pub struct ProgressBoard {
 impl ProgressBoard {
     /// A job's attempt starts; returns the counters the engine updates
     /// (reads also add to `all_jobs_read`).
-    pub fn start(&self, job: &Job, all_jobs_read: &Arc<AtomicU64>) -> Arc<Counters> {
-        let counters = Arc::new(Counters::new(Arc::clone(all_jobs_read)));
+    pub fn start(&self, job: &Job, all_jobs_read: &Counter) -> Arc<Counters> {
+        let counters = Arc::new(Counters::new(all_jobs_read.clone()));
         if let Ok(mut live) = self.live.lock() {
             live.insert(
                 job.id,
