@@ -70,6 +70,7 @@ pub fn router(ctx: JobsHandle) -> Router {
         .route("/api/webhooks", get(webhooks))
         .route("/api/pause", post(pause))
         .route("/api/resume", post(resume))
+        .route("/api/reload", post(reload))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authorize));
     // The page is a shell with no data: it asks for the token and sends
     // it as a header (a browser cannot add one when it opens a page).
@@ -95,7 +96,8 @@ async fn page() -> Response {
 }
 
 async fn authorize(State(ctx): State<JobsHandle>, request: Request, next: Next) -> Response {
-    let Some(token) = ctx.config.http.as_ref().and_then(|h| h.token.as_ref()) else {
+    let config = ctx.config.get();
+    let Some(token) = config.http.as_ref().and_then(|h| h.token.as_ref()) else {
         return next.run(request).await;
     };
     let expected = format!("Bearer {}", token.expose());
@@ -183,7 +185,7 @@ async fn show(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
 }
 
 async fn retry(State(ctx): State<JobsHandle>, Path(id): Path<u64>) -> Response {
-    match jobs::retry(&ctx.store, &ctx.config, &ctx.held, id).await {
+    match jobs::retry(&ctx.store, &ctx.config.get(), &ctx.held, id).await {
         Ok(job) => {
             let view = JobView::of(&job, None);
             ctx.queue(job);
@@ -218,6 +220,15 @@ struct ScopeQuery {
 }
 
 /// The paused scopes.
+/// Read the config file again: 200 with what changed, or 422 with why the
+/// file was refused (the running config stays).
+async fn reload(State(ctx): State<JobsHandle>) -> Response {
+    match crate::reload::ask(ctx.reload.as_ref()).await {
+        Ok(changes) => Json(changes).into_response(),
+        Err(why) => error(StatusCode::UNPROCESSABLE_ENTITY, why),
+    }
+}
+
 async fn pauses(State(ctx): State<JobsHandle>) -> Response {
     Json(ctx.pauses.current()).into_response()
 }
@@ -234,7 +245,14 @@ async fn resume(State(ctx): State<JobsHandle>, Query(scope): Query<ScopeQuery>) 
 async fn change_pause(ctx: &JobsHandle, query: ScopeQuery, paused: bool) -> Response {
     let changed = match Scope::named(query.provider, query.watch) {
         Ok(scope) => {
-            crate::pause::change(&ctx.store, &ctx.config, Some(&ctx.pauses), scope, paused).await
+            crate::pause::change(
+                &ctx.store,
+                &ctx.config.get(),
+                Some(&ctx.pauses),
+                scope,
+                paused,
+            )
+            .await
         }
         Err(e) => Err(e),
     };
@@ -354,7 +372,8 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
         measured.push(Measured::new(&metrics::HEAP_IN_USE, vec![], in_use as f64));
         measured.push(Measured::new(&metrics::HEAP_HELD, vec![], held as f64));
     }
-    let mut watches: Vec<_> = ctx.watch_counters.iter().collect();
+    let counters = ctx.watch_counters.get();
+    let mut watches: Vec<_> = counters.iter().collect();
     watches.sort_by_key(|(name, _)| name.as_str());
     for (watch, counters) in &watches {
         use std::sync::atomic::Ordering;

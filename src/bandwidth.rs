@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -304,46 +304,95 @@ fn limiter_for(rate: u64) -> DefaultDirectRateLimiter {
 /// The limits an upload passes through: everything's, then its provider's.
 pub type Throttle = Vec<Arc<Limiter>>;
 
-/// Every configured limit of a daemon.
+/// Every configured limit of a daemon, replaced at a reload.
 #[derive(Default)]
 pub struct Bandwidth {
+    limits: RwLock<Limits>,
+    /// Woken at a reload: the next boundary may have moved.
+    changed: tokio::sync::Notify,
+}
+
+/// The limiters of one config.
+#[derive(Default)]
+struct Limits {
     global: Option<Arc<Limiter>>,
     providers: BTreeMap<String, Arc<Limiter>>,
+}
+
+impl Limits {
+    /// The limits `config` sets; a scope whose schedule is the same as in
+    /// `before` keeps its limiter (and what uploads already took from it).
+    fn of(config: &Config, before: &Limits) -> Self {
+        let keep = |before: Option<&Arc<Limiter>>, scope, name: &str, schedule: Schedule| {
+            before
+                .filter(|l| l.schedule == schedule)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Limiter::new(scope, name, schedule)))
+        };
+        Limits {
+            global: config
+                .bandwidth
+                .clone()
+                .map(|s| keep(before.global.as_ref(), "all", "", s)),
+            providers: config
+                .providers
+                .iter()
+                .filter_map(|(name, p)| {
+                    let schedule = p.bandwidth.clone()?;
+                    let limiter = keep(before.providers.get(name), "provider", name, schedule);
+                    Some((name.clone(), limiter))
+                })
+                .collect(),
+        }
+    }
+
+    fn all(&self) -> Vec<Arc<Limiter>> {
+        self.global
+            .iter()
+            .chain(self.providers.values())
+            .cloned()
+            .collect()
+    }
 }
 
 impl Bandwidth {
     /// The limits `config` sets, in force as of `at`.
     pub fn new(config: &Config, at: DateTime) -> Self {
         let bandwidth = Bandwidth {
-            global: config
-                .bandwidth
-                .clone()
-                .map(|s| Arc::new(Limiter::new("all", "", s))),
-            providers: config
-                .providers
-                .iter()
-                .filter_map(|(name, p)| {
-                    let schedule = p.bandwidth.clone()?;
-                    Some((
-                        name.clone(),
-                        Arc::new(Limiter::new("provider", name, schedule)),
-                    ))
-                })
-                .collect(),
+            limits: RwLock::new(Limits::of(config, &Limits::default())),
+            changed: tokio::sync::Notify::new(),
         };
         bandwidth.apply(at);
         bandwidth
     }
 
-    fn all(&self) -> impl Iterator<Item = &Arc<Limiter>> {
-        self.global.iter().chain(self.providers.values())
+    /// Take the limits of a reloaded `config`, in force as of `at`. Uploads
+    /// under way pass through the new limits from their next chunk on.
+    pub fn reconfigure(&self, config: &Config, at: DateTime) {
+        match self.limits.write() {
+            Ok(mut limits) => *limits = Limits::of(config, &limits),
+            Err(poisoned) => {
+                let mut limits = poisoned.into_inner();
+                *limits = Limits::of(config, &limits);
+            }
+        }
+        self.apply(at);
+        self.changed.notify_one();
+    }
+
+    fn all(&self) -> Vec<Arc<Limiter>> {
+        self.limits.read().map(|l| l.all()).unwrap_or_default()
     }
 
     /// The limits an upload to `provider` passes through (empty: none).
     pub fn throttle_for(&self, provider: &str) -> Throttle {
-        self.global
+        let Ok(limits) = self.limits.read() else {
+            return Vec::new();
+        };
+        limits
+            .global
             .iter()
-            .chain(self.providers.get(provider))
+            .chain(limits.providers.get(provider))
             .cloned()
             .collect()
     }
@@ -351,6 +400,7 @@ impl Bandwidth {
     /// Every scope with a limit configured, and the rate in force.
     pub fn limits(&self) -> Vec<(&'static str, String, Option<u64>)> {
         self.all()
+            .iter()
             .map(|l| (l.scope, l.name.clone(), l.rate()))
             .collect()
     }
@@ -375,11 +425,6 @@ impl Bandwidth {
             next = next.min(limiter.schedule.until_next_change(at));
         }
         next
-    }
-
-    /// Whether any limit is configured.
-    pub fn is_empty(&self) -> bool {
-        self.global.is_none() && self.providers.is_empty()
     }
 }
 
@@ -421,14 +466,12 @@ pub async fn follow_timetables(
     clock: Clock,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    if bandwidth.is_empty() {
-        return;
-    }
     loop {
         let next = bandwidth.apply(clock.now());
         tokio::select! {
             () = crate::shutdown::stopped(&mut shutdown) => return,
             () = tokio::time::sleep(next) => {}
+            () = bandwidth.changed.notified() => {}
         }
     }
 }

@@ -99,6 +99,11 @@ pub enum Command {
         #[command(flatten)]
         scope: ScopeArgs,
     },
+    /// Make the running daemon read its config file again (as SIGHUP does). A config that does not load is refused with where the mistake is, and the daemon keeps the one it runs.
+    Reload {
+        #[command(flatten)]
+        config: ConfigFile,
+    },
     /// The job store itself.
     Store {
         #[command(subcommand)]
@@ -196,6 +201,16 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         }
         Command::Resume { config, scope } => {
             runtime.block_on(pause_or_resume(&load(&config)?, scope, false))
+        }
+        Command::Reload { config } => {
+            // The same checks as the daemon's: a file that does not load
+            // here would be refused there.
+            let config = load(&config).map_err(|e| {
+                CliError::Usage(format!(
+                    "{e}\nnot reloaded: the running daemon keeps the config it has"
+                ))
+            })?;
+            runtime.block_on(reload(&config))
         }
         Command::Store {
             action: StoreCommand::Migrate { config, from_sled },
@@ -759,6 +774,25 @@ async fn pause_or_resume(config: &Config, scope: ScopeArgs, paused: bool) -> Res
         println!("paused now: {}", names.join(", "));
     }
     Ok(())
+}
+
+/// Ask the running daemon to read its config again and say what changed.
+async fn reload(config: &Config) -> Result<(), CliError> {
+    let answer = ask_daemon(config, &Request::Reload, |r| match r {
+        Response::Reloaded(changes) => Some(changes),
+        _ => None,
+    })
+    .await?;
+    match answer {
+        Some(changes) => {
+            println!("reloaded {}: {changes}", config.file.display());
+            Ok(())
+        }
+        None => Err(CliError::Runtime(anyhow::anyhow!(
+            "no daemon answers on {}; start it with `hotfolder run` (it reads the config then)",
+            control::socket_path(&config.state_dir).display()
+        ))),
+    }
 }
 
 async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliError> {

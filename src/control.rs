@@ -38,6 +38,8 @@ pub enum Request {
     Pauses,
     /// Webhook events waiting for their receiver.
     Webhooks,
+    /// Read the config file again.
+    Reload,
 }
 
 /// The daemon's answer.
@@ -57,6 +59,8 @@ pub enum Response {
     Paused(Vec<Scope>),
     /// Webhook events waiting.
     Webhooks(Vec<crate::notify::WaitingView>),
+    /// The config was read again and is in force.
+    Reloaded(crate::reload::Changes),
     /// The request failed.
     Error(String),
 }
@@ -80,7 +84,7 @@ pub fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, (PathBuf, std::io::Error)> {
     use std::os::unix::fs::PermissionsExt;
-    let path = socket_path(&ctx.config.state_dir);
+    let path = socket_path(&ctx.config.get().state_dir);
     // A stale socket from a killed daemon: the store lock proves no one else runs.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| (path.clone(), e))?;
@@ -114,8 +118,14 @@ async fn answer(ctx: JobsHandle, stream: UnixStream) {
         },
         Ok(Request::Retry { jobs: ids, failed }) => retry(&ctx, ids, failed).await,
         Ok(Request::Pause { scope, paused }) => {
-            match crate::pause::change(&ctx.store, &ctx.config, Some(&ctx.pauses), scope, paused)
-                .await
+            match crate::pause::change(
+                &ctx.store,
+                &ctx.config.get(),
+                Some(&ctx.pauses),
+                scope,
+                paused,
+            )
+            .await
             {
                 Ok(scopes) => Response::Paused(scopes.into_iter().collect()),
                 Err(e) => Response::Error(e.to_string()),
@@ -127,6 +137,10 @@ async fn answer(ctx: JobsHandle, stream: UnixStream) {
                 Response::Webhooks(waiting.iter().map(crate::notify::WaitingView::of).collect())
             }
             Err(e) => Response::Error(e.to_string()),
+        },
+        Ok(Request::Reload) => match crate::reload::ask(ctx.reload.as_ref()).await {
+            Ok(changes) => Response::Reloaded(changes),
+            Err(why) => Response::Error(why),
         },
     };
     if let Ok(mut bytes) = serde_json::to_vec(&response) {
@@ -149,7 +163,7 @@ async fn retry(ctx: &JobsHandle, mut ids: Vec<u64>, failed: bool) -> Response {
     let mut queued = Vec::new();
     let mut errors = Vec::new();
     for id in ids {
-        match jobs::retry(&ctx.store, &ctx.config, &ctx.held, id).await {
+        match jobs::retry(&ctx.store, &ctx.config.get(), &ctx.held, id).await {
             Ok(job) => {
                 queued.push(id);
                 ctx.queue(job);

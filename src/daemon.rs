@@ -45,13 +45,29 @@ pub struct Context {
     pub jobs: JobsHandle,
     /// Set when the store failed to write (a full or failing `state_dir`):
     /// the daemon stops at once, since nothing it does could be recorded.
-    store_failed: watch::Sender<Option<String>>,
+    store_failed: Arc<watch::Sender<Option<String>>>,
     /// Whether the fleet database answers (always, for sled).
     pub store_health: Arc<crate::state::StoreHealth>,
     watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
     router: Router,
     /// Webhooks: events go to its outbox with the job step that raises them.
     pub notifier: Arc<crate::notify::Notifier>,
+}
+
+/// What a daemon connects its job context to; all empty for `hotfolder
+/// upload`, which has no watches, no pauses and no reload.
+#[derive(Default)]
+pub struct Surroundings {
+    /// Each watch's command channel, by name.
+    pub watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
+    /// Each watch's counters, by name.
+    pub watch_counters: HashMap<String, Arc<WatchCounters>>,
+    /// Sources that jobs hold.
+    pub held: Arc<HeldSources>,
+    /// The paused scopes.
+    pub pauses: Pauses,
+    /// How the API and the control socket ask for a reload.
+    pub reload: Option<crate::reload::Asker>,
 }
 
 impl Context {
@@ -62,11 +78,15 @@ impl Context {
         config: Config,
         store: Store,
         shutdown: watch::Receiver<bool>,
-        watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
-        watch_counters: HashMap<String, Arc<WatchCounters>>,
-        held: Arc<HeldSources>,
-        pauses: Pauses,
+        surroundings: Surroundings,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Job>) {
+        let Surroundings {
+            watch_commands,
+            watch_counters,
+            held,
+            pauses,
+            reload,
+        } = surroundings;
         let progress = ProgressBoard::default();
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let clock = crate::bandwidth::Clock::from_env();
@@ -91,7 +111,7 @@ impl Context {
             .collect();
         let (job_tx, job_rx) = mpsc::unbounded_channel();
         let mut jobs = JobsHandle::new(
-            Arc::new(config.clone()),
+            &config,
             store.clone(),
             progress.clone(),
             Arc::clone(&metrics),
@@ -100,14 +120,10 @@ impl Context {
             job_tx,
         );
         jobs.pauses = pauses;
+        jobs.reload = reload;
         jobs.bandwidth = Arc::clone(&engine.bandwidth);
-        let notifier = Arc::new(crate::notify::Notifier::new(
-            Arc::clone(&jobs.config),
-            store.clone(),
-        ));
-        if !notifier.is_empty() {
-            tokio::spawn(Arc::clone(&notifier).run(engine.shutdown.clone()));
-        }
+        let notifier = Arc::new(crate::notify::Notifier::new(&config, store.clone()));
+        tokio::spawn(Arc::clone(&notifier).run(engine.shutdown.clone()));
         jobs.notifier = Some(Arc::clone(&notifier));
         let ctx = Arc::new(Context {
             router: Router::new(&config),
@@ -121,10 +137,58 @@ impl Context {
             store_health: Arc::clone(&jobs.store_health),
             jobs,
             watch_commands,
-            store_failed: watch::channel(None).0,
+            store_failed: Arc::new(watch::channel(None).0),
             notifier,
         });
         (ctx, job_rx)
+    }
+
+    /// The context of a reloaded `config`: jobs started from now on get
+    /// it, while jobs under way keep the one they started with (their
+    /// provider settings, rules and worker slots). A provider whose
+    /// settings did not change keeps its handle (its tokens and pacing);
+    /// the bandwidth limits and webhooks, shared by all jobs, change for
+    /// everyone.
+    pub fn reloaded(
+        &self,
+        config: Config,
+        watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
+        at: jiff::civil::DateTime,
+    ) -> Context {
+        let providers = config
+            .providers
+            .iter()
+            .map(|(name, p)| {
+                let handle = match self.providers.get(name) {
+                    Some(old) if old.config == *p => Arc::clone(old),
+                    _ => Arc::new(ProviderHandle::new(p)),
+                };
+                (name.clone(), handle)
+            })
+            .collect();
+        let workers = if config.workers == self.config.workers {
+            Arc::clone(&self.workers)
+        } else {
+            Arc::new(Semaphore::new(config.workers))
+        };
+        self.engine.bandwidth.reconfigure(&config, at);
+        self.notifier.reconfigure(&config);
+        self.jobs.config.set(Arc::new(config.clone()));
+        Context {
+            router: Router::new(&config),
+            workers,
+            config,
+            store: self.store.clone(),
+            engine: self.engine.clone(),
+            providers,
+            progress: self.progress.clone(),
+            metrics: Arc::clone(&self.metrics),
+            jobs: self.jobs.clone(),
+            store_failed: Arc::clone(&self.store_failed),
+            store_health: Arc::clone(&self.store_health),
+            watch_commands,
+            notifier: Arc::clone(&self.notifier),
+        }
     }
 
     fn watch(&self, name: &str) -> Option<&WatchConfig> {
@@ -169,6 +233,12 @@ pub enum DaemonError {
         /// The configured address.
         listen: String,
         /// The I/O error (said once: not also a source).
+        error: std::io::Error,
+    },
+    /// SIGHUP (reload) could not be listened for.
+    #[error("cannot listen for SIGHUP (config reload): {error}")]
+    Signal {
+        /// The I/O error.
         error: std::io::Error,
     },
     /// The control socket could not be set up.
@@ -217,39 +287,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::channel::<ReadyFile>(1024);
-    let skip_roots: Vec<_> = config
-        .watches
-        .iter()
-        .flat_map(|w| [w.done_dir.clone(), w.failed_dir.clone()])
-        .collect();
-    let mut watch_tasks = JoinSet::new();
-    let mut watch_commands = HashMap::new();
-    let mut watch_counters = HashMap::new();
-    for watch in &config.watches {
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let counters = Arc::new(WatchCounters::default());
-        watch_commands.insert(watch.name.clone(), cmd_tx);
-        watch_counters.insert(watch.name.clone(), Arc::clone(&counters));
-        watch_tasks.spawn(crate::watch::run(
-            watch.clone(),
-            skip_roots.clone(),
-            ready_tx.clone(),
-            cmd_rx,
-            stop_rx.clone(),
-            Arc::clone(&held),
-            counters,
-        ));
-    }
-    drop(ready_tx);
+    let mut watches = Watches {
+        tasks: JoinSet::new(),
+        commands: HashMap::new(),
+        counters: HashMap::new(),
+        ready: ready_tx,
+        stop: stop_rx.clone(),
+        held: Arc::clone(&held),
+    };
+    watches.start(&config);
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
     let (ctx, mut job_rx) = Context::new(
         config,
         store,
         stop_rx.clone(),
-        watch_commands,
-        watch_counters,
-        held,
-        pauses,
+        Surroundings {
+            watch_commands: watches.commands.clone(),
+            watch_counters: watches.counters.clone(),
+            held,
+            pauses,
+            reload: Some(reload_tx),
+        },
     );
+    let mut ctx = ctx;
+    let clock = crate::bandwidth::Clock::from_env();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|error| DaemonError::Signal { error })?;
     let api = match &ctx.config.http {
         Some(http) => Some(
             crate::api::serve(ctx.jobs.clone(), &http.listen, stop_rx.clone())
@@ -322,6 +385,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }
             }
             Some(job) = job_rx.recv() => dispatch.offer(&ctx, &mut jobs, job),
+            Some(answer) = reload_rx.recv() => {
+                let outcome = reload(&mut ctx, &mut watches, clock).await;
+                let _ = answer.send(outcome);
+            }
+            Some(()) = hangup.recv() => {
+                tracing::info!("SIGHUP received: reading the config again");
+                let _ = reload(&mut ctx, &mut watches, clock).await;
+            }
             _ = heartbeat.tick(), if member.is_some() => {
                 if let Some((member, _)) = &member {
                     match member.heartbeat().await {
@@ -384,7 +455,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             next = jobs.join_next() => if next.is_none() { break },
         }
     }
-    watch_tasks.abort_all();
+    watches.tasks.abort_all();
     control.abort();
     if let Some(api) = api {
         let _ = api.await;
@@ -402,6 +473,81 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     crate::control::remove_socket(&ctx.config.state_dir);
     tracing::info!("stopped; state flushed");
     Ok(())
+}
+
+/// The watch tasks, all started again when a reload changes the watches.
+struct Watches {
+    tasks: JoinSet<()>,
+    commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
+    /// By watch name; a watch that stays keeps its counters.
+    counters: HashMap<String, Arc<WatchCounters>>,
+    ready: mpsc::Sender<ReadyFile>,
+    stop: watch::Receiver<bool>,
+    held: Arc<HeldSources>,
+}
+
+impl Watches {
+    /// Stop the running watch tasks (if any) and start one per watch of
+    /// `config`. A file under observation is observed again from the
+    /// start; a file a job holds is not offered again.
+    fn start(&mut self, config: &Config) {
+        self.tasks.abort_all();
+        let skip_roots: Vec<_> = config
+            .watches
+            .iter()
+            .flat_map(|w| [w.done_dir.clone(), w.failed_dir.clone()])
+            .collect();
+        let mut counters = HashMap::new();
+        self.commands.clear();
+        for watch in &config.watches {
+            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+            let mine = self.counters.get(&watch.name).cloned().unwrap_or_default();
+            self.commands.insert(watch.name.clone(), cmd_tx);
+            counters.insert(watch.name.clone(), Arc::clone(&mine));
+            self.tasks.spawn(crate::watch::run(
+                watch.clone(),
+                skip_roots.clone(),
+                self.ready.clone(),
+                cmd_rx,
+                self.stop.clone(),
+                Arc::clone(&self.held),
+                mine,
+            ));
+        }
+        self.counters = counters;
+    }
+}
+
+/// Read the config file again and, if it loads, run on it: see
+/// [`crate::reload`]. Refused, the running config stays and the error
+/// (with its file:line:column) is logged and answered.
+async fn reload(
+    ctx: &mut Arc<Context>,
+    watches: &mut Watches,
+    clock: crate::bandwidth::Clock,
+) -> crate::reload::Outcome {
+    let file = ctx.config.file.clone();
+    let loaded = tokio::task::spawn_blocking(move || crate::config::load(&file))
+        .await
+        .map_err(|e| format!("the config could not be read: {e}"))
+        .and_then(|loaded| loaded.map_err(|e| e.to_string()));
+    let mut config = match loaded {
+        Ok(config) => config,
+        Err(why) => {
+            tracing::error!(error = %why, "config not reloaded: running on with the config it has; fix the file and reload again");
+            return Err(why);
+        }
+    };
+    let changes = crate::reload::compare(&ctx.config, &mut config);
+    if config.watches != ctx.config.watches {
+        watches.start(&config);
+        ctx.jobs
+            .watch_counters
+            .set(Arc::new(watches.counters.clone()));
+    }
+    *ctx = Arc::new(ctx.reloaded(config, watches.commands.clone(), clock.now()));
+    tracing::info!(file = %ctx.config.file.display(), changes = %changes, "config reloaded");
+    Ok(changes)
 }
 
 /// Each time the paused scopes change, offer the jobs a pause set aside
@@ -870,7 +1016,9 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 let delay = handle.backoff.delay(job.failures, error.retry_after);
                 tracing::warn!(error = %error, failures = job.failures, retry_in = ?delay, "attempt failed; will retry");
                 job.apply(Outcome::Transient);
-                ctx.notifier.raise(job, NotifyEvent::Retried).await?;
+                ctx.notifier
+                    .raise(&ctx.config, job, NotifyEvent::Retried)
+                    .await?;
                 ctx.store.put(job).await?;
                 if !ctx.engine.pause(delay).await {
                     return Ok(());
@@ -1264,7 +1412,9 @@ const ERROR_REPORT: &str = ".error.json";
 async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
     let Some(watch) = ctx.watch(&job.watch).cloned() else {
         job.apply(Outcome::Filed);
-        ctx.notifier.raise(job, NotifyEvent::Done).await?;
+        ctx.notifier
+            .raise(&ctx.config, job, NotifyEvent::Done)
+            .await?;
         ctx.store.put(job).await?;
         release_session(ctx, job).await;
         return Ok(());
@@ -1359,7 +1509,9 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
     // Done is done: a retried error from earlier on would only mislead status.
     job.last_error = None;
     job.apply(Outcome::Filed);
-    ctx.notifier.raise(job, NotifyEvent::Done).await?;
+    ctx.notifier
+        .raise(&ctx.config, job, NotifyEvent::Done)
+        .await?;
     ctx.store.put(job).await?;
     tracing::info!(filed_to = %job.filed_to.as_deref().map_or_else(|| "(left in place)".into(), |p| p.display().to_string()), "done");
     Ok(())
@@ -1383,7 +1535,9 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     }
     let Some(watch) = ctx.watch(&job.watch).cloned() else {
         job.apply(Outcome::Filed);
-        ctx.notifier.raise(job, NotifyEvent::Failed).await?;
+        ctx.notifier
+            .raise(&ctx.config, job, NotifyEvent::Failed)
+            .await?;
         return ctx.store.put(job).await;
     };
     let present = job.source.exists() || job.filed_to.is_some() || job.filing.is_some();
@@ -1415,7 +1569,9 @@ async fn file_failed(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError
     write_report_once(ctx, job, &report_at, ERROR_REPORT, report).await?;
     tracing::warn!(reason = %error.as_ref().map_or("unknown", |e| e.reason.as_str()), filed_to = %job.filed_to.as_deref().map_or_else(|| "(not moved)".into(), |p| p.display().to_string()), "failed");
     job.apply(Outcome::Filed);
-    ctx.notifier.raise(job, NotifyEvent::Failed).await?;
+    ctx.notifier
+        .raise(&ctx.config, job, NotifyEvent::Failed)
+        .await?;
     ctx.store.put(job).await?;
     Ok(())
 }

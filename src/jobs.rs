@@ -24,16 +24,16 @@ use crate::watch::{HeldSources, WatchCounters};
 /// sees (nor depends on) the daemon's whole context.
 #[derive(Clone)]
 pub struct JobsHandle {
-    /// The configuration the daemon runs with.
-    pub config: Arc<Config>,
+    /// The configuration the daemon runs with (replaced at a reload).
+    pub config: crate::reload::Shared<Config>,
     /// The job store.
     pub store: Store,
     /// Live progress of jobs in flight.
     pub progress: ProgressBoard,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// Watch counters by watch name.
-    pub watch_counters: HashMap<String, Arc<WatchCounters>>,
+    /// Watch counters by watch name (replaced when a reload changes the watches).
+    pub watch_counters: crate::reload::Shared<HashMap<String, Arc<WatchCounters>>>,
     /// Sources that jobs hold (the watches leave them alone).
     pub held: Arc<HeldSources>,
     /// Whether the fleet database answers.
@@ -45,6 +45,8 @@ pub struct JobsHandle {
     pub bandwidth: Arc<crate::bandwidth::Bandwidth>,
     /// The webhooks' sender (for their counters), once the daemon has one.
     pub notifier: Option<Arc<crate::notify::Notifier>>,
+    /// Asks the daemon to read its config again (none outside a daemon).
+    pub reload: Option<crate::reload::Asker>,
     queue: mpsc::UnboundedSender<Job>,
     /// Jobs queued here and not yet ended (count per id): in a fleet, the
     /// claims this node renews, wherever the job is on its way to a worker.
@@ -54,7 +56,7 @@ pub struct JobsHandle {
 impl JobsHandle {
     /// A handle whose queued jobs come out of `queue`'s receiver.
     pub fn new(
-        config: Arc<Config>,
+        config: &Config,
         store: Store,
         progress: ProgressBoard,
         metrics: Arc<Metrics>,
@@ -63,16 +65,17 @@ impl JobsHandle {
         queue: mpsc::UnboundedSender<Job>,
     ) -> Self {
         JobsHandle {
-            config,
+            config: crate::reload::Shared::new(config.clone()),
             store,
             progress,
             metrics,
-            watch_counters,
+            watch_counters: crate::reload::Shared::new(watch_counters),
             held,
             store_health: Arc::default(),
             pauses: Default::default(),
             bandwidth: Arc::default(),
             notifier: None,
+            reload: None,
             queue,
             accepted: Arc::default(),
         }

@@ -38,6 +38,7 @@ pub mod notify;
 pub mod oneshot;
 pub mod pause;
 pub mod providers;
+pub mod reload;
 pub mod retry;
 pub mod route;
 pub mod sandbox;

@@ -9,8 +9,8 @@
 //! jobs; it shows in `status`, `/metrics` and `/api/webhooks`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -152,9 +152,8 @@ fn chat_text(document: &serde_json::Value) -> String {
 /// Sends the outbox's deliveries.
 pub struct Notifier {
     store: Store,
-    config: Arc<Config>,
-    /// Every webhook of the config by its key.
-    webhooks: BTreeMap<String, NotifyConfig>,
+    /// The webhooks and the backoff in force, replaced at a reload.
+    settings: RwLock<Arc<Settings>>,
     client: reqwest::Client,
     wake: tokio::sync::Notify,
     /// Deliveries the receivers took.
@@ -163,19 +162,34 @@ pub struct Notifier {
     pub failed_tries: AtomicU64,
 }
 
+/// What a config says about sending.
+struct Settings {
+    /// Every webhook of the config by its key.
+    webhooks: BTreeMap<String, NotifyConfig>,
+    /// The backoff between tries of one delivery.
+    retry: crate::config::RetryConfig,
+}
+
+impl Settings {
+    fn of(config: &Config) -> Self {
+        Settings {
+            webhooks: config
+                .notify
+                .iter()
+                .chain(config.rules.iter().flat_map(|r| r.notify.iter()))
+                .map(|w| (w.key(), w.clone()))
+                .collect(),
+            retry: config.retry,
+        }
+    }
+}
+
 impl Notifier {
     /// The webhooks of `config` (top level and every rule's).
-    pub fn new(config: Arc<Config>, store: Store) -> Self {
-        let webhooks = config
-            .notify
-            .iter()
-            .chain(config.rules.iter().flat_map(|r| r.notify.iter()))
-            .map(|w| (w.key(), w.clone()))
-            .collect();
+    pub fn new(config: &Config, store: Store) -> Self {
         Notifier {
             store,
-            config,
-            webhooks,
+            settings: RwLock::new(Arc::new(Settings::of(config))),
             // A redirect would turn the POST into a GET (an event counted as
             // taken that never was) and carry the headers to another host.
             client: reqwest::Client::builder()
@@ -189,9 +203,27 @@ impl Notifier {
         }
     }
 
+    /// Take the webhooks of a reloaded `config`. A waiting delivery to a
+    /// webhook it no longer has is dropped when its turn comes (logged).
+    pub fn reconfigure(&self, config: &Config) {
+        let settings = Arc::new(Settings::of(config));
+        match self.settings.write() {
+            Ok(mut slot) => *slot = settings,
+            Err(poisoned) => *poisoned.into_inner() = settings,
+        }
+        self.wake.notify_one();
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        match self.settings.read() {
+            Ok(settings) => Arc::clone(&settings),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
     /// Whether any webhook is configured.
     pub fn is_empty(&self) -> bool {
-        self.webhooks.is_empty()
+        self.settings().webhooks.is_empty()
     }
 
     /// Record `event` of `job` in the outbox, once per webhook that wants
@@ -201,10 +233,14 @@ impl Notifier {
     ///
     /// # Errors
     /// The store's failure.
-    pub async fn raise(&self, job: &mut Job, event: NotifyEvent) -> Result<(), StoreError> {
-        let rule = job.rule.and_then(|i| self.config.rules.get(i));
-        let wanted: Vec<&NotifyConfig> = self
-            .config
+    pub async fn raise(
+        &self,
+        config: &Config,
+        job: &mut Job,
+        event: NotifyEvent,
+    ) -> Result<(), StoreError> {
+        let rule = job.rule.and_then(|i| config.rules.get(i));
+        let wanted: Vec<&NotifyConfig> = config
             .notify
             .iter()
             .chain(rule.into_iter().flat_map(|r| r.notify.iter()))
@@ -221,7 +257,7 @@ impl Notifier {
             job.events_raised,
             event.as_str()
         );
-        let document = document(&self.config, job, event, &event_id);
+        let document = document(config, job, event, &event_id);
         for webhook in wanted {
             let key = webhook.key();
             let delivery = Notification {
@@ -245,7 +281,13 @@ impl Notifier {
     /// every second for those whose backoff ran out.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         loop {
-            match self.store.outbox_due(AT_ONCE * 4).await {
+            let due = if self.is_empty() {
+                // Nothing to send to (until a reload adds a webhook).
+                Ok(Vec::new())
+            } else {
+                self.store.outbox_due(AT_ONCE * 4).await
+            };
+            match due {
                 Ok(due) => {
                     let sends = due.into_iter().map(|d| self.send(d));
                     futures_util::stream::iter(sends)
@@ -265,7 +307,8 @@ impl Notifier {
 
     /// One try of one delivery; the outbox learns how it went.
     async fn send(&self, mut delivery: Notification) {
-        let Some(webhook) = self.webhooks.get(&delivery.webhook) else {
+        let settings = self.settings();
+        let Some(webhook) = settings.webhooks.get(&delivery.webhook) else {
             tracing::warn!(event_id = %delivery.event_id, webhook = %delivery.host, "this webhook is no longer in the config; its delivery is dropped");
             let _ = self.store.outbox_remove(&delivery.key).await;
             return;
@@ -282,7 +325,7 @@ impl Notifier {
             }
             Err(why) => {
                 self.failed_tries.fetch_add(1, Ordering::Relaxed);
-                let backoff = crate::retry::Backoff::new(self.config.retry);
+                let backoff = crate::retry::Backoff::new(settings.retry);
                 let delay = backoff.delay(delivery.attempts.min(30), None);
                 tracing::warn!(event = delivery.event.as_str(), event_id = %delivery.event_id, webhook = %delivery.host, attempts = delivery.attempts, error = %why, retry_in = ?delay, "webhook not delivered; will try again");
                 delivery.last_error = Some(why);

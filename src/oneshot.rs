@@ -49,11 +49,9 @@ pub async fn upload(
         config,
         store.clone(),
         stop_rx,
-        HashMap::new(),
-        HashMap::new(),
-        Default::default(),
-        // Pauses hold the daemon's uploads; an upload asked for by hand is not held.
-        Default::default(),
+        // Pauses hold the daemon's uploads; an upload asked for by hand is
+        // not held (and it has no watches, nor a config to reload).
+        crate::daemon::Surroundings::default(),
     );
     let mut outcomes = Vec::new();
     let mut tasks = JoinSet::new();

@@ -7,138 +7,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::TcpListener;
+
 use std::time::Duration;
 
 use common::sandbox::http;
+use common::webhook::{Answer, Received, Receiver};
 use common::{Fixture, in_state, wait_for, write_random};
 use hmac::{Hmac, Mac};
 
 const SECRET: &str = "hook-secret-7f3a";
-
-/// How the receiver answers.
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Answer {
-    Take,
-    Refuse,
-    Hang,
-    Redirect,
-}
-
-/// One request the receiver got.
-#[derive(Debug, Clone)]
-struct Received {
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-    answered: Answer,
-}
-
-impl Received {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).expect("a JSON body")
-    }
-}
-
-/// A webhook receiver on 127.0.0.1, one thread per connection.
-struct Receiver {
-    address: String,
-    answer: Arc<Mutex<Answer>>,
-    got: Arc<Mutex<Vec<Received>>>,
-}
-
-impl Receiver {
-    fn start(answer: Answer) -> Self {
-        Self::on(TcpListener::bind("127.0.0.1:0").expect("bind"), answer)
-    }
-
-    fn on(listener: TcpListener, answer: Answer) -> Self {
-        let address = listener.local_addr().expect("address").to_string();
-        let answer = Arc::new(Mutex::new(answer));
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let (a, g) = (Arc::clone(&answer), Arc::clone(&got));
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (a, g) = (Arc::clone(&a), Arc::clone(&g));
-                std::thread::spawn(move || serve(stream, &a, &g));
-            }
-        });
-        Receiver {
-            address,
-            answer,
-            got,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/hook", self.address)
-    }
-
-    fn set(&self, answer: Answer) {
-        *self.answer.lock().expect("answer") = answer;
-    }
-
-    fn got(&self) -> Vec<Received> {
-        self.got.lock().expect("got").clone()
-    }
-
-    fn taken(&self) -> Vec<Received> {
-        self.got()
-            .into_iter()
-            .filter(|r| r.answered == Answer::Take)
-            .collect()
-    }
-}
-
-fn serve(stream: TcpStream, answer: &Mutex<Answer>, got: &Mutex<Vec<Received>>) {
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let mut headers = BTreeMap::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let length: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; length];
-    if reader.read_exact(&mut body).is_err() {
-        return;
-    }
-    let answered = *answer.lock().expect("answer");
-    got.lock().expect("got").push(Received {
-        headers,
-        body,
-        answered,
-    });
-    let mut stream = stream;
-    match answered {
-        Answer::Take => {
-            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
-        }
-        Answer::Refuse => {
-            let _ = stream.write_all(
-                b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\nconnection: close\r\n\r\noops",
-            );
-        }
-        Answer::Hang => std::thread::sleep(Duration::from_secs(30)),
-        Answer::Redirect => {
-            let _ = stream.write_all(
-                b"HTTP/1.1 302 Found\r\nlocation: /elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            );
-        }
-    }
-}
 
 fn verify(received: &Received) {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");

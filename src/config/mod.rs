@@ -18,7 +18,7 @@ pub use load::{ConfigError, load, load_str};
 pub use values::{ByteSize, Dur, Secret, parse_scalar};
 
 /// The whole resolved configuration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// The file it was read from (relative paths inside it are relative to its folder).
     pub file: PathBuf,
@@ -53,7 +53,7 @@ pub struct Config {
 }
 
 /// A webhook: where to tell which events, signed with `secret`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NotifyConfig {
     /// Where events are POSTed. A secret: a chat's incoming-webhook URL
     /// is a credential.
@@ -145,7 +145,7 @@ impl Config {
 }
 
 /// Logging settings.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LogConfig {
     /// A tracing filter such as `info` or `hotfolder=debug`.
     pub level: String,
@@ -165,7 +165,7 @@ pub enum LogFormat {
 }
 
 /// The job store.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum StoreConfig {
     /// The embedded sled database in `state_dir`: one box.
@@ -193,7 +193,7 @@ impl StoreConfig {
 }
 
 /// The HTTP status API settings.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HttpConfig {
     /// Address to listen on; loopback unless the operator says otherwise.
     pub listen: String,
@@ -273,7 +273,7 @@ impl Default for RetryConfig {
 }
 
 /// One watched folder with every default resolved.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WatchConfig {
     /// Name used in rules, templates and status.
     pub name: String,
@@ -313,7 +313,7 @@ pub struct WatchConfig {
 }
 
 /// One named provider.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProviderConfig {
     /// The key under `providers:`.
     pub name: String,
@@ -339,7 +339,7 @@ pub struct ProviderConfig {
 }
 
 /// The provider types and their own keys.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ProviderKind {
     /// Local or mounted directory.
@@ -411,7 +411,7 @@ impl ProviderKind {
 }
 
 /// One routing rule.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rule {
     /// Position in the list (for `check` output and status).
     pub index: usize,

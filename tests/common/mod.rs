@@ -14,6 +14,8 @@ pub mod providers;
 pub mod sandbox;
 /// The official tus server (npm) as a peer, for tests/tus_peer.rs.
 pub mod tus_peer;
+/// A local webhook receiver, for tests/notify.rs and tests/reload.rs.
+pub mod webhook;
 
 use std::fs;
 use std::io::Write;

@@ -1,0 +1,219 @@
+//! Live reload (issue 15): `SIGHUP`, `POST /api/reload` and `hotfolder
+//! reload` read the config file again. A config that does not load is
+//! refused with its file:line:column and the daemon goes on with the one it
+//! has; one that loads changes watches, rules, providers, limits and
+//! webhooks without a restart, while a job in flight finishes with the
+//! provider settings it started with. Keys that need a restart (the HTTP
+//! address, the store) are named and left as they run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sandbox::{Sandbox, http};
+use common::{Fixture, free_address, in_state, read_json, wait_for, write_random};
+
+const MIB: u64 = 1 << 20;
+
+/// A config: watches `drop` (and `drop2` when `second_watch`), providers
+/// and rules as given, an HTTP API on `address`, and `extra` top-level lines.
+fn config(address: &str, second_watch: bool, providers: &str, rules: &str, extra: &str) -> String {
+    let drop2 = if second_watch {
+        "  - name: drop2\n    path: ./drop2\n"
+    } else {
+        ""
+    };
+    format!(
+        "state_dir: ./state\nworkers: 4\nshutdown_timeout: 10s\n\
+log: {{ level: \"info,hotfolder=debug\" }}\nhttp: {{ listen: \"{address}\" }}\n{extra}\n\
+defaults:\n  stable_for: 300ms\n  rescan_every: 2s\n  retry: {{ max_attempts: 3, initial_backoff: 100ms, max_backoff: 500ms }}\n\
+watches:\n  - name: drop\n    path: ./drop\n{drop2}\
+providers:\n{providers}\
+rules:\n{rules}"
+    )
+}
+
+const ARCHIVE: &str = "  archive: { type: folder, path: ./outbox }\n";
+const ALL_TO_ARCHIVE: &str = "  - match: {}\n    provider: archive\n";
+
+/// Wait until the daemon's log has said `needle` `times` times.
+fn wait_for_log(daemon: &common::Daemon, needle: &str, times: usize) {
+    wait_for(
+        &format!("{times} × {needle:?} in the log"),
+        Duration::from_secs(20),
+        || (daemon.log().matches(needle).count() >= times).then_some(()),
+    );
+}
+
+fn done_count(fx: &Fixture, n: usize, what: &str) {
+    wait_for(what, Duration::from_secs(30), || {
+        (in_state(&fx.status(), "done").len() >= n).then_some(())
+    });
+}
+
+#[test]
+fn sighup_takes_a_new_watch_provider_rule_limit_and_webhook_without_a_restart() {
+    let address = free_address();
+    let fx = Fixture::new();
+    fx.write_raw_config(&config(&address, false, ARCHIVE, ALL_TO_ARCHIVE, ""));
+    std::fs::create_dir_all(fx.root.join("drop2")).unwrap();
+    let daemon = fx.start();
+    write_random(&fx.watch.join("first.mp4"), 50_000, 1);
+    done_count(&fx, 1, "first.mp4 delivered before the reload");
+    let pid = daemon.pid();
+
+    let receiver = common::webhook::Receiver::start(common::webhook::Answer::Take);
+    let providers = format!("{ARCHIVE}  second: {{ type: folder, path: ./second }}\n");
+    let rules =
+        "  - match: { glob: \"b*\" }\n    provider: second\n  - match: {}\n    provider: archive\n";
+    let extra = format!(
+        "bandwidth: 5MiB/s\nnotify:\n  - {{ url: \"{}\", events: [done] }}\n",
+        receiver.url()
+    );
+    fx.write_raw_config(&config(&address, true, &providers, rules, &extra));
+    daemon.signal(libc::SIGHUP);
+    wait_for_log(&daemon, "config reloaded", 1);
+    let log = daemon.log();
+    for said in [
+        "watch drop2 added",
+        "provider second added",
+        "rules changed",
+    ] {
+        assert!(log.contains(said), "{said:?} in the reload's log:\n{log}");
+    }
+
+    write_random(&fx.watch.join("a.mp4"), 50_000, 2);
+    write_random(&fx.watch.join("b.mp4"), 50_000, 3);
+    write_random(&fx.root.join("drop2/c.mp4"), 50_000, 4);
+    done_count(&fx, 4, "the three files after the reload delivered");
+    assert_eq!(
+        Fixture::files_in(&fx.outbox),
+        vec!["a.mp4", "c.mp4", "first.mp4"]
+    );
+    assert_eq!(Fixture::files_in(&fx.root.join("second")), vec!["b.mp4"]);
+    let (_, metrics) = http(&address, "GET", "/metrics", &[]).expect("metrics");
+    assert!(
+        metrics.contains(&format!(
+            "hotfolder_bandwidth_limit_bytes_per_second{{scope=\"all\",name=\"\"}} {}",
+            5 * MIB
+        )),
+        "{metrics}"
+    );
+    let events = receiver.wait_for_events(3, Duration::from_secs(20));
+    let mut files: Vec<String> = events
+        .iter()
+        .map(|e| e["file"].as_str().unwrap_or_default().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(files, vec!["a.mp4", "b.mp4", "c.mp4"], "{events:?}");
+    assert_eq!(daemon.pid(), pid, "the same process all along");
+}
+
+#[test]
+fn a_bad_config_is_refused_with_its_position_and_the_running_one_stays() {
+    let address = free_address();
+    let fx = Fixture::new();
+    let good = config(&address, false, ARCHIVE, ALL_TO_ARCHIVE, "");
+    fx.write_raw_config(&good);
+    let daemon = fx.start();
+
+    // Not YAML, then YAML whose rule names no provider: both refused with
+    // where the mistake is, through the API and the command line.
+    let broken_yaml = good.replace("workers: 4", "workers: [4");
+    let unknown_provider = good.replace("provider: archive", "provider: archiv");
+    for (text, position) in [
+        (&broken_yaml, "hotfolder.yaml:2:"),
+        (&unknown_provider, "hotfolder.yaml:18:5"),
+    ] {
+        fx.write_raw_config(text);
+        let (status, body) = http(&address, "POST", "/api/reload", &[]).expect("answer");
+        assert_eq!(status, 422, "{body}");
+        assert!(body.contains(position), "{position} in {body}");
+        let out = fx.hotfolder(&["reload"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(position), "{position} in {stderr}");
+        assert!(stderr.contains("not reloaded"), "{stderr}");
+    }
+    fx.write_raw_config(&good);
+    wait_for_log(&daemon, "config not reloaded", 2);
+    assert!(
+        daemon.log().contains("hotfolder.yaml:18:5"),
+        "the refusal is logged with its position"
+    );
+    // Still running on the config it had.
+    write_random(&fx.watch.join("still.mp4"), 40_000, 5);
+    done_count(&fx, 1, "still.mp4 delivered on the running config");
+    assert_eq!(Fixture::files_in(&fx.outbox), vec!["still.mp4"]);
+
+    // A good one: the provider's folder changes; the HTTP address needs a
+    // restart, which the answer says, and the API stays where it is.
+    let moved = config(
+        &free_address(),
+        false,
+        "  archive: { type: folder, path: ./outbox2 }\n",
+        ALL_TO_ARCHIVE,
+        "",
+    );
+    fx.write_raw_config(&moved);
+    let out = fx.hotfolder(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("provider archive changed"), "{said}");
+    assert!(
+        said.contains("http"),
+        "the restart-only key is named: {said}"
+    );
+    write_random(&fx.watch.join("moved.mp4"), 40_000, 6);
+    done_count(&fx, 2, "moved.mp4 delivered to the new folder");
+    assert_eq!(
+        Fixture::files_in(&fx.root.join("outbox2")),
+        vec!["moved.mp4"]
+    );
+    let (status, _) = http(&address, "GET", "/healthz", &[]).expect("the API where it was");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_job_in_flight_keeps_the_provider_settings_it_started_with() {
+    let address = free_address();
+    let fx = Fixture::new();
+    let first = Sandbox::start(&fx.root.join("sandbox-a"), &["--throttle", "2MiB"]);
+    let second = Sandbox::start(&fx.root.join("sandbox-b"), &[]);
+    let slow = |endpoint: String| {
+        format!("  slow: {{ type: tus, endpoint: \"{endpoint}\", chunk_size: 1MiB }}\n")
+    };
+    let rules = "  - match: {}\n    provider: slow\n";
+    fx.write_raw_config(&config(&address, false, &slow(first.endpoint()), rules, ""));
+    let daemon = fx.start();
+    write_random(&fx.watch.join("long.mp4"), 8 * MIB, 7);
+    fx.wait_for_bytes("long.mp4", MIB, Duration::from_secs(30));
+
+    fx.write_raw_config(&config(
+        &address,
+        false,
+        &slow(second.endpoint()),
+        rules,
+        "",
+    ));
+    let (status, body) = http(&address, "POST", "/api/reload", &[]).expect("answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("provider slow changed"), "{body}");
+    write_random(&fx.watch.join("after.mp4"), 100_000, 8);
+    done_count(&fx, 2, "both files delivered");
+
+    let long = read_json(&fx.done.join("long.mp4.receipt.json"));
+    let after = read_json(&fx.done.join("after.mp4.receipt.json"));
+    assert_eq!(first.uploads_named("long.mp4").len(), 1, "{long}");
+    assert!(second.uploads_named("long.mp4").is_empty(), "{long}");
+    assert_eq!(second.uploads_named("after.mp4").len(), 1, "{after}");
+    assert!(first.uploads_named("after.mp4").is_empty(), "{after}");
+    assert!(
+        !daemon.log().contains("starting a new remote upload"),
+        "long.mp4 was not restarted elsewhere"
+    );
+}
