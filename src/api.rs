@@ -71,6 +71,7 @@ pub fn router(ctx: JobsHandle) -> Router {
         .route("/api/pause", post(pause))
         .route("/api/resume", post(resume))
         .route("/api/reload", post(reload))
+        .route("/api/overview", get(overview))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), authorize));
     // The page is a shell with no data: it asks for the token and sends
     // it as a header (a browser cannot add one when it opens a page).
@@ -219,7 +220,6 @@ struct ScopeQuery {
     watch: Option<String>,
 }
 
-/// The paused scopes.
 /// Read the config file again: 200 with what changed, or 422 with why the
 /// file was refused (the running config stays).
 async fn reload(State(ctx): State<JobsHandle>) -> Response {
@@ -229,6 +229,100 @@ async fn reload(State(ctx): State<JobsHandle>) -> Response {
     }
 }
 
+/// One provider on the status page.
+#[derive(serde::Serialize)]
+struct ProviderOverview {
+    name: String,
+    /// Its `type:` ("" for one a reload removed that still has jobs, and
+    /// for the row named "" of jobs that failed before they were routed).
+    kind: &'static str,
+    /// Queued and in flight now; done and failed since midnight here.
+    #[serde(flatten)]
+    counts: crate::state::ProviderCounts,
+    /// Its uploads in flight on this node, added up.
+    bytes_per_second: f64,
+    /// Its own limit in force (`None`: none configured, or off now).
+    bandwidth_limit: Option<u64>,
+    /// Its configured limit, as written.
+    bandwidth: Option<String>,
+    paused: bool,
+}
+
+/// What the status page shows above the jobs: per provider its jobs
+/// (queued, in flight, done and failed since midnight here), its rate, its
+/// limit and its pause; the watches and theirs; everything's limit and
+/// pause; and the webhook events whose receiver refused or missed a try.
+async fn overview(State(ctx): State<JobsHandle>) -> Response {
+    let config = ctx.config.get();
+    let now = jiff::Zoned::now();
+    let midnight = now
+        .start_of_day()
+        .map_or_else(|_| now.timestamp(), |z| z.timestamp());
+    let counts = match ctx.store.provider_counts(midnight).await {
+        Ok(counts) => counts,
+        Err(e) => return store_error(&e),
+    };
+    let rates = ctx.progress.rates_by_provider();
+    let limits = ctx.bandwidth.limits();
+    let limit_of = |scope: &str, name: &str| {
+        limits
+            .iter()
+            .find(|(s, n, _)| *s == scope && n == name)
+            .and_then(|(_, _, rate)| *rate)
+    };
+    let paused = ctx.pauses.current();
+    let mut names: Vec<&String> = config.providers.keys().collect();
+    // A provider a reload removed that still has jobs, and "" for jobs
+    // that failed before they were routed.
+    names.extend(counts.keys().filter(|n| !config.providers.contains_key(*n)));
+    let providers: Vec<ProviderOverview> = names
+        .into_iter()
+        .map(|name| {
+            let configured = config.providers.get(name);
+            ProviderOverview {
+                name: name.clone(),
+                kind: configured.map_or("", |p| p.kind.type_name()),
+                counts: counts.get(name).copied().unwrap_or_default(),
+                bytes_per_second: rates.get(name).copied().unwrap_or(0.0),
+                bandwidth_limit: limit_of("provider", name),
+                bandwidth: configured
+                    .and_then(|p| p.bandwidth.as_ref())
+                    .map(ToString::to_string),
+                paused: paused.contains(&Scope::Provider(name.clone())),
+            }
+        })
+        .collect();
+    let watches: Vec<serde_json::Value> = config
+        .watches
+        .iter()
+        .map(
+            |w| json!({ "name": w.name, "paused": paused.contains(&Scope::Watch(w.name.clone())) }),
+        )
+        .collect();
+    let failing: Vec<crate::notify::WaitingView> = match &ctx.notifier {
+        Some(notifier) if !notifier.is_empty() => match ctx.store.outbox(1000).await {
+            Ok(waiting) => waiting
+                .iter()
+                .filter(|n| n.attempts > 0)
+                .map(crate::notify::WaitingView::of)
+                .collect(),
+            Err(e) => return store_error(&e),
+        },
+        _ => Vec::new(),
+    };
+    Json(json!({
+        "since": midnight,
+        "paused": paused.contains(&Scope::All),
+        "bandwidth_limit": limit_of("all", ""),
+        "bandwidth": config.bandwidth.as_ref().map(ToString::to_string),
+        "providers": providers,
+        "watches": watches,
+        "webhooks_failing": failing,
+    }))
+    .into_response()
+}
+
+/// The paused scopes.
 async fn pauses(State(ctx): State<JobsHandle>) -> Response {
     Json(ctx.pauses.current()).into_response()
 }

@@ -8,9 +8,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::browser::browse;
+use common::browser::{ChromeDriver, browse};
 use common::sandbox::{Sandbox, http};
-use common::{Fixture, in_state, wait_for, write_random};
+use common::{Fixture, free_address, in_state, wait_for, write_random};
 
 const TOKEN: &str = "page-token-8c2f";
 
@@ -136,4 +136,225 @@ fn the_page_shows_live_progress_failures_and_a_retry_button() {
         png.starts_with(b"\x89PNG") && png.len() > 5_000,
         "a real PNG screenshot"
     );
+}
+
+/// The page driven through WebDriver (Debian's chromedriver and headless
+/// Chromium): the per-provider table counts today's jobs, Pause holds the
+/// provider (a new file waits, queued), Retry queues a failed job again,
+/// Resume delivers both. A screenshot is kept in
+/// `target/test-artifacts/status-page-webdriver.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webdriver_clicks_pause_retry_and_resume() {
+    use fantoccini::{ClientBuilder, Locator};
+
+    let address = free_address();
+    // Nothing listens there: every webhook event keeps failing.
+    let dead_receiver = free_address();
+    let fx = Fixture::with_config(
+        "",
+        "",
+        &format!(
+            "http: {{ listen: \"{address}\", token: \"{TOKEN}\" }}\nbandwidth: 50MiB/s\n\
+             notify: [{{ url: \"http://{dead_receiver}/hook\", events: [done] }}]"
+        ),
+    );
+    std::fs::write(fx.watch.join("broken.json"), b"{oops").unwrap();
+    write_random(&fx.watch.join("broken.mp4"), 10_000, 1);
+    write_random(&fx.watch.join("first.mp4"), 20_000, 2);
+    let _daemon = fx.start();
+    let rows = tokio::task::spawn_blocking({
+        let fx_status = fx.config.clone();
+        let root = fx.root.clone();
+        move || {
+            wait_for("one done, one failed", Duration::from_secs(30), || {
+                let rows = status_of(&root, &fx_status);
+                (in_state(&rows, "done").len() == 1 && in_state(&rows, "failed").len() == 1)
+                    .then_some(rows)
+            })
+        }
+    })
+    .await
+    .unwrap();
+    let failed_id = in_state(&rows, "failed")[0]["id"].as_u64().unwrap();
+
+    let driver = ChromeDriver::start();
+    let profile = tempfile::tempdir().unwrap();
+    // chromedriver listens on loopback: plain HTTP, no TLS in the client.
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let browser = ClientBuilder::new(connector)
+        .capabilities(ChromeDriver::capabilities(profile.path()))
+        .connect(&driver.url)
+        .await
+        .expect("a WebDriver session with headless Chromium");
+    browser
+        .goto(&format!("http://{address}/#token={TOKEN}"))
+        .await
+        .unwrap();
+
+    // Today's counts for the provider.
+    let provider_row = |text: &'static str| {
+        let browser = browser.clone();
+        async move {
+            wait_until(
+                &browser,
+                &format!("#provider-archive contains {text:?}"),
+                || {
+                    let browser = browser.clone();
+                    async move {
+                        let row = browser.find(Locator::Css("#provider-archive")).await.ok()?;
+                        let cells: Vec<String> = futures_cells(&row).await;
+                        (cells.join("|").contains(text)).then_some(())
+                    }
+                },
+            )
+            .await
+        }
+    };
+    // Provider | queued | in flight | done | failed. The failed job never
+    // got a provider (its sidecar is broken): it has a row of its own.
+    provider_row("|0|0|1|0|").await;
+    wait_until(&browser, "a row for the job that has no provider", || {
+        let browser = browser.clone();
+        async move {
+            let row = browser.find(Locator::Css("#provider-")).await.ok()?;
+            futures_cells(&row)
+                .await
+                .join("|")
+                .contains("(no provider)|0|0|0|1|")
+                .then_some(())
+        }
+    })
+    .await;
+
+    // The limit in force, and the webhook event that keeps failing.
+    for (selector, text) in [
+        ("#all-limit", "50.0 MiB/s (50MiB/s)"),
+        ("#webhook-rows", "cannot connect"),
+    ] {
+        wait_until(&browser, &format!("{selector} showing {text:?}"), || {
+            let browser = browser.clone();
+            async move {
+                let element = browser.find(Locator::Css(selector)).await.ok()?;
+                element.text().await.ok()?.contains(text).then_some(())
+            }
+        })
+        .await;
+    }
+
+    // Pause the provider: the button turns into Resume, the API agrees.
+    browser
+        .find(Locator::Css("#pause-provider-archive"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(&browser, "the Resume button", || {
+        let browser = browser.clone();
+        async move {
+            let button = browser
+                .find(Locator::Css("#pause-provider-archive"))
+                .await
+                .ok()?;
+            (button.text().await.ok()? == "Resume").then_some(())
+        }
+    })
+    .await;
+    let (_, pauses) = http(
+        &address,
+        "GET",
+        "/api/pauses",
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+    )
+    .unwrap();
+    assert!(pauses.contains("archive"), "{pauses}");
+
+    // A new file waits, queued; Retry queues the failed one again (its
+    // sidecar fixed), and it waits too.
+    write_random(&fx.watch.join("second.mp4"), 20_000, 3);
+    provider_row("|1|0|1|0|").await;
+    std::fs::write(fx.failed.join("broken.json"), br#"{"title": "fixed"}"#).unwrap();
+    browser
+        .find(Locator::Css(&format!("#job-{failed_id} button")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(&browser, "the retried job shown queued", || {
+        let browser = browser.clone();
+        async move {
+            let row = browser
+                .find(Locator::Css(&format!("#job-{failed_id}")))
+                .await
+                .ok()?;
+            row.text().await.ok()?.contains("queued").then_some(())
+        }
+    })
+    .await;
+
+    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let png = browser.screenshot().await.expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 5_000,
+        "a real PNG"
+    );
+    std::fs::write(artifacts.join("status-page-webdriver.png"), &png).unwrap();
+
+    // Resume: both are delivered.
+    browser
+        .find(Locator::Css("#pause-provider-archive"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    provider_row("|0|0|3|0|").await;
+    assert_eq!(
+        Fixture::files_in(&fx.outbox),
+        vec!["broken.mp4", "first.mp4", "second.mp4"]
+    );
+    browser.close().await.unwrap();
+}
+
+/// `hotfolder status --json` of the config at `config`, run from `root`.
+fn status_of(root: &std::path::Path, config: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(common::bin())
+        .args(["status", "--json", "-c"])
+        .arg(config)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// The text of each cell of a table row.
+async fn futures_cells(row: &fantoccini::elements::Element) -> Vec<String> {
+    let mut texts = Vec::new();
+    if let Ok(cells) = row.find_all(fantoccini::Locator::Css("td")).await {
+        for cell in cells {
+            texts.push(cell.text().await.unwrap_or_default());
+        }
+    }
+    texts
+}
+
+/// Poll `check` in the browser until it answers, for at most 20 seconds.
+async fn wait_until<F, Fut>(browser: &fantoccini::Client, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if check().await.is_some() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let page = browser.source().await.unwrap_or_default();
+            panic!("timed out after 20s waiting for {what}; the page:\n{page}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -12,9 +12,11 @@ pub mod migrate;
 mod paths;
 mod pg_store;
 mod sled_store;
+pub mod tally;
 
 pub use self::pg_store::{Imported, Member, NodeView, PgStore};
 pub use self::sled_store::SledStore;
+pub use self::tally::ProviderCounts;
 use crate::hashing::ResumableSha256;
 pub use crate::lifecycle::JobState;
 use crate::lifecycle::{Outcome, next};
@@ -435,6 +437,16 @@ pub trait JobStore {
     /// How many jobs are in each state, without reading them.
     async fn counts(&self) -> std::collections::BTreeMap<JobState, u64>;
 
+    /// Per provider: unfinished jobs, and those finished since `since`
+    /// (the status page's "today"), without reading the whole history.
+    ///
+    /// # Errors
+    /// Database failure.
+    async fn provider_counts(
+        &self,
+        since: jiff::Timestamp,
+    ) -> Result<std::collections::BTreeMap<String, ProviderCounts>, StoreError>;
+
     /// Every job, oldest first.
     ///
     /// # Errors
@@ -715,6 +727,13 @@ impl JobStore for Store {
 
     async fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
         forward!(self, s => s.counts().await)
+    }
+
+    async fn provider_counts(
+        &self,
+        since: jiff::Timestamp,
+    ) -> Result<std::collections::BTreeMap<String, ProviderCounts>, StoreError> {
+        forward!(self, s => s.provider_counts(since).await)
     }
 
     async fn all(&self) -> Result<Vec<Job>, StoreError> {

@@ -62,6 +62,9 @@ const MIGRATIONS: &[&str] = &[
          delivery jsonb NOT NULL
      );
      CREATE INDEX hotfolder_outbox_by_time ON hotfolder_outbox (next_at);",
+    // 5: finished jobs by when they finished (the status page's "today").
+    "CREATE INDEX hotfolder_jobs_finished_by_time ON hotfolder_jobs (updated_at)
+         WHERE state IN ('done', 'failed');",
 ];
 
 /// The SQL condition "the job is unfinished" (the states that are not
@@ -706,6 +709,43 @@ impl PgStore {
             .iter()
             .map(decode_row)
             .collect()
+    }
+
+    /// Per provider: unfinished jobs (through the state index) and those
+    /// finished since `since` (through the finish-time index).
+    pub(super) async fn provider_counts(
+        &self,
+        since: jiff::Timestamp,
+    ) -> Result<BTreeMap<String, super::ProviderCounts>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT provider, state, count(*) AS n FROM (",
+            " SELECT coalesce(record->>'provider', '') AS provider, state FROM hotfolder_jobs",
+            " WHERE ",
+            unfinished!(),
+            " UNION ALL",
+            " SELECT coalesce(record->>'provider', '') AS provider, state FROM hotfolder_jobs",
+            " WHERE state IN ('done', 'failed') AND updated_at >= to_timestamp($1::float8)",
+            ") AS counted GROUP BY provider, state"
+        ))
+        .bind(since.as_second() as f64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut counts: BTreeMap<String, super::ProviderCounts> = BTreeMap::new();
+        for row in rows {
+            let state: String = row.get("state");
+            let n: i64 = row.get("n");
+            if let Some(state) = crate::lifecycle::STATES
+                .iter()
+                .find(|s| s.as_str() == state)
+            {
+                counts
+                    .entry(row.get("provider"))
+                    .or_default()
+                    .add(*state, n as u64);
+            }
+        }
+        Ok(counts)
     }
 
     pub(super) async fn counts(&self) -> BTreeMap<JobState, u64> {

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::tally::{Counted, ProviderCounts};
 use super::{
     ContentEntry, Job, JobState, JobStore, Notification, Page, StoreError, decode,
     prepare_state_dir,
@@ -18,7 +19,7 @@ pub struct SledStore {
     installation: std::sync::Arc<str>,
     /// Jobs per state, counted once at open and kept as jobs are written,
     /// so `/metrics` costs the same with a hundred or a million jobs.
-    counts: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<JobState, u64>>>,
+    tally: std::sync::Arc<std::sync::Mutex<super::tally::Tally>>,
     commit: GroupCommit,
     jobs: sled::Tree,
     sources: sled::Tree,
@@ -76,15 +77,15 @@ impl SledStore {
         let meta = db.open_tree("meta")?;
         let installation = installation_id(&meta)?;
         let jobs = db.open_tree("jobs")?;
-        let mut counts = std::collections::BTreeMap::new();
+        let mut tally = super::tally::Tally::default();
         for entry in jobs.iter() {
             let (_, bytes) = entry?;
-            if let Some(state) = state_of(&bytes) {
-                *counts.entry(state).or_insert(0) += 1;
+            if let Some(job) = Counted::of(&bytes) {
+                tally.add(&job);
             }
         }
         Ok(SledStore {
-            counts: std::sync::Arc::new(std::sync::Mutex::new(counts)),
+            tally: std::sync::Arc::new(std::sync::Mutex::new(tally)),
             installation,
             // Not `flush_async`: in sled 0.34 concurrent `flush_async` calls
             // can miss their wake-up and hang forever (spacejam/sled#1308,
@@ -132,13 +133,15 @@ impl JobStore for SledStore {
             source,
         })?;
         let previous = self.jobs.insert(job.id.to_be_bytes(), bytes)?;
-        if let Ok(mut counts) = self.counts.lock() {
-            if let Some(old) = previous.as_deref().and_then(state_of)
-                && let Some(n) = counts.get_mut(&old)
-            {
-                *n = n.saturating_sub(1);
+        if let Ok(mut tally) = self.tally.lock() {
+            if let Some(old) = previous.as_deref().and_then(Counted::of) {
+                tally.remove(&old);
             }
-            *counts.entry(job.state).or_insert(0) += 1;
+            tally.add(&Counted {
+                state: job.state,
+                provider: job.provider.clone(),
+                updated_at: job.updated_at,
+            });
         }
         if !job.watch.is_empty() || !job.relpath.as_os_str().is_empty() {
             self.sources
@@ -255,7 +258,18 @@ impl JobStore for SledStore {
     }
 
     async fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
-        self.counts.lock().map(|c| c.clone()).unwrap_or_default()
+        self.tally.lock().map(|t| t.by_state()).unwrap_or_default()
+    }
+
+    async fn provider_counts(
+        &self,
+        since: jiff::Timestamp,
+    ) -> Result<std::collections::BTreeMap<String, ProviderCounts>, StoreError> {
+        Ok(self
+            .tally
+            .lock()
+            .map(|t| t.providers(since))
+            .unwrap_or_default())
     }
 
     async fn get(&self, id: u64) -> Result<Job, StoreError> {
@@ -369,15 +383,4 @@ fn installation_id(meta: &sled::Tree) -> Result<std::sync::Arc<str>, StoreError>
         .get("installation")?
         .map(|v| String::from_utf8_lossy(&v).into_owned());
     Ok(stored.unwrap_or(fresh).into())
-}
-
-/// Just the state of an encoded job record.
-fn state_of(bytes: &[u8]) -> Option<JobState> {
-    #[derive(serde::Deserialize)]
-    struct StateOnly {
-        state: JobState,
-    }
-    serde_json::from_slice::<StateOnly>(bytes)
-        .ok()
-        .map(|s| s.state)
 }

@@ -31,6 +31,7 @@ pub struct Progress {
 }
 
 struct Live {
+    provider: String,
     counters: Arc<Counters>,
     acked: u64,
     acked_at_start: u64,
@@ -53,6 +54,7 @@ impl ProgressBoard {
             live.insert(
                 job.id,
                 Live {
+                    provider: job.provider.clone(),
                     counters: Arc::clone(&counters),
                     acked: job.acked,
                     acked_at_start: job.acked,
@@ -86,21 +88,38 @@ impl ProgressBoard {
         self.live.lock().map_or(0, |live| live.len())
     }
 
+    /// Per provider, the rates of its uploads in flight added up (bytes
+    /// per second, each averaged since its attempt started).
+    pub fn rates_by_provider(&self) -> std::collections::BTreeMap<String, f64> {
+        let Ok(live) = self.live.lock() else {
+            return Default::default();
+        };
+        let mut rates = std::collections::BTreeMap::new();
+        for entry in live.values() {
+            let rate = Self::snapshot(entry).bytes_per_second;
+            *rates.entry(entry.provider.clone()).or_insert(0.0) += rate;
+        }
+        rates
+    }
+
     /// A snapshot of one job, if it is in flight.
     pub fn get(&self, job: u64) -> Option<Progress> {
         let live = self.live.lock().ok()?;
-        let entry = live.get(&job)?;
+        Some(Self::snapshot(live.get(&job)?))
+    }
+
+    fn snapshot(entry: &Live) -> Progress {
         let bytes =
             (entry.acked + entry.counters.in_flight.load(Ordering::Relaxed)).min(entry.total);
         let elapsed = entry.started.elapsed().as_secs_f64();
         let moved = bytes.saturating_sub(entry.acked_at_start) as f64;
         let rate = if elapsed > 0.0 { moved / elapsed } else { 0.0 };
-        Some(Progress {
+        Progress {
             bytes,
             acknowledged: entry.acked,
             total: entry.total,
             bytes_per_second: rate,
             eta_seconds: (rate > 0.0).then(|| (entry.total - bytes) as f64 / rate),
-        })
+        }
     }
 }

@@ -39,3 +39,68 @@ pub fn browse(url: &str, extra: &[&str], profile: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Debian's `chromedriver` (package `chromium-driver`) on a free port of
+/// 127.0.0.1, stopped on drop.
+pub struct ChromeDriver {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`, for a WebDriver client.
+    pub url: String,
+}
+
+impl ChromeDriver {
+    /// Start it and wait until it answers.
+    pub fn start() -> Self {
+        let path = "/usr/bin/chromedriver";
+        assert!(
+            Path::new(path).exists(),
+            "Debian's chromedriver is not installed at {path}; run scripts/test (it installs chromium-driver with apt-get)"
+        );
+        let address = super::free_address();
+        let port = address.rsplit(':').next().unwrap_or_default().to_string();
+        let child = Command::new(path)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        super::wait_for(
+            "chromedriver to listen",
+            std::time::Duration::from_secs(20),
+            || std::net::TcpStream::connect(&address).ok(),
+        );
+        ChromeDriver {
+            child,
+            url: format!("http://{address}"),
+        }
+    }
+
+    /// WebDriver capabilities for headless Chromium with its own profile.
+    pub fn capabilities(profile: &Path) -> serde_json::Map<String, serde_json::Value> {
+        let options = serde_json::json!({
+            "binary": chromium(),
+            "args": [
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1280,900",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        });
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert("goog:chromeOptions".into(), options);
+        capabilities
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
