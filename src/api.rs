@@ -303,7 +303,7 @@ async fn overview(State(ctx): State<JobsHandle>) -> Response {
         Some(notifier) if !notifier.is_empty() => match ctx.store.outbox(1000).await {
             Ok(waiting) => waiting
                 .iter()
-                .filter(|n| n.attempts > 0)
+                .filter(|n| n.is_failing())
                 .map(crate::notify::WaitingView::of)
                 .collect(),
             Err(e) => return store_error(&e),
@@ -434,7 +434,7 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
         measured.push(Measured::new(
             &metrics::WEBHOOKS_FAILING,
             vec![],
-            waiting.iter().filter(|n| n.attempts > 0).count() as f64,
+            waiting.iter().filter(|n| n.is_failing()).count() as f64,
         ));
         measured.push(Measured::count(
             &metrics::WEBHOOK_DELIVERIES,

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -307,11 +307,12 @@ pub type Throttle = Vec<Arc<Limiter>>;
 /// Every configured limit of a daemon, replaced at a reload.
 #[derive(Default)]
 pub struct Bandwidth {
-    limits: RwLock<Limits>,
+    limits: crate::reload::Shared<Limits>,
+    /// The timetables' clock.
+    clock: Clock,
     /// Woken at a reload: the next boundary may have moved.
     changed: tokio::sync::Notify,
 }
-
 /// The limiters of one config.
 #[derive(Default)]
 struct Limits {
@@ -356,39 +357,33 @@ impl Limits {
 }
 
 impl Bandwidth {
-    /// The limits `config` sets, in force as of `at`.
-    pub fn new(config: &Config, at: DateTime) -> Self {
+    /// The limits `config` sets, in force now by `clock`.
+    pub fn new(config: &Config, clock: Clock) -> Self {
         let bandwidth = Bandwidth {
-            limits: RwLock::new(Limits::of(config, &Limits::default())),
+            limits: crate::reload::Shared::new(Limits::of(config, &Limits::default())),
+            clock,
             changed: tokio::sync::Notify::new(),
         };
-        bandwidth.apply(at);
+        bandwidth.apply(clock.now());
         bandwidth
     }
 
-    /// Take the limits of a reloaded `config`, in force as of `at`. Uploads
-    /// under way pass through the new limits from their next chunk on.
-    pub fn reconfigure(&self, config: &Config, at: DateTime) {
-        match self.limits.write() {
-            Ok(mut limits) => *limits = Limits::of(config, &limits),
-            Err(poisoned) => {
-                let mut limits = poisoned.into_inner();
-                *limits = Limits::of(config, &limits);
-            }
-        }
-        self.apply(at);
+    /// Take the limits of a reloaded `config`. Uploads under way pass
+    /// through the new limits from their next chunk on.
+    pub fn reconfigure(&self, config: &Config) {
+        let limits = Limits::of(config, &self.limits.get());
+        self.limits.set(Arc::new(limits));
+        self.apply(self.clock.now());
         self.changed.notify_one();
     }
 
     fn all(&self) -> Vec<Arc<Limiter>> {
-        self.limits.read().map(|l| l.all()).unwrap_or_default()
+        self.limits.get().all()
     }
 
     /// The limits an upload to `provider` passes through (empty: none).
     pub fn throttle_for(&self, provider: &str) -> Throttle {
-        let Ok(limits) = self.limits.read() else {
-            return Vec::new();
-        };
+        let limits = self.limits.get();
         limits
             .global
             .iter()
@@ -396,7 +391,6 @@ impl Bandwidth {
             .cloned()
             .collect()
     }
-
     /// Every scope with a limit configured, and the rate in force.
     pub fn limits(&self) -> Vec<(&'static str, String, Option<u64>)> {
         self.all()
@@ -463,11 +457,10 @@ impl Clock {
 /// Keep every limit at its timetable's rate until `shutdown`.
 pub async fn follow_timetables(
     bandwidth: Arc<Bandwidth>,
-    clock: Clock,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let next = bandwidth.apply(clock.now());
+        let next = bandwidth.apply(bandwidth.clock.now());
         tokio::select! {
             () = crate::shutdown::stopped(&mut shutdown) => return,
             () = tokio::time::sleep(next) => {}

@@ -777,17 +777,22 @@ async fn pause_or_resume(config: &Config, scope: ScopeArgs, paused: bool) -> Res
 }
 
 /// Ask the running daemon to read its config again and say what changed.
+/// A refusal is a configuration error (exit 2), as it is for a start.
 async fn reload(config: &Config) -> Result<(), CliError> {
-    let answer = ask_daemon(config, &Request::Reload, |r| match r {
-        Response::Reloaded(changes) => Some(changes),
-        _ => None,
-    })
-    .await?;
+    let answer = control::ask(&config.state_dir, &Request::Reload)
+        .await
+        .context("the running daemon gave an unreadable answer")?;
     match answer {
-        Some(changes) => {
-            println!("reloaded {}: {changes}", config.file.display());
+        Some(Response::Reloaded(changes)) => {
+            println!("reloaded {}: {changes}", changes.file.display());
             Ok(())
         }
+        Some(Response::Error(why)) => Err(CliError::Usage(format!(
+            "{why}\nnot reloaded: the running daemon keeps the config it has"
+        ))),
+        Some(_) => Err(CliError::Runtime(anyhow::anyhow!(
+            "the daemon answered something else"
+        ))),
         None => Err(CliError::Runtime(anyhow::anyhow!(
             "no daemon answers on {}; start it with `hotfolder run` (it reads the config then)",
             control::socket_path(&config.state_dir).display()

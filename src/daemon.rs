@@ -48,20 +48,25 @@ pub struct Context {
     store_failed: Arc<watch::Sender<Option<String>>>,
     /// Whether the fleet database answers (always, for sled).
     pub store_health: Arc<crate::state::StoreHealth>,
-    watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
+    /// Each watch's command channel, by name (replaced when a reload
+    /// starts watches again; shared with the contexts jobs still run on).
+    watch_commands: crate::reload::Shared<WatchCommands>,
     router: Router,
     /// Webhooks: events go to its outbox with the job step that raises them.
     pub notifier: Arc<crate::notify::Notifier>,
 }
+
+/// Each watch's command channel, by watch name.
+pub type WatchCommands = HashMap<String, mpsc::UnboundedSender<WatchCommand>>;
 
 /// What a daemon connects its job context to; all empty for `hotfolder
 /// upload`, which has no watches, no pauses and no reload.
 #[derive(Default)]
 pub struct Surroundings {
     /// Each watch's command channel, by name.
-    pub watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
+    pub watch_commands: crate::reload::Shared<WatchCommands>,
     /// Each watch's counters, by name.
-    pub watch_counters: HashMap<String, Arc<WatchCounters>>,
+    pub watch_counters: crate::reload::Shared<HashMap<String, Arc<WatchCounters>>>,
     /// Sources that jobs hold.
     pub held: Arc<HeldSources>,
     /// The paused scopes.
@@ -89,7 +94,6 @@ impl Context {
         } = surroundings;
         let progress = ProgressBoard::default();
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let clock = crate::bandwidth::Clock::from_env();
         let engine = Engine {
             store: store.clone(),
             progress: progress.clone(),
@@ -97,18 +101,16 @@ impl Context {
             metrics: Arc::clone(&metrics),
             content_claims: Arc::default(),
             pauses: pauses.clone(),
-            bandwidth: Arc::new(crate::bandwidth::Bandwidth::new(&config, clock.now())),
+            bandwidth: Arc::new(crate::bandwidth::Bandwidth::new(
+                &config,
+                crate::bandwidth::Clock::from_env(),
+            )),
         };
         tokio::spawn(crate::bandwidth::follow_timetables(
             Arc::clone(&engine.bandwidth),
-            clock,
             engine.shutdown.clone(),
         ));
-        let providers = config
-            .providers
-            .iter()
-            .map(|(name, p)| (name.clone(), Arc::new(ProviderHandle::new(p))))
-            .collect();
+        let providers = provider_handles(&config, &BTreeMap::new());
         let (job_tx, job_rx) = mpsc::unbounded_channel();
         let mut jobs = JobsHandle::new(
             &config,
@@ -145,38 +147,19 @@ impl Context {
 
     /// The context of a reloaded `config`: jobs started from now on get
     /// it, while jobs under way keep the one they started with (their
-    /// provider settings, rules and worker slots). A provider whose
-    /// settings did not change keeps its handle (its tokens and pacing);
-    /// the bandwidth limits and webhooks, shared by all jobs, change for
-    /// everyone.
-    pub fn reloaded(
-        &self,
-        config: Config,
-        watch_commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
-        at: jiff::civil::DateTime,
-    ) -> Context {
-        let providers = config
-            .providers
-            .iter()
-            .map(|(name, p)| {
-                let handle = match self.providers.get(name) {
-                    Some(old) if old.config == *p => Arc::clone(old),
-                    _ => Arc::new(ProviderHandle::new(p)),
-                };
-                (name.clone(), handle)
-            })
-            .collect();
-        let workers = if config.workers == self.config.workers {
-            Arc::clone(&self.workers)
-        } else {
-            Arc::new(Semaphore::new(config.workers))
-        };
-        self.engine.bandwidth.reconfigure(&config, at);
+    /// provider settings and rule). Worker and provider slots stay shared,
+    /// resized to the new limits, so old and new jobs together keep to
+    /// them. The bandwidth limits and webhooks, shared by all jobs, change
+    /// for everyone.
+    pub fn reloaded(&self, config: Config) -> Context {
+        let providers = provider_handles(&config, &self.providers);
+        resize(&self.workers, self.config.workers, config.workers);
+        self.engine.bandwidth.reconfigure(&config);
         self.notifier.reconfigure(&config);
         self.jobs.config.set(Arc::new(config.clone()));
         Context {
             router: Router::new(&config),
-            workers,
+            workers: Arc::clone(&self.workers),
             config,
             store: self.store.clone(),
             engine: self.engine.clone(),
@@ -186,7 +169,7 @@ impl Context {
             jobs: self.jobs.clone(),
             store_failed: Arc::clone(&self.store_failed),
             store_health: Arc::clone(&self.store_health),
-            watch_commands,
+            watch_commands: self.watch_commands.clone(),
             notifier: Arc::clone(&self.notifier),
         }
     }
@@ -203,6 +186,59 @@ impl Context {
     /// Queue a job (already stored) for a worker.
     pub fn spawn_job(&self, job: Job) {
         self.jobs.queue(job);
+    }
+}
+
+/// Handles for `config`'s providers. A provider whose settings are those
+/// of its handle in `before` (its `bandwidth` aside: the shared limiters
+/// carry that) keeps the handle, with its tokens and pacing. One whose
+/// settings changed gets a new handle that shares the old one's slots,
+/// resized to its `max_concurrent`, so that uploads under way on the old
+/// settings and new ones together keep to the limit.
+fn provider_handles(
+    config: &Config,
+    before: &BTreeMap<String, Arc<ProviderHandle>>,
+) -> BTreeMap<String, Arc<ProviderHandle>> {
+    let without_limit = |p: &crate::config::ProviderConfig| crate::config::ProviderConfig {
+        bandwidth: None,
+        ..p.clone()
+    };
+    config
+        .providers
+        .iter()
+        .map(|(name, p)| {
+            let handle = match before.get(name) {
+                Some(old) if without_limit(&old.config) == without_limit(p) => Arc::clone(old),
+                Some(old) => {
+                    resize(&old.permits, old.config.max_concurrent, p.max_concurrent);
+                    Arc::new(ProviderHandle {
+                        permits: Arc::clone(&old.permits),
+                        ..ProviderHandle::new(p)
+                    })
+                }
+                None => Arc::new(ProviderHandle::new(p)),
+            };
+            (name.clone(), handle)
+        })
+        .collect()
+}
+
+/// Make `slots` hold `to` permits instead of `from`. Fewer: the free ones
+/// go at once, the rest as the uploads holding them end.
+fn resize(slots: &Arc<Semaphore>, from: usize, to: usize) {
+    if to > from {
+        slots.add_permits(to - from);
+    } else if from > to {
+        let excess = from - to;
+        let gone = slots.forget_permits(excess);
+        if gone < excess {
+            let slots = Arc::clone(slots);
+            tokio::spawn(async move {
+                if let Ok(taken) = slots.acquire_many_owned((excess - gone) as u32).await {
+                    taken.forget();
+                }
+            });
+        }
     }
 }
 
@@ -257,6 +293,10 @@ pub enum DaemonError {
 /// [`DaemonError`] when it cannot start; run-time problems are logged and
 /// recorded on their jobs instead.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    // First: until it is listened for, SIGHUP would end the process (a
+    // `systemctl reload` just after the start).
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|error| DaemonError::Signal { error })?;
     let store = Store::open_configured(&config).await?;
     // Jobs that resume hold their sources before any watch looks, so that
     // a scan neither takes them as new nor calls them vanished when filed.
@@ -289,13 +329,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (ready_tx, mut ready_rx) = mpsc::channel::<ReadyFile>(1024);
     let mut watches = Watches {
         tasks: JoinSet::new(),
-        commands: HashMap::new(),
-        counters: HashMap::new(),
+        running: HashMap::new(),
+        commands: Default::default(),
+        counters: Default::default(),
+        skip_roots: Default::default(),
         ready: ready_tx,
         stop: stop_rx.clone(),
         held: Arc::clone(&held),
     };
-    watches.start(&config);
+    watches.apply(&[], &config.watches);
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
     let (ctx, mut job_rx) = Context::new(
         config,
@@ -310,9 +352,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
     );
     let mut ctx = ctx;
-    let clock = crate::bandwidth::Clock::from_env();
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|error| DaemonError::Signal { error })?;
     let api = match &ctx.config.http {
         Some(http) => Some(
             crate::api::serve(ctx.jobs.clone(), &http.listen, stop_rx.clone())
@@ -372,7 +411,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     Err(e @ StoreError::Database(_)) => {
                         // Offered again once stable: nothing is lost.
                         ctx.store_health.failed(&e);
-                        if let Some(commands) = ctx.watch_commands.get(&watch) {
+                        if let Some(commands) = ctx.watch_commands.get().get(&watch) {
                             let _ = commands.send(WatchCommand::Reoffer(path));
                         }
                     }
@@ -386,12 +425,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
             Some(job) = job_rx.recv() => dispatch.offer(&ctx, &mut jobs, job),
             Some(answer) = reload_rx.recv() => {
-                let outcome = reload(&mut ctx, &mut watches, clock).await;
+                let outcome = reload(&mut ctx, &mut watches).await;
                 let _ = answer.send(outcome);
             }
             Some(()) = hangup.recv() => {
                 tracing::info!("SIGHUP received: reading the config again");
-                let _ = reload(&mut ctx, &mut watches, clock).await;
+                let _ = reload(&mut ctx, &mut watches).await;
             }
             _ = heartbeat.tick(), if member.is_some() => {
                 if let Some((member, _)) = &member {
@@ -440,6 +479,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
 
+    // A reload asked for now is answered "the daemon is stopping".
+    drop(reload_rx);
     tracing::info!(in_flight = jobs.len(), "shutting down: taking no new work");
     let _ = stop_tx.send(true);
     let deadline = tokio::time::sleep(ctx.config.shutdown_timeout);
@@ -475,62 +516,91 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-/// The watch tasks, all started again when a reload changes the watches.
+/// The watch tasks; a reload starts again only those it changes.
 struct Watches {
     tasks: JoinSet<()>,
-    commands: HashMap<String, mpsc::UnboundedSender<WatchCommand>>,
+    /// Each running watch's task, by name.
+    running: HashMap<String, tokio::task::AbortHandle>,
+    commands: crate::reload::Shared<WatchCommands>,
     /// By watch name; a watch that stays keeps its counters.
-    counters: HashMap<String, Arc<WatchCounters>>,
+    counters: crate::reload::Shared<HashMap<String, Arc<WatchCounters>>>,
+    /// Every watch's done and failed folders, which no watch enters.
+    skip_roots: crate::watch::SkipRoots,
     ready: mpsc::Sender<ReadyFile>,
     stop: watch::Receiver<bool>,
     held: Arc<HeldSources>,
 }
 
 impl Watches {
-    /// Stop the running watch tasks (if any) and start one per watch of
-    /// `config`. A file under observation is observed again from the
-    /// start; a file a job holds is not offered again.
-    fn start(&mut self, config: &Config) {
-        self.tasks.abort_all();
-        let skip_roots: Vec<_> = config
-            .watches
-            .iter()
-            .flat_map(|w| [w.done_dir.clone(), w.failed_dir.clone()])
-            .collect();
+    /// Go from the watches `before` to `after`: a removed watch's task
+    /// stops, an added or changed one starts (it looks at its folder
+    /// afresh: a file under observation is observed again, a file a job
+    /// holds is not offered again), an unchanged one runs on (it learns of
+    /// the done and failed folders of the others at once).
+    fn apply(&mut self, before: &[WatchConfig], after: &[WatchConfig]) {
+        self.skip_roots.set(Arc::new(
+            after
+                .iter()
+                .flat_map(|w| [w.done_dir.clone(), w.failed_dir.clone()])
+                .collect(),
+        ));
+        let old_commands = self.commands.get();
+        let old_counters = self.counters.get();
+        let mut commands = WatchCommands::new();
         let mut counters = HashMap::new();
-        self.commands.clear();
-        for watch in &config.watches {
+        for watch in after {
+            let unchanged = before.iter().any(|b| b == watch);
+            if let (true, Some(command), Some(counter)) = (
+                unchanged,
+                old_commands.get(&watch.name),
+                old_counters.get(&watch.name),
+            ) {
+                commands.insert(watch.name.clone(), command.clone());
+                counters.insert(watch.name.clone(), Arc::clone(counter));
+                continue;
+            }
+            if let Some(task) = self.running.remove(&watch.name) {
+                task.abort();
+            }
             let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-            let mine = self.counters.get(&watch.name).cloned().unwrap_or_default();
-            self.commands.insert(watch.name.clone(), cmd_tx);
+            let mine = old_counters.get(&watch.name).cloned().unwrap_or_default();
+            commands.insert(watch.name.clone(), cmd_tx);
             counters.insert(watch.name.clone(), Arc::clone(&mine));
-            self.tasks.spawn(crate::watch::run(
+            let task = self.tasks.spawn(crate::watch::run(
                 watch.clone(),
-                skip_roots.clone(),
+                self.skip_roots.clone(),
                 self.ready.clone(),
                 cmd_rx,
                 self.stop.clone(),
                 Arc::clone(&self.held),
                 mine,
             ));
+            self.running.insert(watch.name.clone(), task);
         }
-        self.counters = counters;
+        self.running.retain(|name, task| {
+            let kept = after.iter().any(|w| &w.name == name);
+            if !kept {
+                task.abort();
+            }
+            kept
+        });
+        self.commands.set(Arc::new(commands));
+        self.counters.set(Arc::new(counters));
     }
 }
 
 /// Read the config file again and, if it loads, run on it: see
 /// [`crate::reload`]. Refused, the running config stays and the error
 /// (with its file:line:column) is logged and answered.
-async fn reload(
-    ctx: &mut Arc<Context>,
-    watches: &mut Watches,
-    clock: crate::bandwidth::Clock,
-) -> crate::reload::Outcome {
+async fn reload(ctx: &mut Arc<Context>, watches: &mut Watches) -> crate::reload::Outcome {
     let file = ctx.config.file.clone();
-    let loaded = tokio::task::spawn_blocking(move || crate::config::load(&file))
-        .await
-        .map_err(|e| format!("the config could not be read: {e}"))
-        .and_then(|loaded| loaded.map_err(|e| e.to_string()));
+    // The checks of a start: the file loads, and it names a watch.
+    let loaded = tokio::task::spawn_blocking(move || {
+        crate::config::load(&file).and_then(|config| config.require_watches().map(|()| config))
+    })
+    .await
+    .map_err(|e| format!("the config could not be read: {e}"))
+    .and_then(|loaded| loaded.map_err(|e| e.to_string()));
     let mut config = match loaded {
         Ok(config) => config,
         Err(why) => {
@@ -539,13 +609,8 @@ async fn reload(
         }
     };
     let changes = crate::reload::compare(&ctx.config, &mut config);
-    if config.watches != ctx.config.watches {
-        watches.start(&config);
-        ctx.jobs
-            .watch_counters
-            .set(Arc::new(watches.counters.clone()));
-    }
-    *ctx = Arc::new(ctx.reloaded(config, watches.commands.clone(), clock.now()));
+    watches.apply(&ctx.config.watches, &config.watches);
+    *ctx = Arc::new(ctx.reloaded(config));
     tracing::info!(file = %ctx.config.file.display(), changes = %changes, "config reloaded");
     Ok(changes)
 }
@@ -707,6 +772,11 @@ fn route_job(ctx: &Context, job: &mut Job, mtime: SystemTime) -> Result<bool, St
         Ok(Some(route)) => {
             job.provider = route.provider;
             job.rule = Some(route.rule);
+            job.rule_fingerprint = ctx
+                .config
+                .rules
+                .get(route.rule)
+                .map(crate::config::Rule::fingerprint);
             job.metadata = route.metadata;
             job.sidecar = route.sidecar;
             job.skip_duplicates = route.duplicates == Duplicates::Skip;
@@ -1118,7 +1188,7 @@ async fn abandon_session(
 /// Ask the job's watch to look at its source again (it changed).
 fn reoffer(ctx: &Context, job: &Job) {
     ctx.jobs.held.release(&job.source);
-    if let Some(commands) = ctx.watch_commands.get(&job.watch) {
+    if let Some(commands) = ctx.watch_commands.get().get(&job.watch) {
         let _ = commands.send(WatchCommand::Reoffer(job.source.clone()));
     }
 }

@@ -60,7 +60,7 @@ impl JobsHandle {
         store: Store,
         progress: ProgressBoard,
         metrics: Arc<Metrics>,
-        watch_counters: HashMap<String, Arc<WatchCounters>>,
+        watch_counters: crate::reload::Shared<HashMap<String, Arc<WatchCounters>>>,
         held: Arc<HeldSources>,
         queue: mpsc::UnboundedSender<Job>,
     ) -> Self {
@@ -69,7 +69,7 @@ impl JobsHandle {
             store,
             progress,
             metrics,
-            watch_counters: crate::reload::Shared::new(watch_counters),
+            watch_counters,
             held,
             store_health: Arc::default(),
             pauses: Default::default(),

@@ -9,8 +9,8 @@
 //! jobs; it shows in `status`, `/metrics` and `/api/webhooks`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -53,6 +53,14 @@ pub struct Notification {
     pub next_at: jiff::Timestamp,
     /// Why the last try failed (a status or an error kind; never the URL).
     pub last_error: Option<String>,
+}
+
+impl Notification {
+    /// Its receiver refused or missed a try (it is tried again): what
+    /// status, the page and `/metrics` call failing.
+    pub fn is_failing(&self) -> bool {
+        self.attempts > 0
+    }
 }
 
 /// A waiting event as status shows it.
@@ -153,7 +161,9 @@ fn chat_text(document: &serde_json::Value) -> String {
 pub struct Notifier {
     store: Store,
     /// The webhooks and the backoff in force, replaced at a reload.
-    settings: RwLock<Arc<Settings>>,
+    settings: crate::reload::Shared<Settings>,
+    /// Set at a reload: look once for waiting events whose webhook is gone.
+    sweep: std::sync::atomic::AtomicBool,
     client: reqwest::Client,
     wake: tokio::sync::Notify,
     /// Deliveries the receivers took.
@@ -189,7 +199,8 @@ impl Notifier {
     pub fn new(config: &Config, store: Store) -> Self {
         Notifier {
             store,
-            settings: RwLock::new(Arc::new(Settings::of(config))),
+            settings: crate::reload::Shared::new(Settings::of(config)),
+            sweep: std::sync::atomic::AtomicBool::new(false),
             // A redirect would turn the POST into a GET (an event counted as
             // taken that never was) and carry the headers to another host.
             client: reqwest::Client::builder()
@@ -206,18 +217,31 @@ impl Notifier {
     /// Take the webhooks of a reloaded `config`. A waiting delivery to a
     /// webhook it no longer has is dropped when its turn comes (logged).
     pub fn reconfigure(&self, config: &Config) {
-        let settings = Arc::new(Settings::of(config));
-        match self.settings.write() {
-            Ok(mut slot) => *slot = settings,
-            Err(poisoned) => *poisoned.into_inner() = settings,
-        }
+        self.settings.set(Arc::new(Settings::of(config)));
+        self.sweep.store(true, Ordering::SeqCst);
         self.wake.notify_one();
     }
 
     fn settings(&self) -> Arc<Settings> {
-        match self.settings.read() {
-            Ok(settings) => Arc::clone(&settings),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        self.settings.get()
+    }
+
+    /// Drop the waiting events whose webhook is no longer configured (after
+    /// a reload; due or not, so none lingers in status or `/metrics`).
+    async fn sweep_removed_webhooks(&self) {
+        let settings = self.settings();
+        let waiting = match self.store.outbox(usize::MAX).await {
+            Ok(waiting) => waiting,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the webhook outbox");
+                return;
+            }
+        };
+        for delivery in waiting {
+            if !settings.webhooks.contains_key(&delivery.webhook) {
+                tracing::warn!(event_id = %delivery.event_id, webhook = %delivery.host, "this webhook is no longer in the config; its delivery is dropped");
+                let _ = self.store.outbox_remove(&delivery.key).await;
+            }
         }
     }
 
@@ -239,7 +263,8 @@ impl Notifier {
         job: &mut Job,
         event: NotifyEvent,
     ) -> Result<(), StoreError> {
-        let rule = job.rule.and_then(|i| config.rules.get(i));
+        let rule =
+            crate::config::Rule::of_job(&config.rules, job.rule, job.rule_fingerprint.as_deref());
         let wanted: Vec<&NotifyConfig> = config
             .notify
             .iter()
@@ -281,6 +306,9 @@ impl Notifier {
     /// every second for those whose backoff ran out.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         loop {
+            if self.sweep.swap(false, Ordering::SeqCst) {
+                self.sweep_removed_webhooks().await;
+            }
             let due = if self.is_empty() {
                 // Nothing to send to (until a reload adds a webhook).
                 Ok(Vec::new())

@@ -193,9 +193,14 @@ impl Pauses {
 /// # Errors
 /// Database failure, or a setting that is not a list of scopes.
 pub async fn load(store: &Store) -> Result<BTreeSet<Scope>, StoreError> {
-    match store.setting(SETTING).await? {
+    parse(store.setting(SETTING).await?.as_deref())
+}
+
+/// The scopes a stored setting lists (none when it is not set).
+fn parse(stored: Option<&str>) -> Result<BTreeSet<Scope>, StoreError> {
+    match stored {
         None => Ok(BTreeSet::new()),
-        Some(text) => serde_json::from_str(&text).map_err(|source| StoreError::Decode {
+        Some(text) => serde_json::from_str(text).map_err(|source| StoreError::Decode {
             key: SETTING.into(),
             source,
         }),
@@ -218,24 +223,35 @@ pub async fn change(
     paused: bool,
 ) -> Result<BTreeSet<Scope>, PauseError> {
     scope.check(config)?;
-    // One change at a time in this process: two at once would each write
-    // the list as they read it, and one would be lost.
+    // One change at a time in this process, so that the running daemon's
+    // view is replaced in the order the changes were stored.
     static CHANGING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _one_at_a_time = CHANGING.lock().await;
-    let mut scopes = load(store).await?;
-    let changed = if paused {
-        scopes.insert(scope.clone())
-    } else {
-        scopes.remove(&scope)
-    };
-    if changed {
+    // Read, change, and write only if nobody wrote in between (another
+    // node, another `hotfolder pause`); else read again.
+    let scopes = loop {
+        let stored = store.setting(SETTING).await?;
+        let mut scopes = parse(stored.as_deref())?;
+        let changed = if paused {
+            scopes.insert(scope.clone())
+        } else {
+            scopes.remove(&scope)
+        };
+        if !changed {
+            break scopes;
+        }
         let text = serde_json::to_string(&scopes).map_err(|source| StoreError::Decode {
             key: SETTING.into(),
             source,
         })?;
-        store.set_setting(SETTING, &text).await?;
-        tracing::info!(scope = %scope, "{}", if paused { "paused" } else { "resumed" });
-    }
+        if store
+            .swap_setting(SETTING, stored.as_deref(), &text)
+            .await?
+        {
+            tracing::info!(scope = %scope, "{}", if paused { "paused" } else { "resumed" });
+            break scopes;
+        }
+    };
     if let Some(live) = live {
         live.replace(scopes.clone());
     }

@@ -27,6 +27,12 @@ impl<T> Clone for Shared<T> {
     }
 }
 
+impl<T: Default> Default for Shared<T> {
+    fn default() -> Self {
+        Shared::new(T::default())
+    }
+}
+
 impl<T> Shared<T> {
     /// Shared from now on.
     pub fn new(value: T) -> Self {
@@ -53,6 +59,8 @@ impl<T> Shared<T> {
 /// What a reload did.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Changes {
+    /// The file read again.
+    pub file: std::path::PathBuf,
     /// Changes in force now, e.g. "watch drop2 added".
     pub applied: Vec<String>,
     /// Keys whose new value waits for a restart (the running value stays).
@@ -102,7 +110,10 @@ pub async fn ask(asker: Option<&Asker>) -> Outcome {
 /// restart are set back to their running values in `new` (and named), and
 /// every other difference is listed.
 pub fn compare(running: &Config, new: &mut Config) -> Changes {
-    let mut changes = Changes::default();
+    let mut changes = Changes {
+        file: new.file.clone(),
+        ..Changes::default()
+    };
     if new.state_dir != running.state_dir {
         changes.needs_restart.push("state_dir".into());
         new.state_dir = running.state_dir.clone();

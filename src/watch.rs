@@ -137,7 +137,8 @@ pub struct Scanner {
     config: WatchConfig,
     root: PathBuf,
     filters: Filters,
-    skip_roots: Vec<PathBuf>,
+    /// Every watch's done and failed folders, as of the latest reload.
+    skip_roots: SkipRoots,
     candidates: HashMap<PathBuf, Candidate>,
     /// Versions already offered (or left in place for a reason told once).
     offered: HashMap<PathBuf, Observation>,
@@ -147,12 +148,16 @@ pub struct Scanner {
     counters: Arc<WatchCounters>,
 }
 
+/// Folders no watch enters (every watch's done and failed folders): a
+/// reload that adds a watch changes them for the watches that run on.
+pub type SkipRoots = crate::reload::Shared<Vec<PathBuf>>;
+
 impl Scanner {
     /// A scanner for `config`; `skip_roots` are folders never entered
     /// (every watch's done/failed folders); `held` are the sources jobs hold.
     pub fn new(
         config: WatchConfig,
-        skip_roots: Vec<PathBuf>,
+        skip_roots: SkipRoots,
         held: Arc<HeldSources>,
         counters: Arc<WatchCounters>,
     ) -> Self {
@@ -235,7 +240,12 @@ impl Scanner {
                 seen.insert(path.clone());
                 self.skip(&path, &NotTaken::Symlink);
             } else if file_type.is_dir() {
-                if self.skip_roots.iter().any(|skip| path.starts_with(skip)) {
+                if self
+                    .skip_roots
+                    .get()
+                    .iter()
+                    .any(|skip| path.starts_with(skip))
+                {
                     continue;
                 }
                 seen.insert(path.clone());
@@ -266,7 +276,9 @@ impl Scanner {
 
     /// Look at one path named by an event (file or new folder).
     pub fn observe_event_path(&mut self, path: &Path) {
-        if !path.starts_with(&self.root) || self.skip_roots.iter().any(|s| path.starts_with(s)) {
+        if !path.starts_with(&self.root)
+            || self.skip_roots.get().iter().any(|s| path.starts_with(s))
+        {
             return;
         }
         match std::fs::symlink_metadata(path) {
@@ -430,7 +442,7 @@ pub enum WatchCommand {
 /// Run one watch until shutdown, sending ready files to `out`.
 pub async fn run(
     config: WatchConfig,
-    skip_roots: Vec<PathBuf>,
+    skip_roots: SkipRoots,
     out: mpsc::Sender<ReadyFile>,
     mut commands: mpsc::UnboundedReceiver<WatchCommand>,
     mut shutdown: watch::Receiver<bool>,
@@ -656,7 +668,8 @@ mod tests {
         std::fs::write(root.join(".hidden/h.mp4"), b"abc").unwrap();
         std::fs::write(root.join("notes.txt"), b"abc").unwrap();
         let config = watch_config(root, Duration::from_millis(30));
-        let mut scanner = Scanner::new(config, vec![], Arc::default(), Arc::default());
+        let mut scanner =
+            Scanner::new(config, SkipRoots::default(), Arc::default(), Arc::default());
         scanner.full_scan();
         assert!(
             scanner.check_candidates().is_empty(),
@@ -704,7 +717,7 @@ mod tests {
         let counters = Arc::new(WatchCounters::default());
         let mut scanner = Scanner::new(
             watch_config(dir.path(), Duration::from_secs(5)),
-            vec![],
+            SkipRoots::default(),
             Arc::default(),
             Arc::clone(&counters),
         );

@@ -216,3 +216,52 @@ fn a_paused_watch_holds_no_slot_that_another_watch_needs() {
     });
     drop(daemon);
 }
+
+/// Without a daemon to ask, each `pause` of a fleet writes the database
+/// itself: twelve at once, from twelve processes, all hold (none is lost to
+/// another's write of the list it read before).
+#[test]
+fn pauses_written_at_once_by_many_processes_are_all_kept() {
+    let pg = common::postgres::Postgres::start();
+    let url = pg.database("pauses");
+    const MANY: usize = 12;
+    let providers: String = (0..MANY)
+        .map(|n| format!("p{n}: {{ type: folder, path: ./outbox }}\n"))
+        .collect();
+    let fx = Fixture::with_parts(ConfigParts {
+        top: &format!("store: {{ type: postgres, url: \"{url}\", node: a }}"),
+        providers: &providers,
+        ..ConfigParts::default()
+    });
+    let children: Vec<_> = (0..MANY)
+        .map(|n| {
+            std::process::Command::new(common::bin())
+                .args(["pause", "--provider", &format!("p{n}"), "-c"])
+                .arg(&fx.config)
+                .current_dir(&fx.root)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn pause")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("pause ran");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let status = ok(&fx.hotfolder(&["status"]));
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("paused:"))
+        .unwrap_or_default();
+    for n in 0..MANY {
+        assert!(
+            line.contains(&format!("provider p{n}")),
+            "p{n} is paused: {line}"
+        );
+    }
+}

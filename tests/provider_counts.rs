@@ -68,7 +68,11 @@ async fn check(store: &Store) {
     let later = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
     let unfinished = store.provider_counts(later).await.unwrap();
     assert_eq!(unfinished.get("archive"), Some(&counts(1, 1, 0, 0)));
-    assert!(unfinished.get("vod").is_none_or(|c| *c == counts(0, 0, 0, 0)));
+    assert!(
+        unfinished
+            .get("vod")
+            .is_none_or(|c| *c == counts(0, 0, 0, 0))
+    );
 }
 
 #[tokio::test]

@@ -135,8 +135,22 @@ fn a_bad_config_is_refused_with_its_position_and_the_running_one_stays() {
         assert!(stderr.contains(position), "{position} in {stderr}");
         assert!(stderr.contains("not reloaded"), "{stderr}");
     }
+    // One that loads but that the daemon refuses, as a start would: no watch.
+    let (head, _) = good.split_once("watches:\n").expect("watches");
+    let (_, tail) = good.split_once("providers:\n").expect("providers");
+    fx.write_raw_config(&format!("{head}watches: []\nproviders:\n{tail}"));
+    let (status, body) = http(&address, "POST", "/api/reload", &[]).expect("answer");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("no watch configured"), "{body}");
+    let out = fx.hotfolder(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no watch configured") && stderr.contains("not reloaded"),
+        "{stderr}"
+    );
     fx.write_raw_config(&good);
-    wait_for_log(&daemon, "config not reloaded", 2);
+    wait_for_log(&daemon, "config not reloaded", 4);
     assert!(
         daemon.log().contains("hotfolder.yaml:18:5"),
         "the refusal is logged with its position"
@@ -216,4 +230,70 @@ fn a_job_in_flight_keeps_the_provider_settings_it_started_with() {
         !daemon.log().contains("starting a new remote upload"),
         "long.mp4 was not restarted elsewhere"
     );
+}
+
+#[test]
+fn a_reload_that_leaves_a_watch_alone_leaves_it_running() {
+    let address = free_address();
+    let fx = Fixture::new();
+    fx.write_raw_config(&config(&address, false, ARCHIVE, ALL_TO_ARCHIVE, ""));
+    // Left in place, said once and counted once.
+    std::fs::write(fx.watch.join("empty.mp4"), b"").unwrap();
+    let daemon = fx.start();
+    wait_for_log(&daemon, "not taken", 1);
+    let skipped = || {
+        let (_, metrics) = http(&address, "GET", "/metrics", &[]).expect("metrics");
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("hotfolder_files_skipped_total{watch=\"drop\",reason=\"empty\"}")
+            })
+            .map(str::to_string)
+    };
+    let before = skipped();
+    assert!(
+        before.as_deref().is_some_and(|l| l.ends_with(" 1")),
+        "{before:?}"
+    );
+
+    // The provider changes and another watch is added; this watch stays.
+    std::fs::create_dir_all(fx.root.join("drop2")).unwrap();
+    fx.write_raw_config(&config(
+        &address,
+        true,
+        "  archive: { type: folder, path: ./elsewhere }\n",
+        ALL_TO_ARCHIVE,
+        "",
+    ));
+    let (status, body) = http(&address, "POST", "/api/reload", &[]).expect("answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("watch drop2 added"), "{body}");
+    write_random(&fx.watch.join("after.mp4"), 30_000, 9);
+    done_count(&fx, 1, "after.mp4 delivered");
+    assert_eq!(
+        Fixture::files_in(&fx.root.join("elsewhere")),
+        vec!["after.mp4"]
+    );
+    assert_eq!(
+        skipped(),
+        before,
+        "the watch did not look at its folder afresh"
+    );
+    assert_eq!(daemon.log().matches("not taken").count(), 1);
+
+    // The watch itself changes: it starts again (and says so once more).
+    fx.write_raw_config(
+        &config(
+            &address,
+            true,
+            "  archive: { type: folder, path: ./elsewhere }\n",
+            ALL_TO_ARCHIVE,
+            "",
+        )
+        .replace("path: ./drop\n", "path: ./drop\n    stable_for: 200ms\n"),
+    );
+    let (status, body) = http(&address, "POST", "/api/reload", &[]).expect("answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("watch drop changed"), "{body}");
+    wait_for_log(&daemon, "not taken", 2);
 }

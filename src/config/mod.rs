@@ -434,6 +434,84 @@ pub struct Rule {
     pub notify: Vec<NotifyConfig>,
 }
 
+impl Rule {
+    /// A short digest of everything the rule says but its position (its
+    /// webhooks by their keys, which show nothing of their URLs): the same
+    /// rule moved in the list keeps it, an edited one does not.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let webhooks: Vec<String> = self.notify.iter().map(NotifyConfig::key).collect();
+        let said = serde_json::json!([
+            self.watch,
+            self.glob,
+            self.min_size,
+            self.max_size,
+            self.provider,
+            self.metadata,
+            self.duplicates,
+            webhooks,
+        ]);
+        let digest = sha2::Sha256::digest(said.to_string().as_bytes());
+        hex::encode(&digest[..8])
+    }
+
+    /// The rule of `rules` that routed a job: the one at `index` if it
+    /// still says what it said then, else the one that does wherever it
+    /// moved; none if it was edited or removed.
+    pub fn of_job<'a>(
+        rules: &'a [Rule],
+        index: Option<usize>,
+        fingerprint: Option<&str>,
+    ) -> Option<&'a Rule> {
+        let Some(fingerprint) = fingerprint else {
+            // A job routed before fingerprints were kept.
+            return index.and_then(|i| rules.get(i));
+        };
+        index
+            .and_then(|i| rules.get(i))
+            .filter(|r| r.fingerprint() == fingerprint)
+            .or_else(|| rules.iter().find(|r| r.fingerprint() == fingerprint))
+    }
+}
+
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_duration(*d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(text: &str) -> Vec<Rule> {
+        let config = format!(
+            "watches: [{{ name: drop, path: /tmp }}]\n\
+             providers: {{ a: {{ type: folder, path: /tmp }}, b: {{ type: folder, path: /tmp }} }}\n\
+             rules:\n{text}"
+        );
+        load_str(std::path::Path::new("/etc/h.yaml"), &config)
+            .expect("config")
+            .rules
+    }
+
+    #[test]
+    fn a_jobs_rule_is_found_where_it_moved_and_not_once_edited() {
+        let before = rules(
+            "  - { match: { glob: \"*.mov\" }, provider: a }\n  - { match: {}, provider: b }\n",
+        );
+        let catch_all = before[1].fingerprint();
+        // A rule inserted above it: the index now names another rule.
+        let after = rules(
+            "  - { match: { glob: \"*.mxf\" }, provider: a }\n  - { match: { glob: \"*.mov\" }, provider: a }\n  - { match: {}, provider: b }\n",
+        );
+        let found = Rule::of_job(&after, Some(1), Some(&catch_all)).expect("found");
+        assert_eq!((found.index, found.provider.as_str()), (2, "b"));
+        // Edited: no rule says what it said.
+        let edited = rules("  - { match: {}, provider: a }\n");
+        assert!(Rule::of_job(&edited, Some(0), Some(&catch_all)).is_none());
+        // A job routed before fingerprints: by index, as before.
+        assert_eq!(
+            Rule::of_job(&after, Some(0), None).map(|r| r.index),
+            Some(0)
+        );
+    }
 }

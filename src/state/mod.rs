@@ -88,6 +88,11 @@ pub struct Job {
     pub provider: String,
     /// Index of the rule that routed it.
     pub rule: Option<usize>,
+    /// What that rule said ([`crate::config::Rule::fingerprint`]): after a
+    /// reload moved or changed the rules, the index alone could name
+    /// another rule (and its webhooks).
+    #[serde(default)]
+    pub rule_fingerprint: Option<String>,
     /// Rendered metadata sent with the upload.
     pub metadata: BTreeMap<String, serde_json::Value>,
     /// Sidecar file that travels with the source.
@@ -187,6 +192,7 @@ impl Job {
             signature,
             provider: provider.to_string(),
             rule: None,
+            rule_fingerprint: None,
             metadata: BTreeMap::new(),
             sidecar: None,
             skip_duplicates: true,
@@ -385,11 +391,19 @@ pub trait JobStore {
     /// Database failure.
     async fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
 
-    /// Keep a setting, durably.
+    /// Keep `value` for a setting, durably, if it is still `expected`
+    /// (`None`: not set); answers whether it was. Two processes changing
+    /// it at once (two nodes of a fleet) cannot lose each other's change:
+    /// the one that read an older value finds out and reads again.
     ///
     /// # Errors
     /// Database failure.
-    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    async fn swap_setting(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool, StoreError>;
 
     /// Add a webhook delivery that `job`'s step raised to the outbox,
     /// unless one with its key is there. Like [`JobStore::create`], it may
@@ -697,8 +711,13 @@ impl JobStore for Store {
         forward!(self, s => s.setting(key).await)
     }
 
-    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        forward!(self, s => s.set_setting(key, value).await)
+    async fn swap_setting(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool, StoreError> {
+        forward!(self, s => s.swap_setting(key, expected, value).await)
     }
 
     async fn outbox_add(&self, delivery: &Notification, job: &Job) -> Result<(), StoreError> {

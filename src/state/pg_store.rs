@@ -553,17 +553,35 @@ impl PgStore {
             .map_err(unavailable)
     }
 
-    pub(super) async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO hotfolder_meta (key, value) VALUES ($1, $2)
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-        )
-        .bind(format!("setting/{key}"))
-        .bind(value)
-        .execute(&self.pool)
-        .await
+    pub(super) async fn swap_setting(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool, StoreError> {
+        let key = format!("setting/{key}");
+        let done = match expected {
+            None => {
+                sqlx::query(
+                    "INSERT INTO hotfolder_meta (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(&key)
+                .bind(value)
+                .execute(&self.pool)
+                .await
+            }
+            Some(expected) => {
+                sqlx::query("UPDATE hotfolder_meta SET value = $3 WHERE key = $1 AND value = $2")
+                    .bind(&key)
+                    .bind(expected)
+                    .bind(value)
+                    .execute(&self.pool)
+                    .await
+            }
+        }
         .map_err(unavailable)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
@@ -711,8 +729,8 @@ impl PgStore {
             .collect()
     }
 
-    /// Per provider: unfinished jobs (through the state index) and those
-    /// finished since `since` (through the finish-time index).
+    /// Per provider: unfinished jobs (the lease index covers exactly them)
+    /// and those finished since `since` (through the finish-time index).
     pub(super) async fn provider_counts(
         &self,
         since: jiff::Timestamp,

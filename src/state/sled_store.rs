@@ -132,17 +132,20 @@ impl JobStore for SledStore {
             key: job.id.to_string(),
             source,
         })?;
+        // The record and the counts change together: two writes of one
+        // job at once (a double-clicked retry) cannot count in the other
+        // order than they were stored.
+        let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
         let previous = self.jobs.insert(job.id.to_be_bytes(), bytes)?;
-        if let Ok(mut tally) = self.tally.lock() {
-            if let Some(old) = previous.as_deref().and_then(Counted::of) {
-                tally.remove(&old);
-            }
-            tally.add(&Counted {
-                state: job.state,
-                provider: job.provider.clone(),
-                updated_at: job.updated_at,
-            });
+        if let Some(old) = previous.as_deref().and_then(Counted::of) {
+            tally.remove(&old);
         }
+        tally.add(&Counted {
+            state: job.state,
+            provider: job.provider.clone(),
+            updated_at: job.updated_at,
+        });
+        drop(tally);
         if !job.watch.is_empty() || !job.relpath.as_os_str().is_empty() {
             self.sources
                 .insert(source_key(&job.watch, &job.relpath), &job.id.to_be_bytes())?;
@@ -166,9 +169,22 @@ impl JobStore for SledStore {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.meta.insert(setting_key(key), value.as_bytes())?;
-        self.flush().await
+    async fn swap_setting(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool, StoreError> {
+        let swapped = self.meta.compare_and_swap(
+            setting_key(key),
+            expected.map(str::as_bytes),
+            Some(value.as_bytes()),
+        )?;
+        if swapped.is_err() {
+            return Ok(false);
+        }
+        self.flush().await?;
+        Ok(true)
     }
 
     async fn outbox_add(&self, delivery: &Notification, _job: &Job) -> Result<(), StoreError> {

@@ -1,6 +1,7 @@
 //! Debian's headless Chromium, for the status-page tests (scripts/test
 //! installs it with apt-get; a test fails, never skips, without it).
 
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::Command;
 
@@ -58,7 +59,10 @@ impl ChromeDriver {
         );
         let address = super::free_address();
         let port = address.rsplit(':').next().unwrap_or_default().to_string();
+        // Its own process group: on drop the browsers it started go too,
+        // even when a test panics before closing its session.
         let child = Command::new(path)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -100,7 +104,10 @@ impl ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: kill on the process group this child leads.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
         let _ = self.child.wait();
     }
 }
