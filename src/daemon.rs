@@ -1689,3 +1689,30 @@ async fn bring_back(ctx: &Context, job: &mut Job) -> Result<bool, StoreError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn slots_resized_down_are_taken_back_as_they_free_up() {
+        let slots = Arc::new(Semaphore::new(4));
+        let held = Arc::clone(&slots)
+            .acquire_many_owned(3)
+            .await
+            .expect("3 held");
+        // 4 → 2 with 3 in use: the free one goes now, one more when freed.
+        resize(&slots, 4, 2);
+        assert_eq!(slots.available_permits(), 0);
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while slots.available_permits() != 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("2 slots once the uploads ended");
+        resize(&slots, 2, 5);
+        assert_eq!(slots.available_permits(), 5);
+    }
+}
