@@ -213,8 +213,10 @@ async fn webhooks(State(ctx): State<JobsHandle>) -> Response {
     }
 }
 
-/// `?provider=NAME` or `?watch=NAME` (neither: everything).
+/// `?provider=NAME` or `?watch=NAME` (neither: everything). Anything
+/// else is refused: a misspelled `?provder=` must not pause everything.
 #[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ScopeQuery {
     provider: Option<String>,
     watch: Option<String>,

@@ -202,16 +202,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Resume { config, scope } => {
             runtime.block_on(pause_or_resume(&load(&config)?, scope, false))
         }
-        Command::Reload { config } => {
-            // The same checks as the daemon's: a file that does not load
-            // here would be refused there.
-            let config = load(&config).map_err(|e| {
-                CliError::Usage(format!(
-                    "{e}\nnot reloaded: the running daemon keeps the config it has"
-                ))
-            })?;
-            runtime.block_on(reload(&config))
-        }
+        Command::Reload { config } => runtime.block_on(reload(&config.path)),
         Command::Store {
             action: StoreCommand::Migrate { config, from_sled },
         } => runtime.block_on(migrate_from_sled(&load(&config)?, &from_sled)),
@@ -776,28 +767,77 @@ async fn pause_or_resume(config: &Config, scope: ScopeArgs, paused: bool) -> Res
     Ok(())
 }
 
-/// Ask the running daemon to read its config again and say what changed.
-/// A refusal is a configuration error (exit 2), as it is for a start.
-async fn reload(config: &Config) -> Result<(), CliError> {
-    let answer = control::ask(&config.state_dir, &Request::Reload)
+/// Ask the daemon whose config is `file` to read it again, and say what
+/// changed. The daemon does the checking: the file may use variables only
+/// its service sets (`EnvironmentFile=`), so this reads no more of it than
+/// where the daemon listens. A refusal is a configuration error (exit 2),
+/// as it is for a start.
+async fn reload(file: &Path) -> Result<(), CliError> {
+    let not_reloaded =
+        |why: String| format!("{why}\nnot reloaded: the running daemon keeps the config it has");
+    let loaded = crate::config::load(file);
+    let state_dir = match (&loaded, state_dir_of(file)) {
+        (Ok(config), _) => config.state_dir.clone(),
+        (Err(_), Some(dir)) => dir,
+        (Err(e), None) => return Err(CliError::Usage(not_reloaded(e.to_string()))),
+    };
+    let answer = control::ask(&state_dir, &Request::Reload)
         .await
         .context("the running daemon gave an unreadable answer")?;
     match answer {
         Some(Response::Reloaded(changes)) => {
             println!("reloaded {}: {changes}", changes.file.display());
+            let same = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+            if same(&changes.file) != same(file) {
+                return Err(CliError::Usage(format!(
+                    "the daemon runs on {}, not {}: it read its own file again; edit that one, or restart it with -c {}",
+                    changes.file.display(),
+                    file.display(),
+                    file.display()
+                )));
+            }
             Ok(())
         }
-        Some(Response::Error(why)) => Err(CliError::Usage(format!(
-            "{why}\nnot reloaded: the running daemon keeps the config it has"
-        ))),
+        Some(Response::Error(why)) => Err(CliError::Usage(not_reloaded(why))),
         Some(_) => Err(CliError::Runtime(anyhow::anyhow!(
             "the daemon answered something else"
         ))),
-        None => Err(CliError::Runtime(anyhow::anyhow!(
-            "no daemon answers on {}; start it with `hotfolder run` (it reads the config then)",
-            control::socket_path(&config.state_dir).display()
-        ))),
+        None => {
+            let socket = control::socket_path(&state_dir);
+            Err(match loaded {
+                Err(e) => CliError::Usage(format!(
+                    "{e}\n(and no daemon answers on {})",
+                    socket.display()
+                )),
+                Ok(_) => CliError::Runtime(anyhow::anyhow!(
+                    "no daemon answers on {}; is its state_dir another one (a changed state_dir needs a restart), or is it stopped? `hotfolder run` reads the config when it starts",
+                    socket.display()
+                )),
+            })
+        }
     }
+}
+
+/// `state_dir` of the config `file`, read alone (relative to the file's
+/// folder, `./state` when not set), for finding the daemon when the rest
+/// does not load here.
+fn state_dir_of(file: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+    let raw = match yaml.get("state_dir") {
+        None => "./state".to_string(),
+        Some(value) => value.as_str()?.to_string(),
+    };
+    let dir = PathBuf::from(crate::config::values::interpolate(&raw).ok()?);
+    if dir.is_absolute() {
+        return Some(dir);
+    }
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = std::path::absolute(base).ok()?;
+    Some(base.join(dir))
 }
 
 async fn retry(config: &Config, ids: Vec<u64>, failed: bool) -> Result<(), CliError> {

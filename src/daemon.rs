@@ -27,8 +27,8 @@ use crate::watch::{HeldSources, ReadyFile, WatchCommand, WatchCounters};
 
 /// Everything a job task needs, shared.
 pub struct Context {
-    /// The configuration.
-    pub config: Config,
+    /// The configuration (the same one the API sees, until a reload).
+    pub config: Arc<Config>,
     /// The job store.
     pub store: Store,
     /// The upload engine.
@@ -130,7 +130,7 @@ impl Context {
         let ctx = Arc::new(Context {
             router: Router::new(&config),
             workers: Arc::new(Semaphore::new(config.workers)),
-            config,
+            config: jobs.config.get(),
             store,
             engine,
             providers,
@@ -156,7 +156,8 @@ impl Context {
         resize(&self.workers, self.config.workers, config.workers);
         self.engine.bandwidth.reconfigure(&config);
         self.notifier.reconfigure(&config);
-        self.jobs.config.set(Arc::new(config.clone()));
+        let config = Arc::new(config);
+        self.jobs.config.set(Arc::clone(&config));
         Context {
             router: Router::new(&config),
             workers: Arc::clone(&self.workers),
@@ -172,6 +173,12 @@ impl Context {
             watch_commands: self.watch_commands.clone(),
             notifier: Arc::clone(&self.notifier),
         }
+    }
+
+    /// A reload came after this context was made: a job that has not
+    /// started on it should start on the new one.
+    fn superseded(&self) -> bool {
+        !Arc::ptr_eq(&self.config, &self.jobs.config.get())
     }
 
     fn watch(&self, name: &str) -> Option<&WatchConfig> {
@@ -608,9 +615,19 @@ async fn reload(ctx: &mut Arc<Context>, watches: &mut Watches) -> crate::reload:
             return Err(why);
         }
     };
-    let changes = crate::reload::compare(&ctx.config, &mut config);
+    let mut changes = crate::reload::compare(&ctx.config, &mut config);
     watches.apply(&ctx.config.watches, &config.watches);
     *ctx = Arc::new(ctx.reloaded(config));
+    // A paused provider or watch the reload removed: its jobs would wait
+    // for a `resume` that can no longer name it.
+    match crate::pause::forget_unknown(&ctx.store, &ctx.config, Some(&ctx.engine.pauses)).await {
+        Ok(forgotten) => changes.applied.extend(
+            forgotten
+                .iter()
+                .map(|scope| format!("{scope} was paused and is gone: resumed")),
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot resume the pauses of what the reload removed"),
+    }
     tracing::info!(file = %ctx.config.file.display(), changes = %changes, "config reloaded");
     Ok(changes)
 }
@@ -979,6 +996,7 @@ async fn record_task_failure(ctx: &Context, id: u64, why: &str, failures: u32) -
 
 async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
     let mut shutdown = ctx.engine.shutdown.clone();
+    let mut attempted = false;
     loop {
         match job.state {
             JobState::Done | JobState::Failed | JobState::Superseded => return Ok(()),
@@ -1031,6 +1049,14 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
             drop(permits);
             continue;
         }
+        // The config was reloaded while it waited and it has not started
+        // here: it starts on the new settings (its provider may be gone).
+        if !attempted && ctx.superseded() {
+            drop(permits);
+            ctx.spawn_job(job.clone());
+            return Ok(());
+        }
+        attempted = true;
         job.attempts += 1;
         // Tests make an attempt panic or pause here (failpoint actions).
         crate::failpoint::active("job::attempt");
@@ -1041,7 +1067,7 @@ async fn drive(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> {
                 tracing::info!(remote = %delivery.remote_id, "delivered");
                 let seconds = job
                     .started_at
-                    .map(|started| (jiff::Timestamp::now() - started).get_seconds() as f64);
+                    .map(|started| jiff::Timestamp::now().duration_since(started).as_secs_f64());
                 ctx.metrics
                     .upload_finished(&job.provider, "delivered", seconds);
                 job.delivery = Some(delivery);

@@ -223,21 +223,62 @@ pub async fn change(
     paused: bool,
 ) -> Result<BTreeSet<Scope>, PauseError> {
     scope.check(config)?;
-    // One change at a time in this process, so that the running daemon's
-    // view is replaced in the order the changes were stored.
-    static CHANGING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _one_at_a_time = CHANGING.lock().await;
-    // Read, change, and write only if nobody wrote in between (another
-    // node, another `hotfolder pause`); else read again.
-    let scopes = loop {
-        let stored = store.setting(SETTING).await?;
-        let mut scopes = parse(stored.as_deref())?;
+    let scopes = update(store, live, |scopes| {
         let changed = if paused {
             scopes.insert(scope.clone())
         } else {
             scopes.remove(&scope)
         };
-        if !changed {
+        if changed {
+            tracing::info!(scope = %scope, "{}", if paused { "paused" } else { "resumed" });
+        }
+        changed
+    })
+    .await?;
+    Ok(scopes)
+}
+
+/// Resume the paused providers and watches that `config` no longer has (a
+/// reload removed them): their jobs would otherwise wait for a `resume`
+/// that can no longer name them. Answers the scopes resumed.
+///
+/// # Errors
+/// The store's failure.
+pub async fn forget_unknown(
+    store: &Store,
+    config: &Config,
+    live: Option<&Pauses>,
+) -> Result<Vec<Scope>, StoreError> {
+    let mut forgotten = Vec::new();
+    update(store, live, |scopes| {
+        forgotten = scopes
+            .iter()
+            .filter(|s| s.check(config).is_err())
+            .cloned()
+            .collect();
+        scopes.retain(|s| s.check(config).is_ok());
+        !forgotten.is_empty()
+    })
+    .await?;
+    Ok(forgotten)
+}
+
+/// Apply `edit` to the stored scopes (it answers whether it changed them),
+/// then give the result to `live`. Written only if nobody wrote in between
+/// (another node, another `hotfolder pause`); else read and edited again.
+async fn update(
+    store: &Store,
+    live: Option<&Pauses>,
+    mut edit: impl FnMut(&mut BTreeSet<Scope>) -> bool,
+) -> Result<BTreeSet<Scope>, StoreError> {
+    // One change at a time in this process, so that the running daemon's
+    // view is replaced in the order the changes were stored.
+    static CHANGING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = CHANGING.lock().await;
+    let scopes = loop {
+        let stored = store.setting(SETTING).await?;
+        let mut scopes = parse(stored.as_deref())?;
+        if !edit(&mut scopes) {
             break scopes;
         }
         let text = serde_json::to_string(&scopes).map_err(|source| StoreError::Decode {
@@ -248,7 +289,6 @@ pub async fn change(
             .swap_setting(SETTING, stored.as_deref(), &text)
             .await?
         {
-            tracing::info!(scope = %scope, "{}", if paused { "paused" } else { "resumed" });
             break scopes;
         }
     };

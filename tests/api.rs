@@ -181,6 +181,13 @@ fn routes_answer_with_auth_on() {
                 && matches!(s.value, prometheus_parse::Value::Histogram(_))),
         "{text}"
     );
+    // Uploads of a fraction of a second add their fractions.
+    let sum = text
+        .lines()
+        .find(|l| l.starts_with("hotfolder_upload_duration_seconds_sum{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(sum.is_some_and(|s| s > 0.0), "{text}");
 
     // The token never appears in any answer or log line.
     for (_, body) in [

@@ -98,6 +98,13 @@ fn a_pause_made_without_a_daemon_holds_after_its_start_until_the_api_resumes() {
         "{body}"
     );
 
+    // A misspelled parameter is refused; it does not mean "everything".
+    let (code, body) = http(&address, "POST", "/api/pause?provder=archive", &[]).expect("pause");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("provder"), "{body}");
+    let (_, body) = http(&address, "GET", "/api/pauses", &[]).expect("pauses");
+    assert_eq!(body.trim(), r#"[{"watch":"drop"}]"#);
+
     let (code, body) = http(&address, "POST", "/api/resume?watch=drop", &[]).expect("resume");
     assert_eq!((code, body.trim()), (200, "[]"));
     wait_for("early.mp4 done", Duration::from_secs(30), || {

@@ -297,3 +297,106 @@ fn a_reload_that_leaves_a_watch_alone_leaves_it_running() {
     assert!(body.contains("watch drop changed"), "{body}");
     wait_for_log(&daemon, "not taken", 2);
 }
+
+#[test]
+fn jobs_that_had_not_started_do_not_use_what_a_reload_removed() {
+    let address = free_address();
+    let fx = Fixture::new();
+    let sandbox = Sandbox::start(&fx.root.join("sandbox"), &["--throttle", "1MiB"]);
+    let providers = format!(
+        "{ARCHIVE}  slow: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB, max_concurrent: 1 }}\n  held: {{ type: folder, path: ./held }}\n",
+        sandbox.endpoint()
+    );
+    let rules = "  - match: { glob: \"slow*\" }\n    provider: slow\n  - match: { glob: \"held*\" }\n    provider: held\n  - match: {}\n    provider: archive\n";
+    fx.write_raw_config(&config(&address, false, &providers, rules, ""));
+    let daemon = fx.start();
+    assert!(
+        fx.hotfolder(&["pause", "--provider", "held"])
+            .status
+            .success()
+    );
+    write_random(&fx.watch.join("held.mp4"), 20_000, 10);
+    write_random(&fx.watch.join("slow-1.mp4"), 3 * MIB, 11);
+    fx.wait_for_bytes("slow-1.mp4", 1, Duration::from_secs(30));
+    // slow-2 waits for slow's only slot; held.mp4 waits for a resume.
+    write_random(&fx.watch.join("slow-2.mp4"), 20_000, 12);
+    wait_for("slow-2 and held queued", Duration::from_secs(20), || {
+        let rows = fx.status();
+        let queued = |f: &str| {
+            rows.iter()
+                .any(|r| r["file"] == f && r["state"] == "queued")
+        };
+        (queued("slow-2.mp4") && queued("held.mp4")).then_some(())
+    });
+
+    // Both providers go; their rules too.
+    fx.write_raw_config(&config(&address, false, &format!(
+        "{ARCHIVE}  slow: {{ type: tus, endpoint: \"{}\", chunk_size: 1MiB, max_concurrent: 1 }}\n",
+        sandbox.endpoint()
+    ).replace("  slow:", "  slower:"), ALL_TO_ARCHIVE, ""));
+    let (status, body) = http(&address, "POST", "/api/reload", &[]).expect("answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("provider held was paused and is gone: resumed"),
+        "{body}"
+    );
+    let (_, pauses) = http(&address, "GET", "/api/pauses", &[]).expect("pauses");
+    assert_eq!(pauses.trim(), "[]");
+
+    // The upload under way finishes where it started; the two that had not
+    // started fail, saying their provider is gone.
+    let rows = common::wait_for_outcome(&fx, 1, 2);
+    let reason = |file: &str| {
+        rows.iter()
+            .find(|r| r["file"] == file)
+            .and_then(|r| r["last_error"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    for (file, provider) in [("slow-2.mp4", "slow"), ("held.mp4", "held")] {
+        assert!(
+            reason(file).contains(&format!(
+                "provider \"{provider}\" is no longer in the config"
+            )),
+            "{file}: {}",
+            reason(file)
+        );
+    }
+    assert_eq!(sandbox.uploads_named("slow-1.mp4").len(), 1);
+    assert!(sandbox.uploads_named("slow-2.mp4").is_empty());
+    assert!(!fx.root.join("held").exists() || Fixture::files_in(&fx.root.join("held")).is_empty());
+    drop(daemon);
+}
+
+#[test]
+fn the_command_reaches_a_daemon_whose_file_uses_its_services_variables() {
+    let address = free_address();
+    let fx = Fixture::new();
+    // Only the daemon's environment has OUT_DIR (as with EnvironmentFile=).
+    let text = config(
+        &address,
+        false,
+        "  archive: { type: folder, path: \"${OUT_DIR}\" }\n",
+        ALL_TO_ARCHIVE,
+        "",
+    );
+    fx.write_raw_config(&text);
+    let _daemon = fx.start_node(&fx.config, &[("OUT_DIR", "./outbox")]);
+    fx.write_raw_config(&text.replace("workers: 4", "workers: 3"));
+    let out = fx.hotfolder(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("workers 4 → 3"), "{said}");
+
+    // Another file than the daemon's: said, not silently ignored.
+    let other = fx.root.join("other.yaml");
+    std::fs::write(&other, text.replace("workers: 4", "workers: 2")).unwrap();
+    let out = fx.hotfolder_with(&other, &["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("the daemon runs on"), "{stderr}");
+}
