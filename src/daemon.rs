@@ -432,6 +432,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
             Some(job) = job_rx.recv() => dispatch.offer(&ctx, &mut jobs, job),
             Some(answer) = reload_rx.recv() => {
+                tracing::info!("reload asked (POST /api/reload or `hotfolder reload`): reading the config again");
                 let outcome = reload(&mut ctx, &mut watches).await;
                 let _ = answer.send(outcome);
             }

@@ -69,8 +69,10 @@ pub struct Changes {
 
 impl std::fmt::Display for Changes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.applied.is_empty() {
+        if self.applied.is_empty() && self.needs_restart.is_empty() {
             write!(f, "nothing changed")?;
+        } else if self.applied.is_empty() {
+            write!(f, "nothing changed that applies now")?;
         } else {
             write!(f, "{}", self.applied.join("; "))?;
         }
