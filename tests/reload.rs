@@ -141,7 +141,10 @@ fn a_bad_config_is_refused_with_its_position_and_the_running_one_stays() {
     fx.write_raw_config(&format!("{head}watches: []\nproviders:\n{tail}"));
     let (status, body) = http(&address, "POST", "/api/reload", &[]).expect("answer");
     assert_eq!(status, 422, "{body}");
-    assert!(body.contains("no watch configured"), "{body}");
+    assert!(
+        body.contains("hotfolder.yaml:11:1: watches: no watch configured"),
+        "{body}"
+    );
     let out = fx.hotfolder(&["reload"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");

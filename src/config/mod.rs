@@ -134,10 +134,14 @@ impl Config {
         if !self.watches.is_empty() {
             return Ok(());
         }
+        // Where `watches:` is (if it is there at all): the file again.
+        let at = std::fs::read_to_string(&self.file)
+            .map(|text| positions::PositionIndex::build(&text).find("watches"))
+            .ok();
         Err(ConfigError {
             file: self.file.clone(),
-            line: 0,
-            column: 0,
+            line: at.as_ref().map_or(0, |p| p.line),
+            column: at.as_ref().map_or(0, |p| p.column),
             key: "watches".into(),
             message: "no watch configured: `hotfolder run` needs at least one folder under `watches:` (a config for `hotfolder upload` needs none)".into(),
         })
