@@ -22,7 +22,7 @@ use crate::jobs::JobsHandle;
 use crate::jobs::{self, JobView};
 use crate::metrics::{self, Measured};
 use crate::pause::{PauseError, Scope};
-use crate::state::{JobStore, StoreError};
+use crate::state::{JobState, JobStore, StoreError};
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
@@ -145,10 +145,7 @@ const PAGE_MAX: usize = 1000;
 async fn list(State(ctx): State<JobsHandle>, Query(filter): Query<Filter>) -> Response {
     let state = match filter.state.as_deref() {
         None => None,
-        Some(name) => match crate::lifecycle::STATES
-            .into_iter()
-            .find(|s| s.as_str() == name)
-        {
+        Some(name) => match JobState::named(name) {
             Some(state) => Some(state),
             None => {
                 return error(
@@ -301,16 +298,13 @@ async fn overview(State(ctx): State<JobsHandle>) -> Response {
             |w| json!({ "name": w.name, "paused": paused.contains(&Scope::Watch(w.name.clone())) }),
         )
         .collect();
-    let failing: Vec<crate::notify::WaitingView> = match &ctx.notifier {
-        Some(notifier) if !notifier.is_empty() => match ctx.store.outbox(1000).await {
-            Ok(waiting) => waiting
-                .iter()
-                .filter(|n| n.is_failing())
-                .map(crate::notify::WaitingView::of)
-                .collect(),
-            Err(e) => return store_error(&e),
-        },
-        _ => Vec::new(),
+    let failing: Vec<crate::notify::WaitingView> = match ctx.webhook_events_waiting(1000).await {
+        Ok(waiting) => waiting
+            .iter()
+            .filter(|n| n.is_failing())
+            .map(crate::notify::WaitingView::of)
+            .collect(),
+        Err(e) => return store_error(&e),
     };
     Json(json!({
         "since": midnight,
@@ -340,16 +334,7 @@ async fn resume(State(ctx): State<JobsHandle>, Query(scope): Query<ScopeQuery>) 
 /// Pause or resume; answers the paused scopes afterwards.
 async fn change_pause(ctx: &JobsHandle, query: ScopeQuery, paused: bool) -> Response {
     let changed = match Scope::named(query.provider, query.watch) {
-        Ok(scope) => {
-            crate::pause::change(
-                &ctx.store,
-                &ctx.config.get(),
-                Some(&ctx.pauses),
-                scope,
-                paused,
-            )
-            .await
-        }
+        Ok(scope) => ctx.change_pause(scope, paused).await,
         Err(e) => Err(e),
     };
     match changed {

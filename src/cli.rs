@@ -776,10 +776,9 @@ async fn reload(file: &Path) -> Result<(), CliError> {
     let not_reloaded =
         |why: String| format!("{why}\nnot reloaded: the running daemon keeps the config it has");
     let loaded = crate::config::load(file);
-    let state_dir = match (&loaded, state_dir_of(file)) {
-        (Ok(config), _) => config.state_dir.clone(),
-        (Err(_), Some(dir)) => dir,
-        (Err(e), None) => return Err(CliError::Usage(not_reloaded(e.to_string()))),
+    let state_dir = match &loaded {
+        Ok(config) => config.state_dir.clone(),
+        Err(e) => state_dir_of(file).ok_or_else(|| CliError::Usage(not_reloaded(e.to_string())))?,
     };
     let answer = control::ask(&state_dir, &Request::Reload)
         .await

@@ -117,20 +117,10 @@ async fn answer(ctx: JobsHandle, stream: UnixStream) {
             Err(e) => Response::Error(e.to_string()),
         },
         Ok(Request::Retry { jobs: ids, failed }) => retry(&ctx, ids, failed).await,
-        Ok(Request::Pause { scope, paused }) => {
-            match crate::pause::change(
-                &ctx.store,
-                &ctx.config.get(),
-                Some(&ctx.pauses),
-                scope,
-                paused,
-            )
-            .await
-            {
-                Ok(scopes) => Response::Paused(scopes.into_iter().collect()),
-                Err(e) => Response::Error(e.to_string()),
-            }
-        }
+        Ok(Request::Pause { scope, paused }) => match ctx.change_pause(scope, paused).await {
+            Ok(scopes) => Response::Paused(scopes.into_iter().collect()),
+            Err(e) => Response::Error(e.to_string()),
+        },
         Ok(Request::Pauses) => Response::Paused(ctx.pauses.current().into_iter().collect()),
         Ok(Request::Webhooks) => match ctx.store.outbox(1000).await {
             Ok(waiting) => {

@@ -335,7 +335,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::channel::<ReadyFile>(1024);
     let mut watches = Watches {
-        tasks: JoinSet::new(),
         running: HashMap::new(),
         commands: Default::default(),
         counters: Default::default(),
@@ -346,7 +345,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     watches.apply(&[], &config.watches);
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
-    let (ctx, mut job_rx) = Context::new(
+    let (mut ctx, mut job_rx) = Context::new(
         config,
         store,
         stop_rx.clone(),
@@ -358,7 +357,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             reload: Some(reload_tx),
         },
     );
-    let mut ctx = ctx;
     let api = match &ctx.config.http {
         Some(http) => Some(
             crate::api::serve(ctx.jobs.clone(), &http.listen, stop_rx.clone())
@@ -504,7 +502,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             next = jobs.join_next() => if next.is_none() { break },
         }
     }
-    watches.tasks.abort_all();
+    watches.stop();
     control.abort();
     if let Some(api) = api {
         let _ = api.await;
@@ -526,7 +524,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// The watch tasks; a reload starts again only those it changes.
 struct Watches {
-    tasks: JoinSet<()>,
     /// Each running watch's task, by name.
     running: HashMap<String, tokio::task::AbortHandle>,
     commands: crate::reload::Shared<WatchCommands>,
@@ -557,12 +554,10 @@ impl Watches {
         let mut commands = WatchCommands::new();
         let mut counters = HashMap::new();
         for watch in after {
-            let unchanged = before.iter().any(|b| b == watch);
-            if let (true, Some(command), Some(counter)) = (
-                unchanged,
-                old_commands.get(&watch.name),
-                old_counters.get(&watch.name),
-            ) {
+            if before.contains(watch)
+                && let Some(command) = old_commands.get(&watch.name)
+                && let Some(counter) = old_counters.get(&watch.name)
+            {
                 commands.insert(watch.name.clone(), command.clone());
                 counters.insert(watch.name.clone(), Arc::clone(counter));
                 continue;
@@ -574,7 +569,7 @@ impl Watches {
             let mine = old_counters.get(&watch.name).cloned().unwrap_or_default();
             commands.insert(watch.name.clone(), cmd_tx);
             counters.insert(watch.name.clone(), Arc::clone(&mine));
-            let task = self.tasks.spawn(crate::watch::run(
+            let task = tokio::spawn(crate::watch::run(
                 watch.clone(),
                 self.skip_roots.clone(),
                 self.ready.clone(),
@@ -583,7 +578,7 @@ impl Watches {
                 Arc::clone(&self.held),
                 mine,
             ));
-            self.running.insert(watch.name.clone(), task);
+            self.running.insert(watch.name.clone(), task.abort_handle());
         }
         self.running.retain(|name, task| {
             let kept = after.iter().any(|w| &w.name == name);
@@ -594,6 +589,13 @@ impl Watches {
         });
         self.commands.set(Arc::new(commands));
         self.counters.set(Arc::new(counters));
+    }
+
+    /// Stop every watch task (the daemon is stopping).
+    fn stop(&mut self) {
+        for (_, task) in self.running.drain() {
+            task.abort();
+        }
     }
 }
 

@@ -81,6 +81,41 @@ impl JobsHandle {
         }
     }
 
+    /// Pause (`paused`) or resume `scope` for the API and the control
+    /// socket: in the store, and for the running jobs at once.
+    ///
+    /// # Errors
+    /// See [`crate::pause::change`].
+    pub async fn change_pause(
+        &self,
+        scope: crate::pause::Scope,
+        paused: bool,
+    ) -> Result<std::collections::BTreeSet<crate::pause::Scope>, crate::pause::PauseError> {
+        crate::pause::change(
+            &self.store,
+            &self.config.get(),
+            Some(&self.pauses),
+            scope,
+            paused,
+        )
+        .await
+    }
+
+    /// Webhook events waiting for their receiver, at most `limit`; none
+    /// (and no read of the outbox) while no webhook is configured.
+    ///
+    /// # Errors
+    /// The store's failure.
+    pub async fn webhook_events_waiting(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::notify::Notification>, StoreError> {
+        match &self.notifier {
+            Some(notifier) if !notifier.is_empty() => self.store.outbox(limit).await,
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// Queue a job (already stored) for a worker; it holds its source.
     pub fn queue(&self, job: Job) {
         self.held.hold(&job.source);

@@ -70,6 +70,12 @@ impl JobState {
         )
     }
 
+    /// The state a name of [`JobState::as_str`] stands for (the
+    /// database's column, an API filter).
+    pub fn named(name: &str) -> Option<JobState> {
+        STATES.into_iter().find(|s| s.as_str() == name)
+    }
+
     /// The snake_case name used in status output.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -222,14 +222,10 @@ impl Notifier {
         self.wake.notify_one();
     }
 
-    fn settings(&self) -> Arc<Settings> {
-        self.settings.get()
-    }
-
     /// Drop the waiting events whose webhook is no longer configured (after
     /// a reload; due or not, so none lingers in status or `/metrics`).
     async fn sweep_removed_webhooks(&self) {
-        let settings = self.settings();
+        let settings = self.settings.get();
         let waiting = match self.store.outbox(usize::MAX).await {
             Ok(waiting) => waiting,
             Err(e) => {
@@ -247,7 +243,7 @@ impl Notifier {
 
     /// Whether any webhook is configured.
     pub fn is_empty(&self) -> bool {
-        self.settings().webhooks.is_empty()
+        self.settings.get().webhooks.is_empty()
     }
 
     /// Record `event` of `job` in the outbox, once per webhook that wants
@@ -335,7 +331,7 @@ impl Notifier {
 
     /// One try of one delivery; the outbox learns how it went.
     async fn send(&self, mut delivery: Notification) {
-        let settings = self.settings();
+        let settings = self.settings.get();
         let Some(webhook) = settings.webhooks.get(&delivery.webhook) else {
             tracing::warn!(event_id = %delivery.event_id, webhook = %delivery.host, "this webhook is no longer in the config; its delivery is dropped");
             let _ = self.store.outbox_remove(&delivery.key).await;

@@ -116,22 +116,16 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
         file: new.file.clone(),
         ..Changes::default()
     };
-    if new.state_dir != running.state_dir {
-        changes.needs_restart.push("state_dir".into());
-        new.state_dir = running.state_dir.clone();
+    // Bound when the process started: the running value stays.
+    macro_rules! keep_running {
+        ($($key:ident),*) => {$(
+            if new.$key != running.$key {
+                changes.needs_restart.push(stringify!($key).into());
+                new.$key = running.$key.clone();
+            }
+        )*};
     }
-    if new.store != running.store {
-        changes.needs_restart.push("store".into());
-        new.store = running.store.clone();
-    }
-    if new.http != running.http {
-        changes.needs_restart.push("http".into());
-        new.http = running.http.clone();
-    }
-    if new.log != running.log {
-        changes.needs_restart.push("log".into());
-        new.log = running.log.clone();
-    }
+    keep_running!(state_dir, store, http, log);
     let applied = &mut changes.applied;
     named_changes(
         applied,

@@ -9,20 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::sandbox::{Sandbox, http};
-use common::{ConfigParts, Fixture, free_address, in_state, wait_for, write_random};
+use common::{ConfigParts, Fixture, free_address, in_state, succeeded, wait_for, write_random};
 
 const MIB: u64 = 1 << 20;
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A job of `file` exists and its daemon logged that a pause holds it.
 fn wait_until_held(fx: &Fixture, daemon: &common::Daemon, file: &str) {
@@ -43,7 +32,7 @@ fn wait_until_held(fx: &Fixture, daemon: &common::Daemon, file: &str) {
 fn a_paused_provider_queues_its_files_and_resume_delivers_them() {
     let fx = Fixture::new();
     let daemon = fx.start();
-    let said = ok(&fx.hotfolder(&["pause", "--provider", "archive"]));
+    let said = succeeded(&fx.hotfolder(&["pause", "--provider", "archive"]));
     assert!(said.contains("paused provider archive"), "{said}");
     write_random(&fx.watch.join("held.mp4"), 300_000, 1);
     wait_until_held(&fx, &daemon, "held.mp4");
@@ -51,10 +40,10 @@ fn a_paused_provider_queues_its_files_and_resume_delivers_them() {
         Fixture::files_in(&fx.outbox).is_empty(),
         "nothing delivered while paused"
     );
-    let status = ok(&fx.hotfolder(&["status"]));
+    let status = succeeded(&fx.hotfolder(&["status"]));
     assert!(status.contains("paused: provider archive"), "{status}");
 
-    let said = ok(&fx.hotfolder(&["resume", "--provider", "archive"]));
+    let said = succeeded(&fx.hotfolder(&["resume", "--provider", "archive"]));
     assert!(said.contains("resumed provider archive"), "{said}");
     wait_for("held.mp4 done", Duration::from_secs(30), || {
         (in_state(&fx.status(), "done").len() == 1).then_some(())
@@ -70,7 +59,7 @@ fn a_pause_made_without_a_daemon_holds_after_its_start_until_the_api_resumes() {
     let address = free_address();
     let fx = Fixture::with_config("", "", &format!("http: {{ listen: \"{address}\" }}"));
     // No daemon runs: the pause goes into the store.
-    let said = ok(&fx.hotfolder(&["pause", "--watch", "drop"]));
+    let said = succeeded(&fx.hotfolder(&["pause", "--watch", "drop"]));
     assert!(said.contains("paused watch drop"), "{said}");
     write_random(&fx.watch.join("early.mp4"), 100_000, 2);
     let daemon = fx.start();
@@ -129,7 +118,7 @@ fn pausing_everything_stops_an_upload_after_its_chunk_and_resuming_sends_the_res
     let daemon = fx.start();
     write_random(&fx.watch.join("long.mp4"), SIZE, 3);
     fx.wait_for_bytes("long.mp4", MIB, Duration::from_secs(30));
-    ok(&fx.hotfolder(&["pause"]));
+    succeeded(&fx.hotfolder(&["pause"]));
     wait_for(
         "the upload to stop after its chunk",
         Duration::from_secs(30),
@@ -155,7 +144,7 @@ fn pausing_everything_stops_an_upload_after_its_chunk_and_resuming_sends_the_res
         "the server holds exactly what was recorded, nothing half-sent"
     );
 
-    ok(&fx.hotfolder(&["resume"]));
+    succeeded(&fx.hotfolder(&["resume"]));
     wait_for("long.mp4 done", Duration::from_secs(60), || {
         (in_state(&fx.status(), "done").len() == 1).then_some(())
     });
@@ -199,7 +188,7 @@ fn a_paused_watch_holds_no_slot_that_another_watch_needs() {
     )
     .expect("config");
     let daemon = fx.start();
-    ok(&fx.hotfolder(&["pause", "--watch", "drop"]));
+    succeeded(&fx.hotfolder(&["pause", "--watch", "drop"]));
     for n in 0..5 {
         write_random(&fx.watch.join(format!("held{n}.mp4")), 10_000, n);
     }
@@ -217,7 +206,7 @@ fn a_paused_watch_holds_no_slot_that_another_watch_needs() {
         5,
         "the paused ones still wait"
     );
-    ok(&fx.hotfolder(&["resume", "--watch", "drop"]));
+    succeeded(&fx.hotfolder(&["resume", "--watch", "drop"]));
     wait_for("all six done", Duration::from_secs(30), || {
         (in_state(&fx.status(), "done").len() == 6).then_some(())
     });
@@ -260,7 +249,7 @@ fn pauses_written_at_once_by_many_processes_are_all_kept() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let status = ok(&fx.hotfolder(&["status"]));
+    let status = succeeded(&fx.hotfolder(&["status"]));
     let line = status
         .lines()
         .find(|l| l.starts_with("paused:"))

@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::sandbox::{Sandbox, http};
-use common::{Fixture, free_address, in_state, read_json, wait_for, write_random};
+use common::{Fixture, free_address, in_state, read_json, succeeded, wait_for, write_random};
 
 const MIB: u64 = 1 << 20;
 
@@ -173,13 +173,7 @@ fn a_bad_config_is_refused_with_its_position_and_the_running_one_stays() {
         "",
     );
     fx.write_raw_config(&moved);
-    let out = fx.hotfolder(&["reload"]);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = succeeded(&fx.hotfolder(&["reload"]));
     assert!(said.contains("provider archive changed"), "{said}");
     assert!(
         said.contains("http"),
@@ -313,11 +307,7 @@ fn jobs_that_had_not_started_do_not_use_what_a_reload_removed() {
     let rules = "  - match: { glob: \"slow*\" }\n    provider: slow\n  - match: { glob: \"held*\" }\n    provider: held\n  - match: {}\n    provider: archive\n";
     fx.write_raw_config(&config(&address, false, &providers, rules, ""));
     let daemon = fx.start();
-    assert!(
-        fx.hotfolder(&["pause", "--provider", "held"])
-            .status
-            .success()
-    );
+    succeeded(&fx.hotfolder(&["pause", "--provider", "held"]));
     write_random(&fx.watch.join("held.mp4"), 20_000, 10);
     write_random(&fx.watch.join("slow-1.mp4"), 3 * MIB, 11);
     fx.wait_for_bytes("slow-1.mp4", 1, Duration::from_secs(30));
@@ -386,13 +376,7 @@ fn the_command_reaches_a_daemon_whose_file_uses_its_services_variables() {
     fx.write_raw_config(&text);
     let _daemon = fx.start_node(&fx.config, &[("OUT_DIR", "./outbox")]);
     fx.write_raw_config(&text.replace("workers: 4", "workers: 3"));
-    let out = fx.hotfolder(&["reload"]);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = succeeded(&fx.hotfolder(&["reload"]));
     assert!(said.contains("workers 4 → 3"), "{said}");
 
     // Another file than the daemon's: said, not silently ignored.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::browser::{ChromeDriver, browse};
 use common::sandbox::{Sandbox, http};
 use common::{Fixture, free_address, in_state, wait_for, write_random};
+use fantoccini::{Client, ClientBuilder, Locator};
 
 const TOKEN: &str = "page-token-8c2f";
 
@@ -145,8 +146,6 @@ fn the_page_shows_live_progress_failures_and_a_retry_button() {
 /// `target/test-artifacts/status-page-webdriver.png`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webdriver_clicks_pause_retry_and_resume() {
-    use fantoccini::{ClientBuilder, Locator};
-
     let address = free_address();
     // Nothing listens there: every webhook event keeps failing.
     let dead_receiver = free_address();
@@ -162,19 +161,11 @@ async fn webdriver_clicks_pause_retry_and_resume() {
     write_random(&fx.watch.join("broken.mp4"), 10_000, 1);
     write_random(&fx.watch.join("first.mp4"), 20_000, 2);
     let _daemon = fx.start();
-    let rows = tokio::task::spawn_blocking({
-        let fx_status = fx.config.clone();
-        let root = fx.root.clone();
-        move || {
-            wait_for("one done, one failed", Duration::from_secs(30), || {
-                let rows = status_of(&root, &fx_status);
-                (in_state(&rows, "done").len() == 1 && in_state(&rows, "failed").len() == 1)
-                    .then_some(rows)
-            })
-        }
-    })
-    .await
-    .unwrap();
+    // Blocking here is fine: nothing else runs on this test's runtime yet.
+    let rows = wait_for("one done, one failed", Duration::from_secs(30), || {
+        let rows = fx.status();
+        (in_state(&rows, "done").len() == 1 && in_state(&rows, "failed").len() == 1).then_some(rows)
+    });
     let failed_id = in_state(&rows, "failed")[0]["id"].as_u64().unwrap();
 
     let driver = ChromeDriver::start();
@@ -191,75 +182,28 @@ async fn webdriver_clicks_pause_retry_and_resume() {
         .await
         .unwrap();
 
-    // Today's counts for the provider.
-    let provider_row = |text: &'static str| {
-        let browser = browser.clone();
-        async move {
-            wait_until(
-                &browser,
-                &format!("#provider-archive contains {text:?}"),
-                || {
-                    let browser = browser.clone();
-                    async move {
-                        let row = browser.find(Locator::Css("#provider-archive")).await.ok()?;
-                        let cells: Vec<String> = futures_cells(&row).await;
-                        (cells.join("|").contains(text)).then_some(())
-                    }
-                },
-            )
-            .await
-        }
-    };
     // Provider | queued | in flight | done | failed. The failed job never
     // got a provider (its sidecar is broken): it has a row of its own.
-    provider_row("|0|0|1|0|").await;
-    wait_until(&browser, "a row for the job that has no provider", || {
-        let browser = browser.clone();
-        async move {
-            let row = browser.find(Locator::Css("#provider-")).await.ok()?;
-            futures_cells(&row)
-                .await
-                .join("|")
-                .contains("(no provider)|0|0|0|1|")
-                .then_some(())
-        }
+    let archive = "#provider-archive";
+    wait_until_shown(&browser, archive, |row| row.contains("|0|0|1|0|")).await;
+    wait_until_shown(&browser, "#provider-", |row| {
+        row.contains("(no provider)|0|0|0|1|")
     })
     .await;
-
     // The limit in force, and the webhook event that keeps failing.
-    for (selector, text) in [
-        ("#all-limit", "50.0 MiB/s (50MiB/s)"),
-        ("#webhook-rows", "cannot connect"),
-    ] {
-        wait_until(&browser, &format!("{selector} showing {text:?}"), || {
-            let browser = browser.clone();
-            async move {
-                let element = browser.find(Locator::Css(selector)).await.ok()?;
-                element.text().await.ok()?.contains(text).then_some(())
-            }
-        })
-        .await;
-    }
+    wait_until_shown(&browser, "#all-limit", |text| {
+        text.contains("50.0 MiB/s (50MiB/s)")
+    })
+    .await;
+    wait_until_shown(&browser, "#webhook-rows", |text| {
+        text.contains("cannot connect")
+    })
+    .await;
 
     // Pause the provider: the button turns into Resume, the API agrees.
-    browser
-        .find(Locator::Css("#pause-provider-archive"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_until(&browser, "the Resume button", || {
-        let browser = browser.clone();
-        async move {
-            let button = browser
-                .find(Locator::Css("#pause-provider-archive"))
-                .await
-                .ok()?;
-            (button.text().await.ok()? == "Resume").then_some(())
-        }
-    })
-    .await;
+    let pause_button = "#pause-provider-archive";
+    click(&browser, pause_button).await;
+    wait_until_shown(&browser, pause_button, |text| text == "Resume").await;
     let (_, pauses) = http(
         &address,
         "GET",
@@ -272,24 +216,11 @@ async fn webdriver_clicks_pause_retry_and_resume() {
     // A new file waits, queued; Retry queues the failed one again (its
     // sidecar fixed), and it waits too.
     write_random(&fx.watch.join("second.mp4"), 20_000, 3);
-    provider_row("|1|0|1|0|").await;
+    wait_until_shown(&browser, archive, |row| row.contains("|1|0|1|0|")).await;
     std::fs::write(fx.failed.join("broken.json"), br#"{"title": "fixed"}"#).unwrap();
-    browser
-        .find(Locator::Css(&format!("#job-{failed_id} button")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_until(&browser, "the retried job shown queued", || {
-        let browser = browser.clone();
-        async move {
-            let row = browser
-                .find(Locator::Css(&format!("#job-{failed_id}")))
-                .await
-                .ok()?;
-            row.text().await.ok()?.contains("queued").then_some(())
-        }
+    click(&browser, &format!("#job-{failed_id} button")).await;
+    wait_until_shown(&browser, &format!("#job-{failed_id}"), |row| {
+        row.contains("queued")
     })
     .await;
 
@@ -303,14 +234,8 @@ async fn webdriver_clicks_pause_retry_and_resume() {
     std::fs::write(artifacts.join("status-page-webdriver.png"), &png).unwrap();
 
     // Resume: both are delivered.
-    browser
-        .find(Locator::Css("#pause-provider-archive"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    provider_row("|0|0|3|0|").await;
+    click(&browser, pause_button).await;
+    wait_until_shown(&browser, archive, |row| row.contains("|0|0|3|0|")).await;
     assert_eq!(
         Fixture::files_in(&fx.outbox),
         vec!["broken.mp4", "first.mp4", "second.mp4"]
@@ -318,43 +243,44 @@ async fn webdriver_clicks_pause_retry_and_resume() {
     browser.close().await.unwrap();
 }
 
-/// `hotfolder status --json` of the config at `config`, run from `root`.
-fn status_of(root: &std::path::Path, config: &std::path::Path) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new(common::bin())
-        .args(["status", "--json", "-c"])
-        .arg(config)
-        .current_dir(root)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
-}
-
-/// The text of each cell of a table row.
-async fn futures_cells(row: &fantoccini::elements::Element) -> Vec<String> {
-    let mut texts = Vec::new();
-    if let Ok(cells) = row.find_all(fantoccini::Locator::Css("td")).await {
-        for cell in cells {
-            texts.push(cell.text().await.unwrap_or_default());
-        }
+/// What `selector` shows: a table row's cells joined by `|`, else its text.
+async fn shown(browser: &Client, selector: &str) -> Option<String> {
+    let element = browser.find(Locator::Css(selector)).await.ok()?;
+    if element.tag_name().await.ok()? != "tr" {
+        return element.text().await.ok();
     }
-    texts
+    let mut cells = Vec::new();
+    for cell in element.find_all(Locator::Css("td")).await.ok()? {
+        cells.push(cell.text().await.ok()?);
+    }
+    Some(cells.join("|"))
 }
 
-/// Poll `check` in the browser until it answers, for at most 20 seconds.
-async fn wait_until<F, Fut>(browser: &fantoccini::Client, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<()>>,
-{
+/// Wait (at most 20 seconds) until `selector` shows what `check` accepts.
+async fn wait_until_shown(browser: &Client, selector: &str, check: impl Fn(&str) -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if check().await.is_some() {
+        if shown(browser, selector)
+            .await
+            .is_some_and(|text| check(&text))
+        {
             return;
         }
         if std::time::Instant::now() > deadline {
             let page = browser.source().await.unwrap_or_default();
-            panic!("timed out after 20s waiting for {what}; the page:\n{page}");
+            panic!("timed out after 20s waiting for {selector}; the page:\n{page}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Click what `selector` finds.
+async fn click(browser: &Client, selector: &str) {
+    browser
+        .find(Locator::Css(selector))
+        .await
+        .unwrap_or_else(|e| panic!("{selector}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {selector}: {e}"));
 }

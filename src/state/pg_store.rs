@@ -753,14 +753,11 @@ impl PgStore {
         for row in rows {
             let state: String = row.get("state");
             let n: i64 = row.get("n");
-            if let Some(state) = crate::lifecycle::STATES
-                .iter()
-                .find(|s| s.as_str() == state)
-            {
+            if let Some(state) = JobState::named(&state) {
                 counts
                     .entry(row.get("provider"))
                     .or_default()
-                    .add(*state, n as u64);
+                    .add(state, n as u64);
             }
         }
         Ok(counts)
@@ -776,11 +773,8 @@ impl PgStore {
                 for row in rows {
                     let state: String = row.get("state");
                     let n: i64 = row.get("n");
-                    if let Some(state) = crate::lifecycle::STATES
-                        .iter()
-                        .find(|s| s.as_str() == state)
-                    {
-                        counts.insert(*state, n as u64);
+                    if let Some(state) = JobState::named(&state) {
+                        counts.insert(state, n as u64);
                     }
                 }
             }

@@ -579,6 +579,19 @@ impl Fixture {
     }
 }
 
+/// The standard output of a command that must have succeeded (else its
+/// exit code and both outputs, as the failure).
+pub fn succeeded(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A JSON file (receipt, error report, sidecar), parsed.
 pub fn read_json(path: &Path) -> serde_json::Value {
     let bytes = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
