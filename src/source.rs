@@ -121,6 +121,14 @@ fn read_source_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     })
 }
 
+/// The `len` bytes of `file` at `offset` in a pooled piece, counted as read.
+fn read_piece_at(file: &File, len: usize, offset: u64, counters: &Counters) -> io::Result<Bytes> {
+    let mut piece = PooledPiece::with_len(len);
+    read_source_at(file, &mut piece.0, offset)?;
+    counters.add_read(len as u64);
+    Ok(Bytes::from_owner(piece))
+}
+
 /// Read `start..end` of `file` a piece at a time, handing each piece to
 /// `each` and counting it as read; memory stays one piece.
 ///
@@ -205,13 +213,13 @@ pub struct Chunk {
     /// Chunks in the whole file.
     pub count: u64,
     file: Arc<File>,
-    /// Pieces read by the chunk's reader, in order; started at the first
-    /// [`Chunk::next_piece`]. Dropped with the chunk when a send fails,
-    /// which stops the reader.
+    /// Pieces read by the chunk's own reader, in order; started at the
+    /// first [`Chunk::next_piece`]. Dropped with the chunk when a send
+    /// fails, which stops the reader.
     pieces: Option<tokio::sync::mpsc::Receiver<io::Result<Bytes>>>,
-    /// Where the reader hands each piece to be hashed (taken by the reader;
-    /// none for a lane's chunk, whose bytes a separate pass hashes in order).
-    to_hash: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    /// The queue of a [`ReadAhead`], lent to this chunk instead of a reader
+    /// of its own (a sequential upload's chunks).
+    lent: Option<Lent>,
     counters: Arc<Counters>,
     /// The bandwidth limits its bytes pass through on their way out.
     throttle: crate::bandwidth::Throttle,
@@ -251,16 +259,59 @@ impl DigestAhead {
 /// memory stays a few pieces per upload.
 const AHEAD: usize = 2;
 
-/// The file hash at the end of a chunk: ready once every piece of the chunk
-/// has been hashed; `None` when the chunk was dropped before all its pieces
-/// were read (a failed or partial send).
-pub type ChunkHash = JoinHandle<Option<ResumableSha256>>;
+/// The pieces of a sequential upload, read and hashed in order from one
+/// offset to the end of the file by one reader and one hash thread that
+/// run on across chunk boundaries: while a chunk waits for its
+/// acknowledgement and its checkpoint, the first pieces of the next one are
+/// read and hashed already, so the next request starts with its bytes at
+/// hand. Nothing here is persisted: the engine still records a chunk's
+/// offset and hash only once the server acknowledged it.
+pub(crate) struct ReadAhead {
+    file: Arc<File>,
+    /// Where the reader started; its chunks follow from there.
+    origin: u64,
+    chunk_size: u64,
+    total: u64,
+    counters: Arc<Counters>,
+    /// The reader's queue while no chunk holds it.
+    queue: Arc<Mutex<Option<Queue>>>,
+    /// The file hash at each chunk end the hash thread passed, in order.
+    hashes: tokio::sync::mpsc::UnboundedReceiver<(u64, ResumableSha256)>,
+}
 
-impl Chunk {
-    /// A chunk of `file` from `start`, `len` bytes long, and the file hash
-    /// at its end: each piece read is fed to `hash`, which must stand at
-    /// `start`, on a blocking thread beside the reads and the send.
-    pub(crate) fn new(
+/// The reader's output and the offset of its next piece.
+struct Queue {
+    pieces: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    position: u64,
+}
+
+/// A [`ReadAhead`]'s queue lent to one chunk; it goes back once the chunk
+/// has taken its last piece, or when the chunk is dropped (then standing
+/// where the chunk stopped, which the next chunk's start will not match).
+struct Lent {
+    queue: Option<Queue>,
+    home: Arc<Mutex<Option<Queue>>>,
+}
+
+impl Lent {
+    fn give_back(&mut self) {
+        if let (Some(queue), Ok(mut home)) = (self.queue.take(), self.home.lock()) {
+            *home = Some(queue);
+        }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+impl ReadAhead {
+    /// Start reading `file` at `start` (the acknowledged offset), where
+    /// `hash` stands, in chunks of `chunk_size` up to `total`; the first
+    /// chunk (`len` bytes) comes with it.
+    pub(crate) fn start(
         file: Arc<File>,
         start: u64,
         len: u64,
@@ -268,24 +319,124 @@ impl Chunk {
         chunk_size: u64,
         hash: ResumableSha256,
         counters: Arc<Counters>,
-    ) -> (Self, ChunkHash) {
-        counters.in_flight.store(0, Ordering::Relaxed);
-        let (to_hash, mut pieces) = tokio::sync::mpsc::channel::<Bytes>(AHEAD);
-        let hashed = tokio::task::spawn_blocking(move || {
+    ) -> (Self, Chunk) {
+        let chunk_size = chunk_size.max(1);
+        // The chunk ends after `at`, where a piece must end and the hash
+        // thread hands out the file hash.
+        let boundary_after =
+            move |at: u64| (at + (chunk_size - (at - start) % chunk_size)).min(total);
+        let (to_hash, mut hash_pieces) = tokio::sync::mpsc::channel::<Bytes>(AHEAD);
+        let (hash_out, hashes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::task::spawn_blocking(move || {
             let mut hash = hash;
-            let mut left = len;
-            while left > 0 {
-                let piece = pieces.blocking_recv()?;
+            let mut position = start;
+            let mut boundary = boundary_after(start);
+            while let Some(piece) = hash_pieces.blocking_recv() {
                 hash.update(&piece);
-                left = left.saturating_sub(piece.len() as u64);
+                position += piece.len() as u64;
+                if position == boundary {
+                    if hash_out.send((position, hash.clone())).is_err() {
+                        return;
+                    }
+                    boundary = boundary_after(position);
+                }
             }
-            Some(hash)
         });
-        let mut chunk = Chunk::unhashed(file, start, len, total, chunk_size, counters);
-        chunk.to_hash = Some(to_hash);
-        (chunk, hashed)
+        let (out, pieces) = tokio::sync::mpsc::channel(AHEAD);
+        let reader_file = Arc::clone(&file);
+        let reader_counters = Arc::clone(&counters);
+        tokio::task::spawn_blocking(move || {
+            let mut position = start;
+            while position < total {
+                let want = (boundary_after(position) - position).min(PIECE) as usize;
+                let piece = match read_piece_at(&reader_file, want, position, &reader_counters) {
+                    Ok(piece) => piece,
+                    Err(e) => {
+                        let _ = out.blocking_send(Err(e));
+                        return;
+                    }
+                };
+                if to_hash.blocking_send(piece.clone()).is_err()
+                    || out.blocking_send(Ok(piece)).is_err()
+                {
+                    return;
+                }
+                position += want as u64;
+            }
+        });
+        let ahead = ReadAhead {
+            file,
+            origin: start,
+            chunk_size,
+            total,
+            counters,
+            queue: Arc::new(Mutex::new(None)),
+            hashes,
+        };
+        let first = ahead.lend(
+            Queue {
+                pieces,
+                position: start,
+            },
+            len,
+            chunk_size,
+        );
+        (ahead, first)
     }
 
+    fn lend(&self, queue: Queue, len: u64, chunk_size: u64) -> Chunk {
+        let mut chunk = Chunk::unhashed(
+            Arc::clone(&self.file),
+            queue.position,
+            len,
+            self.total,
+            chunk_size,
+            Arc::clone(&self.counters),
+        );
+        chunk.lent = Some(Lent {
+            queue: Some(queue),
+            home: Arc::clone(&self.queue),
+        });
+        chunk
+    }
+
+    /// The chunk `start..start + len`, if the reader stands at `start` (the
+    /// chunk before it was read to its end); `None` means start again.
+    pub(crate) fn chunk(&self, start: u64, len: u64, chunk_size: u64) -> Option<Chunk> {
+        // The reader ends its pieces on its own chunk grid only.
+        let on_grid = chunk_size == self.chunk_size
+            && start >= self.origin
+            && (start - self.origin).is_multiple_of(chunk_size)
+            && len == chunk_size.min(self.total.saturating_sub(start));
+        if !on_grid {
+            return None;
+        }
+        let queue = {
+            let mut slot = self.queue.lock().ok()?;
+            if slot.as_ref()?.position != start {
+                return None;
+            }
+            slot.take()?
+        };
+        Some(self.lend(queue, len, chunk_size))
+    }
+
+    /// The file hash at `end`, a chunk's end, once every byte before it
+    /// has been hashed; `None` if the reader stopped before it.
+    pub(crate) async fn hash_at(&mut self, end: u64) -> Option<ResumableSha256> {
+        while let Some((at, hash)) = self.hashes.recv().await {
+            if at == end {
+                return Some(hash);
+            }
+            if at > end {
+                return None;
+            }
+        }
+        None
+    }
+}
+
+impl Chunk {
     /// A chunk read for sending only: a lane of a parallel upload sends
     /// ranges out of order, so the file hash is taken by one pass of its own
     /// (see the engine's lanes).
@@ -305,7 +456,7 @@ impl Chunk {
             count: total.div_ceil(chunk_size.max(1)).max(1),
             file,
             pieces: None,
-            to_hash: None,
+            lent: None,
             counters,
             throttle: Vec::new(),
             pending: None,
@@ -360,6 +511,31 @@ impl Chunk {
     }
 
     async fn read_piece(&mut self) -> io::Result<Option<Bytes>> {
+        let end = self.end();
+        if let Some(lent) = self.lent.as_mut() {
+            let Some(queue) = lent.queue.as_mut() else {
+                return Ok(None);
+            };
+            if queue.position >= end {
+                lent.give_back();
+                return Ok(None);
+            }
+            let piece = match queue.pieces.recv().await {
+                Some(Ok(piece)) => piece,
+                failed => {
+                    // The reader has stopped: its queue serves no chunk again.
+                    lent.queue = None;
+                    return Err(failed.and_then(Result::err).unwrap_or_else(|| {
+                        io::Error::other("the source's reader stopped before the chunk's end")
+                    }));
+                }
+            };
+            queue.position += piece.len() as u64;
+            if queue.position >= end {
+                lent.give_back();
+            }
+            return Ok(Some(piece));
+        }
         if self.pieces.is_none() {
             self.pieces = Some(self.start_reader());
         }
@@ -369,28 +545,19 @@ impl Chunk {
         pieces.recv().await.transpose()
     }
 
-    /// Read the chunk piece by piece, in order, into the hash's queue and
-    /// the caller's; it stops when either is gone (the chunk was dropped).
+    /// Read the chunk piece by piece, in order, into the caller's queue; it
+    /// stops when the queue is gone (the chunk was dropped).
     fn start_reader(&mut self) -> tokio::sync::mpsc::Receiver<io::Result<Bytes>> {
         let (out, pieces) = tokio::sync::mpsc::channel(AHEAD);
-        let to_hash = self.to_hash.take();
         let file = Arc::clone(&self.file);
         let counters = Arc::clone(&self.counters);
         let (mut position, end) = (self.start, self.end());
         tokio::task::spawn_blocking(move || {
             while position < end {
                 let want = (end - position).min(PIECE) as usize;
-                let mut piece = PooledPiece::with_len(want);
-                if let Err(e) = read_source_at(&file, &mut piece.0, position) {
-                    let _ = out.blocking_send(Err(e));
-                    return;
-                }
-                counters.add_read(want as u64);
-                let piece = Bytes::from_owner(piece);
-                let hash_gone = to_hash
-                    .as_ref()
-                    .is_some_and(|to_hash| to_hash.blocking_send(piece.clone()).is_err());
-                if hash_gone || out.blocking_send(Ok(piece)).is_err() {
+                let piece = read_piece_at(&file, want, position, &counters);
+                let failed = piece.is_err();
+                if out.blocking_send(piece).is_err() || failed {
                     return;
                 }
                 position += want as u64;
@@ -496,6 +663,107 @@ mod tests {
             len,
             Arc::clone(counters),
         )
+    }
+
+    /// Take every piece of `chunk`, in order.
+    async fn drain(mut chunk: Chunk) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        while let Some(piece) = chunk.next_piece().await.unwrap() {
+            bytes.extend_from_slice(&piece);
+        }
+        bytes
+    }
+
+    /// Wait (with a deadline) until `counters` show `bytes` read.
+    async fn read_reaches(counters: &Counters, bytes: u64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while counters.read.load(Ordering::Relaxed) < bytes {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "read stopped at {counters:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_run_on_across_chunk_ends_and_the_hash_stops_at_each() {
+        let len = 3 * PIECE + 1234;
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let mut tmp = tempfile::tempfile().unwrap();
+        tmp.write_all(&bytes).unwrap();
+        let file = Arc::new(tmp);
+        let counters = Arc::new(Counters::default());
+        // Chunks that do not fall on piece boundaries, from an offset
+        // already hashed (a resumed upload).
+        let chunk_size = PIECE + PIECE / 2;
+        let start = 1000;
+        let mut hash = ResumableSha256::default();
+        hash.update(&bytes[..start as usize]);
+        let (mut ahead, first) = ReadAhead::start(
+            Arc::clone(&file),
+            start,
+            chunk_size,
+            len,
+            chunk_size,
+            hash,
+            Arc::clone(&counters),
+        );
+        assert_eq!(
+            drain(first).await,
+            bytes[start as usize..(start + chunk_size) as usize]
+        );
+        // The next chunk's first pieces are read before it is asked for.
+        read_reaches(&counters, chunk_size + PIECE).await;
+        let mut at = start + chunk_size;
+        let hash = ahead.hash_at(at).await.unwrap();
+        let mut reference = ResumableSha256::default();
+        reference.update(&bytes[..at as usize]);
+        assert_eq!(hash, reference);
+        while at < len {
+            let chunk_len = chunk_size.min(len - at);
+            let chunk = ahead
+                .chunk(at, chunk_len, chunk_size)
+                .expect("the reader stands here");
+            assert_eq!(
+                drain(chunk).await,
+                bytes[at as usize..(at + chunk_len) as usize]
+            );
+            at += chunk_len;
+            let mut reference = ResumableSha256::default();
+            reference.update(&bytes[..at as usize]);
+            assert_eq!(ahead.hash_at(at).await.unwrap(), reference, "hash at {at}");
+        }
+        assert_eq!(
+            counters.read.load(Ordering::Relaxed),
+            len - start,
+            "each byte read once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_left_half_read_makes_the_next_start_again() {
+        let len = 4 * PIECE;
+        let mut tmp = tempfile::tempfile().unwrap();
+        tmp.write_all(&vec![9u8; len as usize]).unwrap();
+        let file = Arc::new(tmp);
+        let counters = Arc::new(Counters::default());
+        let (ahead, mut first) = ReadAhead::start(
+            Arc::clone(&file),
+            0,
+            2 * PIECE,
+            len,
+            2 * PIECE,
+            ResumableSha256::default(),
+            Arc::clone(&counters),
+        );
+        assert!(first.next_piece().await.unwrap().is_some());
+        drop(first);
+        assert!(ahead.chunk(2 * PIECE, 2 * PIECE, 2 * PIECE).is_none());
+        assert!(
+            ahead.chunk(PIECE, 2 * PIECE, 2 * PIECE).is_none(),
+            "not mid-chunk either"
+        );
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use crate::providers::{
     Delivery, ErrorKind, Lookup, Provider, ProviderError, RemoteOffset, UploadRequest, Uploader,
 };
 use crate::retry::Backoff;
-use crate::source::{self, Chunk, Counters};
+use crate::source::{self, Chunk, Counters, ReadAhead};
 use crate::state::{ErrorInfo, FileSignature, Job, JobState, JobStore, Store, StoreError};
 use progress::ProgressBoard;
 
@@ -412,20 +412,36 @@ impl Engine {
         signature: FileSignature,
         counters: &Arc<Counters>,
     ) -> Result<(), Stop> {
+        // Reads and hashes run on across chunk boundaries; it starts again
+        // (from the acknowledged offset) only after a partial acknowledgement.
+        let mut ahead: Option<ReadAhead> = None;
         while job.acked < signature.size {
             self.halt(&job.watch, &job.provider)?;
             check_unchanged(job)?;
             let start = job.acked;
             let len = job.chunk_size.min(signature.size - start);
-            let (chunk, hashed) = Chunk::new(
-                Arc::clone(file),
-                start,
-                len,
-                signature.size,
-                job.chunk_size,
-                job.hash.clone().unwrap_or_default(),
-                Arc::clone(counters),
-            );
+            counters
+                .in_flight
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            let continued = ahead
+                .as_ref()
+                .and_then(|ahead| ahead.chunk(start, len, job.chunk_size));
+            let chunk = match continued {
+                Some(chunk) => chunk,
+                None => {
+                    let (started, chunk) = ReadAhead::start(
+                        Arc::clone(file),
+                        start,
+                        len,
+                        signature.size,
+                        job.chunk_size,
+                        job.hash.clone().unwrap_or_default(),
+                        Arc::clone(counters),
+                    );
+                    ahead = Some(started);
+                    chunk
+                }
+            };
             let chunk = chunk.throttled(self.bandwidth.throttle_for(&job.provider));
             let session = job.session.as_mut().ok_or_else(|| {
                 ProviderError::new(ErrorKind::Gone, "the job has no upload session")
@@ -445,13 +461,16 @@ impl Engine {
             crate::failpoint::crash("chunk::acknowledged");
             self.count_sent(job, len);
             // Every piece was read once the send ended; the hash follows.
-            let hashed = hashed.await.ok().flatten();
-            if acked == start + len
-                && let Some(hash) = hashed
-            {
+            let hashed = match (acked == start + len, ahead.as_mut()) {
+                (true, Some(ahead)) => ahead.hash_at(acked).await,
+                _ => None,
+            };
+            if let Some(hash) = hashed {
                 job.hash = Some(hash);
             } else if acked > start && acked <= start + len {
-                // Partial acknowledgement: re-derive the hash at the acked offset.
+                // Partial acknowledgement: re-derive the hash at the acked
+                // offset, and read on from there.
+                ahead = None;
                 job.hash = Some(catch_up(job.hash.take(), file, acked, counters).await?);
             } else {
                 return Err(acked_outside(acked, start, len).into());
