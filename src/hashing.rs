@@ -8,8 +8,8 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
-use block_buffer::EagerBuffer;
 use serde::{Deserialize, Serialize};
+use sha2::digest::block_buffer::EagerBuffer;
 use sha2::digest::consts::U64;
 use sha2::digest::generic_array::GenericArray;
 use sha2::{Digest, Sha256};

@@ -1,9 +1,10 @@
 //! Reading a source file, shared by the engine and the providers (which
 //! know nothing else of jobs): the signature that says which version of a
 //! file a job delivers, and chunks read lazily in pooled pieces so that a
-//! chunk never sits whole in memory; every piece is hashed once read, on a
-//! thread beside the reads and the send, so the sha256 costs no second pass
-//! over the source and little wall time.
+//! chunk never sits whole in memory. A sequential upload reads through a
+//! [`ReadAhead`], which hashes every piece once read, on a thread beside
+//! the reads and the send, so the sha256 costs no second pass over the
+//! source and little wall time.
 
 use std::fs::File;
 use std::io;
@@ -286,11 +287,14 @@ struct Queue {
 }
 
 /// A [`ReadAhead`]'s queue lent to one chunk; it goes back once the chunk
-/// has taken its last piece, or when the chunk is dropped (then standing
-/// where the chunk stopped, which the next chunk's start will not match).
+/// has taken its last piece. A chunk dropped before its end drops the queue
+/// instead, which stops the reader and the hash: no later chunk could start
+/// where it stopped, and the hash at its end will never come.
 struct Lent {
     queue: Option<Queue>,
     home: Arc<Mutex<Option<Queue>>>,
+    /// The borrowing chunk's end.
+    end: u64,
 }
 
 impl Lent {
@@ -303,7 +307,9 @@ impl Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        self.give_back();
+        if self.queue.as_ref().is_some_and(|q| q.position >= self.end) {
+            self.give_back();
+        }
     }
 }
 
@@ -321,10 +327,13 @@ impl ReadAhead {
         counters: Arc<Counters>,
     ) -> (Self, Chunk) {
         let chunk_size = chunk_size.max(1);
+        debug_assert_eq!(len, chunk_size.min(total.saturating_sub(start)));
         // The chunk ends after `at`, where a piece must end and the hash
         // thread hands out the file hash.
-        let boundary_after =
-            move |at: u64| (at + (chunk_size - (at - start) % chunk_size)).min(total);
+        let boundary_after = move |at: u64| {
+            at.saturating_add(chunk_size - (at - start) % chunk_size)
+                .min(total)
+        };
         let (to_hash, mut hash_pieces) = tokio::sync::mpsc::channel::<Bytes>(AHEAD);
         let (hash_out, hashes) = tokio::sync::mpsc::unbounded_channel();
         tokio::task::spawn_blocking(move || {
@@ -396,6 +405,7 @@ impl ReadAhead {
         chunk.lent = Some(Lent {
             queue: Some(queue),
             home: Arc::clone(&self.queue),
+            end: chunk.end(),
         });
         chunk
     }
@@ -422,8 +432,19 @@ impl ReadAhead {
     }
 
     /// The file hash at `end`, a chunk's end, once every byte before it
-    /// has been hashed; `None` if the reader stopped before it.
+    /// has been hashed; `None`, at once, when the chunk was not read to
+    /// its end (a provider may acknowledge a chunk it did not read, or the
+    /// request may still hold it), since the hash would never get there.
     pub(crate) async fn hash_at(&mut self, end: u64) -> Option<ResumableSha256> {
+        let read_to_end = self
+            .queue
+            .lock()
+            .ok()?
+            .as_ref()
+            .is_some_and(|queue| queue.position >= end);
+        if !read_to_end {
+            return None;
+        }
         while let Some((at, hash)) = self.hashes.recv().await {
             if at == end {
                 return Some(hash);
@@ -483,8 +504,9 @@ impl Chunk {
     /// The next piece of at most [`PIECE`] bytes, or `None` at the chunk's end.
     ///
     /// A reader on the blocking pool runs up to [`AHEAD`] pieces ahead of
-    /// the caller and hands each piece to the hash as well, so reading,
-    /// hashing and the network overlap instead of adding up.
+    /// the caller (a [`ReadAhead`]'s, which also hands each piece to the
+    /// hash, or the chunk's own), so reading, hashing and the network
+    /// overlap instead of adding up.
     ///
     /// # Errors
     /// An I/O error, or `UnexpectedEof` when the source shrank.
@@ -764,6 +786,39 @@ mod tests {
             ahead.chunk(PIECE, 2 * PIECE, 2 * PIECE).is_none(),
             "not mid-chunk either"
         );
+    }
+
+    /// A provider may answer "complete" without reading the whole chunk
+    /// (movingimage's "upload is complete", api.video's "already
+    /// uploaded"): the hash at the chunk's end is then unknown, and asking
+    /// for it must say so at once, not wait for a reader that will never
+    /// get there.
+    #[tokio::test]
+    async fn the_hash_at_the_end_of_a_chunk_left_unread_is_none_at_once() {
+        let chunk_size = 6 * PIECE;
+        let len = 2 * chunk_size;
+        let mut tmp = tempfile::tempfile().unwrap();
+        tmp.write_all(&vec![7u8; len as usize]).unwrap();
+        let file = Arc::new(tmp);
+        let counters = Arc::new(Counters::default());
+        let (mut ahead, mut first) = ReadAhead::start(
+            Arc::clone(&file),
+            0,
+            chunk_size,
+            len,
+            chunk_size,
+            ResumableSha256::default(),
+            Arc::clone(&counters),
+        );
+        assert!(first.next_piece().await.unwrap().is_some());
+        drop(first);
+        let hash = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            ahead.hash_at(chunk_size),
+        )
+        .await
+        .expect("hash_at must not wait for bytes nobody reads");
+        assert!(hash.is_none());
     }
 
     #[tokio::test]
