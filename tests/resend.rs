@@ -1,7 +1,9 @@
 //! Bytes resent across crashes (issue 10): with 12 `kill -9` at random
-//! instants of one upload, the bytes the server receives stay under 1.25x
-//! the file size, for every chunked provider the sandbox simulates (tus,
-//! OK.ru, api.video in bytes and in parts mode, Gcore, movingimage).
+//! instants of one upload, no kill costs more than the one chunk it cut
+//! (every restart resumes where the server stands), so the bytes the server
+//! receives stay under 1.3x the file size, for every chunked provider the
+//! sandbox simulates (tus, OK.ru, api.video in bytes and in parts mode,
+//! Gcore, movingimage).
 //!
 //! One test per provider (nextest runs them side by side), each with a
 //! sandbox of its own whose bandwidth cap (`--throttle`, eight chunks a
@@ -16,8 +18,13 @@
 //! again), after a short random delay. The daemon is started again after
 //! each kill and finally left to finish. Then: one complete remote video
 //! holding the source's bytes, the source in done/ once with one receipt
-//! whose sha256 matches, nothing failed or left behind, and bytes received
-//! / file size < 1.25. Each test prints its row (size, chunk, kills,
+//! whose sha256 matches, nothing failed or left behind, each kill's bytes
+//! received beyond what the server committed in that run at most one chunk
+//! (two for movingimage, which has no offset query), and bytes received / file size < 1.3. How much a kill costs within
+//! its chunk depends on when it lands: since reads run on across chunk
+//! ends (issue 14) a chunk is nearly always in flight, and the dead daemon's
+//! socket buffers (a few MiB on loopback) still reach the server, so kills
+//! cost 0.7 to 0.9 chunks each on average. Each test prints its row (size, chunk, kills,
 //! logged resumes, received / size, extra chunks per kill) and where each
 //! kill left the upload. In a debug build the daemon's hashing is often
 //! slower than the cap, so some kills land between two chunks (nothing to
@@ -47,8 +54,11 @@ use common::{Fixture, read_json, same_bytes, sha256, wait_for, write_random};
 const KILLS: usize = 12;
 /// The file is about this many chunks (the last one short).
 const CHUNKS: u64 = 40;
-/// Bytes received over the file size must stay under this.
-const LIMIT: f64 = 1.25;
+/// Bytes received over the file size must stay under this: one chunk per
+/// kill at most, over about 40 chunks.
+const LIMIT: f64 = 1.3;
+/// What a kill may cost beyond the chunk it cut: a request's framing.
+const FRAMING_SLACK: u64 = 64 * 1024;
 /// The seed when `RESEND_SEED` is not set.
 const DEFAULT_SEED: u64 = 1010;
 /// The sandbox's bandwidth cap, in chunks per second.
@@ -76,6 +86,19 @@ enum Kind {
     Movingimage,
 }
 
+impl Kind {
+    /// Chunks a kill may cost at most: the one it cut, and where the
+    /// protocol has no offset query (movingimage, PROTOCOLS §4) also the one
+    /// the server stored before the daemon could record its acknowledgement,
+    /// since a restart resumes from the last recorded chunk.
+    fn chunks_a_kill_may_cost(self) -> u64 {
+        match self {
+            Kind::Movingimage => 2,
+            Kind::Tus | Kind::Okru | Kind::ApiVideo | Kind::Gcore => 1,
+        }
+    }
+}
+
 /// One provider setup under test.
 struct Case {
     /// How the table names it.
@@ -87,7 +110,7 @@ struct Case {
 }
 
 #[test]
-fn tus_resends_under_a_quarter_across_12_kills() {
+fn tus_resends_at_most_a_chunk_per_kill_across_12_kills() {
     resend(&Case {
         label: "tus",
         kind: Kind::Tus,
@@ -97,7 +120,7 @@ fn tus_resends_under_a_quarter_across_12_kills() {
 }
 
 #[test]
-fn okru_resends_under_a_quarter_across_12_kills() {
+fn okru_resends_at_most_a_chunk_per_kill_across_12_kills() {
     resend(&Case {
         label: "okru",
         kind: Kind::Okru,
@@ -107,7 +130,7 @@ fn okru_resends_under_a_quarter_across_12_kills() {
 }
 
 #[test]
-fn apivideo_bytes_resends_under_a_quarter_across_12_kills() {
+fn apivideo_bytes_resends_at_most_a_chunk_per_kill_across_12_kills() {
     resend(&Case {
         label: "apivideo",
         kind: Kind::ApiVideo,
@@ -117,7 +140,7 @@ fn apivideo_bytes_resends_under_a_quarter_across_12_kills() {
 }
 
 #[test]
-fn apivideo_parts_resends_under_a_quarter_across_12_kills() {
+fn apivideo_parts_resends_at_most_a_chunk_per_kill_across_12_kills() {
     resend(&Case {
         label: "av-parts",
         kind: Kind::ApiVideo,
@@ -127,7 +150,7 @@ fn apivideo_parts_resends_under_a_quarter_across_12_kills() {
 }
 
 #[test]
-fn gcore_resends_under_a_quarter_across_12_kills() {
+fn gcore_resends_at_most_a_chunk_per_kill_across_12_kills() {
     resend(&Case {
         label: "gcore",
         kind: Kind::Gcore,
@@ -137,7 +160,7 @@ fn gcore_resends_under_a_quarter_across_12_kills() {
 }
 
 #[test]
-fn movingimage_resends_under_a_quarter_across_12_kills() {
+fn movingimage_resends_at_most_a_chunk_per_kill_across_12_kills() {
     resend(&Case {
         label: "movingimage",
         kind: Kind::Movingimage,
@@ -323,6 +346,7 @@ fn seed() -> u64 {
 }
 
 /// What one kill left: the server's count once settled, and its offset.
+#[derive(Clone, Copy)]
 struct Kill {
     received: u64,
     committed: u64,
@@ -434,6 +458,24 @@ fn resend(case: &Case) {
     let ratio = end.received as f64 / size as f64;
     print_table(case, size, &kills, &resumed_at, &end, took);
     check_delivery(case, &fx, &end, &name, &hash);
+    let mut before = Kill {
+        received: 0,
+        committed: 0,
+    };
+    for (k, kill) in kills.iter().enumerate() {
+        let received = kill.received - before.received;
+        let committed = kill.committed.saturating_sub(before.committed);
+        assert!(
+            received.saturating_sub(committed)
+                <= case.kind.chunks_a_kill_may_cost() * case.chunk + FRAMING_SLACK,
+            "{}: between kill {k} and kill {} the server received {received} bytes and committed {committed}: a kill cost more than {} chunk(s) of {} bytes",
+            case.label,
+            k + 1,
+            case.kind.chunks_a_kill_may_cost(),
+            case.chunk
+        );
+        before = *kill;
+    }
     assert!(
         ratio < LIMIT,
         "{}: the server received {} bytes for a file of {size} ({ratio:.3}x, limit {LIMIT}x) across {KILLS} kills: {:.2} chunks of {} bytes per kill",
