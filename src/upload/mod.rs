@@ -460,7 +460,8 @@ impl Engine {
             };
             crate::failpoint::crash("chunk::acknowledged");
             self.count_sent(job, len);
-            // Every piece was read once the send ended; the hash follows.
+            // The hash at the acknowledged end, if the chunk was read to it
+            // (a provider may acknowledge a chunk it did not read).
             let hashed = match (acked == start + len, ahead.as_mut()) {
                 (true, Some(ahead)) => ahead.hash_at(acked).await,
                 _ => None,
