@@ -163,7 +163,10 @@ struct Remote {
     /// The file it was made for (`filename`, `file_name`, or a title from `{stem}`).
     file: String,
     id: String,
-    /// `hotfolder_job` tag, where the protocol carries one.
+    /// `hotfolder_job` tag (`<installation>-<job>`), where the protocol
+    /// carries one.
+    tag: Option<String>,
+    /// The job its tag names.
     job_tag: Option<u64>,
     complete: bool,
     deleted: bool,
@@ -323,6 +326,7 @@ fn remotes(sandbox: &Sandbox) -> Vec<Remote> {
             },
             file: u.filename().to_string(),
             id: u.id.clone(),
+            tag: u.metadata.get("hotfolder_job").cloned(),
             job_tag: u.metadata.get("hotfolder_job").and_then(|j| job_of_tag(j)),
             complete: u.complete(),
             deleted: u.terminated,
@@ -343,11 +347,11 @@ fn remotes(sandbox: &Sandbox) -> Vec<Remote> {
         ));
     }
     for r in sandbox.records("apivideo") {
-        let job_tag = r["metadata"].as_array().and_then(|pairs| {
+        let tag = r["metadata"].as_array().and_then(|pairs| {
             pairs
                 .iter()
                 .find(|p| p["key"] == "hotfolder_job")
-                .and_then(|p| job_of_tag(p["value"].as_str()?))
+                .and_then(|p| Some(p["value"].as_str()?.to_string()))
         });
         let complete = r["complete"] == true;
         all.push(video(
@@ -356,7 +360,7 @@ fn remotes(sandbox: &Sandbox) -> Vec<Remote> {
             "apivideo",
             ("video_id", "title"),
             complete,
-            job_tag,
+            tag,
         ));
     }
     for r in sandbox.records("gcore") {
@@ -367,6 +371,7 @@ fn remotes(sandbox: &Sandbox) -> Vec<Remote> {
             what: "gcore video",
             file: r["name"].as_str().unwrap_or_default().to_string(),
             id: id_of(&r, "id"),
+            tag: None,
             job_tag: None,
             complete: leg.is_some_and(|u| u.complete()),
             deleted: r["deleted"] == true,
@@ -397,13 +402,14 @@ fn video(
     simulator: &'static str,
     (id_key, file_key): (&str, &str),
     complete: bool,
-    job_tag: Option<u64>,
+    tag: Option<String>,
 ) -> Remote {
     let id = id_of(record, id_key);
     Remote {
         what: simulator,
         file: record[file_key].as_str().unwrap_or_default().to_string(),
-        job_tag,
+        job_tag: tag.as_deref().and_then(job_of_tag),
+        tag,
         complete,
         deleted: record["deleted"] == true,
         received: record["bytes_received"].as_u64().unwrap_or(0),
@@ -561,13 +567,18 @@ impl Report {
             let t = source.map(|s| s.target);
             // Named: by its id, which is what finds it again, or by a
             // possible-orphan note that quotes the name it carries (where
-            // the provider keeps no tag and has no lookup). Noted: its job
-            // logged that an interrupted create may have left an object.
+            // the provider keeps no tag and has no lookup) or its whole
+            // `hotfolder_job` tag (a Gcore video's upload session, which
+            // the video's own record does not list). Noted: its job logged
+            // that an interrupted create may have left an object.
             let quoted = format!("{:?}", r.file);
+            let tagged = r.tag.as_ref().map(|tag| format!("hotfolder_job={tag}"));
             let named = mentions(&naming, &r.id)
-                || naming
-                    .lines()
-                    .any(|l| l.contains("interrupted create") && l.contains(&quoted));
+                || naming.lines().any(|l| {
+                    l.contains("interrupted create")
+                        && (l.contains(&quoted)
+                            || tagged.as_deref().is_some_and(|t| mentions(l, t)))
+                });
             let noted = !named
                 && (r.job_tag.is_some_and(|j| noted_jobs.contains(&j))
                     || source.is_some_and(|s| {
@@ -577,7 +588,7 @@ impl Report {
                         })
                     }));
             let label = match (named, noted, r.job_tag.is_some()) {
-                (true, _, _) => "named by its id or by the name it carries",
+                (true, _, _) => "named by its id, or by the name or the tag it carries",
                 (false, true, true) => {
                     "unnamed; a possible-orphan note names its job, which its hotfolder_job tag matches"
                 }
@@ -878,9 +889,9 @@ impl Report {
              extra/resume: bytes received beyond the file sizes per logged resume, in chunks (faults add to it too);\n\
              resumes: logged `resuming` (after a restart or a retry); retries: attempts failed and retried;\n\
              unnamed: incomplete, undeleted remote objects that neither a receipt's `replaced` nor a daemon log \
-             names, by id or (in a possible-orphan note) by the name it carries; (noted): of those, ones whose job \
+             names, by id or (in a possible-orphan note) by the name or the hotfolder_job tag it carries; (noted): of those, ones whose job \
              logged \"an interrupted create call may have left ...\" ({} such notes) without naming them; \
-             named: the id, or the quoted name in such a note, appears\n",
+             named: the id, or the quoted name or whole tag in such a note, appears\n",
             self.notes
         );
         println!(
