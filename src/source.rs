@@ -821,6 +821,38 @@ mod tests {
         assert!(hash.is_none());
     }
 
+    /// The same while the request still holds the chunk (a server that
+    /// answered before reading the body): the hash is unknown at once, and
+    /// no next chunk starts from the reader.
+    #[tokio::test]
+    async fn the_hash_at_the_end_of_a_chunk_still_held_is_none_at_once() {
+        let chunk_size = 6 * PIECE;
+        let len = 2 * chunk_size;
+        let mut tmp = tempfile::tempfile().unwrap();
+        tmp.write_all(&vec![3u8; len as usize]).unwrap();
+        let file = Arc::new(tmp);
+        let counters = Arc::new(Counters::default());
+        let (mut ahead, mut held) = ReadAhead::start(
+            Arc::clone(&file),
+            0,
+            chunk_size,
+            len,
+            chunk_size,
+            ResumableSha256::default(),
+            Arc::clone(&counters),
+        );
+        assert!(held.next_piece().await.unwrap().is_some());
+        let hash = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            ahead.hash_at(chunk_size),
+        )
+        .await
+        .expect("hash_at must not wait for a chunk someone still holds");
+        assert!(hash.is_none());
+        assert!(ahead.chunk(chunk_size, chunk_size, chunk_size).is_none());
+        drop(held);
+    }
+
     #[tokio::test]
     async fn the_following_chunks_digest_is_read_ahead_and_used_once_it_matches() {
         use sha2::Digest;
