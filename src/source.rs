@@ -288,27 +288,17 @@ struct Queue {
 
 /// A [`ReadAhead`]'s queue lent to one chunk; it goes back once the chunk
 /// has taken its last piece. A chunk dropped before its end drops the queue
-/// instead, which stops the reader and the hash: no later chunk could start
+/// with it, which stops the reader and the hash: no later chunk could start
 /// where it stopped, and the hash at its end will never come.
 struct Lent {
     queue: Option<Queue>,
     home: Arc<Mutex<Option<Queue>>>,
-    /// The borrowing chunk's end.
-    end: u64,
 }
 
 impl Lent {
     fn give_back(&mut self) {
         if let (Some(queue), Ok(mut home)) = (self.queue.take(), self.home.lock()) {
             *home = Some(queue);
-        }
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        if self.queue.as_ref().is_some_and(|q| q.position >= self.end) {
-            self.give_back();
         }
     }
 }
@@ -405,7 +395,6 @@ impl ReadAhead {
         chunk.lent = Some(Lent {
             queue: Some(queue),
             home: Arc::clone(&self.queue),
-            end: chunk.end(),
         });
         chunk
     }
@@ -793,32 +782,42 @@ mod tests {
     /// uploaded"): the hash at the chunk's end is then unknown, and asking
     /// for it must say so at once, not wait for a reader that will never
     /// get there.
-    #[tokio::test]
-    async fn the_hash_at_the_end_of_a_chunk_left_unread_is_none_at_once() {
+    /// A read-ahead over two chunks of six pieces, with the first chunk
+    /// and one of its pieces taken: the rest of it is left unread.
+    async fn a_chunk_read_one_piece_in() -> (ReadAhead, Chunk, u64) {
         let chunk_size = 6 * PIECE;
-        let len = 2 * chunk_size;
         let mut tmp = tempfile::tempfile().unwrap();
-        tmp.write_all(&vec![7u8; len as usize]).unwrap();
-        let file = Arc::new(tmp);
-        let counters = Arc::new(Counters::default());
-        let (mut ahead, mut first) = ReadAhead::start(
-            Arc::clone(&file),
+        tmp.write_all(&vec![7u8; 2 * chunk_size as usize]).unwrap();
+        let (ahead, mut first) = ReadAhead::start(
+            Arc::new(tmp),
             0,
             chunk_size,
-            len,
+            2 * chunk_size,
             chunk_size,
             ResumableSha256::default(),
-            Arc::clone(&counters),
+            Arc::new(Counters::default()),
         );
         assert!(first.next_piece().await.unwrap().is_some());
+        (ahead, first, chunk_size)
+    }
+
+    /// `ahead.hash_at(end)`, which must answer within a deadline.
+    async fn hash_at_promptly(ahead: &mut ReadAhead, end: u64) -> Option<ResumableSha256> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), ahead.hash_at(end))
+            .await
+            .expect("hash_at must not wait for bytes nobody will read")
+    }
+
+    /// A provider may answer "complete" without reading the whole chunk
+    /// (movingimage's "upload is complete", api.video's "already
+    /// uploaded"): the hash at the chunk's end is then unknown, and asking
+    /// for it must say so at once, not wait for a reader that will never
+    /// get there.
+    #[tokio::test]
+    async fn the_hash_at_the_end_of_a_chunk_left_unread_is_none_at_once() {
+        let (mut ahead, first, chunk_size) = a_chunk_read_one_piece_in().await;
         drop(first);
-        let hash = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            ahead.hash_at(chunk_size),
-        )
-        .await
-        .expect("hash_at must not wait for bytes nobody reads");
-        assert!(hash.is_none());
+        assert!(hash_at_promptly(&mut ahead, chunk_size).await.is_none());
     }
 
     /// The same while the request still holds the chunk (a server that
@@ -826,29 +825,8 @@ mod tests {
     /// no next chunk starts from the reader.
     #[tokio::test]
     async fn the_hash_at_the_end_of_a_chunk_still_held_is_none_at_once() {
-        let chunk_size = 6 * PIECE;
-        let len = 2 * chunk_size;
-        let mut tmp = tempfile::tempfile().unwrap();
-        tmp.write_all(&vec![3u8; len as usize]).unwrap();
-        let file = Arc::new(tmp);
-        let counters = Arc::new(Counters::default());
-        let (mut ahead, mut held) = ReadAhead::start(
-            Arc::clone(&file),
-            0,
-            chunk_size,
-            len,
-            chunk_size,
-            ResumableSha256::default(),
-            Arc::clone(&counters),
-        );
-        assert!(held.next_piece().await.unwrap().is_some());
-        let hash = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            ahead.hash_at(chunk_size),
-        )
-        .await
-        .expect("hash_at must not wait for a chunk someone still holds");
-        assert!(hash.is_none());
+        let (mut ahead, held, chunk_size) = a_chunk_read_one_piece_in().await;
+        assert!(hash_at_promptly(&mut ahead, chunk_size).await.is_none());
         assert!(ahead.chunk(chunk_size, chunk_size, chunk_size).is_none());
         drop(held);
     }
