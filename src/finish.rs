@@ -45,12 +45,20 @@ pub enum Carried {
 /// source, across filesystems). Idempotent: whatever step a crash stopped
 /// at, calling it again ends with the file at `to` exactly once.
 /// `signature` is the version of the file being moved (a rename keeps its
-/// inode; a copy keeps its size and modification time).
+/// inode; a copy keeps its size and modification time). With
+/// [`fsx::Durability::Batch`] the folders are not fsynced (the batch syncs
+/// the file system), and a move across file systems is refused as a
+/// transient error: a copy must be durable before its source goes, so it
+/// is made one file at a time.
 ///
 /// # Errors
 /// [`FilingError`] naming the path; `vanished` when neither the source nor
 /// a finished move exists.
-pub fn carry_out(intent: &FilingIntent, signature: &FileSignature) -> Result<Carried, FilingError> {
+pub fn carry_out(
+    intent: &FilingIntent,
+    signature: &FileSignature,
+    durability: fsx::Durability,
+) -> Result<Carried, FilingError> {
     let FilingIntent {
         from,
         to,
@@ -78,7 +86,7 @@ pub fn carry_out(intent: &FilingIntent, signature: &FileSignature) -> Result<Car
             if !copied {
                 return Ok(Carried::NameTaken);
             }
-            remove_source(from)?;
+            remove_source(from, durability)?;
             remove_temporary(temporary);
             return Ok(Carried::Moved(to.clone()));
         }
@@ -87,11 +95,23 @@ pub fn carry_out(intent: &FilingIntent, signature: &FileSignature) -> Result<Car
     remove_temporary(temporary);
     match fsx::rename_noreplace(from, to) {
         Ok(()) => {
-            fsx::sync_parent(to);
-            fsx::sync_parent(from);
+            if durability == fsx::Durability::EachFile {
+                fsx::sync_parent(to);
+                fsx::sync_parent(from);
+            }
             Ok(Carried::Moved(to.clone()))
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Carried::NameTaken),
+        Err(e)
+            if e.kind() == io::ErrorKind::CrossesDevices
+                && durability == fsx::Durability::Batch =>
+        {
+            Err(FilingError {
+                path: to.clone(),
+                message: "a move across file systems is a copy, made one file at a time".into(),
+                permanent: false,
+            })
+        }
         Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
             let temporary = temporary
                 .as_deref()
@@ -123,14 +143,16 @@ fn copy_across(from: &Path, temporary: &Path, to: &Path) -> Result<Carried, Fili
     }
     fsx::sync_parent(to);
     crate::failpoint::crash("filing::after_copy");
-    remove_source(from)?;
+    remove_source(from, fsx::Durability::EachFile)?;
     Ok(Carried::Moved(to.to_path_buf()))
 }
 
-fn remove_source(from: &Path) -> Result<(), FilingError> {
+fn remove_source(from: &Path, durability: fsx::Durability) -> Result<(), FilingError> {
     match fs::remove_file(from) {
         Ok(()) => {
-            fsx::sync_parent(from);
+            if durability == fsx::Durability::EachFile {
+                fsx::sync_parent(from);
+            }
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -235,11 +257,29 @@ pub fn write_report(
     temporary: &Path,
     report: &impl Serialize,
 ) -> Result<(), io::Error> {
+    stage_report(path, temporary, report, fsx::Durability::EachFile)?;
+    crate::failpoint::crash("fsx::write_new::before_rename");
+    fsx::place_temporary(temporary, path, fsx::Durability::EachFile)
+}
+
+/// The first half of [`write_report`]: the report's folder made and its
+/// body written into `temporary` (exclusive), to be placed at `path` by
+/// [`fsx::place_temporary`]. A batch stages every receipt, syncs once,
+/// then places them.
+///
+/// # Errors
+/// I/O errors, naming the path.
+pub fn stage_report(
+    path: &Path,
+    temporary: &Path,
+    report: &impl Serialize,
+    durability: fsx::Durability,
+) -> Result<(), io::Error> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
     }
     let body = serde_json::to_vec_pretty(report).map_err(io::Error::other)?;
-    fsx::write_new(path, temporary, &body)
+    fsx::write_temporary(temporary, &body, durability)
 }
 
 /// True when `path` holds a report written for job `job` (so a restart
@@ -348,7 +388,7 @@ mod tests {
         fs::write(&a, b"new").unwrap();
         let intent = plan(&a, &target).unwrap();
         assert_eq!(intent.to, dir.path().join("out/x-1.mp4"));
-        let carried = carry_out(&intent, &signature_of(&a)).unwrap();
+        let carried = carry_out(&intent, &signature_of(&a), fsx::Durability::EachFile).unwrap();
         assert_eq!(carried, Carried::Moved(intent.to.clone()));
         assert_eq!(fs::read(&target).unwrap(), b"existing");
         assert_eq!(fs::read(&intent.to).unwrap(), b"new");
@@ -363,7 +403,7 @@ mod tests {
         let intent = plan(&a, &dir.path().join("x.mp4")).unwrap();
         fs::write(&intent.to, b"someone else's").unwrap();
         assert_eq!(
-            carry_out(&intent, &signature_of(&a)).unwrap(),
+            carry_out(&intent, &signature_of(&a), fsx::Durability::EachFile).unwrap(),
             Carried::NameTaken
         );
         assert_eq!(fs::read(&intent.to).unwrap(), b"someone else's");
@@ -377,16 +417,20 @@ mod tests {
         fs::write(&a, b"content").unwrap();
         let signature = signature_of(&a);
         let intent = plan(&a, &dir.path().join("x.mp4")).unwrap();
-        carry_out(&intent, &signature).unwrap();
+        carry_out(&intent, &signature, fsx::Durability::EachFile).unwrap();
         // As after a crash between the rename and the record.
         assert_eq!(
-            carry_out(&intent, &signature).unwrap(),
+            carry_out(&intent, &signature, fsx::Durability::EachFile).unwrap(),
             Carried::Moved(intent.to.clone())
         );
         // Another file that appeared under the name is not taken for ours.
         fs::remove_file(&intent.to).unwrap();
         fs::write(&intent.to, b"another file, longer").unwrap();
-        assert!(carry_out(&intent, &signature).unwrap_err().permanent);
+        assert!(
+            carry_out(&intent, &signature, fsx::Durability::EachFile)
+                .unwrap_err()
+                .permanent
+        );
     }
 
     #[test]
@@ -400,7 +444,7 @@ mod tests {
         fsx::copy_to_temporary(&a, intent.temporary.as_ref().unwrap()).unwrap();
         fs::rename(intent.temporary.as_ref().unwrap(), &intent.to).unwrap();
         assert_eq!(
-            carry_out(&intent, &signature).unwrap(),
+            carry_out(&intent, &signature, fsx::Durability::EachFile).unwrap(),
             Carried::Moved(intent.to.clone())
         );
         assert!(!a.exists());

@@ -234,27 +234,71 @@ pub fn copy_to_temporary(from: &Path, temporary: &Path) -> io::Result<()> {
     })
 }
 
-/// Write `bytes` as a new file at `path`: through the hidden `temporary`
-/// (created exclusively; the caller records its name first so a crash can
-/// be cleaned up), fsynced, renamed into place without replacing anything.
+/// When a step's writes reach the disk. `EachFile`: before the step
+/// returns, an fsync per file and folder, as one job at a time needs.
+/// `Batch`: with the rest of a batch of small files, whose caller syncs
+/// each file system once ([`sync_file_system`]) before it records or does
+/// anything that relies on them: hundreds of files share one wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync each file and folder now.
+    EachFile,
+    /// Left to the batch's one sync of the file system.
+    Batch,
+}
+
+/// The first half of a durable new file (`finish::write_report`): `bytes` in a new file at `temporary`
+/// (exclusive), fsynced unless `durability` leaves that to a batch.
+///
+/// # Errors
+/// I/O errors; the temporary is removed on failure.
+pub fn write_temporary(temporary: &Path, bytes: &[u8], durability: Durability) -> io::Result<()> {
+    let written = create_exclusive(temporary).and_then(|mut file| {
+        file.write_all(bytes)?;
+        if durability == Durability::EachFile {
+            file.sync_all()?;
+        }
+        Ok(())
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(temporary);
+    }
+    written
+}
+
+/// The second half of a durable new file: the temporary renamed to `path`
+/// without replacing anything (removed if that fails), the folder fsynced
+/// unless `durability` leaves that to a batch.
 ///
 /// # Errors
 /// `AlreadyExists` when `path` is taken; other I/O errors.
-pub fn write_new(path: &Path, temporary: &Path, bytes: &[u8]) -> io::Result<()> {
-    let written = create_exclusive(temporary).and_then(|mut file| {
-        file.write_all(bytes)?;
-        file.sync_all()
-    });
-    let placed = written.and_then(|()| {
-        crate::failpoint::crash("fsx::write_new::before_rename");
-        rename_noreplace(temporary, path)
-    });
-    if placed.is_err() {
+pub fn place_temporary(temporary: &Path, path: &Path, durability: Durability) -> io::Result<()> {
+    if let Err(e) = rename_noreplace(temporary, path) {
         let _ = fs::remove_file(temporary);
+        return Err(e);
     }
-    placed?;
-    sync_parent(path);
+    if durability == Durability::EachFile {
+        sync_parent(path);
+    }
     Ok(())
+}
+
+/// Make every write to the file system holding `path` durable (`syncfs`):
+/// one wait for the disk for a whole batch of files, where an fsync per
+/// file and folder would be hundreds.
+///
+/// # Errors
+/// The file system's error (it could not write something back).
+pub fn sync_file_system(path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let handle = File::open(path)?;
+    // SAFETY: `syncfs` only reads the descriptor, which `handle` keeps open
+    // for the duration of the call.
+    if unsafe { libc::syncfs(handle.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Same device and inode: two names of one file.
@@ -408,11 +452,16 @@ mod tests {
     }
 
     #[test]
-    fn write_new_refuses_a_taken_name_and_leaves_no_temporary() {
+    fn placing_a_temporary_refuses_a_taken_name_and_leaves_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.json");
-        write_new(&path, &temporary_beside(&path), b"one").unwrap();
-        let e = write_new(&path, &temporary_beside(&path), b"two").unwrap_err();
+        let write_new = |bytes: &[u8]| {
+            let temporary = temporary_beside(&path);
+            write_temporary(&temporary, bytes, Durability::EachFile)?;
+            place_temporary(&temporary, &path, Durability::EachFile)
+        };
+        write_new(b"one").unwrap();
+        let e = write_new(b"two").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&path).unwrap(), b"one");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);

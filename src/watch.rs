@@ -439,11 +439,16 @@ pub enum WatchCommand {
     Reoffer(PathBuf),
 }
 
-/// Run one watch until shutdown, sending ready files to `out`.
+/// Files found ready together are sent together, at most this many in one
+/// message: their jobs are taken together and can share a batch.
+pub const READY_AT_ONCE: usize = 256;
+
+/// Run one watch until shutdown, sending ready files to `out`, those found
+/// ready in one look together.
 pub async fn run(
     config: WatchConfig,
     skip_roots: SkipRoots,
-    out: mpsc::Sender<ReadyFile>,
+    out: mpsc::Sender<Vec<ReadyFile>>,
     mut commands: mpsc::UnboundedReceiver<WatchCommand>,
     mut shutdown: watch::Receiver<bool>,
     held: Arc<HeldSources>,
@@ -494,9 +499,13 @@ pub async fn run(
                     tracing::info!(watch = %name, "more filesystem events came than the queue holds; scanning the whole folder now");
                     off_the_runtime(|| scanner.full_scan());
                 }
-                for file in off_the_runtime(|| scanner.check_candidates()) {
-                    tracing::debug!(watch = %name, file = %file.relpath.display(), "ready");
-                    if out.send(file).await.is_err() {
+                let mut ready = off_the_runtime(|| scanner.check_candidates());
+                while !ready.is_empty() {
+                    let rest = ready.split_off(ready.len().min(READY_AT_ONCE));
+                    for file in &ready {
+                        tracing::debug!(watch = %name, file = %file.relpath.display(), "ready");
+                    }
+                    if out.send(std::mem::replace(&mut ready, rest)).await.is_err() {
                         return;
                     }
                 }

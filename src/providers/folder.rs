@@ -4,7 +4,7 @@
 //! checkpoint vouches for it; the finished file is verified against the
 //! sha256 and linked into place under its relative path, never overwriting.
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -13,8 +13,8 @@ use super::{
     Chunk, Delivery, ErrorKind, Lookup, ProviderError, RemoteOffset, Session, UploadRequest,
     Uploader,
 };
-use crate::fsx;
-use crate::hashing;
+use crate::fsx::{self, Durability};
+use crate::hashing::{self, ResumableSha256};
 
 /// Folder under the destination holding partial files.
 pub const PARTIAL_DIR: &str = ".hotfolder-partial";
@@ -68,37 +68,8 @@ impl Uploader for FolderProvider {
         let dir = self.partial_dir();
         let partial = self.partial_for(request.tag);
         blocking(move || {
-            // Another job's finish may remove the (then empty) partial
-            // folder between making it and opening the file in it: make it
-            // again and retry, a few times.
-            let mut tries = 0;
-            loop {
-                fs::create_dir_all(&dir)
-                    .map_err(|e| ProviderError::io("cannot create folder", &dir, &e))?;
-                let opened = OpenOptions::new()
-                    .create(true)
-                    .truncate(true)
-                    .write(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&partial);
-                match opened {
-                    Ok(_) => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 8 => tries += 1,
-                    Err(e) => {
-                        return Err(ProviderError::io(
-                            "cannot create partial file",
-                            &partial,
-                            &e,
-                        ));
-                    }
-                }
-            }
-            fsx::sync_dir(&dir);
-            Ok(Session {
-                remote_id: None,
-                upload_url: Some(partial.to_string_lossy().into_owned()),
-                ..Default::default()
-            })
+            create_partial(&dir, &partial, Durability::EachFile)?;
+            Ok(session_of(&partial))
         })
         .await
     }
@@ -106,11 +77,7 @@ impl Uploader for FolderProvider {
     async fn find_created(&self, request: &UploadRequest<'_>) -> Result<Lookup, ProviderError> {
         let partial = self.partial_for(request.tag);
         Ok(if partial.exists() {
-            Lookup::Found(Session {
-                remote_id: None,
-                upload_url: Some(partial.to_string_lossy().into_owned()),
-                ..Default::default()
-            })
+            Lookup::Found(session_of(&partial))
         } else {
             Lookup::NotFound
         })
@@ -211,13 +178,7 @@ impl Uploader for FolderProvider {
         let expected = sha256.to_string();
         let size = request.size;
         let delivered = blocking(move || place(&partial, &target, &expected, size)).await?;
-        session.remote_id = Some(delivered.to_string_lossy().into_owned());
-        Ok(Delivery {
-            remote_id: delivered.to_string_lossy().into_owned(),
-            // Percent-encoded: a name with a space, `#` or `%` is a valid URL.
-            url: url::Url::from_file_path(&delivered).map(String::from).ok(),
-            links: Default::default(),
-        })
+        Ok(delivered_at(session, &delivered))
     }
 
     async fn abandon(&self, session: &Session) -> Result<(), ProviderError> {
@@ -232,24 +193,160 @@ impl Uploader for FolderProvider {
             )),
         };
         let _ = fs::remove_file(marker_path(&partial));
-        remove_if_empty(&self.partial_dir());
+        remove_if_empty(&self.partial_dir(), Durability::EachFile);
         removed
     }
 
     async fn release(&self, session: &Session) {
+        let this = FolderProvider::new(self.dest.clone());
+        let session = session.clone();
+        let _ = blocking(move || {
+            this.release_now(&session, Durability::EachFile);
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// The steps of a small file's delivery for a batch (`daemon::batch`):
+/// the same files, markers and names as one upload at a time, each step
+/// for many files at once, their fsyncs left to the batch's one sync of
+/// the destination's file system.
+impl FolderProvider {
+    /// The destination folder, whose file system a batch syncs.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// A small file's whole upload in one call: its partial file (named by
+    /// `tag`, as [`Uploader::create`] names it) created and written from
+    /// `source`, hashed as it is read. Answers the session and the hash.
+    ///
+    /// # Errors
+    /// The source or the partial file could not be read or written.
+    pub fn write_whole(
+        &self,
+        tag: &str,
+        source: &File,
+        size: u64,
+    ) -> Result<(Session, ResumableSha256), ProviderError> {
+        use std::os::unix::fs::FileExt;
+        let partial = self.partial_for(tag);
+        let mut file = create_partial(&self.partial_dir(), &partial, Durability::Batch)?;
+        let mut bytes = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
+        source.read_exact_at(&mut bytes, 0).map_err(|e| {
+            ProviderError::new(ErrorKind::Transient, format!("cannot read the source: {e}"))
+        })?;
+        let mut hash = ResumableSha256::default();
+        hash.update(&bytes);
+        file.write_all(&bytes)
+            .map_err(|e| ProviderError::io("cannot write", &partial, &e))?;
+        Ok((session_of(&partial), hash))
+    }
+
+    /// Verify a written partial file and choose its name under `relpath`,
+    /// recorded in its marker (not yet synced), as [`Uploader::finalize`]
+    /// does before it links the file into place.
+    ///
+    /// # Errors
+    /// As `finalize`: the partial file is gone, short, or not the source's bytes.
+    pub fn mark_place(
+        &self,
+        session: &Session,
+        relpath: &Path,
+        sha256: &str,
+        size: u64,
+    ) -> Result<Placing, ProviderError> {
+        let partial = self.partial_path(session)?;
+        prepare_place(
+            &partial,
+            &self.dest.join(relpath),
+            sha256,
+            size,
+            Durability::Batch,
+        )
+    }
+
+    /// Link a marked partial file into place (never over anything), its
+    /// folders not synced; answers the delivery.
+    ///
+    /// # Errors
+    /// `AlreadyExists` when someone took the name meanwhile; other I/O errors.
+    pub fn link_place(&self, session: &mut Session, placing: &Placing) -> io::Result<Delivery> {
+        let placed = match placing {
+            Placing::Placed(done) => done,
+            Placing::Marked(candidate) => {
+                let partial = self
+                    .partial_path(session)
+                    .map_err(|e| io::Error::other(e.message))?;
+                link_into_place(&partial, candidate, Durability::Batch)?;
+                candidate
+            }
+        };
+        Ok(delivered_at(session, placed))
+    }
+
+    /// The provider's record of a delivery can go: its marker, and the
+    /// partial folder once empty.
+    pub fn release_now(&self, session: &Session, durability: Durability) {
         let Ok(partial) = self.partial_path(session) else {
             return;
         };
         let dir = self.partial_dir();
-        let _ = blocking(move || {
-            let marker = marker_path(&partial);
-            if fs::remove_file(&marker).is_ok() {
-                fsx::sync_dir(&dir);
+        if fs::remove_file(marker_path(&partial)).is_ok() && durability == Durability::EachFile {
+            fsx::sync_dir(&dir);
+        }
+        remove_if_empty(&dir, durability);
+    }
+}
+
+/// The session of a partial file: its path is the upload's address.
+fn session_of(partial: &Path) -> Session {
+    Session {
+        remote_id: None,
+        upload_url: Some(partial.to_string_lossy().into_owned()),
+        ..Default::default()
+    }
+}
+
+/// The delivery of a file placed at `delivered`, recorded on its session.
+fn delivered_at(session: &mut Session, delivered: &Path) -> Delivery {
+    session.remote_id = Some(delivered.to_string_lossy().into_owned());
+    Delivery {
+        remote_id: delivered.to_string_lossy().into_owned(),
+        // Percent-encoded: a name with a space, `#` or `%` is a valid URL.
+        url: url::Url::from_file_path(delivered).map(String::from).ok(),
+        links: Default::default(),
+    }
+}
+
+/// Create (empty) the partial file `partial` in `dir`. Another job's finish
+/// may remove the (then empty) partial folder between making it and
+/// opening the file in it: make it again and retry, a few times.
+fn create_partial(
+    dir: &Path,
+    partial: &Path,
+    durability: Durability,
+) -> Result<File, ProviderError> {
+    let mut tries = 0;
+    loop {
+        fs::create_dir_all(dir).map_err(|e| ProviderError::io("cannot create folder", dir, &e))?;
+        let opened = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(partial);
+        match opened {
+            Ok(file) => {
+                if durability == Durability::EachFile {
+                    fsx::sync_dir(dir);
+                }
+                return Ok(file);
             }
-            remove_if_empty(&dir);
-            Ok(())
-        })
-        .await;
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 8 => tries += 1,
+            Err(e) => return Err(ProviderError::io("cannot create partial file", partial, &e)),
+        }
     }
 }
 
@@ -257,11 +354,49 @@ impl Uploader for FolderProvider {
 /// beside the partial records the chosen name before the link, so a crash
 /// at any point is finished, not repeated, by the next call.
 fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathBuf, ProviderError> {
+    // Someone may take the chosen name between the check and the link:
+    // then the next free one.
+    for _ in 0..fsx::MAX_NUMBERED {
+        let candidate = match prepare_place(partial, target, sha256, size, Durability::EachFile)? {
+            Placing::Placed(done) => return Ok(done),
+            Placing::Marked(candidate) => candidate,
+        };
+        match link_into_place(partial, &candidate, Durability::EachFile) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(ProviderError::io("cannot place file at", &candidate, &e)),
+        }
+    }
+    Err(ProviderError::new(
+        ErrorKind::Permanent,
+        fsx::no_free_name(target).to_string(),
+    ))
+}
+
+/// Where a verified partial file goes.
+pub enum Placing {
+    /// It is there already (a crash came after the link).
+    Placed(PathBuf),
+    /// This free name is recorded in its marker; the link comes next.
+    Marked(PathBuf),
+}
+
+/// The first half of [`place`]: the partial file checked against the
+/// source's size and sha256 (removed if its bytes differ), then either
+/// found placed already or given the first free name, recorded in its
+/// marker.
+fn prepare_place(
+    partial: &Path,
+    target: &Path,
+    sha256: &str,
+    size: u64,
+    durability: Durability,
+) -> Result<Placing, ProviderError> {
     let marker = marker_path(partial);
     let recorded = fs::read_to_string(&marker).ok().map(PathBuf::from);
     if !partial.exists() {
         return match recorded {
-            Some(done) if done.exists() => Ok(done),
+            Some(done) if done.exists() => Ok(Placing::Placed(done)),
             _ => Err(ProviderError::new(
                 ErrorKind::Gone,
                 format!(
@@ -303,34 +438,39 @@ fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathB
         && same_file(partial, done)
     {
         fs::remove_file(partial).map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
-        fsx::sync_dir(parent);
-        return Ok(done.clone());
-    }
-    for n in 0..fsx::MAX_NUMBERED {
-        let candidate = fsx::numbered(target, n);
-        if fsx::name_taken(&candidate) {
-            continue;
+        if durability == Durability::EachFile {
+            fsx::sync_dir(parent);
         }
-        write_marker(&marker, &candidate)?;
-        match fsx::rename_noreplace(partial, &candidate) {
-            Ok(()) => {
-                fsx::sync_dir(parent);
-                if let Some(dir) = partial.parent() {
-                    fsx::sync_dir(dir);
-                }
-                return Ok(candidate);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(ProviderError::io("cannot place file at", &candidate, &e)),
-        }
+        return Ok(Placing::Placed(done.clone()));
     }
-    Err(ProviderError::new(
-        ErrorKind::Permanent,
-        fsx::no_free_name(target).to_string(),
-    ))
+    let candidate = (0..fsx::MAX_NUMBERED)
+        .map(|n| fsx::numbered(target, n))
+        .find(|candidate| !fsx::name_taken(candidate))
+        .ok_or_else(|| {
+            ProviderError::new(ErrorKind::Permanent, fsx::no_free_name(target).to_string())
+        })?;
+    write_marker(&marker, &candidate, durability)?;
+    Ok(Placing::Marked(candidate))
 }
 
-fn write_marker(marker: &Path, candidate: &Path) -> Result<(), ProviderError> {
+/// The second half of [`place`]: the partial file renamed to its marked
+/// name, never over anything.
+fn link_into_place(partial: &Path, candidate: &Path, durability: Durability) -> io::Result<()> {
+    fsx::rename_noreplace(partial, candidate)?;
+    if durability == Durability::EachFile {
+        fsx::sync_parent(candidate);
+        if let Some(dir) = partial.parent() {
+            fsx::sync_dir(dir);
+        }
+    }
+    Ok(())
+}
+
+fn write_marker(
+    marker: &Path,
+    candidate: &Path,
+    durability: Durability,
+) -> Result<(), ProviderError> {
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -339,7 +479,10 @@ fn write_marker(marker: &Path, candidate: &Path) -> Result<(), ProviderError> {
         .open(marker)
         .map_err(|e| ProviderError::io("cannot write", marker, &e))?;
     file.write_all(candidate.as_os_str().as_encoded_bytes())
-        .and_then(|()| file.sync_all())
+        .and_then(|()| match durability {
+            Durability::EachFile => file.sync_all(),
+            Durability::Batch => Ok(()),
+        })
         .map_err(|e| ProviderError::io("cannot write", marker, &e))
 }
 
@@ -354,8 +497,9 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// Remove the partial folder once nothing of ours is in it, so a finished
 /// destination holds the delivered files and nothing else. A job creating
 /// its partial file at the same moment makes the folder again.
-fn remove_if_empty(dir: &Path) {
+fn remove_if_empty(dir: &Path, durability: Durability) {
     if fs::remove_dir(dir).is_ok()
+        && durability == Durability::EachFile
         && let Some(parent) = dir.parent()
     {
         fsx::sync_dir(parent);

@@ -989,6 +989,28 @@ fn open_source(job: &Job) -> Result<(File, FileSignature), Stop> {
     Ok((file, signature))
 }
 
+/// For a batch of small files (`daemon::batch`), which leaves every job it
+/// cannot take through a step as it stands: the source opened as an
+/// attempt opens it ([`open_source`]), or why not.
+pub(crate) fn open_for_batch(job: &Job) -> Result<File, String> {
+    open_source(job).map(|(file, _)| file).map_err(why)
+}
+
+/// For a batch, as [`open_for_batch`]: the source unchanged, or why not.
+pub(crate) fn unchanged_for_batch(job: &Job) -> Result<(), String> {
+    check_unchanged(job).map_err(why)
+}
+
+/// What stopped a step, in words (a batch logs it and hands the job on).
+fn why(stop: Stop) -> String {
+    match stop {
+        Stop::Provider(e) => e.message,
+        Stop::SourceChanged(why) => why,
+        Stop::Store(e) => e.to_string(),
+        Stop::Interrupted | Stop::Paused(_) => "stopped".into(),
+    }
+}
+
 fn check_unchanged(job: &Job) -> Result<(), Stop> {
     check_source(&job.source, &job.signature)
 }

@@ -4,6 +4,8 @@
 //! daemon stops taking work, lets in-flight chunks checkpoint within
 //! `shutdown_timeout`, flushes the store and returns.
 
+mod batch;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -333,7 +335,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         held.hold(&job.source);
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (ready_tx, mut ready_rx) = mpsc::channel::<ReadyFile>(1024);
+    // In messages of up to `READY_AT_ONCE` files: about 1,000 files queued.
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Vec<ReadyFile>>(4);
     let mut watches = Watches {
         running: HashMap::new(),
         commands: Default::default(),
@@ -409,26 +412,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     break;
                 }
             }
-            Some(file) = ready_rx.recv() => {
-                let (watch, path) = (file.watch.clone(), file.path.clone());
-                match take_file(&ctx, file).await {
-                    Ok(()) => ctx.store_health.answered(),
-                    Err(e @ StoreError::Database(_)) => {
-                        // Offered again once stable: nothing is lost.
-                        ctx.store_health.failed(&e);
-                        if let Some(commands) = ctx.watch_commands.get().get(&watch) {
-                            let _ = commands.send(WatchCommand::Reoffer(path));
+            Some(ready) = ready_rx.recv() => {
+                // The files a watch found ready together are taken
+                // together, so that their jobs can share a batch.
+                for file in ready {
+                    let (watch, path) = (file.watch.clone(), file.path.clone());
+                    match take_file(&ctx, file).await {
+                        Ok(()) => ctx.store_health.answered(),
+                        Err(e @ StoreError::Database(_)) => {
+                            // Offered again once stable: nothing is lost.
+                            ctx.store_health.failed(&e);
+                            if let Some(commands) = ctx.watch_commands.get().get(&watch) {
+                                let _ = commands.send(WatchCommand::Reoffer(path));
+                            }
                         }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot record a new job");
-                        if matches!(e, StoreError::Db(_)) {
-                            ctx.store_failed(&e);
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot record a new job");
+                            if matches!(e, StoreError::Db(_)) {
+                                ctx.store_failed(&e);
+                            }
                         }
                     }
                 }
             }
-            Some(job) = job_rx.recv() => dispatch.offer(&ctx, &mut jobs, job),
+            Some(job) = job_rx.recv() => {
+                dispatch.offer(&ctx, &mut jobs, job);
+                for _ in 1..batch::MOST_JOBS {
+                    let Ok(job) = job_rx.try_recv() else { break };
+                    dispatch.offer(&ctx, &mut jobs, job);
+                }
+                dispatch.start_batchers(&ctx, &mut jobs);
+            }
             Some(answer) = reload_rx.recv() => {
                 tracing::info!("reload asked (POST /api/reload or `hotfolder reload`): reading the config again");
                 let outcome = reload(&mut ctx, &mut watches).await;
@@ -531,7 +545,7 @@ struct Watches {
     counters: crate::reload::Shared<HashMap<String, Arc<WatchCounters>>>,
     /// Every watch's done and failed folders, which no watch enters.
     skip_roots: crate::watch::SkipRoots,
-    ready: mpsc::Sender<ReadyFile>,
+    ready: mpsc::Sender<Vec<ReadyFile>>,
     stop: watch::Receiver<bool>,
     held: Arc<HeldSources>,
 }
@@ -666,14 +680,20 @@ const GIVE_BACK_MEMORY_EVERY: Duration = Duration::from_secs(30);
 /// backoff, is alive too). The other jobs wait as ids, read back from the
 /// store when their turn comes, so a drop of 100,000 files holds 100,000
 /// numbers, not 100,000 tasks and records.
+///
+/// New small files for a `folder` provider go to its batch queue instead
+/// ([`batch`]), taken a few hundred at a time by at most two batchers.
 #[derive(Default)]
 struct Dispatch {
     /// Waiting job ids by provider name (empty: not routed yet).
     waiting: HashMap<String, std::collections::VecDeque<u64>>,
     /// Live tasks by provider name.
     live: HashMap<String, usize>,
-    /// Which provider each live task counts against, and its job.
-    tasks: HashMap<tokio::task::Id, (String, u64)>,
+    /// Which provider each live task counts against, and its job (none:
+    /// a batcher, which counts against nothing here).
+    tasks: HashMap<tokio::task::Id, (String, Option<u64>)>,
+    /// Each provider's queue of jobs waiting for a batch.
+    batches: HashMap<String, batch::SharedQueue>,
 }
 
 impl Dispatch {
@@ -684,9 +704,15 @@ impl Dispatch {
         concurrent.max(1) * 2
     }
 
-    /// A job to run: now if its provider has room, else when it has.
+    /// A job to run: queued for a batch if it fits one (see
+    /// [`Dispatch::start_batchers`]); else now if its provider has room,
+    /// else when it has.
     fn offer(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, job: Job) {
         let key = job.provider.clone();
+        let queue = self.batches.entry(key.clone()).or_default();
+        if batch::enqueue(queue, job.id, batch::fits(ctx, &job)) {
+            return;
+        }
         if self.live.get(&key).copied().unwrap_or(0) < Self::limit(ctx, &key) {
             self.spawn(ctx, tasks, key, job);
         } else {
@@ -694,11 +720,28 @@ impl Dispatch {
         }
     }
 
+    /// Start batchers where jobs wait for a batch: called after each burst
+    /// of offers, so that a burst goes in one batch, not the first of it
+    /// alone.
+    fn start_batchers(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>) {
+        for (provider, queue) in &self.batches {
+            while batch::wants_batcher(queue) {
+                let handle = tasks.spawn(batch::batcher(
+                    Arc::clone(ctx),
+                    provider.clone(),
+                    Arc::clone(queue),
+                ));
+                self.tasks.insert(handle.id(), (provider.clone(), None));
+                ctx.metrics.job_tasks.inc();
+            }
+        }
+    }
+
     fn spawn(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, key: String, job: Job) {
         let id = job.id;
         let handle = tasks.spawn(run_job(Arc::clone(ctx), job));
         *self.live.entry(key.clone()).or_insert(0) += 1;
-        self.tasks.insert(handle.id(), (key, id));
+        self.tasks.insert(handle.id(), (key, Some(id)));
         ctx.metrics.job_tasks.inc();
     }
 
@@ -707,8 +750,11 @@ impl Dispatch {
         let Some((key, job)) = self.tasks.remove(&id) else {
             return;
         };
-        ctx.jobs.ended(job);
         ctx.metrics.job_tasks.dec();
+        let Some(job) = job else {
+            return;
+        };
+        ctx.jobs.ended(job);
         if let Some(n) = self.live.get_mut(&key) {
             *n = n.saturating_sub(1);
         }
@@ -1276,9 +1322,11 @@ async fn file_below(
             }
             Some(intent) => {
                 let signature = job.signature;
-                blocking(move || crate::finish::carry_out(&intent, &signature))
-                    .await
-                    .map(FilingStep::Carried)
+                blocking(move || {
+                    crate::finish::carry_out(&intent, &signature, crate::fsx::Durability::EachFile)
+                })
+                .await
+                .map(FilingStep::Carried)
             }
         };
         match step {
@@ -1580,29 +1628,7 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
             Some(id) => ctx.store.get(id).await.ok(),
             None => None,
         };
-        let receipt = Receipt {
-            job: job.id,
-            watch: &job.watch,
-            file: job.relpath.to_string_lossy(),
-            provider: &job.provider,
-            remote_id: job.delivery.as_ref().map(|d| d.remote_id.as_str()),
-            url: job.delivery.as_ref().and_then(|d| d.url.as_deref()),
-            links: job.delivery.as_ref().map(|d| &d.links),
-            sha256: job.sha256.as_deref(),
-            bytes: job.signature.size,
-            metadata: &job.metadata,
-            started_at: job.started_at,
-            finished_at: jiff::Timestamp::now(),
-            attempts: job.attempts,
-            duplicate_of: earlier.map(|e| DuplicateOf {
-                job: e.id,
-                remote_id: e.delivery.as_ref().map(|d| d.remote_id.clone()),
-                url: e.delivery.as_ref().and_then(|d| d.url.clone()),
-                finished_at: e.finished_at,
-            }),
-            replaced: &job.replaced,
-        };
-        let receipt = serde_json::to_value(&receipt).unwrap_or_default();
+        let receipt = receipt_of(job, earlier);
         write_report_once(ctx, job, &receipt_at, RECEIPT, receipt).await?;
     }
     // Done is done: a retried error from earlier on would only mislead status.
@@ -1614,6 +1640,34 @@ async fn file_done(ctx: &Arc<Context>, job: &mut Job) -> Result<(), StoreError> 
     ctx.store.put(job).await?;
     tracing::info!(filed_to = %job.filed_to.as_deref().map_or_else(|| "(left in place)".into(), |p| p.display().to_string()), "done");
     Ok(())
+}
+
+/// The receipt of a delivered (or duplicate-skipped) `job`, naming the
+/// `earlier` job whose delivery it stands for.
+fn receipt_of(job: &Job, earlier: Option<Job>) -> serde_json::Value {
+    let receipt = Receipt {
+        job: job.id,
+        watch: &job.watch,
+        file: job.relpath.to_string_lossy(),
+        provider: &job.provider,
+        remote_id: job.delivery.as_ref().map(|d| d.remote_id.as_str()),
+        url: job.delivery.as_ref().and_then(|d| d.url.as_deref()),
+        links: job.delivery.as_ref().map(|d| &d.links),
+        sha256: job.sha256.as_deref(),
+        bytes: job.signature.size,
+        metadata: &job.metadata,
+        started_at: job.started_at,
+        finished_at: jiff::Timestamp::now(),
+        attempts: job.attempts,
+        duplicate_of: earlier.map(|e| DuplicateOf {
+            job: e.id,
+            remote_id: e.delivery.as_ref().map(|d| d.remote_id.clone()),
+            url: e.delivery.as_ref().and_then(|d| d.url.clone()),
+            finished_at: e.finished_at,
+        }),
+        replaced: &job.replaced,
+    };
+    serde_json::to_value(&receipt).unwrap_or_default()
 }
 
 /// The source is there but is not the version this job delivered.

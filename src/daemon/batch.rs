@@ -1,0 +1,713 @@
+//! Small files to a `folder` destination, many at a time.
+//!
+//! One job at a time, a small file pays every durable point alone: about
+//! five database flushes, nine fsyncs and eighty thread hand-offs, so a
+//! drop of thousands of 4 KiB files moved at a tenth of `rclone move`'s
+//! pace (docs/BENCHMARKS.md). A batch takes up to [`MOST_JOBS`] of them
+//! through the same states in the same order as one job alone, each step
+//! once for all: one blocking call, one `syncfs` of each file system it
+//! wrote, one database flush.
+//!
+//! A job the batch cannot take through a step (its source changed, a name
+//! was taken, any error) leaves the batch as the store holds it and goes on
+//! alone, through the per-job code that resumes any state; so does every
+//! job after a crash between steps. Only the happy path is batched; every
+//! other path is the one each job already had.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::config::{AfterSuccess, NotifyEvent};
+use crate::finish::{self, Carried};
+use crate::fsx::{self, Durability};
+use crate::lifecycle::Outcome;
+use crate::providers::{FolderProvider, Placing, Provider};
+use crate::state::{Job, JobState, JobStore, Store, StoreError};
+use crate::upload::ProviderHandle;
+
+use super::{Context, RECEIPT, receipt_of, source_changed};
+
+/// At most this many jobs in one batch: a few hundred share each durable
+/// point, and a batch's files are all read before any is placed.
+pub(super) const MOST_JOBS: usize = 256;
+
+/// Batches of one provider under way at once: one waits for the disk while
+/// the next does its reading and hashing.
+const MOST_BATCHERS: usize = 2;
+
+/// The largest file a batch takes: it is read whole into memory, and a
+/// bigger one gains nothing from sharing a flush with others.
+const SMALL_FILE: u64 = 1 << 20;
+
+/// A provider's jobs waiting for a batch, shared by the dispatcher (which
+/// queues them) and the provider's batchers (which take them).
+#[derive(Default)]
+pub(super) struct Queue {
+    /// Waiting job ids, oldest first.
+    ids: VecDeque<u64>,
+    /// Batchers running for the provider.
+    batchers: usize,
+    /// Jobs that left a batch: offered again, they run alone.
+    alone: HashSet<u64>,
+}
+
+/// A provider's [`Queue`].
+pub(super) type SharedQueue = Arc<Mutex<Queue>>;
+
+fn lock(queue: &SharedQueue) -> std::sync::MutexGuard<'_, Queue> {
+    queue
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Queue job `id` for a batch if it `fits` one, unless it left one (it then
+/// runs alone from now on): `true` when queued.
+pub(super) fn enqueue(queue: &SharedQueue, id: u64, fits: bool) -> bool {
+    let mut queue = lock(queue);
+    if queue.alone.remove(&id) || !fits {
+        return false;
+    }
+    queue.ids.push_back(id);
+    true
+}
+
+/// Whether another batcher should start: jobs wait and fewer than
+/// [`MOST_BATCHERS`] run. Counted as started when it answers `true`.
+pub(super) fn wants_batcher(queue: &SharedQueue) -> bool {
+    let mut queue = lock(queue);
+    let wanted = !queue.ids.is_empty() && queue.batchers < MOST_BATCHERS;
+    if wanted {
+        queue.batchers += 1;
+    }
+    wanted
+}
+
+/// Whether `job` can go in a batch: a new small file for a `folder`
+/// provider on the single box, filed by moving, with nothing that needs a
+/// job of its own (a sidecar, a bandwidth limit, a pause, an earlier
+/// attempt).
+pub(super) fn fits(ctx: &Context, job: &Job) -> bool {
+    let Store::Sled(_) = &ctx.store else {
+        return false;
+    };
+    let (Some(handle), Some(watch)) = (ctx.providers.get(&job.provider), ctx.watch(&job.watch))
+    else {
+        return false;
+    };
+    matches!(handle.provider, Provider::Folder(_))
+        && job.state == JobState::Queued
+        && job.attempts == 0
+        && job.session.is_none()
+        && job.delivery.is_none()
+        && job.filing.is_none()
+        && job.filed_to.is_none()
+        && job.rule.is_some()
+        && job.sidecar.is_none()
+        && job.signature.size <= SMALL_FILE.min(handle.config.chunk_size)
+        && watch.after_success == AfterSuccess::Move
+        && ctx.engine.bandwidth.throttle_for(&job.provider).is_empty()
+        && ctx
+            .engine
+            .pauses
+            .holding(&job.watch, &job.provider)
+            .is_none()
+}
+
+/// Run batches of `provider`'s queued jobs until none wait. Started by the
+/// dispatcher when [`wants_batcher`] says so.
+pub(super) async fn batcher(ctx: Arc<Context>, provider: String, queue: SharedQueue) {
+    loop {
+        let (ids, superseded) = {
+            let mut queue = lock(&queue);
+            let superseded = ctx.superseded();
+            let take = if superseded {
+                queue.ids.len()
+            } else {
+                queue.ids.len().min(MOST_JOBS)
+            };
+            let ids: Vec<u64> = queue.ids.drain(..take).collect();
+            if ids.is_empty() || superseded {
+                queue.batchers -= 1;
+            }
+            (ids, superseded)
+        };
+        if ids.is_empty() {
+            return;
+        }
+        if superseded {
+            // A reload came: they start again on its settings, through the
+            // dispatcher (which queues them for a batcher of the new ones).
+            hand_on(&ctx, &ids).await;
+            end(&ctx, &ids);
+            return;
+        }
+        let remaining = Arc::new(Mutex::new(ids.iter().copied().collect::<BTreeSet<u64>>()));
+        let run = tokio::spawn(run(
+            Arc::clone(&ctx),
+            provider.clone(),
+            ids.clone(),
+            Arc::clone(&queue),
+            Arc::clone(&remaining),
+        ));
+        let failed = match run.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e @ StoreError::Db(_))) => {
+                ctx.store_failed(&e);
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) if e.is_panic() => Some(format!(
+                "panicked: {}",
+                super::panic_message(e.into_panic())
+            )),
+            Err(_) => None,
+        };
+        if let Some(why) = failed {
+            // As for a job's own task: recorded on each job still in the
+            // batch, which then goes on alone.
+            let left: Vec<u64> = lock_set(&remaining).iter().copied().collect();
+            let mut again = Vec::new();
+            for id in left {
+                ctx.metrics.job_task_failures.inc();
+                tracing::error!(job = id, error = %why, "job task failed (a bug or a store failure); recorded on the job");
+                if super::record_task_failure(&ctx, id, &why, 1)
+                    .await
+                    .is_some()
+                {
+                    again.push(id);
+                }
+            }
+            set_alone(&queue, &again);
+            hand_on(&ctx, &again).await;
+        }
+        end(&ctx, &ids);
+    }
+}
+
+fn lock_set(set: &Mutex<BTreeSet<u64>>) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn set_alone(queue: &SharedQueue, ids: &[u64]) {
+    lock(queue).alone.extend(ids.iter().copied());
+}
+
+/// The batch's run of these jobs has ended (they were queued once each).
+fn end(ctx: &Context, ids: &[u64]) {
+    for &id in ids {
+        ctx.jobs.ended(id);
+    }
+}
+
+/// Queue jobs `ids` again as the store holds them, unless finished: for a
+/// task of their own, or (not yet started, after a reload) a new batch.
+async fn hand_on(ctx: &Context, ids: &[u64]) {
+    for &id in ids {
+        match ctx.store.get(id).await {
+            Ok(job) if !job.state.is_terminal() => ctx.spawn_job(job),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(job = id, error = %e, "cannot read a job that left its batch; it resumes at the next start")
+            }
+        }
+    }
+}
+
+/// One batch: read the jobs, wait for a worker, then the steps.
+async fn run(
+    ctx: Arc<Context>,
+    provider: String,
+    ids: Vec<u64>,
+    queue: SharedQueue,
+    remaining: Arc<Mutex<BTreeSet<u64>>>,
+) -> Result<(), StoreError> {
+    let handle = match ctx.providers.get(&provider) {
+        Some(handle) if matches!(handle.provider, Provider::Folder(_)) => Arc::clone(handle),
+        _ => {
+            lock_set(&remaining).clear();
+            set_alone(&queue, &ids);
+            hand_on(&ctx, &ids).await;
+            return Ok(());
+        }
+    };
+    let mut members = Vec::with_capacity(ids.len());
+    for id in ids {
+        let job = ctx.store.get(id).await?;
+        match ctx.watch(&job.watch) {
+            Some(watch) if fits(&ctx, &job) => members.push(Member {
+                watch_root: watch
+                    .path
+                    .canonicalize()
+                    .unwrap_or_else(|_| watch.path.clone()),
+                done_dir: watch.done_dir.clone(),
+                receipts: watch.receipts,
+                out: None,
+                placing: None,
+                job,
+            }),
+            _ => members.push(Member::leaving(job, "no longer fits a batch")),
+        }
+    }
+    let mut batch = Batch {
+        ctx,
+        handle,
+        members,
+        queue,
+        remaining,
+    };
+    batch.leave().await;
+    if batch.members.is_empty() {
+        return Ok(());
+    }
+    let mut shutdown = batch.ctx.engine.shutdown.clone();
+    let _permits = tokio::select! {
+        () = crate::shutdown::stopped(&mut shutdown) => return Ok(()),
+        permits = async {
+            let provider = Arc::clone(&batch.handle.permits).acquire_owned().await;
+            let worker = Arc::clone(&batch.ctx.workers).acquire_owned().await;
+            (provider, worker)
+        } => permits,
+    };
+    tracing::debug!(
+        jobs = batch.members.len(),
+        provider = %provider,
+        "batch of small files"
+    );
+    // Each job's attempt starts here (tests pause or panic it).
+    crate::failpoint::active("job::attempt");
+    batch.steps().await
+}
+
+/// A job in a batch, with what the batch learns about it.
+struct Member {
+    job: Job,
+    /// Why it leaves the batch (it goes on alone from what the store holds).
+    out: Option<String>,
+    /// Its watch folder, whose subfolders it empties are removed.
+    watch_root: PathBuf,
+    /// Where its source is filed.
+    done_dir: PathBuf,
+    /// Whether a receipt goes beside it.
+    receipts: bool,
+    /// Its place in the destination, once verified and marked.
+    placing: Option<Placing>,
+}
+
+impl Member {
+    fn leaving(job: Job, why: &str) -> Self {
+        Member {
+            job,
+            out: Some(why.into()),
+            watch_root: PathBuf::new(),
+            done_dir: PathBuf::new(),
+            receipts: false,
+            placing: None,
+        }
+    }
+
+    fn fail(&mut self, why: impl Into<String>) {
+        self.out.get_or_insert_with(|| why.into());
+    }
+
+    fn staying(&self) -> bool {
+        self.out.is_none()
+    }
+}
+
+/// A batch under way.
+struct Batch {
+    ctx: Arc<Context>,
+    handle: Arc<ProviderHandle>,
+    members: Vec<Member>,
+    /// The provider's queue, where jobs that leave are marked to run alone.
+    queue: SharedQueue,
+    /// The jobs still in the batch, shared with its batcher (which hands
+    /// them on if the batch fails).
+    remaining: Arc<Mutex<BTreeSet<u64>>>,
+}
+
+/// The step a blocking call made for the whole batch.
+type Step = Box<dyn FnOnce(&mut [Member], &FolderProvider) + Send>;
+
+impl Batch {
+    /// The life of a small file, for all members at once. Each `record`
+    /// writes the same state one job alone would have written there.
+    async fn steps(&mut self) -> Result<(), StoreError> {
+        // 1. The sources opened as an attempt opens them, fingerprinted.
+        self.blocking(Box::new(|members, _| {
+            for m in members.iter_mut() {
+                let fingerprint = crate::upload::open_for_batch(&m.job).and_then(|file| {
+                    crate::hashing::fingerprint_of(&file).map_err(|e| e.to_string())
+                });
+                match fingerprint {
+                    Ok(fingerprint) => m.job.fingerprint = Some(fingerprint),
+                    Err(why) => m.fail(why),
+                }
+            }
+        }))
+        .await?;
+        self.claim_content().await?;
+        if !self.go_on().await {
+            return Ok(());
+        }
+        let chunk_size = self.handle.config.chunk_size;
+        for m in &mut self.members {
+            let job = &mut m.job;
+            if job.chunk_size == 0 {
+                job.chunk_size = chunk_size;
+            }
+            job.attempts += 1;
+            job.apply(Outcome::CreateStarted);
+            job.acked = 0;
+            job.hash = None;
+            job.started_at.get_or_insert_with(jiff::Timestamp::now);
+        }
+        self.record(true).await?;
+        crate::failpoint::crash("batch::creating");
+
+        // 2. Each partial file created and written, then one sync.
+        let installation = self.ctx.store.installation().to_string();
+        self.blocking(Box::new(move |members, folder| {
+            for m in members.iter_mut() {
+                let tag = format!("{installation}-{}", m.job.id);
+                let size = m.job.signature.size;
+                let written = crate::upload::open_for_batch(&m.job)
+                    .and_then(|file| folder.write_whole(&tag, &file, size).map_err(|e| e.message));
+                match written {
+                    Ok((session, hash)) => {
+                        m.job.session = Some(session);
+                        m.job.hash = Some(hash);
+                    }
+                    Err(why) => m.fail(why),
+                }
+            }
+            sync_or_leave(members, [folder.dest()]);
+            crate::failpoint::crash("batch::written");
+        }))
+        .await?;
+        if !self.go_on().await {
+            return Ok(());
+        }
+        for m in &mut self.members {
+            let job = &mut m.job;
+            let size = job.signature.size;
+            job.apply(Outcome::Created);
+            job.acked = size;
+            job.apply(Outcome::Acknowledged);
+            job.failures = 0;
+            job.bytes_sent += size;
+            job.source_bytes_read += size;
+            self.ctx.metrics.bytes_uploaded(&job.provider, size);
+            self.ctx.metrics.source_bytes_read.inc_by(size);
+            job.sha256 = job.hash.as_ref().map(|h| h.finish_hex());
+            job.apply(Outcome::Uploaded);
+        }
+        self.record(true).await?;
+        crate::failpoint::crash("batch::checkpointed");
+
+        // 3. Each partial verified and its name marked, one sync; each
+        // linked into place, one sync.
+        self.blocking(Box::new(|members, folder| {
+            for m in members.iter_mut() {
+                let job = &m.job;
+                let marked = crate::upload::unchanged_for_batch(job).and_then(|()| {
+                    let (Some(session), Some(sha256)) = (&job.session, &job.sha256) else {
+                        return Err("no session or hash".to_string());
+                    };
+                    folder
+                        .mark_place(session, &job.relpath, sha256, job.signature.size)
+                        .map_err(|e| e.message)
+                });
+                match marked {
+                    Ok(placing) => m.placing = Some(placing),
+                    Err(why) => m.fail(why),
+                }
+            }
+            sync_or_leave(members, [folder.dest()]);
+            crate::failpoint::crash("batch::marked");
+            for m in members.iter_mut().filter(|m| m.staying()) {
+                let linked = match (m.job.session.as_mut(), m.placing.as_ref()) {
+                    (Some(session), Some(placing)) => folder
+                        .link_place(session, placing)
+                        .map_err(|e| format!("cannot place the file: {e}")),
+                    _ => Err("not marked".into()),
+                };
+                match linked {
+                    Ok(delivery) => m.job.delivery = Some(delivery),
+                    Err(why) => m.fail(why),
+                }
+            }
+            sync_or_leave(members, [folder.dest()]);
+            crate::failpoint::crash("batch::placed");
+        }))
+        .await?;
+        let provider = self.handle.config.name.clone();
+        for m in &mut self.members {
+            let job = &mut m.job;
+            if let Some(fingerprint) = &job.fingerprint {
+                self.ctx
+                    .store
+                    .record_content(&provider, fingerprint, job.id)
+                    .await?;
+            }
+            let seconds = job
+                .started_at
+                .map(|started| jiff::Timestamp::now().duration_since(started).as_secs_f64());
+            self.ctx
+                .metrics
+                .upload_finished(&job.provider, "delivered", seconds);
+            tracing::info!(job = job.id, file = %job.relpath.display(), provider = %job.provider, remote = %job.delivery.as_ref().map_or("", |d| d.remote_id.as_str()), "delivered");
+            job.apply(Outcome::Delivered);
+        }
+        // Durable with the filing intents, as one job's delivery is.
+        self.record(false).await?;
+
+        // 4. Where each source goes in done/, and its receipt's name.
+        self.blocking(Box::new(|members, _| {
+            for m in members.iter_mut() {
+                if source_changed(&m.job) {
+                    m.fail("the source changed after delivery");
+                    continue;
+                }
+                let target = m.done_dir.join(&m.job.relpath);
+                match finish::plan(&m.job.source, &target) {
+                    Ok(intent) => {
+                        let report = m
+                            .receipts
+                            .then(|| fsx::free_name(&finish::report_path(&intent.to, RECEIPT)).ok())
+                            .flatten();
+                        if let Some(report) = report {
+                            m.job.report_temporary = Some(fsx::temporary_beside(&report));
+                            m.job.report = Some(report);
+                        }
+                        m.job.filing = Some(intent);
+                    }
+                    Err(e) => m.fail(e.to_string()),
+                }
+            }
+        }))
+        .await?;
+        self.record(true).await?;
+        crate::failpoint::crash("batch::delivered");
+        if !self.go_on().await {
+            return Ok(());
+        }
+
+        // 5. Each source moved into done/ and its receipt written, one sync
+        // of each file system; each receipt placed, one sync.
+        self.blocking(Box::new(|members, folder| {
+            for m in members.iter_mut() {
+                if let Some(session) = &m.job.session {
+                    folder.release_now(session, Durability::Batch);
+                }
+                let Some(intent) = m.job.filing.clone() else {
+                    m.fail("no filing intent");
+                    continue;
+                };
+                match finish::carry_out(&intent, &m.job.signature, Durability::Batch) {
+                    Ok(Carried::Moved(to)) => {
+                        m.job.filed_to = Some(to);
+                        m.job.filing = None;
+                    }
+                    Ok(Carried::NameTaken) => {
+                        m.fail("the name chosen in done/ was taken");
+                        continue;
+                    }
+                    Err(e) => {
+                        m.fail(e.to_string());
+                        continue;
+                    }
+                }
+                fsx::remove_empty_parents(&m.job.source, &m.watch_root);
+                if let (Some(report), Some(temporary)) = (&m.job.report, &m.job.report_temporary) {
+                    let receipt = receipt_of(&m.job, None);
+                    if let Err(e) =
+                        finish::stage_report(report, temporary, &receipt, Durability::Batch)
+                    {
+                        m.fail(format!("cannot write {}: {e}", report.display()));
+                    }
+                }
+            }
+            let folders: BTreeSet<PathBuf> = members
+                .iter()
+                .filter(|m| m.staying())
+                .flat_map(|m| [m.done_dir.clone(), m.watch_root.clone()])
+                .collect();
+            sync_or_leave(members, folders.iter().map(PathBuf::as_path));
+            crate::failpoint::crash("batch::moved");
+            for m in members.iter_mut().filter(|m| m.staying()) {
+                if let (Some(report), Some(temporary)) = (&m.job.report, &m.job.report_temporary)
+                    && let Err(e) = fsx::place_temporary(temporary, report, Durability::Batch)
+                {
+                    m.fail(format!("cannot place {}: {e}", report.display()));
+                }
+            }
+            let done: BTreeSet<PathBuf> = members
+                .iter()
+                .filter(|m| m.staying() && m.receipts)
+                .map(|m| m.done_dir.clone())
+                .collect();
+            sync_or_leave(members, done.iter().map(PathBuf::as_path));
+            crate::failpoint::crash("batch::filed");
+        }))
+        .await?;
+        for m in &mut self.members {
+            let job = &mut m.job;
+            job.report_temporary = None;
+            job.last_error = None;
+            job.apply(Outcome::Filed);
+            self.ctx
+                .notifier
+                .raise(&self.ctx.config, job, NotifyEvent::Done)
+                .await?;
+        }
+        self.record(true).await?;
+        for m in std::mem::take(&mut self.members) {
+            let job = m.job;
+            self.ctx.jobs.held.release(&job.source);
+            lock_set(&self.remaining).remove(&job.id);
+            tracing::info!(job = job.id, file = %job.relpath.display(), provider = %job.provider, filed_to = %job.filed_to.as_deref().unwrap_or(Path::new("")).display(), "done");
+        }
+        Ok(())
+    }
+
+    /// `duplicates: skip`, as one job checks it, under the same lock: a
+    /// member whose content this provider has, or is receiving, leaves (to
+    /// be skipped, or to wait, alone); the others claim their content
+    /// before their upload starts (durable with its first step).
+    async fn claim_content(&mut self) -> Result<(), StoreError> {
+        let provider = self.handle.config.name.clone();
+        let claiming = self.ctx.engine.content_claims.lock().await;
+        for m in self.members.iter_mut().filter(|m| m.job.skip_duplicates) {
+            let Some(fingerprint) = m.job.fingerprint.clone() else {
+                continue;
+            };
+            for id in self
+                .ctx
+                .store
+                .jobs_with_content(&provider, &fingerprint)
+                .await?
+            {
+                if id == m.job.id {
+                    continue;
+                }
+                if let Ok(other) = self.ctx.store.get(id).await
+                    && (other.state == JobState::Done || !other.state.is_terminal())
+                {
+                    m.fail(format!("job {id} has the same content"));
+                    break;
+                }
+            }
+            if m.staying() {
+                self.ctx
+                    .store
+                    .record_content(&provider, &fingerprint, m.job.id)
+                    .await?;
+            }
+        }
+        drop(claiming);
+        self.leave().await;
+        Ok(())
+    }
+
+    /// Run `step` for the members off the runtime (it waits for the file
+    /// system), then let those it could not take leave.
+    async fn blocking(&mut self, step: Step) -> Result<(), StoreError> {
+        let members = std::mem::take(&mut self.members);
+        let handle = Arc::clone(&self.handle);
+        let ran = tokio::task::spawn_blocking(move || {
+            let mut members = members;
+            if let Provider::Folder(folder) = &handle.provider {
+                step(&mut members, folder);
+            }
+            members
+        })
+        .await;
+        match ran {
+            Ok(members) => self.members = members,
+            // The members went with the thread: the batcher, which sees the
+            // panic, hands on what `remaining` still names.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Ok(()),
+        }
+        self.leave().await;
+        Ok(())
+    }
+
+    /// Write every member's record; flushed (one wait for the disk for
+    /// all) when `durable`.
+    async fn record(&mut self, durable: bool) -> Result<(), StoreError> {
+        for m in &mut self.members {
+            self.ctx.store.put_buffered(&mut m.job).await?;
+        }
+        if durable {
+            self.ctx.store.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The members that could not be taken through the last step go on
+    /// alone, as the store holds them.
+    async fn leave(&mut self) {
+        let (leaving, staying): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)
+            .into_iter()
+            .partition(|m| m.out.is_some());
+        self.members = staying;
+        if leaving.is_empty() {
+            return;
+        }
+        let ids: Vec<u64> = leaving.iter().map(|m| m.job.id).collect();
+        for m in &leaving {
+            tracing::info!(job = m.job.id, file = %m.job.relpath.display(), reason = m.out.as_deref().unwrap_or(""), "leaves its batch of small files; goes on alone");
+        }
+        {
+            let mut remaining = lock_set(&self.remaining);
+            for id in &ids {
+                remaining.remove(id);
+            }
+        }
+        set_alone(&self.queue, &ids);
+        hand_on(&self.ctx, &ids).await;
+    }
+
+    /// Between steps: a shutdown ends the batch (each job resumes at the
+    /// next start from what is recorded); a pause takes the jobs it covers
+    /// out, to wait alone as a paused job does. `false` when none are left.
+    async fn go_on(&mut self) -> bool {
+        if *self.ctx.engine.shutdown.borrow() {
+            return false;
+        }
+        for m in &mut self.members {
+            if let Some(scope) = self
+                .ctx
+                .engine
+                .pauses
+                .holding(&m.job.watch, &m.job.provider)
+            {
+                m.fail(format!("paused ({scope})"));
+            }
+        }
+        self.leave().await;
+        !self.members.is_empty()
+    }
+}
+
+/// Make what the staying members wrote under `folders` durable, one
+/// `syncfs` each; if one cannot, every staying member leaves (its job
+/// does the step again alone, with an fsync per file).
+fn sync_or_leave<'a>(members: &mut [Member], folders: impl IntoIterator<Item = &'a Path>) {
+    if !members.iter().any(Member::staying) {
+        return;
+    }
+    for folder in folders {
+        if let Err(e) = fsx::sync_file_system(folder) {
+            let why = format!("cannot sync the file system of {}: {e}", folder.display());
+            tracing::warn!(error = %why, "a batch of small files goes on one by one");
+            for m in members.iter_mut() {
+                m.fail(why.clone());
+            }
+            return;
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Small files to a `folder` destination go in batches: each durable point
+//! (a database flush, a file system sync) is paid once per batch instead of
+//! once per file, and each job still goes through the same states in the
+//! same order. A crash at every step of a batch, with several files in
+//! flight, leaves each job in a state the per-job code resumes: every file
+//! delivered once and filed once, with one receipt.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sandbox::http;
+use common::{Fixture, field, free_address, in_state, wait_for, wait_for_outcome, write_random};
+
+/// Each step of a batch, in order (src/daemon/batch.rs).
+const POINTS: [&str; 8] = [
+    "batch::creating",
+    "batch::written",
+    "batch::checkpointed",
+    "batch::marked",
+    "batch::placed",
+    "batch::delivered",
+    "batch::moved",
+    "batch::filed",
+];
+
+/// Files per crash: several in one batch.
+const FILES: usize = 24;
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+fn counter(address: &str, name: &str) -> f64 {
+    let (_, metrics) = http(address, "GET", "/metrics", &[]).expect("metrics");
+    gauge(&metrics, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Write `count` small files (some in a subfolder) into `dir`.
+fn small_files(dir: &std::path::Path, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|n| {
+            let name = if n % 3 == 0 {
+                format!("sub/f{n:03}.mp4")
+            } else {
+                format!("f{n:03}.mp4")
+            };
+            write_random(&dir.join(&name), 4096 + n as u64 * 17, n as u64 + 7);
+            name
+        })
+        .collect()
+}
+
+/// Every file delivered once (same bytes, its own name: no numbered
+/// copy), filed once into done/ with one receipt, nothing left in the
+/// watch folder, in failed/ or in the destination's partial folder.
+fn check_each_file_once(fx: &Fixture, names: &[String], what: &str) {
+    let mut delivered = Fixture::files_in(&fx.outbox);
+    delivered.sort();
+    let mut wanted = names.to_vec();
+    wanted.sort();
+    assert_eq!(
+        delivered, wanted,
+        "{what}: the destination holds each file once"
+    );
+    for name in names {
+        assert!(
+            common::same_bytes(&fx.outbox.join(name), &fx.done.join(name)),
+            "{what}: {name} delivered with its bytes"
+        );
+        assert_eq!(fx.receipt_count(name), 1, "{what}: one receipt for {name}");
+    }
+    let filed: Vec<String> = Fixture::files_in(&fx.done)
+        .into_iter()
+        .filter(|f| !f.ends_with(".json"))
+        .collect();
+    assert_eq!(filed, wanted, "{what}: done/ holds each source once");
+    assert_eq!(
+        Fixture::files_in(&fx.watch),
+        Vec::<String>::new(),
+        "{what}: watch folder"
+    );
+    assert!(
+        !fx.watch.join("sub").exists(),
+        "{what}: emptied subfolder tidied"
+    );
+    assert_eq!(
+        Fixture::files_in(&fx.failed),
+        Vec::<String>::new(),
+        "{what}: failed/"
+    );
+    let partial = fx.outbox.join(".hotfolder-partial");
+    assert!(
+        !partial.exists(),
+        "{what}: partial folder left: {:?}",
+        std::fs::read_dir(&partial).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+}
+
+/// A drop of small files shares its database flushes: far fewer than one
+/// per file (one job at a time flushes about three times per file).
+#[test]
+fn a_drop_of_small_files_shares_its_flushes_in_batches() {
+    const MANY: usize = 300;
+    const MOST_FLUSHES_PER_FILE: f64 = 0.25;
+    let address = free_address();
+    let fx = Fixture::with_config("", "", &format!("http: {{ listen: \"{address}\" }}"));
+    let staged = fx.root.join("staged");
+    let names: Vec<String> = small_files(&staged, MANY)
+        .into_iter()
+        .map(|n| format!("drop/{n}"))
+        .collect();
+    let daemon = fx.start();
+    let before = counter(&address, "hotfolder_store_flushes_total");
+    std::fs::rename(&staged, fx.watch.join("drop")).expect("drop");
+    wait_for("every file done", Duration::from_secs(120), || {
+        (in_state(&fx.status(), "done").len() == MANY).then_some(())
+    });
+    let flushes = counter(&address, "hotfolder_store_flushes_total") - before;
+    drop(daemon);
+    std::fs::remove_dir(fx.watch.join("drop")).ok();
+    check_each_file_once(&fx, &names, "batched drop");
+    eprintln!(
+        "{MANY} small files: {flushes} flushes ({:.3} per file)",
+        flushes / MANY as f64
+    );
+    assert!(
+        flushes <= MOST_FLUSHES_PER_FILE * MANY as f64,
+        "at most {MOST_FLUSHES_PER_FILE} flushes per small file, not {:.2}",
+        flushes / MANY as f64
+    );
+}
+
+/// Stop the real binary at `point` with a batch of files in flight, start
+/// it again, and check every file delivered once and filed once.
+fn crash_at(point: &str) {
+    let fx = Fixture::new();
+    let names = small_files(&fx.watch, FILES);
+    let log = fx.run_until_failpoint(&format!("{point}=return"), Duration::from_secs(60));
+    let biggest = log
+        .lines()
+        .filter(|l| l.contains("batch of small files"))
+        .filter_map(|l| field(l, "jobs")?.parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        biggest > 1,
+        "{point}: the crash should stop a batch of several files, not {biggest}; log:\n{log}"
+    );
+    let daemon = fx.start();
+    wait_for_outcome(&fx, FILES, 0);
+    drop(daemon);
+    check_each_file_once(&fx, &names, point);
+}
+
+#[test]
+fn a_crash_at_every_batch_step_delivers_each_file_once_and_files_it_once() {
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let runs: Vec<_> = POINTS
+            .iter()
+            .map(|point| {
+                scope.spawn(move || {
+                    std::panic::catch_unwind(|| crash_at(point))
+                        .err()
+                        .map(|e| {
+                            e.downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_default()
+                        })
+                        .map(|why| format!("{point}: {why}"))
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .filter_map(|run| run.join().expect("thread"))
+            .collect()
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
