@@ -181,3 +181,43 @@ fn a_crash_at_every_batch_step_delivers_each_file_once_and_files_it_once() {
     });
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// A file that vanishes once its job is made leaves its batch at the first
+/// step and fails alone, saying which file; the rest of its batch is
+/// delivered and filed.
+#[test]
+fn a_vanished_file_leaves_its_batch_and_fails_alone() {
+    let fx = Fixture::new();
+    let names = small_files(&fx.watch, 6);
+    let gone = names[1].clone();
+    // The batch waits at its start, as an attempt does under this point.
+    let daemon = fx.start_with_failpoints("job::attempt=1*sleep(1500)");
+    wait_for("the batch to start", Duration::from_secs(30), || {
+        daemon.log().contains("batch of small files").then_some(())
+    });
+    std::fs::remove_file(fx.watch.join(&gone)).expect("remove");
+    let rows = wait_for_outcome(&fx, names.len() - 1, 1);
+    let failed = in_state(&rows, "failed");
+    assert_eq!(failed[0]["file"], gone.as_str(), "{rows:?}");
+    let reason = failed[0]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&gone),
+        "the reason names the file: {reason}"
+    );
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("leaves its batch") && l.contains(&gone)),
+        "{log}"
+    );
+    drop(daemon);
+    let kept: Vec<String> = names.iter().filter(|n| **n != gone).cloned().collect();
+    for name in &kept {
+        assert!(
+            common::same_bytes(&fx.outbox.join(name), &fx.done.join(name)),
+            "{name} delivered and filed"
+        );
+        assert_eq!(fx.receipt_count(name), 1, "one receipt for {name}");
+    }
+    assert_eq!(Fixture::files_in(&fx.outbox).len(), kept.len());
+}

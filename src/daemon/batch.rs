@@ -14,7 +14,7 @@
 //! job after a crash between steps. Only the happy path is batched; every
 //! other path is the one each job already had.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -519,7 +519,6 @@ impl Batch {
                         continue;
                     }
                 }
-                fsx::remove_empty_parents(&m.job.source, &m.watch_root);
                 if let (Some(report), Some(temporary)) = (&m.job.report, &m.job.report_temporary) {
                     let receipt = receipt_of(&m.job, None);
                     if let Err(e) =
@@ -528,6 +527,17 @@ impl Batch {
                         m.fail(format!("cannot write {}: {e}", report.display()));
                     }
                 }
+            }
+            // The subfolders the moves emptied, each tried once: trying
+            // after every file would read a big folder again each time.
+            let mut emptied: BTreeMap<(&Path, &Path), &Path> = BTreeMap::new();
+            for m in members.iter().filter(|m| m.staying()) {
+                if let Some(parent) = m.job.source.parent() {
+                    emptied.insert((parent, &m.watch_root), &m.job.source);
+                }
+            }
+            for ((_, root), source) in emptied {
+                fsx::remove_empty_parents(source, root);
             }
             let folders: BTreeSet<PathBuf> = members
                 .iter()
@@ -709,5 +719,32 @@ fn sync_or_leave<'a>(members: &mut [Member], folders: impl IntoIterator<Item = &
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_that_left_a_batch_runs_alone_and_batchers_stay_few() {
+        let queue = SharedQueue::default();
+        assert!(!wants_batcher(&queue), "no batcher for an empty queue");
+        assert!(enqueue(&queue, 1, true));
+        assert!(
+            !enqueue(&queue, 2, false),
+            "one that does not fit runs alone"
+        );
+        set_alone(&queue, &[3]);
+        assert!(
+            !enqueue(&queue, 3, true),
+            "one that left a batch runs alone"
+        );
+        assert!(enqueue(&queue, 4, true));
+        for _ in 0..MOST_BATCHERS {
+            assert!(wants_batcher(&queue));
+        }
+        assert!(!wants_batcher(&queue), "at most {MOST_BATCHERS} batchers");
+        assert_eq!(lock(&queue).ids, [1, 4]);
     }
 }
