@@ -445,7 +445,10 @@ impl Batch {
         let provider = self.handle.config.name.clone();
         for m in &mut self.members {
             let job = &mut m.job;
-            if let Some(fingerprint) = &job.fingerprint {
+            // Recorded already when its content was claimed.
+            if !job.skip_duplicates
+                && let Some(fingerprint) = &job.fingerprint
+            {
                 self.ctx
                     .store
                     .record_content(&provider, fingerprint, job.id)
