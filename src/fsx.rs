@@ -237,7 +237,7 @@ pub fn copy_to_temporary(from: &Path, temporary: &Path) -> io::Result<()> {
 /// When a step's writes reach the disk. `EachFile`: before the step
 /// returns, an fsync per file and folder, as one job at a time needs.
 /// `Batch`: with the rest of a batch of small files, whose caller syncs
-/// each file system once ([`sync_file_system`]) before it records or does
+/// each file system once ([`FileSystemSync`]) before it records or does
 /// anything that relies on them: hundreds of files share one wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -283,21 +283,46 @@ pub fn place_temporary(temporary: &Path, path: &Path, durability: Durability) ->
     Ok(())
 }
 
-/// Make every write to the file system holding `path` durable (`syncfs`):
-/// one wait for the disk for a whole batch of files, where an fsync per
-/// file and folder would be hundreds.
-///
-/// # Errors
-/// The file system's error (it could not write something back).
-pub fn sync_file_system(path: &Path) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let handle = File::open(path)?;
-    // SAFETY: `syncfs` only reads the descriptor, which `handle` keeps open
-    // for the duration of the call.
-    if unsafe { libc::syncfs(handle.as_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+/// A file system to make durable (`syncfs`) once a batch step has written
+/// to it: one wait for the disk for a whole batch of files, where an fsync
+/// per file and folder would be hundreds. Opened before the step writes:
+/// Linux (5.8 on) reports to a descriptor the write-back errors that came
+/// after it was opened, so one opened afterwards could miss them.
+pub struct FileSystemSync {
+    path: PathBuf,
+    handle: File,
+}
+
+impl FileSystemSync {
+    /// Ready to sync the file system holding `path`.
+    ///
+    /// # Errors
+    /// `path` cannot be opened.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Ok(FileSystemSync {
+            path: path.to_path_buf(),
+            handle: File::open(path)?,
+        })
+    }
+
+    /// The folder it was opened on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Make every write to the file system durable.
+    ///
+    /// # Errors
+    /// The file system's error (it could not write something back).
+    pub fn sync(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `syncfs` only reads the descriptor, which `handle` keeps
+        // open for the duration of the call.
+        if unsafe { libc::syncfs(self.handle.as_raw_fd()) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 }
 

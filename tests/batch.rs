@@ -221,3 +221,58 @@ fn a_vanished_file_leaves_its_batch_and_fails_alone() {
     }
     assert_eq!(Fixture::files_in(&fx.outbox).len(), kept.len());
 }
+
+/// Two files of one batch whose free names in done/ would be the same one
+/// (`x.mp4`, with `x.mp4` taken there already, and `x-1.mp4`), with the
+/// same bytes and time (and `duplicates: upload`, so both are sent), are
+/// filed under two names, each with its receipt: a name chosen in a batch
+/// is taken for the rest of it.
+#[test]
+fn names_chosen_in_one_batch_are_not_chosen_twice() {
+    let fx = Fixture::new();
+    let config = std::fs::read_to_string(&fx.config).expect("config");
+    fx.write_raw_config(&config.replace(
+        "    provider: archive\n",
+        "    provider: archive\n    duplicates: upload\n",
+    ));
+    std::fs::create_dir_all(&fx.done).expect("done");
+    std::fs::write(fx.done.join("x.mp4"), b"an earlier file").expect("earlier");
+    let first = fx.root.join("x.mp4");
+    write_random(&first, 5000, 77);
+    let time = std::fs::metadata(&first)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let second = fx.root.join("x-1.mp4");
+    std::fs::copy(&first, &second).expect("copy");
+    std::fs::File::options()
+        .write(true)
+        .open(&second)
+        .and_then(|f| f.set_modified(time))
+        .expect("set mtime");
+    std::fs::rename(&first, fx.watch.join("x.mp4")).expect("drop");
+    std::fs::rename(&second, fx.watch.join("x-1.mp4")).expect("drop");
+    let daemon = fx.start();
+    let rows = wait_for_outcome(&fx, 2, 0);
+    drop(daemon);
+    let filed: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r["filed_to"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(filed.len(), 2, "{rows:?}");
+    assert_ne!(filed[0], filed[1], "two jobs filed to one file: {rows:?}");
+    let videos: Vec<String> = Fixture::files_in(&fx.done)
+        .into_iter()
+        .filter(|f| f.ends_with(".mp4"))
+        .collect();
+    assert_eq!(
+        videos.len(),
+        3,
+        "the earlier file and both sources: {videos:?}"
+    );
+    let receipts = Fixture::files_in(&fx.done)
+        .into_iter()
+        .filter(|f| f.ends_with(".json"))
+        .count();
+    assert_eq!(receipts, 2, "one receipt each");
+    assert_eq!(Fixture::files_in(&fx.watch), Vec::<String>::new());
+}

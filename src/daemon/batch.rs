@@ -164,22 +164,16 @@ pub(super) async fn batcher(ctx: Arc<Context>, provider: String, queue: SharedQu
             Err(_) => None,
         };
         if let Some(why) = failed {
-            // As for a job's own task: recorded on each job still in the
-            // batch, which then goes on alone.
+            // Not pinned on any one job (a batch's failure is no job's):
+            // each job still in it goes on alone, where a failure of its
+            // own is recorded on it.
             let left: Vec<u64> = lock_set(&remaining).iter().copied().collect();
-            let mut again = Vec::new();
-            for id in left {
-                ctx.metrics.job_task_failures.inc();
-                tracing::error!(job = id, error = %why, "job task failed (a bug or a store failure); recorded on the job");
-                if super::record_task_failure(&ctx, id, &why, 1)
-                    .await
-                    .is_some()
-                {
-                    again.push(id);
-                }
+            ctx.metrics.job_task_failures.inc();
+            for &id in &left {
+                tracing::error!(job = id, error = %why, "job task failed (a bug or a store failure) in a batch of small files; the job goes on alone");
             }
-            set_alone(&queue, &again);
-            hand_on(&ctx, &again).await;
+            set_alone(&queue, &left);
+            hand_on(&ctx, &left).await;
         }
         end(&ctx, &ids);
     }
@@ -269,6 +263,14 @@ async fn run(
             (provider, worker)
         } => permits,
     };
+    // A reload came while it waited: its jobs start again on the new
+    // settings (as a job that has not started yet does).
+    if batch.ctx.superseded() {
+        let ids: Vec<u64> = batch.members.iter().map(|m| m.job.id).collect();
+        lock_set(&batch.remaining).clear();
+        hand_on(&batch.ctx, &ids).await;
+        return Ok(());
+    }
     tracing::debug!(
         jobs = batch.members.len(),
         provider = %provider,
@@ -369,7 +371,12 @@ impl Batch {
         // 2. Each partial file created and written, then one sync.
         let installation = self.ctx.store.installation().to_string();
         self.blocking(Box::new(move |members, folder| {
-            for m in members.iter_mut() {
+            let dest = folder.dest();
+            if let Err(e) = std::fs::create_dir_all(dest) {
+                leave_all(members, &format!("cannot create {}: {e}", dest.display()));
+            }
+            let syncs = open_syncs(members, [dest]);
+            for m in members.iter_mut().filter(|m| m.staying()) {
                 let tag = format!("{installation}-{}", m.job.id);
                 let size = m.job.signature.size;
                 let written = crate::upload::open_for_batch(&m.job)
@@ -382,7 +389,7 @@ impl Batch {
                     Err(why) => m.fail(why),
                 }
             }
-            sync_or_leave(members, [folder.dest()]);
+            sync_or_leave(members, &syncs);
             crate::failpoint::crash("batch::written");
         }))
         .await?;
@@ -409,7 +416,8 @@ impl Batch {
         // 3. Each partial verified and its name marked, one sync; each
         // linked into place, one sync.
         self.blocking(Box::new(|members, folder| {
-            for m in members.iter_mut() {
+            let syncs = open_syncs(members, [folder.dest()]);
+            for m in members.iter_mut().filter(|m| m.staying()) {
                 let job = &m.job;
                 let marked = crate::upload::unchanged_for_batch(job).and_then(|()| {
                     let (Some(session), Some(sha256)) = (&job.session, &job.sha256) else {
@@ -424,7 +432,7 @@ impl Batch {
                     Err(why) => m.fail(why),
                 }
             }
-            sync_or_leave(members, [folder.dest()]);
+            sync_or_leave(members, &syncs);
             crate::failpoint::crash("batch::marked");
             for m in members.iter_mut().filter(|m| m.staying()) {
                 let linked = match (m.job.session.as_mut(), m.placing.as_ref()) {
@@ -438,7 +446,7 @@ impl Batch {
                     Err(why) => m.fail(why),
                 }
             }
-            sync_or_leave(members, [folder.dest()]);
+            sync_or_leave(members, &syncs);
             crate::failpoint::crash("batch::placed");
         }))
         .await?;
@@ -468,6 +476,8 @@ impl Batch {
 
         // 4. Where each source goes in done/, and its receipt's name.
         self.blocking(Box::new(|members, _| {
+            // Names chosen in this batch count as taken: none is made yet.
+            let mut chosen: HashSet<PathBuf> = HashSet::new();
             for m in members.iter_mut() {
                 if source_changed(&m.job) {
                     m.fail("the source changed after delivery");
@@ -475,12 +485,29 @@ impl Batch {
                 }
                 let target = m.done_dir.join(&m.job.relpath);
                 match finish::plan(&m.job.source, &target) {
-                    Ok(intent) => {
+                    Ok(mut intent) => {
+                        if chosen.contains(&intent.to) {
+                            let Some(to) = free_in_batch(&target, &chosen) else {
+                                m.fail(fsx::no_free_name(&target).to_string());
+                                continue;
+                            };
+                            intent.temporary = Some(fsx::temporary_beside(&to));
+                            intent.to = to;
+                        }
                         let report = m
                             .receipts
-                            .then(|| fsx::free_name(&finish::report_path(&intent.to, RECEIPT)).ok())
+                            .then(|| {
+                                free_in_batch(&finish::report_path(&intent.to, RECEIPT), &chosen)
+                            })
                             .flatten();
+                        if m.receipts && report.is_none() {
+                            // Alone, the receipt chooses its name when written.
+                            m.fail("no free name for its receipt yet");
+                            continue;
+                        }
+                        chosen.insert(intent.to.clone());
                         if let Some(report) = report {
+                            chosen.insert(report.clone());
                             m.job.report_temporary = Some(fsx::temporary_beside(&report));
                             m.job.report = Some(report);
                         }
@@ -500,7 +527,14 @@ impl Batch {
         // 5. Each source moved into done/ and its receipt written, one sync
         // of each file system; each receipt placed, one sync.
         self.blocking(Box::new(|members, folder| {
-            for m in members.iter_mut() {
+            // The destination too: its markers go now.
+            let folders: BTreeSet<PathBuf> = members
+                .iter()
+                .flat_map(|m| [m.done_dir.clone(), m.watch_root.clone()])
+                .chain([folder.dest().to_path_buf()])
+                .collect();
+            let syncs = open_syncs(members, folders.iter().map(PathBuf::as_path));
+            for m in members.iter_mut().filter(|m| m.staying()) {
                 if let Some(session) = &m.job.session {
                     folder.release_now(session, Durability::Batch);
                 }
@@ -542,12 +576,7 @@ impl Batch {
             for ((_, root), source) in emptied {
                 fsx::remove_empty_parents(source, root);
             }
-            let folders: BTreeSet<PathBuf> = members
-                .iter()
-                .filter(|m| m.staying())
-                .flat_map(|m| [m.done_dir.clone(), m.watch_root.clone()])
-                .collect();
-            sync_or_leave(members, folders.iter().map(PathBuf::as_path));
+            sync_or_leave(members, &syncs);
             crate::failpoint::crash("batch::moved");
             for m in members.iter_mut().filter(|m| m.staying()) {
                 if let (Some(report), Some(temporary)) = (&m.job.report, &m.job.report_temporary)
@@ -556,12 +585,7 @@ impl Batch {
                     m.fail(format!("cannot place {}: {e}", report.display()));
                 }
             }
-            let done: BTreeSet<PathBuf> = members
-                .iter()
-                .filter(|m| m.staying() && m.receipts)
-                .map(|m| m.done_dir.clone())
-                .collect();
-            sync_or_leave(members, done.iter().map(PathBuf::as_path));
+            sync_or_leave(members, &syncs);
             crate::failpoint::crash("batch::filed");
         }))
         .await?;
@@ -706,25 +730,60 @@ impl Batch {
     }
 }
 
-/// Make what the staying members wrote under `folders` durable, one
-/// `syncfs` each; if one cannot, every staying member leaves (its job
-/// does the step again alone, with an fsync per file).
-fn sync_or_leave<'a>(members: &mut [Member], folders: impl IntoIterator<Item = &'a Path>) {
+/// The first free name for `target` that no file of the batch has chosen
+/// (none of them is made yet, so the file system cannot tell).
+fn free_in_batch(target: &Path, chosen: &HashSet<PathBuf>) -> Option<PathBuf> {
+    (0..fsx::MAX_NUMBERED)
+        .map(|n| fsx::numbered(target, n))
+        .find(|name| !chosen.contains(name) && !fsx::name_taken(name))
+}
+
+/// Open the file systems of `folders` for a step's syncs, before the step
+/// writes (see [`fsx::FileSystemSync`]); if one cannot be opened, every
+/// member leaves.
+fn open_syncs<'a>(
+    members: &mut [Member],
+    folders: impl IntoIterator<Item = &'a Path>,
+) -> Vec<fsx::FileSystemSync> {
+    let mut syncs = Vec::new();
+    for folder in folders {
+        match fsx::FileSystemSync::open(folder) {
+            Ok(sync) => syncs.push(sync),
+            Err(e) => {
+                leave_all(members, &format!("cannot open {}: {e}", folder.display()));
+                return Vec::new();
+            }
+        }
+    }
+    syncs
+}
+
+/// Every member leaves, for `why` (its job does the step again alone, with
+/// an fsync per file).
+fn leave_all(members: &mut [Member], why: &str) {
+    tracing::warn!(error = %why, "a batch of small files goes on one by one");
+    for m in members.iter_mut() {
+        m.fail(why);
+    }
+}
+
+/// Make what the staying members wrote durable, one `syncfs` per file
+/// system in `syncs`; if one cannot, every member leaves.
+fn sync_or_leave(members: &mut [Member], syncs: &[fsx::FileSystemSync]) {
     if !members.iter().any(Member::staying) {
         return;
     }
-    for folder in folders {
-        if let Err(e) = fsx::sync_file_system(folder) {
-            let why = format!("cannot sync the file system of {}: {e}", folder.display());
-            tracing::warn!(error = %why, "a batch of small files goes on one by one");
-            for m in members.iter_mut() {
-                m.fail(why.clone());
-            }
+    for sync in syncs {
+        if let Err(e) = sync.sync() {
+            let why = format!(
+                "cannot sync the file system of {}: {e}",
+                sync.path().display()
+            );
+            leave_all(members, &why);
             return;
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

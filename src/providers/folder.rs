@@ -231,12 +231,13 @@ impl FolderProvider {
         size: u64,
     ) -> Result<(Session, ResumableSha256), ProviderError> {
         use std::os::unix::fs::FileExt;
-        let partial = self.partial_for(tag);
-        let mut file = create_partial(&self.partial_dir(), &partial, Durability::Batch)?;
+        // Read first: a source that cannot be read leaves no partial file.
         let mut bytes = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
         source.read_exact_at(&mut bytes, 0).map_err(|e| {
             ProviderError::new(ErrorKind::Transient, format!("cannot read the source: {e}"))
         })?;
+        let partial = self.partial_for(tag);
+        let mut file = create_partial(&self.partial_dir(), &partial, Durability::Batch)?;
         let mut hash = ResumableSha256::default();
         hash.update(&bytes);
         file.write_all(&bytes)
