@@ -9,8 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::sandbox::http;
-use common::{Fixture, field, free_address, in_state, wait_for, wait_for_outcome, write_random};
+use common::{
+    Fixture, counter, field, free_address, in_state, wait_for, wait_for_outcome, write_random,
+};
 
 /// Each step of a batch, in order (src/daemon/batch.rs).
 const POINTS: [&str; 8] = [
@@ -26,18 +27,6 @@ const POINTS: [&str; 8] = [
 
 /// Files per crash: several in one batch.
 const FILES: usize = 24;
-
-fn gauge(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-}
-
-fn counter(address: &str, name: &str) -> f64 {
-    let (_, metrics) = http(address, "GET", "/metrics", &[]).expect("metrics");
-    gauge(&metrics, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
-}
 
 /// Write `count` small files (some in a subfolder) into `dir`.
 fn small_files(dir: &std::path::Path, count: usize) -> Vec<String> {

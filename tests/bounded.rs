@@ -10,14 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::sandbox::http;
-use common::{Fixture, free_address, in_state, wait_for, write_random};
-
-fn gauge(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-}
+use common::{Fixture, counter, free_address, gauge, in_state, wait_for, write_random};
 
 #[test]
 fn a_big_drop_keeps_job_tasks_bounded() {
@@ -52,11 +45,6 @@ fn a_big_drop_keeps_job_tasks_bounded() {
         "at most a few job tasks at once, not one per file: {most_tasks}"
     );
     drop(daemon);
-}
-
-fn counter(address: &str, name: &str) -> f64 {
-    let (_, metrics) = http(address, "GET", "/metrics", &[]).expect("metrics");
-    gauge(&metrics, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
 /// Each durable write is a wait for the disk (shared by the steps of jobs

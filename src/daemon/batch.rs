@@ -55,8 +55,10 @@ pub(super) struct Queue {
 /// A provider's [`Queue`].
 pub(super) type SharedQueue = Arc<Mutex<Queue>>;
 
-fn lock(queue: &SharedQueue) -> std::sync::MutexGuard<'_, Queue> {
-    queue
+/// What `mutex` holds, even if a thread panicked holding it (lists of ids,
+/// whole at every step).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -167,24 +169,25 @@ pub(super) async fn batcher(ctx: Arc<Context>, provider: String, queue: SharedQu
             // Not pinned on any one job (a batch's failure is no job's):
             // each job still in it goes on alone, where a failure of its
             // own is recorded on it.
-            let left: Vec<u64> = lock_set(&remaining).iter().copied().collect();
+            let left: Vec<u64> = lock(&remaining).iter().copied().collect();
             ctx.metrics.job_task_failures.inc();
             for &id in &left {
                 tracing::error!(job = id, error = %why, "job task failed (a bug or a store failure) in a batch of small files; the job goes on alone");
             }
-            set_alone(&queue, &left);
-            hand_on(&ctx, &left).await;
+            hand_on_alone(&ctx, &queue, &left).await;
         }
         end(&ctx, &ids);
     }
 }
 
-fn lock_set(set: &Mutex<BTreeSet<u64>>) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
-    set.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 fn set_alone(queue: &SharedQueue, ids: &[u64]) {
     lock(queue).alone.extend(ids.iter().copied());
+}
+
+/// Jobs `ids` leave batching for good: each goes on alone (see [`hand_on`]).
+async fn hand_on_alone(ctx: &Context, queue: &SharedQueue, ids: &[u64]) {
+    set_alone(queue, ids);
+    hand_on(ctx, ids).await;
 }
 
 /// The batch's run of these jobs has ended (they were queued once each).
@@ -219,9 +222,8 @@ async fn run(
     let handle = match ctx.providers.get(&provider) {
         Some(handle) if matches!(handle.provider, Provider::Folder(_)) => Arc::clone(handle),
         _ => {
-            lock_set(&remaining).clear();
-            set_alone(&queue, &ids);
-            hand_on(&ctx, &ids).await;
+            lock(&remaining).clear();
+            hand_on_alone(&ctx, &queue, &ids).await;
             return Ok(());
         }
     };
@@ -267,7 +269,7 @@ async fn run(
     // settings (as a job that has not started yet does).
     if batch.ctx.superseded() {
         let ids: Vec<u64> = batch.members.iter().map(|m| m.job.id).collect();
-        lock_set(&batch.remaining).clear();
+        lock(&batch.remaining).clear();
         hand_on(&batch.ctx, &ids).await;
         return Ok(());
     }
@@ -603,7 +605,7 @@ impl Batch {
         for m in std::mem::take(&mut self.members) {
             let job = m.job;
             self.ctx.jobs.held.release(&job.source);
-            lock_set(&self.remaining).remove(&job.id);
+            lock(&self.remaining).remove(&job.id);
             tracing::info!(job = job.id, file = %job.relpath.display(), provider = %job.provider, filed_to = %job.filed_to.as_deref().unwrap_or(Path::new("")).display(), "done");
         }
         Ok(())
@@ -699,13 +701,12 @@ impl Batch {
             tracing::info!(job = m.job.id, file = %m.job.relpath.display(), reason = m.out.as_deref().unwrap_or(""), "leaves its batch of small files; goes on alone");
         }
         {
-            let mut remaining = lock_set(&self.remaining);
+            let mut remaining = lock(&self.remaining);
             for id in &ids {
                 remaining.remove(id);
             }
         }
-        set_alone(&self.queue, &ids);
-        hand_on(&self.ctx, &ids).await;
+        hand_on_alone(&self.ctx, &self.queue, &ids).await;
     }
 
     /// Between steps: a shutdown ends the batch (each job resumes at the

@@ -20,6 +20,7 @@ use crate::hashing::{self, ResumableSha256};
 pub const PARTIAL_DIR: &str = ".hotfolder-partial";
 
 /// Delivers into a directory.
+#[derive(Clone)]
 pub struct FolderProvider {
     dest: PathBuf,
 }
@@ -198,7 +199,7 @@ impl Uploader for FolderProvider {
     }
 
     async fn release(&self, session: &Session) {
-        let this = FolderProvider::new(self.dest.clone());
+        let this = self.clone();
         let session = session.clone();
         let _ = blocking(move || {
             this.release_now(&session, Durability::EachFile);

@@ -627,3 +627,17 @@ pub fn wait_for_outcome(fx: &Fixture, done: usize, failed: usize) -> Vec<serde_j
         },
     )
 }
+
+/// The value of the metric `name` in a `/metrics` text.
+pub fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+/// The metric `name` as the daemon listening on `address` reports it now.
+pub fn counter(address: &str, name: &str) -> f64 {
+    let (_, metrics) = sandbox::http(address, "GET", "/metrics", &[]).expect("metrics");
+    gauge(&metrics, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
