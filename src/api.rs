@@ -449,6 +449,13 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
         ));
         measured.push(Measured::count(&metrics::STORE_FLUSHES, vec![], flushed));
     }
+    if let Some(written) = ctx.store.records_written() {
+        measured.push(Measured::count(
+            &metrics::STORE_RECORDS_WRITTEN,
+            vec![],
+            written,
+        ));
+    }
     if let Some((in_use, held)) = crate::memory::heap() {
         measured.push(Measured::new(&metrics::HEAP_IN_USE, vec![], in_use as f64));
         measured.push(Measured::new(&metrics::HEAP_HELD, vec![], held as f64));

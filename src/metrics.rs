@@ -70,6 +70,7 @@ scraped! {
     WEBHOOK_FAILED_TRIES: Counter "hotfolder_webhook_failed_tries_total" "Tries of webhook events that failed (refused, no answer, no connection).";
     BANDWIDTH_LIMIT: Gauge "hotfolder_bandwidth_limit_bytes_per_second" "The bandwidth limit in force, by scope (all uploads, or a provider); 0 while its timetable says off.";
     STORE_DURABLE_WRITES: Counter "hotfolder_store_durable_writes_total" "Job steps written and waited for until on disk.";
+    STORE_RECORDS_WRITTEN: Counter "hotfolder_store_records_written_total" "Job records written to the embedded database, durable or not: each is encoded and indexed, so a small file's cost is counted in them.";
     STORE_FLUSHES: Counter "hotfolder_store_flushes_total" "Flushes of the embedded database (durable writes made at once share one).";
     HEAP_IN_USE: Gauge "hotfolder_heap_in_use_bytes" "Bytes of live heap allocations (glibc's count).";
     HEAP_HELD: Gauge "hotfolder_heap_held_bytes" "Bytes the heap holds from the system, in use or free (glibc's count).";

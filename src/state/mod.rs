@@ -676,6 +676,15 @@ impl Store {
             Store::Postgres(_) => None,
         }
     }
+
+    /// Job records the embedded store has written (none counted for the
+    /// fleet's, whose server counts its own).
+    pub fn records_written(&self) -> Option<u64> {
+        match self {
+            Store::Sled(s) => Some(s.records_written()),
+            Store::Postgres(_) => None,
+        }
+    }
 }
 
 impl JobStore for Store {
@@ -881,6 +890,32 @@ mod tests {
             vec![job.id]
         );
         assert!(store.next_id().await.unwrap() > job.id);
+    }
+
+    /// As the fleet's store answers it (the highest id): an older job of the
+    /// same source written again (a retry, a late status) does not take the
+    /// source back from the newer one.
+    #[tokio::test]
+    async fn the_latest_job_of_a_source_is_the_newest_even_after_an_older_one_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let relpath = Path::new("a/b.mp4");
+        let mut older = Job::new(
+            store.next_id().await.unwrap(),
+            "w",
+            relpath,
+            Path::new("/x/a/b.mp4"),
+            signature(),
+            "p",
+        );
+        store.put(&mut older).await.unwrap();
+        let mut newer = older.clone();
+        newer.id = store.next_id().await.unwrap();
+        store.put(&mut newer).await.unwrap();
+        older.state = JobState::Failed;
+        store.put(&mut older).await.unwrap();
+        let latest = store.latest_for("w", relpath).await.unwrap().unwrap();
+        assert_eq!(latest.id, newer.id);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The single box's job store: sled, embedded in `state_dir`. Records are
 //! versioned JSON; concurrent job steps share one flush (group commit).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::tally::{Counted, ProviderCounts};
 use super::{
@@ -21,6 +21,8 @@ pub struct SledStore {
     /// so `/metrics` costs the same with a hundred or a million jobs.
     tally: std::sync::Arc<std::sync::Mutex<super::tally::Tally>>,
     commit: GroupCommit,
+    /// Job records written, for `/metrics`.
+    records_written: std::sync::Arc<std::sync::atomic::AtomicU64>,
     jobs: sled::Tree,
     sources: sled::Tree,
     delivered: sled::Tree,
@@ -44,6 +46,12 @@ impl SledStore {
     /// Durable writes asked for and flushes run, for `/metrics`.
     pub fn durability_counts(&self) -> (u64, u64) {
         self.commit.counts()
+    }
+
+    /// Job records written since it was opened.
+    pub fn records_written(&self) -> u64 {
+        self.records_written
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Open (creating) the database in `state_dir`, which is created with
@@ -93,6 +101,7 @@ impl SledStore {
             // `flush` has no such problem; the group commit runs it on the
             // blocking pool, one at a time, for everyone waiting.
             commit: GroupCommit::new(move || flushed.flush().map(drop).map_err(|e| e.to_string())),
+            records_written: Default::default(),
             jobs,
             sources: db.open_tree("sources")?,
             delivered: db.open_tree("delivered")?,
@@ -137,16 +146,27 @@ impl JobStore for SledStore {
         // order than they were stored.
         let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
         let previous = self.jobs.insert(job.id.to_be_bytes(), bytes)?;
-        if let Some(old) = previous.as_deref().and_then(Counted::of) {
-            tally.remove(&old);
+        self.records_written
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let replaced = previous.as_deref().and_then(Counted::of);
+        if let Some(old) = &replaced {
+            tally.remove(old);
         }
         tally.add(&Counted {
             state: job.state,
             provider: job.provider.clone(),
             updated_at: job.updated_at,
+            watch: String::new(),
+            relpath: PathBuf::new(),
         });
         drop(tally);
-        if !job.watch.is_empty() || !job.relpath.as_os_str().is_empty() {
+        // The source names its newest job (the highest id, as in the
+        // fleet's store): written when the job is new, not at every step,
+        // so an older job written again does not take the source back.
+        let same_source = replaced
+            .as_ref()
+            .is_some_and(|old| old.watch == job.watch && old.relpath == job.relpath);
+        if !same_source && (!job.watch.is_empty() || !job.relpath.as_os_str().is_empty()) {
             self.sources
                 .insert(source_key(&job.watch, &job.relpath), &job.id.to_be_bytes())?;
         }
