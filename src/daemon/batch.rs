@@ -22,7 +22,7 @@ use crate::config::{AfterSuccess, NotifyEvent};
 use crate::finish::{self, Carried};
 use crate::fsx::{self, Durability};
 use crate::lifecycle::Outcome;
-use crate::providers::{FolderProvider, Placing, Provider};
+use crate::providers::{FolderProvider, Provider};
 use crate::state::{Job, JobState, JobStore, Store, StoreError};
 use crate::upload::ProviderHandle;
 
@@ -239,7 +239,6 @@ async fn run(
                 done_dir: watch.done_dir.clone(),
                 receipts: watch.receipts,
                 out: None,
-                placing: None,
                 job,
             }),
             _ => members.push(Member::leaving(job, "no longer fits a batch")),
@@ -294,8 +293,6 @@ struct Member {
     done_dir: PathBuf,
     /// Whether a receipt goes beside it.
     receipts: bool,
-    /// Its place in the destination, once verified and marked.
-    placing: Option<Placing>,
 }
 
 impl Member {
@@ -306,7 +303,6 @@ impl Member {
             watch_root: PathBuf::new(),
             done_dir: PathBuf::new(),
             receipts: false,
-            placing: None,
         }
     }
 
@@ -367,10 +363,16 @@ impl Batch {
             job.hash = None;
             job.started_at.get_or_insert_with(jiff::Timestamp::now);
         }
-        self.record(true).await?;
-        crate::failpoint::crash("batch::creating");
+        // Not recorded: a crash before the checkpoint leaves each job
+        // queued, and its partial file (named after the job) is written
+        // again from the start, by a batch or alone. But each job must be
+        // on disk before its partial file is (a new job was only written,
+        // not waited for): else after a crash the file is taken as new,
+        // under another name, and that partial file is left behind.
+        self.ctx.store.flush().await?;
 
-        // 2. Each partial file created and written, then one sync.
+        // 2. Each partial file created and written, its name in the
+        // destination chosen; one sync.
         let installation = self.ctx.store.installation().to_string();
         self.blocking(Box::new(move |members, folder| {
             let dest = folder.dest();
@@ -378,11 +380,20 @@ impl Batch {
                 leave_all(members, &format!("cannot create {}: {e}", dest.display()));
             }
             let syncs = open_syncs(members, [dest]);
+            // Names chosen in this batch count as taken: none is placed yet.
+            let mut chosen: HashSet<PathBuf> = HashSet::new();
             for m in members.iter_mut().filter(|m| m.staying()) {
                 let tag = format!("{installation}-{}", m.job.id);
                 let size = m.job.signature.size;
                 let written = crate::upload::open_for_batch(&m.job)
-                    .and_then(|file| folder.write_whole(&tag, &file, size).map_err(|e| e.message));
+                    .and_then(|file| folder.write_whole(&tag, &file, size).map_err(|e| e.message))
+                    .and_then(|(mut session, hash)| {
+                        let name = folder
+                            .choose_place(&mut session, &m.job.relpath, &chosen)
+                            .map_err(|e| e.message)?;
+                        chosen.insert(name);
+                        Ok((session, hash))
+                    });
                 match written {
                     Ok((session, hash)) => {
                         m.job.session = Some(session);
@@ -415,41 +426,26 @@ impl Batch {
         self.record(true).await?;
         crate::failpoint::crash("batch::checkpointed");
 
-        // 3. Each partial verified and its name marked, one sync; each
-        // linked into place, one sync.
+        // 3. Each partial moved to its chosen name, one sync; then where
+        // each source goes in done/, and its receipt's name.
         self.blocking(Box::new(|members, folder| {
             let syncs = open_syncs(members, [folder.dest()]);
             for m in members.iter_mut().filter(|m| m.staying()) {
-                let job = &m.job;
-                let marked = crate::upload::unchanged_for_batch(job).and_then(|()| {
-                    let (Some(session), Some(sha256)) = (&job.session, &job.sha256) else {
-                        return Err("no session or hash".to_string());
-                    };
+                let job = &mut m.job;
+                let placed = crate::upload::unchanged_for_batch(job).and_then(|()| {
+                    let session = job.session.as_mut().ok_or("no session")?;
                     folder
-                        .mark_place(session, &job.relpath, sha256, job.signature.size)
-                        .map_err(|e| e.message)
+                        .place_chosen(session)
+                        .map_err(|e| format!("cannot place the file: {e}"))
                 });
-                match marked {
-                    Ok(placing) => m.placing = Some(placing),
-                    Err(why) => m.fail(why),
-                }
-            }
-            sync_or_leave(members, &syncs);
-            crate::failpoint::crash("batch::marked");
-            for m in members.iter_mut().filter(|m| m.staying()) {
-                let linked = match (m.job.session.as_mut(), m.placing.as_ref()) {
-                    (Some(session), Some(placing)) => folder
-                        .link_place(session, placing)
-                        .map_err(|e| format!("cannot place the file: {e}")),
-                    _ => Err("not marked".into()),
-                };
-                match linked {
-                    Ok(delivery) => m.job.delivery = Some(delivery),
+                match placed {
+                    Ok(delivery) => job.delivery = Some(delivery),
                     Err(why) => m.fail(why),
                 }
             }
             sync_or_leave(members, &syncs);
             crate::failpoint::crash("batch::placed");
+            plan_filing(members);
         }))
         .await?;
         let provider = self.handle.config.name.clone();
@@ -474,52 +470,6 @@ impl Batch {
             job.apply(Outcome::Delivered);
         }
         // Durable with the filing intents, as one job's delivery is.
-        self.record(false).await?;
-
-        // 4. Where each source goes in done/, and its receipt's name.
-        self.blocking(Box::new(|members, _| {
-            // Names chosen in this batch count as taken: none is made yet.
-            let mut chosen: HashSet<PathBuf> = HashSet::new();
-            for m in members.iter_mut() {
-                if source_changed(&m.job) {
-                    m.fail("the source changed after delivery");
-                    continue;
-                }
-                let target = m.done_dir.join(&m.job.relpath);
-                match finish::plan(&m.job.source, &target) {
-                    Ok(mut intent) => {
-                        if chosen.contains(&intent.to) {
-                            let Some(to) = free_in_batch(&target, &chosen) else {
-                                m.fail(fsx::no_free_name(&target).to_string());
-                                continue;
-                            };
-                            intent.temporary = Some(fsx::temporary_beside(&to));
-                            intent.to = to;
-                        }
-                        let report = m
-                            .receipts
-                            .then(|| {
-                                free_in_batch(&finish::report_path(&intent.to, RECEIPT), &chosen)
-                            })
-                            .flatten();
-                        if m.receipts && report.is_none() {
-                            // Alone, the receipt chooses its name when written.
-                            m.fail("no free name for its receipt yet");
-                            continue;
-                        }
-                        chosen.insert(intent.to.clone());
-                        if let Some(report) = report {
-                            chosen.insert(report.clone());
-                            m.job.report_temporary = Some(fsx::temporary_beside(&report));
-                            m.job.report = Some(report);
-                        }
-                        m.job.filing = Some(intent);
-                    }
-                    Err(e) => m.fail(e.to_string()),
-                }
-            }
-        }))
-        .await?;
         self.record(true).await?;
         crate::failpoint::crash("batch::delivered");
         if !self.go_on().await {
@@ -529,17 +479,15 @@ impl Batch {
         // 5. Each source moved into done/ and its receipt written, one sync
         // of each file system; each receipt placed, one sync.
         self.blocking(Box::new(|members, folder| {
-            // The destination too: its markers go now.
+            // The destination too: its partial folder goes now, if empty.
             let folders: BTreeSet<PathBuf> = members
                 .iter()
                 .flat_map(|m| [m.done_dir.clone(), m.watch_root.clone()])
                 .chain([folder.dest().to_path_buf()])
                 .collect();
             let syncs = open_syncs(members, folders.iter().map(PathBuf::as_path));
+            folder.tidy_partials();
             for m in members.iter_mut().filter(|m| m.staying()) {
-                if let Some(session) = &m.job.session {
-                    folder.release_now(session, Durability::Batch);
-                }
                 let Some(intent) = m.job.filing.clone() else {
                     m.fail("no filing intent");
                     continue;
@@ -728,6 +676,49 @@ impl Batch {
         }
         self.leave().await;
         !self.members.is_empty()
+    }
+}
+
+/// Where each member's source goes in done/, and its receipt's name, as
+/// one job's delivery plans them.
+fn plan_filing(members: &mut [Member]) {
+    // Names chosen in this batch count as taken: none is made yet.
+    let mut chosen: HashSet<PathBuf> = HashSet::new();
+    for m in members.iter_mut().filter(|m| m.staying()) {
+        if source_changed(&m.job) {
+            m.fail("the source changed after delivery");
+            continue;
+        }
+        let target = m.done_dir.join(&m.job.relpath);
+        match finish::plan(&m.job.source, &target) {
+            Ok(mut intent) => {
+                if chosen.contains(&intent.to) {
+                    let Some(to) = free_in_batch(&target, &chosen) else {
+                        m.fail(fsx::no_free_name(&target).to_string());
+                        continue;
+                    };
+                    intent.temporary = Some(fsx::temporary_beside(&to));
+                    intent.to = to;
+                }
+                let report = m
+                    .receipts
+                    .then(|| free_in_batch(&finish::report_path(&intent.to, RECEIPT), &chosen))
+                    .flatten();
+                if m.receipts && report.is_none() {
+                    // Alone, the receipt chooses its name when written.
+                    m.fail("no free name for its receipt yet");
+                    continue;
+                }
+                chosen.insert(intent.to.clone());
+                if let Some(report) = report {
+                    chosen.insert(report.clone());
+                    m.job.report_temporary = Some(fsx::temporary_beside(&report));
+                    m.job.report = Some(report);
+                }
+                m.job.filing = Some(intent);
+            }
+            Err(e) => m.fail(e.to_string()),
+        }
     }
 }
 

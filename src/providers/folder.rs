@@ -50,6 +50,20 @@ impl FolderProvider {
     }
 }
 
+/// The session's key for the name a batch chose before placing the file
+/// (`daemon::batch` records it with the job, where one upload alone writes
+/// a marker beside the partial file).
+const CHOSEN: &str = "chosen";
+
+/// The name recorded in `session` as chosen for its file, if any.
+fn chosen_in(session: &Session) -> Option<PathBuf> {
+    session
+        .extra
+        .get(CHOSEN)
+        .and_then(|name| name.as_str())
+        .map(PathBuf::from)
+}
+
 fn marker_path(partial: &Path) -> PathBuf {
     let mut name = partial.as_os_str().to_owned();
     name.push(".delivered");
@@ -91,16 +105,22 @@ impl Uploader for FolderProvider {
         acknowledged: u64,
     ) -> Result<RemoteOffset, ProviderError> {
         let partial = self.partial_path(session)?;
+        let chosen = chosen_in(session);
         blocking(move || {
             let length = match fs::metadata(&partial) {
                 Ok(meta) => meta.len(),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    // Finalised already (the marker says where), or lost.
-                    return Ok(if marker_path(&partial).exists() {
-                        RemoteOffset::Unknown
-                    } else {
-                        RemoteOffset::Gone
-                    });
+                    // Finalised already (the marker, or the name a batch
+                    // chose, says where), or lost.
+                    return Ok(
+                        if marker_path(&partial).exists()
+                            || chosen.is_some_and(|chosen| chosen.exists())
+                        {
+                            RemoteOffset::Unknown
+                        } else {
+                            RemoteOffset::Gone
+                        },
+                    );
                 }
                 Err(e) => {
                     return Err(ProviderError::io(
@@ -178,7 +198,8 @@ impl Uploader for FolderProvider {
         let target = self.dest.join(request.relpath);
         let expected = sha256.to_string();
         let size = request.size;
-        let delivered = blocking(move || place(&partial, &target, &expected, size)).await?;
+        let chosen = chosen_in(session);
+        let delivered = blocking(move || place(&partial, &target, chosen, &expected, size)).await?;
         Ok(delivered_at(session, &delivered))
     }
 
@@ -246,51 +267,64 @@ impl FolderProvider {
         Ok((session_of(&partial), hash))
     }
 
-    /// Verify a written partial file and choose its name under `relpath`,
-    /// recorded in its marker (not yet synced), as [`Uploader::finalize`]
-    /// does before it links the file into place.
+    /// Choose the name of a written partial file under `relpath`: the first
+    /// free one that no other file of the batch has `chosen` (none of them
+    /// is placed yet, so the file system cannot tell). Recorded in its
+    /// `session`, which the batch writes to the store before it places the
+    /// file, so a crash after [`Self::place_chosen`] finds it placed (one
+    /// upload alone records it in a marker file).
     ///
     /// # Errors
-    /// As `finalize`: the partial file is gone, short, or not the source's bytes.
-    pub fn mark_place(
+    /// Every numbered name is taken.
+    pub fn choose_place(
         &self,
-        session: &Session,
+        session: &mut Session,
         relpath: &Path,
-        sha256: &str,
-        size: u64,
-    ) -> Result<Placing, ProviderError> {
-        let partial = self.partial_path(session)?;
-        prepare_place(
-            &partial,
-            &self.dest.join(relpath),
-            sha256,
-            size,
-            Durability::Batch,
-        )
+        chosen: &std::collections::HashSet<PathBuf>,
+    ) -> Result<PathBuf, ProviderError> {
+        let target = self.dest.join(relpath);
+        let name = (0..fsx::MAX_NUMBERED)
+            .map(|n| fsx::numbered(&target, n))
+            .find(|name| !chosen.contains(name) && !fsx::name_taken(name))
+            .ok_or_else(|| {
+                ProviderError::new(ErrorKind::Permanent, fsx::no_free_name(&target).to_string())
+            })?;
+        session.extra.insert(
+            CHOSEN.into(),
+            serde_json::Value::String(name.to_string_lossy().into_owned()),
+        );
+        Ok(name)
     }
 
-    /// Link a marked partial file into place (never over anything), its
-    /// folders not synced; answers the delivery.
+    /// Move a partial file to the name recorded by [`Self::choose_place`]
+    /// (never over anything), its folders not synced; answers the delivery.
+    /// The batch wrote the file whole from the bytes it hashed, in one
+    /// call, so it is not read back as a file put together across chunks
+    /// and restarts is before [`Uploader::finalize`] places it.
     ///
     /// # Errors
     /// `AlreadyExists` when someone took the name meanwhile; other I/O errors.
-    pub fn link_place(&self, session: &mut Session, placing: &Placing) -> io::Result<Delivery> {
-        let placed = match placing {
-            Placing::Placed(done) => done,
-            Placing::Marked(candidate) => {
-                let partial = self
-                    .partial_path(session)
-                    .map_err(|e| io::Error::other(e.message))?;
-                link_into_place(&partial, candidate, Durability::Batch)?;
-                candidate
-            }
-        };
-        Ok(delivered_at(session, placed))
+    pub fn place_chosen(&self, session: &mut Session) -> io::Result<Delivery> {
+        let partial = self
+            .partial_path(session)
+            .map_err(|e| io::Error::other(e.message))?;
+        let chosen = chosen_in(session).ok_or_else(|| io::Error::other("no name chosen"))?;
+        if let Some(parent) = chosen.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        link_into_place(&partial, &chosen, Durability::Batch)?;
+        Ok(delivered_at(session, &chosen))
+    }
+
+    /// The partial folder, once a batch has placed its files, if nothing
+    /// else is in it (not synced: the batch syncs the destination).
+    pub fn tidy_partials(&self) {
+        remove_if_empty(&self.partial_dir(), Durability::Batch);
     }
 
     /// The provider's record of a delivery can go: its marker, and the
     /// partial folder once empty.
-    pub fn release_now(&self, session: &Session, durability: Durability) {
+    fn release_now(&self, session: &Session, durability: Durability) {
         let Ok(partial) = self.partial_path(session) else {
             return;
         };
@@ -355,11 +389,17 @@ fn create_partial(
 /// Verify the partial file and link it into place. Idempotent: a marker
 /// beside the partial records the chosen name before the link, so a crash
 /// at any point is finished, not repeated, by the next call.
-fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathBuf, ProviderError> {
+fn place(
+    partial: &Path,
+    target: &Path,
+    chosen: Option<PathBuf>,
+    sha256: &str,
+    size: u64,
+) -> Result<PathBuf, ProviderError> {
     // Someone may take the chosen name between the check and the link:
     // then the next free one.
     for _ in 0..fsx::MAX_NUMBERED {
-        let candidate = match prepare_place(partial, target, sha256, size, Durability::EachFile)? {
+        let candidate = match prepare_place(partial, target, chosen.clone(), sha256, size)? {
             Placing::Placed(done) => return Ok(done),
             Placing::Marked(candidate) => candidate,
         };
@@ -376,7 +416,7 @@ fn place(partial: &Path, target: &Path, sha256: &str, size: u64) -> Result<PathB
 }
 
 /// Where a verified partial file goes.
-pub enum Placing {
+enum Placing {
     /// It is there already (a crash came after the link).
     Placed(PathBuf),
     /// This free name is recorded in its marker; the link comes next.
@@ -385,17 +425,21 @@ pub enum Placing {
 
 /// The first half of [`place`]: the partial file checked against the
 /// source's size and sha256 (removed if its bytes differ), then either
-/// found placed already or given the first free name, recorded in its
+/// found placed already (under the name its marker, or else the batch
+/// that wrote it, `chosen`) or given the first free name, recorded in its
 /// marker.
 fn prepare_place(
     partial: &Path,
     target: &Path,
+    chosen: Option<PathBuf>,
     sha256: &str,
     size: u64,
-    durability: Durability,
 ) -> Result<Placing, ProviderError> {
     let marker = marker_path(partial);
-    let recorded = fs::read_to_string(&marker).ok().map(PathBuf::from);
+    let recorded = fs::read_to_string(&marker)
+        .ok()
+        .map(PathBuf::from)
+        .or(chosen);
     if !partial.exists() {
         return match recorded {
             Some(done) if done.exists() => Ok(Placing::Placed(done)),
@@ -440,9 +484,7 @@ fn prepare_place(
         && same_file(partial, done)
     {
         fs::remove_file(partial).map_err(|e| ProviderError::io("cannot remove", partial, &e))?;
-        if durability == Durability::EachFile {
-            fsx::sync_dir(parent);
-        }
+        fsx::sync_dir(parent);
         return Ok(Placing::Placed(done.clone()));
     }
     let candidate = (0..fsx::MAX_NUMBERED)
@@ -451,7 +493,7 @@ fn prepare_place(
         .ok_or_else(|| {
             ProviderError::new(ErrorKind::Permanent, fsx::no_free_name(target).to_string())
         })?;
-    write_marker(&marker, &candidate, durability)?;
+    write_marker(&marker, &candidate)?;
     Ok(Placing::Marked(candidate))
 }
 
@@ -468,11 +510,7 @@ fn link_into_place(partial: &Path, candidate: &Path, durability: Durability) -> 
     Ok(())
 }
 
-fn write_marker(
-    marker: &Path,
-    candidate: &Path,
-    durability: Durability,
-) -> Result<(), ProviderError> {
+fn write_marker(marker: &Path, candidate: &Path) -> Result<(), ProviderError> {
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -481,10 +519,7 @@ fn write_marker(
         .open(marker)
         .map_err(|e| ProviderError::io("cannot write", marker, &e))?;
     file.write_all(candidate.as_os_str().as_encoded_bytes())
-        .and_then(|()| match durability {
-            Durability::EachFile => file.sync_all(),
-            Durability::Batch => Ok(()),
-        })
+        .and_then(|()| file.sync_all())
         .map_err(|e| ProviderError::io("cannot write", marker, &e))
 }
 

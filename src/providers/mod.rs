@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ProviderConfig, ProviderKind};
 pub use crate::source::Chunk;
 pub use apivideo::{ApiVideoProvider, Credentials as ApiVideoCredentials, UploadMode};
-pub use folder::{FolderProvider, Placing};
+pub use folder::FolderProvider;
 pub use gcore::{GcoreProvider, WaitUntil};
 pub use movingimage::MovingimageProvider;
 pub use okru::OkruProvider;
