@@ -290,6 +290,7 @@ pub fn place_temporary(temporary: &Path, path: &Path, durability: Durability) ->
 /// after it was opened, so one opened afterwards could miss them.
 pub struct FileSystemSync {
     path: PathBuf,
+    device: u64,
     handle: File,
 }
 
@@ -299,10 +300,17 @@ impl FileSystemSync {
     /// # Errors
     /// `path` cannot be opened.
     pub fn open(path: &Path) -> io::Result<Self> {
+        let handle = File::open(path)?;
         Ok(FileSystemSync {
             path: path.to_path_buf(),
-            handle: File::open(path)?,
+            device: handle.metadata()?.dev(),
+            handle,
         })
+    }
+
+    /// The device of its file system: two folders on one need one sync.
+    pub fn device(&self) -> u64 {
+        self.device
     }
 
     /// The folder it was opened on.

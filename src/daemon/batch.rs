@@ -32,9 +32,11 @@ use super::{Context, RECEIPT, receipt_of, source_changed};
 /// point, and a batch's files are all read before any is placed.
 pub(super) const MOST_JOBS: usize = 256;
 
-/// Batches of one provider under way at once: one waits for the disk while
-/// the next does its reading and hashing.
-const MOST_BATCHERS: usize = 2;
+/// Batches of one provider under way at once (each also holds a worker):
+/// while some wait for the disk or the database, others read, hash and
+/// encode. Measured on 10,000 files of 4 KiB, 2 cores: 4 moved 4,088 to
+/// 4,492 files/s from the first job, 2 moved 3,051 to 3,716.
+const MOST_BATCHERS: usize = 4;
 
 /// The largest file a batch takes: it is read whole into memory, and a
 /// bigger one gains nothing from sharing a flush with others.
@@ -219,6 +221,7 @@ async fn run(
     queue: SharedQueue,
     remaining: Arc<Mutex<BTreeSet<u64>>>,
 ) -> Result<(), StoreError> {
+    let taken = std::time::Instant::now();
     let handle = match ctx.providers.get(&provider) {
         Some(handle) if matches!(handle.provider, Provider::Folder(_)) => Arc::clone(handle),
         _ => {
@@ -250,6 +253,7 @@ async fn run(
         members,
         queue,
         remaining,
+        started: taken,
     };
     batch.leave().await;
     if batch.members.is_empty() {
@@ -275,6 +279,7 @@ async fn run(
     tracing::debug!(
         jobs = batch.members.len(),
         provider = %provider,
+        ms = taken.elapsed().as_millis(),
         "batch of small files"
     );
     // Each job's attempt starts here (tests pause or panic it).
@@ -325,12 +330,25 @@ struct Batch {
     /// The jobs still in the batch, shared with its batcher (which hands
     /// them on if the batch fails).
     remaining: Arc<Mutex<BTreeSet<u64>>>,
+    /// When its batcher took its jobs: each step logs its time from there
+    /// (at debug level), which is how a slow step is found.
+    started: std::time::Instant,
 }
 
 /// The step a blocking call made for the whole batch.
 type Step = Box<dyn FnOnce(&mut [Member], &FolderProvider) + Send>;
 
 impl Batch {
+    /// Log that `step` is done, and when.
+    fn lap(&self, step: &str) {
+        tracing::debug!(
+            step,
+            jobs = self.members.len(),
+            ms = self.started.elapsed().as_millis(),
+            "batch step done"
+        );
+    }
+
     /// The life of a small file, for all members at once. Each `record`
     /// writes the same state one job alone would have written there.
     async fn steps(&mut self) -> Result<(), StoreError> {
@@ -347,7 +365,9 @@ impl Batch {
             }
         }))
         .await?;
+        self.lap("opened");
         self.claim_content().await?;
+        self.lap("claimed");
         if !self.go_on().await {
             return Ok(());
         }
@@ -370,6 +390,7 @@ impl Batch {
         // not waited for): else after a crash the file is taken as new,
         // under another name, and that partial file is left behind.
         self.ctx.store.flush().await?;
+        self.lap("jobs flushed");
 
         // 2. Each partial file created and written, its name in the
         // destination chosen; one sync.
@@ -406,6 +427,7 @@ impl Batch {
             crate::failpoint::crash("batch::written");
         }))
         .await?;
+        self.lap("written");
         if !self.go_on().await {
             return Ok(());
         }
@@ -424,6 +446,7 @@ impl Batch {
             job.apply(Outcome::Uploaded);
         }
         self.record(true).await?;
+        self.lap("checkpointed");
         crate::failpoint::crash("batch::checkpointed");
 
         // 3. Each partial moved to its chosen name, one sync; then where
@@ -448,6 +471,7 @@ impl Batch {
             plan_filing(members);
         }))
         .await?;
+        self.lap("placed");
         let provider = self.handle.config.name.clone();
         for m in &mut self.members {
             let job = &mut m.job;
@@ -471,6 +495,7 @@ impl Batch {
         }
         // Durable with the filing intents, as one job's delivery is.
         self.record(true).await?;
+        self.lap("delivered");
         crate::failpoint::crash("batch::delivered");
         if !self.go_on().await {
             return Ok(());
@@ -539,6 +564,7 @@ impl Batch {
             crate::failpoint::crash("batch::filed");
         }))
         .await?;
+        self.lap("moved and filed");
         for m in &mut self.members {
             let job = &mut m.job;
             job.report_temporary = None;
@@ -550,6 +576,7 @@ impl Batch {
                 .await?;
         }
         self.record(true).await?;
+        self.lap("done");
         for m in std::mem::take(&mut self.members) {
             let job = m.job;
             self.ctx.jobs.held.release(&job.source);
@@ -730,16 +757,19 @@ fn free_in_batch(target: &Path, chosen: &HashSet<PathBuf>) -> Option<PathBuf> {
         .find(|name| !chosen.contains(name) && !fsx::name_taken(name))
 }
 
-/// Open the file systems of `folders` for a step's syncs, before the step
+/// Open the file systems of `folders` for a step's syncs, once each, before the step
 /// writes (see [`fsx::FileSystemSync`]); if one cannot be opened, every
 /// member leaves.
 fn open_syncs<'a>(
     members: &mut [Member],
     folders: impl IntoIterator<Item = &'a Path>,
 ) -> Vec<fsx::FileSystemSync> {
-    let mut syncs = Vec::new();
+    let mut syncs: Vec<fsx::FileSystemSync> = Vec::new();
     for folder in folders {
         match fsx::FileSystemSync::open(folder) {
+            // One sync per file system (done/ and the watch folder are
+            // often on one).
+            Ok(sync) if syncs.iter().any(|s| s.device() == sync.device()) => {}
             Ok(sync) => syncs.push(sync),
             Err(e) => {
                 leave_all(members, &format!("cannot open {}: {e}", folder.display()));
