@@ -274,13 +274,22 @@ async fn wait_until_shown(browser: &Client, selector: &str, check: impl Fn(&str)
     }
 }
 
-/// Click what `selector` finds.
+/// Click what `selector` finds. The page redraws itself as the daemon's
+/// state changes: an element found just before a redraw is stale by the
+/// click, so it is found again (until a deadline).
 async fn click(browser: &Client, selector: &str) {
-    browser
-        .find(Locator::Css(selector))
-        .await
-        .unwrap_or_else(|e| panic!("{selector}: {e}"))
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("clicking {selector}: {e}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let element = browser
+            .find(Locator::Css(selector))
+            .await
+            .unwrap_or_else(|e| panic!("{selector}: {e}"));
+        match element.click().await {
+            Ok(()) => return,
+            Err(e)
+                if e.to_string().contains("stale element")
+                    && std::time::Instant::now() < deadline => {}
+            Err(e) => panic!("clicking {selector}: {e}"),
+        }
+    }
 }
