@@ -222,6 +222,37 @@ fn a_vanished_file_leaves_its_batch_and_fails_alone() {
     assert_eq!(Fixture::files_in(&fx.outbox).len(), kept.len());
 }
 
+/// A crash after a batch wrote its partial files, then a source that
+/// vanishes before the next start: that file fails alone, naming it, the
+/// others are delivered, and no partial file is left in the destination
+/// (the jobs were queued, with nothing recorded of their partial files).
+#[test]
+fn a_file_that_vanishes_after_a_crash_mid_batch_leaves_no_partial_file() {
+    let fx = Fixture::new();
+    let names = small_files(&fx.watch, 8);
+    let gone = names[2].clone();
+    fx.run_until_failpoint("batch::written=return", Duration::from_secs(60));
+    assert!(
+        fx.outbox.join(".hotfolder-partial").exists(),
+        "the crash came after the partial files were written"
+    );
+    std::fs::remove_file(fx.watch.join(&gone)).expect("remove");
+    let daemon = fx.start();
+    let rows = wait_for_outcome(&fx, names.len() - 1, 1);
+    drop(daemon);
+    assert_eq!(
+        in_state(&rows, "failed")[0]["file"],
+        gone.as_str(),
+        "{rows:?}"
+    );
+    let partial = fx.outbox.join(".hotfolder-partial");
+    assert!(
+        !partial.exists(),
+        "partial folder left: {:?}",
+        std::fs::read_dir(&partial).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+}
+
 /// Two files of one batch whose free names in done/ would be the same one
 /// (`x.mp4`, with `x.mp4` taken there already, and `x-1.mp4`), with the
 /// same bytes and time (and `duplicates: upload`, so both are sent), are

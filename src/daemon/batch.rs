@@ -254,8 +254,10 @@ async fn run(
         queue,
         remaining,
         started: taken,
+        partials_unrecorded: false,
     };
     batch.leave().await;
+    batch.partials_unrecorded = true;
     if batch.members.is_empty() {
         return Ok(());
     }
@@ -333,6 +335,10 @@ struct Batch {
     /// When its batcher took its jobs: each step logs its time from there
     /// (at debug level), which is how a slow step is found.
     started: std::time::Instant,
+    /// From the moment every member is known to fit (none has a session
+    /// recorded) until their checkpoint: a member that leaves meanwhile
+    /// takes no partial file with it (see [`Batch::leave`]).
+    partials_unrecorded: bool,
 }
 
 /// The step a blocking call made for the whole batch.
@@ -404,7 +410,7 @@ impl Batch {
             // Names chosen in this batch count as taken: none is placed yet.
             let mut chosen: HashSet<PathBuf> = HashSet::new();
             for m in members.iter_mut().filter(|m| m.staying()) {
-                let tag = format!("{installation}-{}", m.job.id);
+                let tag = crate::upload::upload_tag(&installation, m.job.id);
                 let size = m.job.signature.size;
                 let written = crate::upload::open_for_batch(&m.job)
                     .and_then(|file| folder.write_whole(&tag, &file, size).map_err(|e| e.message))
@@ -446,6 +452,7 @@ impl Batch {
             job.apply(Outcome::Uploaded);
         }
         self.record(true).await?;
+        self.partials_unrecorded = false;
         self.lap("checkpointed");
         crate::failpoint::crash("batch::checkpointed");
 
@@ -672,6 +679,26 @@ impl Batch {
             return;
         }
         let ids: Vec<u64> = leaving.iter().map(|m| m.job.id).collect();
+        if self.partials_unrecorded
+            && let Provider::Folder(folder) = &self.handle.provider
+        {
+            // Its job is queued with no session: a partial file named
+            // after it (this batch's, or one a crash left before the
+            // checkpoint) is no one's. Alone, the job writes it again if it
+            // goes on; if it fails or is skipped, nothing is left behind.
+            let folder = folder.clone();
+            let installation = self.ctx.store.installation().to_string();
+            let tags: Vec<String> = ids
+                .iter()
+                .map(|&id| crate::upload::upload_tag(&installation, id))
+                .collect();
+            let _ = tokio::task::spawn_blocking(move || {
+                for tag in &tags {
+                    folder.discard_partial(tag);
+                }
+            })
+            .await;
+        }
         for m in &leaving {
             tracing::info!(job = m.job.id, file = %m.job.relpath.display(), reason = m.out.as_deref().unwrap_or(""), "leaves its batch of small files; goes on alone");
         }

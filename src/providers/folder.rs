@@ -316,6 +316,16 @@ impl FolderProvider {
         Ok(delivered_at(session, &chosen))
     }
 
+    /// The partial file named `tag` (see [`Self::write_whole`]), which no
+    /// record names: a batch's job that leaves before its checkpoint, or
+    /// one a crash stopped before it, may have one. Not synced: a crash
+    /// leaves it to be written again, or removed again.
+    pub fn discard_partial(&self, tag: &str) {
+        if fs::remove_file(self.partial_for(tag)).is_ok() {
+            remove_if_empty(&self.partial_dir(), Durability::Batch);
+        }
+    }
+
     /// The partial folder, once a batch has placed its files, if nothing
     /// else is in it (not synced: the batch syncs the destination).
     pub fn tidy_partials(&self) {

@@ -198,7 +198,7 @@ impl Engine {
             }
         }
         let file_name = job.file_name();
-        let tag = format!("{}-{}", self.store.installation(), job.id);
+        let tag = upload_tag(self.store.installation(), job.id);
         // A one-shot upload's record keys on the absolute path; the
         // provider is given the file's name (a folder destination would
         // otherwise join the absolute path and write beside the source).
@@ -987,6 +987,13 @@ fn open_source(job: &Job) -> Result<(File, FileSignature), Stop> {
         )));
     }
     Ok((file, signature))
+}
+
+/// The name a job's upload goes by with its provider (a `folder`
+/// provider's partial file is named after it): the installation and the
+/// job, so a crash inside `create` finds it again.
+pub fn upload_tag(installation: &str, job: u64) -> String {
+    format!("{installation}-{job}")
 }
 
 /// For a batch of small files (`daemon::batch`), which leaves every job it
