@@ -19,7 +19,11 @@ use crate::state::{FileSignature, FilingIntent};
 /// # Errors
 /// [`FilingError`] when the folder cannot be made or no name is free.
 pub fn plan(from: &Path, target: &Path) -> Result<FilingIntent, FilingError> {
-    if let Some(parent) = target.parent() {
+    // Looked at before it is made: a drop's files share a few folders, and
+    // making one that exists costs a failed `mkdir` besides the look.
+    if let Some(parent) = target.parent()
+        && !parent.is_dir()
+    {
         fs::create_dir_all(parent)
             .map_err(|e| FilingError::io(parent, "cannot create folder", e))?;
     }
@@ -275,11 +279,12 @@ pub fn stage_report(
     report: &impl Serialize,
     durability: fsx::Durability,
 ) -> Result<(), io::Error> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent)?;
-    }
     let body = serde_json::to_vec_pretty(report).map_err(io::Error::other)?;
-    fsx::write_temporary(temporary, &body, durability)
+    // The report's folder (its temporary is beside it).
+    let folder = path.parent().unwrap_or(Path::new("."));
+    fsx::in_folder(folder, || {
+        fsx::write_temporary(temporary, &body, durability)
+    })
 }
 
 /// True when `path` holds a report written for job `job` (so a restart

@@ -247,6 +247,23 @@ pub enum Durability {
     Batch,
 }
 
+/// Run `op`, which makes something in `folder`; if `folder` is missing
+/// (`NotFound`), make it and its parents and run `op` once more. A folder
+/// that exists (nearly always) then costs nothing: creating it first
+/// would cost a failed `mkdir` and a `stat` per file of a big drop.
+///
+/// # Errors
+/// `op`'s error, or the folder's if it cannot be made.
+pub fn in_folder<T>(folder: &Path, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    match op() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(folder)?;
+            op()
+        }
+        done => done,
+    }
+}
+
 /// The first half of a durable new file (`finish::write_report`): `bytes` in a new file at `temporary`
 /// (exclusive), fsynced unless `durability` leaves that to a batch.
 ///

@@ -61,16 +61,40 @@ pub struct HeldSources(Mutex<Held>);
 struct Held {
     scanned: HashSet<PathBuf>,
     given: HashMap<PathBuf, PathBuf>,
+    /// Folders as a scan names them, by how jobs name them: a drop's
+    /// thousands of files share a few folders, each resolved once (a
+    /// `readlink` per component of its path). Emptied when it grows past
+    /// [`RESOLVED_FOLDERS`]. A folder replaced by a link meanwhile could
+    /// name a held file wrongly: a scan then offers it, and the job that
+    /// already covers it keeps it from being taken twice.
+    folders: HashMap<PathBuf, PathBuf>,
 }
+
+/// Folders [`Held`] keeps resolved at most.
+const RESOLVED_FOLDERS: usize = 4096;
 
 impl HeldSources {
     /// A job holds `path` from now on.
     pub fn hold(&self, path: &Path) {
-        let scanned = as_scanned(path);
-        if let Ok(mut held) = self.0.lock() {
-            held.scanned.insert(scanned.clone());
-            held.given.insert(path.to_path_buf(), scanned);
-        }
+        let Ok(mut held) = self.0.lock() else {
+            return;
+        };
+        let scanned = match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) => {
+                if held.folders.len() >= RESOLVED_FOLDERS {
+                    held.folders.clear();
+                }
+                let folder = held.folders.entry(parent.to_path_buf()).or_insert_with(|| {
+                    parent
+                        .canonicalize()
+                        .unwrap_or_else(|_| parent.to_path_buf())
+                });
+                folder.join(name)
+            }
+            _ => path.to_path_buf(),
+        };
+        held.scanned.insert(scanned.clone());
+        held.given.insert(path.to_path_buf(), scanned);
     }
 
     /// The job that held `path` is finished with it.
@@ -318,23 +342,36 @@ impl Scanner {
 
     /// Record one observation of a file.
     fn observe(&mut self, path: &Path) {
-        let Ok(relpath) = path.strip_prefix(&self.root) else {
+        if !self.observable(path) {
             return;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_file() => self.record(path, &meta),
+            _ => {}
+        }
+    }
+
+    /// Whether `path` is one to observe: a name the filters take, that no
+    /// job holds.
+    fn observable(&mut self, path: &Path) -> bool {
+        let Ok(relpath) = path.strip_prefix(&self.root) else {
+            return false;
         };
         if let Err(why) = self.filters.name(relpath) {
             self.skip(path, &why);
-            return;
+            return false;
         }
         if self.held.holds(path) {
             // A job has it: neither a new candidate nor, when it moves, a loss.
             self.candidates.remove(path);
-            return;
+            return false;
         }
-        let meta = match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.is_file() => meta,
-            _ => return,
-        };
-        let now = Observation::of(&meta);
+        true
+    }
+
+    /// Record an observation of the file at `path`, `meta` as just read.
+    fn record(&mut self, path: &Path, meta: &std::fs::Metadata) {
+        let now = Observation::of(meta);
         if self.offered.get(path) == Some(&now) {
             return;
         }
@@ -376,7 +413,11 @@ impl Scanner {
                     continue;
                 }
             };
-            self.observe(&path);
+            // Observed with what was just read: one `stat` per candidate
+            // and pass.
+            if self.observable(&path) {
+                self.record(&path, &meta);
+            }
             let Some(candidate) = self.candidates.get(&path) else {
                 continue;
             };

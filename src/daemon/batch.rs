@@ -14,7 +14,7 @@
 //! job after a crash between steps. Only the happy path is batched; every
 //! other path is the one each job already had.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -231,14 +231,22 @@ async fn run(
         }
     };
     let mut members = Vec::with_capacity(ids.len());
+    // Each watch's folder resolved once, not once per file (a `readlink`
+    // per component of its path).
+    let mut roots: HashMap<String, PathBuf> = HashMap::new();
     for id in ids {
         let job = ctx.store.get(id).await?;
         match ctx.watch(&job.watch) {
             Some(watch) if fits(&ctx, &job) => members.push(Member {
-                watch_root: watch
-                    .path
-                    .canonicalize()
-                    .unwrap_or_else(|_| watch.path.clone()),
+                watch_root: roots
+                    .entry(job.watch.clone())
+                    .or_insert_with(|| {
+                        watch
+                            .path
+                            .canonicalize()
+                            .unwrap_or_else(|_| watch.path.clone())
+                    })
+                    .clone(),
                 done_dir: watch.done_dir.clone(),
                 receipts: watch.receipts,
                 out: None,

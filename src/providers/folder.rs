@@ -309,10 +309,10 @@ impl FolderProvider {
             .partial_path(session)
             .map_err(|e| io::Error::other(e.message))?;
         let chosen = chosen_in(session).ok_or_else(|| io::Error::other("no name chosen"))?;
-        if let Some(parent) = chosen.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        link_into_place(&partial, &chosen, Durability::Batch)?;
+        let folder = chosen.parent().unwrap_or(Path::new("/"));
+        fsx::in_folder(folder, || {
+            link_into_place(&partial, &chosen, Durability::Batch)
+        })?;
         Ok(delivered_at(session, &chosen))
     }
 
@@ -376,13 +376,14 @@ fn create_partial(
 ) -> Result<File, ProviderError> {
     let mut tries = 0;
     loop {
-        fs::create_dir_all(dir).map_err(|e| ProviderError::io("cannot create folder", dir, &e))?;
-        let opened = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(partial);
+        let opened = fsx::in_folder(dir, || {
+            OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(partial)
+        });
         match opened {
             Ok(file) => {
                 if durability == Durability::EachFile {
