@@ -63,7 +63,8 @@ struct Held {
     given: HashMap<PathBuf, PathBuf>,
     /// Folders as a scan names them, by how jobs name them: a drop's
     /// thousands of files share a few folders, each resolved once (a
-    /// `readlink` per component of its path). Emptied when it grows past
+    /// `readlink` per component of its path; one that cannot be resolved is
+    /// not kept). Emptied when it grows past
     /// [`RESOLVED_FOLDERS`]. A folder replaced by a link meanwhile could
     /// name a held file wrongly: a scan then offers it, and the job that
     /// already covers it keeps it from being taken twice.
@@ -84,11 +85,18 @@ impl HeldSources {
                 if held.folders.len() >= RESOLVED_FOLDERS {
                     held.folders.clear();
                 }
-                let folder = held.folders.entry(parent.to_path_buf()).or_insert_with(|| {
-                    parent
-                        .canonicalize()
-                        .unwrap_or_else(|_| parent.to_path_buf())
-                });
+                let folder = match held.folders.get(parent) {
+                    Some(folder) => folder.clone(),
+                    // Kept only once resolved: a folder that cannot be
+                    // (gone, for now) is tried again next time.
+                    None => match parent.canonicalize() {
+                        Ok(folder) => {
+                            held.folders.insert(parent.to_path_buf(), folder.clone());
+                            folder
+                        }
+                        Err(_) => parent.to_path_buf(),
+                    },
+                };
                 folder.join(name)
             }
             _ => path.to_path_buf(),

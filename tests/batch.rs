@@ -253,6 +253,73 @@ fn a_file_that_vanishes_after_a_crash_mid_batch_leaves_no_partial_file() {
     );
 }
 
+/// A source changed once its file is placed, before the delivery is
+/// recorded: the delivery is kept on its job (whose remote holds the
+/// earlier version, as one job alone would say) and the new version is
+/// taken as a new file, not left unrecorded in the destination.
+#[test]
+fn a_source_changed_once_placed_keeps_its_delivery_and_goes_again_as_new() {
+    let fx = Fixture::new();
+    let names = small_files(&fx.watch, 6);
+    let changed = names[1].clone();
+    // The batch waits once its files are placed, before it records them.
+    let daemon = fx.start_with_failpoints("batch::placed=1*sleep(2000)");
+    wait_for("the batch's files placed", Duration::from_secs(30), || {
+        fx.outbox.join(&changed).exists().then_some(())
+    });
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(fx.watch.join(&changed))
+            .expect("open");
+        file.write_all(b"a later version").expect("append");
+    }
+    wait_for("every version done", Duration::from_secs(60), || {
+        (in_state(&fx.status(), "done").len() == names.len()).then_some(())
+    });
+    let log = daemon.log();
+    drop(daemon);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("source changed after delivery") && l.contains(&*changed)),
+        "the job says its delivery holds the earlier version; log:\n{log}"
+    );
+}
+
+/// The name a batch chose is recorded before the file is placed there:
+/// after a crash, a file someone else put under that name (its partial
+/// file lost meanwhile) is not taken for the delivery. The job fails,
+/// saying its partial file was lost, and the other file is left as it was.
+#[test]
+fn a_chosen_name_someone_else_took_is_not_taken_for_a_delivery() {
+    let fx = Fixture::new();
+    let names = small_files(&fx.watch, 4);
+    let victim = names[1].clone();
+    fx.run_until_failpoint("batch::checkpointed=return", Duration::from_secs(60));
+    std::fs::write(fx.outbox.join(&victim), b"someone else's file").expect("write");
+    let partial = std::fs::read_dir(fx.outbox.join(".hotfolder-partial"))
+        .expect("partial folder")
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| common::same_bytes(path, &fx.watch.join(&victim)))
+        .expect("the victim's partial file");
+    std::fs::remove_file(partial).expect("remove its partial file");
+    let daemon = fx.start();
+    let rows = wait_for_outcome(&fx, names.len() - 1, 1);
+    drop(daemon);
+    assert_eq!(
+        in_state(&rows, "failed")[0]["file"],
+        victim.as_str(),
+        "{rows:?}"
+    );
+    assert_eq!(
+        std::fs::read(fx.outbox.join(&victim)).expect("read"),
+        b"someone else's file",
+        "the other file is left as it was"
+    );
+}
+
 /// Two files of one batch whose free names in done/ would be the same one
 /// (`x.mp4`, with `x.mp4` taken there already, and `x-1.mp4`), with the
 /// same bytes and time (and `duplicates: upload`, so both are sent), are

@@ -309,10 +309,15 @@ impl FolderProvider {
             .partial_path(session)
             .map_err(|e| io::Error::other(e.message))?;
         let chosen = chosen_in(session).ok_or_else(|| io::Error::other("no name chosen"))?;
-        let folder = chosen.parent().unwrap_or(Path::new("/"));
-        fsx::in_folder(folder, || {
-            link_into_place(&partial, &chosen, Durability::Batch)
-        })?;
+        match link_into_place(&partial, &chosen, Durability::Batch) {
+            // Its folder is missing (not the partial file: then nothing
+            // is made in the destination).
+            Err(e) if e.kind() == io::ErrorKind::NotFound && partial.exists() => {
+                fs::create_dir_all(chosen.parent().unwrap_or(Path::new("/")))?;
+                link_into_place(&partial, &chosen, Durability::Batch)?;
+            }
+            linked => linked?,
+        }
         Ok(delivered_at(session, &chosen))
     }
 
@@ -447,10 +452,13 @@ fn prepare_place(
     size: u64,
 ) -> Result<Placing, ProviderError> {
     let marker = marker_path(partial);
+    // A marker is written once the partial file is verified; the name a
+    // batch chose is recorded before it places the file there, and someone
+    // may have taken that name first: trusted only if it holds these bytes.
     let recorded = fs::read_to_string(&marker)
         .ok()
         .map(PathBuf::from)
-        .or(chosen);
+        .or_else(|| chosen.filter(|chosen| holds(chosen, size, sha256)));
     if !partial.exists() {
         return match recorded {
             Some(done) if done.exists() => Ok(Placing::Placed(done)),
@@ -532,6 +540,12 @@ fn write_marker(marker: &Path, candidate: &Path) -> Result<(), ProviderError> {
     file.write_all(candidate.as_os_str().as_encoded_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| ProviderError::io("cannot write", marker, &e))
+}
+
+/// Whether `path` is a file of `size` bytes whose sha256 is `sha256`.
+fn holds(path: &Path, size: u64, sha256: &str) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file() && meta.len() == size)
+        && hashing::sha256_file(path).is_ok_and(|actual| actual == sha256)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

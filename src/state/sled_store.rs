@@ -1,7 +1,7 @@
 //! The single box's job store: sled, embedded in `state_dir`. Records are
 //! versioned JSON; concurrent job steps share one flush (group commit).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::tally::{Counted, ProviderCounts};
 use super::{
@@ -148,27 +148,30 @@ impl JobStore for SledStore {
         let previous = self.jobs.insert(job.id.to_be_bytes(), bytes)?;
         self.records_written
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let replaced = previous.as_deref().and_then(Counted::of);
-        if let Some(old) = &replaced {
-            tally.remove(old);
+        if let Some(old) = previous.as_deref().and_then(Counted::of) {
+            tally.remove(&old);
         }
         tally.add(&Counted {
             state: job.state,
             provider: job.provider.clone(),
             updated_at: job.updated_at,
-            watch: String::new(),
-            relpath: PathBuf::new(),
         });
         drop(tally);
         // The source names its newest job (the highest id, as in the
-        // fleet's store): written when the job is new, not at every step,
-        // so an older job written again does not take the source back.
-        let same_source = replaced
-            .as_ref()
-            .is_some_and(|old| old.watch == job.watch && old.relpath == job.relpath);
-        if !same_source && (!job.watch.is_empty() || !job.relpath.as_os_str().is_empty()) {
-            self.sources
-                .insert(source_key(&job.watch, &job.relpath), &job.id.to_be_bytes())?;
+        // fleet's store): an older job written again does not take the
+        // source back, and a job's later steps, which find it named
+        // already, only read the index (each write is an insert). A job
+        // whose entry a crash lost (the two trees are written one after
+        // the other) is named again at its next write.
+        if !job.watch.is_empty() || !job.relpath.as_os_str().is_empty() {
+            let key = source_key(&job.watch, &job.relpath);
+            let named = self
+                .sources
+                .get(&key)?
+                .and_then(|id| id.as_ref().try_into().ok().map(u64::from_be_bytes));
+            if named.is_none_or(|named| named < job.id) {
+                self.sources.insert(key, &job.id.to_be_bytes())?;
+            }
         }
         Ok(())
     }

@@ -55,14 +55,6 @@ pub struct Counted {
     /// a record without it counts as long finished.
     #[serde(default)]
     pub updated_at: jiff::Timestamp,
-    /// Its watch and relative path: not counted, but read in the same pass
-    /// so that the index of sources is written only when a job's source is
-    /// new to it.
-    #[serde(default)]
-    pub watch: String,
-    /// See `watch`.
-    #[serde(default)]
-    pub relpath: std::path::PathBuf,
 }
 
 impl Counted {
@@ -167,8 +159,6 @@ mod tests {
             provider: provider.into(),
             updated_at: jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - ago)
                 .expect("a time"),
-            watch: String::new(),
-            relpath: std::path::PathBuf::new(),
         }
     }
 
