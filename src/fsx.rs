@@ -80,9 +80,22 @@ pub fn name_taken(path: &Path) -> bool {
 /// # Errors
 /// `AlreadyExists` naming the path after [`MAX_NUMBERED`] taken names.
 pub fn free_name(target: &Path) -> io::Result<PathBuf> {
+    free_name_besides(target, &std::collections::HashSet::new())
+}
+
+/// The first of `target`, `target-1`, ... that is free and not in
+/// `chosen`: names a batch has given out but not made yet, which the file
+/// system cannot tell are taken.
+///
+/// # Errors
+/// As [`free_name`].
+pub fn free_name_besides(
+    target: &Path,
+    chosen: &std::collections::HashSet<PathBuf>,
+) -> io::Result<PathBuf> {
     (0..MAX_NUMBERED)
         .map(|n| numbered(target, n))
-        .find(|candidate| !name_taken(candidate))
+        .find(|candidate| !chosen.contains(candidate) && !name_taken(candidate))
         .ok_or_else(|| no_free_name(target))
 }
 

@@ -79,6 +79,11 @@ fn check_each_file_once(fx: &Fixture, names: &[String], what: &str) {
         Vec::<String>::new(),
         "{what}: failed/"
     );
+    assert_no_partial_folder(fx, what);
+}
+
+/// The destination's partial folder is gone (it names what is left).
+fn assert_no_partial_folder(fx: &Fixture, what: &str) {
     let partial = fx.outbox.join(".hotfolder-partial");
     assert!(
         !partial.exists(),
@@ -245,12 +250,7 @@ fn a_file_that_vanishes_after_a_crash_mid_batch_leaves_no_partial_file() {
         gone.as_str(),
         "{rows:?}"
     );
-    let partial = fx.outbox.join(".hotfolder-partial");
-    assert!(
-        !partial.exists(),
-        "partial folder left: {:?}",
-        std::fs::read_dir(&partial).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
-    );
+    assert_no_partial_folder(&fx, "a file gone after a crash");
 }
 
 /// A source changed once its file is placed, before the delivery is

@@ -755,7 +755,7 @@ fn plan_filing(members: &mut [Member]) {
         match finish::plan(&m.job.source, &target) {
             Ok(mut intent) => {
                 if chosen.contains(&intent.to) {
-                    let Some(to) = free_in_batch(&target, &chosen) else {
+                    let Some(to) = fsx::free_name_besides(&target, &chosen).ok() else {
                         m.fail(fsx::no_free_name(&target).to_string());
                         continue;
                     };
@@ -764,7 +764,10 @@ fn plan_filing(members: &mut [Member]) {
                 }
                 let report = m
                     .receipts
-                    .then(|| free_in_batch(&finish::report_path(&intent.to, RECEIPT), &chosen))
+                    .then(|| {
+                        fsx::free_name_besides(&finish::report_path(&intent.to, RECEIPT), &chosen)
+                            .ok()
+                    })
                     .flatten();
                 if m.receipts && report.is_none() {
                     // Alone, the receipt chooses its name when written.
@@ -782,14 +785,6 @@ fn plan_filing(members: &mut [Member]) {
             Err(e) => m.fail(e.to_string()),
         }
     }
-}
-
-/// The first free name for `target` that no file of the batch has chosen
-/// (none of them is made yet, so the file system cannot tell).
-fn free_in_batch(target: &Path, chosen: &HashSet<PathBuf>) -> Option<PathBuf> {
-    (0..fsx::MAX_NUMBERED)
-        .map(|n| fsx::numbered(target, n))
-        .find(|name| !chosen.contains(name) && !fsx::name_taken(name))
 }
 
 /// Open the file systems of `folders` for a step's syncs, once each, before the step

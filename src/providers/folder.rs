@@ -282,13 +282,8 @@ impl FolderProvider {
         relpath: &Path,
         chosen: &std::collections::HashSet<PathBuf>,
     ) -> Result<PathBuf, ProviderError> {
-        let target = self.dest.join(relpath);
-        let name = (0..fsx::MAX_NUMBERED)
-            .map(|n| fsx::numbered(&target, n))
-            .find(|name| !chosen.contains(name) && !fsx::name_taken(name))
-            .ok_or_else(|| {
-                ProviderError::new(ErrorKind::Permanent, fsx::no_free_name(&target).to_string())
-            })?;
+        let name = fsx::free_name_besides(&self.dest.join(relpath), chosen)
+            .map_err(|e| ProviderError::new(ErrorKind::Permanent, e.to_string()))?;
         session.extra.insert(
             CHOSEN.into(),
             serde_json::Value::String(name.to_string_lossy().into_owned()),
