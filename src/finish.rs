@@ -49,20 +49,14 @@ pub enum Carried {
 /// source, across filesystems). Idempotent: whatever step a crash stopped
 /// at, calling it again ends with the file at `to` exactly once.
 /// `signature` is the version of the file being moved (a rename keeps its
-/// inode; a copy keeps its size and modification time). With
-/// [`fsx::Durability::Batch`] the folders are not fsynced (the batch syncs
-/// the file system), and a move across file systems is refused as a
-/// transient error: a copy must be durable before its source goes, so it
-/// is made one file at a time.
+/// inode; a copy keeps its size and modification time). Each folder it
+/// changes is fsynced (a batch, which syncs whole file systems, moves with
+/// [`carry_out_planned_now`]).
 ///
 /// # Errors
 /// [`FilingError`] naming the path; `vanished` when neither the source nor
 /// a finished move exists.
-pub fn carry_out(
-    intent: &FilingIntent,
-    signature: &FileSignature,
-    durability: fsx::Durability,
-) -> Result<Carried, FilingError> {
+pub fn carry_out(intent: &FilingIntent, signature: &FileSignature) -> Result<Carried, FilingError> {
     let FilingIntent {
         from,
         to,
@@ -90,7 +84,7 @@ pub fn carry_out(
             if !copied {
                 return Ok(Carried::NameTaken);
             }
-            remove_source(from, durability)?;
+            remove_source(from)?;
             remove_temporary(temporary);
             return Ok(Carried::Moved(to.clone()));
         }
@@ -99,22 +93,9 @@ pub fn carry_out(
     remove_temporary(temporary);
     match fsx::rename_noreplace(from, to) {
         Ok(()) => {
-            if durability == fsx::Durability::EachFile {
-                fsx::sync_parent(to);
-                fsx::sync_parent(from);
-            }
+            fsx::sync_parent(to);
+            fsx::sync_parent(from);
             Ok(Carried::Moved(to.clone()))
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Carried::NameTaken),
-        Err(e)
-            if e.kind() == io::ErrorKind::CrossesDevices
-                && durability == fsx::Durability::Batch =>
-        {
-            Err(FilingError {
-                path: to.clone(),
-                message: "a move across file systems is a copy, made one file at a time".into(),
-                permanent: false,
-            })
         }
         Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
             let temporary = temporary
@@ -122,11 +103,49 @@ pub fn carry_out(
                 .ok_or_else(|| FilingError::io(to, "cannot copy there", e))?;
             copy_across(from, temporary, to)
         }
-        Err(e) => Err(FilingError::io(
+        Err(e) => rename_failed(from, to, e),
+    }
+}
+
+/// What a rename of `from` to `to` that failed (but for crossing file
+/// systems, which each caller handles its own way) comes to.
+fn rename_failed(from: &Path, to: &Path, e: io::Error) -> Result<Carried, FilingError> {
+    match e.kind() {
+        io::ErrorKind::AlreadyExists => Ok(Carried::NameTaken),
+        io::ErrorKind::NotFound if fs::symlink_metadata(from).is_err() => {
+            Err(FilingError::vanished(from))
+        }
+        _ => Err(FilingError::io(
             to,
             &format!("cannot move {} there", from.display()),
             e,
         )),
+    }
+}
+
+/// Carry out an intent planned a moment ago in this process, on one file
+/// system, for a batch: a rename without replacing, and nothing of
+/// [`carry_out`]'s look at where a crash could have left the move (no
+/// crash came between the plan and now, so neither the target nor the
+/// temporary can be ours). Three system calls fewer per file in a folder
+/// that batches of thousands write at once. Not synced: the batch syncs the
+/// file system.
+///
+/// # Errors
+/// [`FilingError`] naming the path; `vanished` when the source is gone; a
+/// transient error across file systems (a copy is made one file at a time,
+/// by [`carry_out`]).
+pub fn carry_out_planned_now(intent: &FilingIntent) -> Result<Carried, FilingError> {
+    let FilingIntent { from, to, .. } = intent;
+    match fsx::rename_noreplace(from, to) {
+        Ok(()) => Ok(Carried::Moved(to.clone())),
+        // A copy must be durable before its source goes: one file at a time.
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices => Err(FilingError {
+            path: to.clone(),
+            message: "a move across file systems is a copy, made one file at a time".into(),
+            permanent: false,
+        }),
+        Err(e) => rename_failed(from, to, e),
     }
 }
 
@@ -147,16 +166,14 @@ fn copy_across(from: &Path, temporary: &Path, to: &Path) -> Result<Carried, Fili
     }
     fsx::sync_parent(to);
     crate::failpoint::crash("filing::after_copy");
-    remove_source(from, fsx::Durability::EachFile)?;
+    remove_source(from)?;
     Ok(Carried::Moved(to.to_path_buf()))
 }
 
-fn remove_source(from: &Path, durability: fsx::Durability) -> Result<(), FilingError> {
+fn remove_source(from: &Path) -> Result<(), FilingError> {
     match fs::remove_file(from) {
         Ok(()) => {
-            if durability == fsx::Durability::EachFile {
-                fsx::sync_parent(from);
-            }
+            fsx::sync_parent(from);
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -393,7 +410,7 @@ mod tests {
         fs::write(&a, b"new").unwrap();
         let intent = plan(&a, &target).unwrap();
         assert_eq!(intent.to, dir.path().join("out/x-1.mp4"));
-        let carried = carry_out(&intent, &signature_of(&a), fsx::Durability::EachFile).unwrap();
+        let carried = carry_out(&intent, &signature_of(&a)).unwrap();
         assert_eq!(carried, Carried::Moved(intent.to.clone()));
         assert_eq!(fs::read(&target).unwrap(), b"existing");
         assert_eq!(fs::read(&intent.to).unwrap(), b"new");
@@ -408,7 +425,7 @@ mod tests {
         let intent = plan(&a, &dir.path().join("x.mp4")).unwrap();
         fs::write(&intent.to, b"someone else's").unwrap();
         assert_eq!(
-            carry_out(&intent, &signature_of(&a), fsx::Durability::EachFile).unwrap(),
+            carry_out(&intent, &signature_of(&a)).unwrap(),
             Carried::NameTaken
         );
         assert_eq!(fs::read(&intent.to).unwrap(), b"someone else's");
@@ -422,20 +439,16 @@ mod tests {
         fs::write(&a, b"content").unwrap();
         let signature = signature_of(&a);
         let intent = plan(&a, &dir.path().join("x.mp4")).unwrap();
-        carry_out(&intent, &signature, fsx::Durability::EachFile).unwrap();
+        carry_out(&intent, &signature).unwrap();
         // As after a crash between the rename and the record.
         assert_eq!(
-            carry_out(&intent, &signature, fsx::Durability::EachFile).unwrap(),
+            carry_out(&intent, &signature).unwrap(),
             Carried::Moved(intent.to.clone())
         );
         // Another file that appeared under the name is not taken for ours.
         fs::remove_file(&intent.to).unwrap();
         fs::write(&intent.to, b"another file, longer").unwrap();
-        assert!(
-            carry_out(&intent, &signature, fsx::Durability::EachFile)
-                .unwrap_err()
-                .permanent
-        );
+        assert!(carry_out(&intent, &signature).unwrap_err().permanent);
     }
 
     #[test]
@@ -449,7 +462,7 @@ mod tests {
         fsx::copy_to_temporary(&a, intent.temporary.as_ref().unwrap()).unwrap();
         fs::rename(intent.temporary.as_ref().unwrap(), &intent.to).unwrap();
         assert_eq!(
-            carry_out(&intent, &signature, fsx::Durability::EachFile).unwrap(),
+            carry_out(&intent, &signature).unwrap(),
             Carried::Moved(intent.to.clone())
         );
         assert!(!a.exists());

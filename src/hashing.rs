@@ -122,18 +122,34 @@ pub fn fingerprint(path: &Path) -> io::Result<String> {
 pub fn fingerprint_of(file: &File) -> io::Result<String> {
     use std::os::unix::fs::FileExt;
     let size = file.metadata()?.len();
-    let mut hasher = Sha256::new();
-    hasher.update(size.to_le_bytes());
-    let mut buf = vec![0u8; FINGERPRINT_SPAN.min(size) as usize];
-    file.read_exact_at(&mut buf, 0)?;
-    hasher.update(&buf);
+    let mut head = vec![0u8; FINGERPRINT_SPAN.min(size) as usize];
+    file.read_exact_at(&mut head, 0)?;
+    let mut tail = Vec::new();
     if size > FINGERPRINT_SPAN {
         let tail_start = size.saturating_sub(FINGERPRINT_SPAN).max(FINGERPRINT_SPAN);
-        buf.resize((size - tail_start) as usize, 0);
-        file.read_exact_at(&mut buf, tail_start)?;
-        hasher.update(&buf);
+        tail.resize((size - tail_start) as usize, 0);
+        file.read_exact_at(&mut tail, tail_start)?;
     }
-    Ok(format!("{size}-{}", hex::encode(&hasher.finalize()[..16])))
+    Ok(fingerprint_from(size, &head, &tail))
+}
+
+/// [`fingerprint`] of a file read whole into memory (a batch's small file,
+/// read once for its fingerprint and its copy).
+pub fn fingerprint_of_bytes(bytes: &[u8]) -> String {
+    let size = bytes.len() as u64;
+    let head_end = FINGERPRINT_SPAN.min(size) as usize;
+    let tail_start = size.saturating_sub(FINGERPRINT_SPAN).max(FINGERPRINT_SPAN);
+    let tail = bytes.get(tail_start as usize..).unwrap_or_default();
+    fingerprint_from(size, &bytes[..head_end], tail)
+}
+
+/// Size, then the first MiB, then the last MiB (past the first).
+fn fingerprint_from(size: u64, head: &[u8], tail: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(size.to_le_bytes());
+    hasher.update(head);
+    hasher.update(tail);
+    format!("{size}-{}", hex::encode(&hasher.finalize()[..16]))
 }
 
 /// Full sha256 of a file (only for duplicate candidates and verification).
@@ -170,6 +186,31 @@ mod tests {
 
     fn reference(data: &[u8]) -> String {
         hex::encode(Sha256::digest(data))
+    }
+
+    #[test]
+    fn a_fingerprint_from_memory_is_the_fingerprint_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let span = FINGERPRINT_SPAN as usize;
+        for len in [
+            0,
+            1,
+            4096,
+            span - 1,
+            span,
+            span + 1,
+            2 * span,
+            3 * span + 17,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
+            let path = dir.path().join(format!("f{len}"));
+            std::fs::write(&path, &data).unwrap();
+            assert_eq!(
+                fingerprint_of_bytes(&data),
+                fingerprint(&path).unwrap(),
+                "{len} bytes"
+            );
+        }
     }
 
     #[test]

@@ -378,12 +378,10 @@ pub async fn bring_back(
         // watch does not take it as a new file.
         held.hold(&intent.to);
         let signature = job.signature;
-        let carried = tokio::task::spawn_blocking(move || {
-            finish::carry_out(&intent, &signature, crate::fsx::Durability::EachFile)
-        })
-        .await
-        .map_err(|e| file_error(format!("filing thread failed: {e}")))?
-        .map_err(|e| file_error(format!("cannot move {} back: {e}", filed.display())))?;
+        let carried = tokio::task::spawn_blocking(move || finish::carry_out(&intent, &signature))
+            .await
+            .map_err(|e| file_error(format!("filing thread failed: {e}")))?
+            .map_err(|e| file_error(format!("cannot move {} back: {e}", filed.display())))?;
         match carried {
             Carried::NameTaken => job.filing = None,
             Carried::Moved(back) => {

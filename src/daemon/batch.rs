@@ -28,9 +28,17 @@ use crate::upload::ProviderHandle;
 
 use super::{Context, RECEIPT, receipt_of, source_changed};
 
-/// At most this many jobs in one batch: a few hundred share each durable
-/// point, and a batch's files are all read before any is placed.
-pub(super) const MOST_JOBS: usize = 256;
+/// At most this many jobs in one batch: a thousand share each durable
+/// point (each `syncfs` of a folder that thousands of renames changed
+/// costs milliseconds), and a batch's files are all read before any is
+/// placed. A batch takes what waits, so a trickle still goes at once.
+pub(super) const MOST_JOBS: usize = 1024;
+
+/// At most this many bytes of sources in one batch: a batch reads each
+/// small file once, whole, and keeps it until its partial file is written
+/// (so memory stays within this per batch), and a batch of bigger files
+/// gains little from sharing a flush.
+const MOST_BYTES: u64 = 8 << 20;
 
 /// Batches of one provider under way at once (each also holds a worker):
 /// while some wait for the disk or the database, others read, hash and
@@ -46,8 +54,8 @@ const SMALL_FILE: u64 = 1 << 20;
 /// queues them) and the provider's batchers (which take them).
 #[derive(Default)]
 pub(super) struct Queue {
-    /// Waiting job ids, oldest first.
-    ids: VecDeque<u64>,
+    /// Waiting job ids with their sizes, oldest first.
+    ids: VecDeque<(u64, u64)>,
     /// Batchers running for the provider.
     batchers: usize,
     /// Jobs that left a batch: offered again, they run alone.
@@ -67,13 +75,28 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Queue job `id` for a batch if it `fits` one, unless it left one (it then
 /// runs alone from now on): `true` when queued.
-pub(super) fn enqueue(queue: &SharedQueue, id: u64, fits: bool) -> bool {
+pub(super) fn enqueue(queue: &SharedQueue, job: &Job, fits: bool) -> bool {
     let mut queue = lock(queue);
-    if queue.alone.remove(&id) || !fits {
+    if queue.alone.remove(&job.id) || !fits {
         return false;
     }
-    queue.ids.push_back(id);
+    queue.ids.push_back((job.id, job.signature.size));
     true
+}
+
+/// How many of the waiting jobs the next batch takes: at least one, at
+/// most [`MOST_JOBS`] and, past the first, [`MOST_BYTES`] of sources.
+fn batch_len(waiting: &VecDeque<(u64, u64)>) -> usize {
+    let mut bytes = 0u64;
+    let mut len = 0;
+    for &(_, size) in waiting.iter().take(MOST_JOBS) {
+        bytes = bytes.saturating_add(size);
+        if len > 0 && bytes > MOST_BYTES {
+            break;
+        }
+        len += 1;
+    }
+    len
 }
 
 /// Whether another batcher should start: jobs wait and fewer than
@@ -128,9 +151,9 @@ pub(super) async fn batcher(ctx: Arc<Context>, provider: String, queue: SharedQu
             let take = if superseded {
                 queue.ids.len()
             } else {
-                queue.ids.len().min(MOST_JOBS)
+                batch_len(&queue.ids)
             };
-            let ids: Vec<u64> = queue.ids.drain(..take).collect();
+            let ids: Vec<u64> = queue.ids.drain(..take).map(|(id, _)| id).collect();
             if ids.is_empty() || superseded {
                 queue.batchers -= 1;
             }
@@ -250,6 +273,7 @@ async fn run(
                 done_dir: watch.done_dir.clone(),
                 receipts: watch.receipts,
                 out: None,
+                bytes: Vec::new(),
                 job,
             }),
             _ => members.push(Member::leaving(job, "no longer fits a batch")),
@@ -308,6 +332,9 @@ struct Member {
     done_dir: PathBuf,
     /// Whether a receipt goes beside it.
     receipts: bool,
+    /// Its source, read whole in the first step for its fingerprint and
+    /// kept until its partial file is written (a source byte is read once).
+    bytes: Vec<u8>,
 }
 
 impl Member {
@@ -318,6 +345,7 @@ impl Member {
             watch_root: PathBuf::new(),
             done_dir: PathBuf::new(),
             receipts: false,
+            bytes: Vec::new(),
         }
     }
 
@@ -366,14 +394,15 @@ impl Batch {
     /// The life of a small file, for all members at once. Each `record`
     /// writes the same state one job alone would have written there.
     async fn steps(&mut self) -> Result<(), StoreError> {
-        // 1. The sources opened as an attempt opens them, fingerprinted.
+        // 1. The sources opened as an attempt opens them, read whole (they
+        // are small), fingerprinted.
         self.blocking(Box::new(|members, _| {
             for m in members.iter_mut() {
-                let fingerprint = crate::upload::open_for_batch(&m.job).and_then(|file| {
-                    crate::hashing::fingerprint_of(&file).map_err(|e| e.to_string())
-                });
-                match fingerprint {
-                    Ok(fingerprint) => m.job.fingerprint = Some(fingerprint),
+                match crate::upload::read_for_batch(&m.job) {
+                    Ok(bytes) => {
+                        m.job.fingerprint = Some(crate::hashing::fingerprint_of_bytes(&bytes));
+                        m.bytes = bytes;
+                    }
                     Err(why) => m.fail(why),
                 }
             }
@@ -419,9 +448,10 @@ impl Batch {
             let mut chosen: HashSet<PathBuf> = HashSet::new();
             for m in members.iter_mut().filter(|m| m.staying()) {
                 let tag = crate::upload::upload_tag(&installation, m.job.id);
-                let size = m.job.signature.size;
-                let written = crate::upload::open_for_batch(&m.job)
-                    .and_then(|file| folder.write_whole(&tag, &file, size).map_err(|e| e.message))
+                let bytes = std::mem::take(&mut m.bytes);
+                let written = folder
+                    .write_whole(&tag, &bytes)
+                    .map_err(|e| e.message)
                     .and_then(|(mut session, hash)| {
                         let name = folder
                             .choose_place(&mut session, &m.job.relpath, &chosen)
@@ -532,7 +562,7 @@ impl Batch {
                     m.fail("no filing intent");
                     continue;
                 };
-                match finish::carry_out(&intent, &m.job.signature, Durability::Batch) {
+                match finish::carry_out_planned_now(&intent) {
                     Ok(Carried::Moved(to)) => {
                         m.job.filed_to = Some(to);
                         m.job.filing = None;
@@ -844,21 +874,59 @@ mod tests {
     fn a_job_that_left_a_batch_runs_alone_and_batchers_stay_few() {
         let queue = SharedQueue::default();
         assert!(!wants_batcher(&queue), "no batcher for an empty queue");
-        assert!(enqueue(&queue, 1, true));
+        let job = |id: u64| {
+            let signature = crate::source::FileSignature {
+                size: 0,
+                mtime_ns: 0,
+                dev: 0,
+                ino: id,
+            };
+            Job::new(id, "w", Path::new("f"), Path::new("/w/f"), signature, "p")
+        };
+        assert!(enqueue(&queue, &job(1), true));
         assert!(
-            !enqueue(&queue, 2, false),
+            !enqueue(&queue, &job(2), false),
             "one that does not fit runs alone"
         );
         set_alone(&queue, &[3]);
         assert!(
-            !enqueue(&queue, 3, true),
+            !enqueue(&queue, &job(3), true),
             "one that left a batch runs alone"
         );
-        assert!(enqueue(&queue, 4, true));
+        assert!(enqueue(&queue, &job(4), true));
         for _ in 0..MOST_BATCHERS {
             assert!(wants_batcher(&queue));
         }
         assert!(!wants_batcher(&queue), "at most {MOST_BATCHERS} batchers");
-        assert_eq!(lock(&queue).ids, [1, 4]);
+        assert_eq!(lock(&queue).ids, [(1, 0), (4, 0)]);
+    }
+
+    #[test]
+    fn a_batch_takes_what_waits_within_its_count_and_its_bytes() {
+        let waiting = |sizes: &[u64]| -> VecDeque<(u64, u64)> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| (i as u64, s))
+                .collect()
+        };
+        assert_eq!(batch_len(&waiting(&[])), 0);
+        assert_eq!(
+            batch_len(&waiting(&[4096; 10])),
+            10,
+            "a trickle goes at once"
+        );
+        assert_eq!(batch_len(&waiting(&[4096; 5000])), MOST_JOBS);
+        let mib = 1 << 20;
+        assert_eq!(
+            batch_len(&waiting(&[mib; 100])),
+            (MOST_BYTES / mib) as usize,
+            "at most MOST_BYTES of sources"
+        );
+        assert_eq!(
+            batch_len(&waiting(&[MOST_BYTES + 1, 1])),
+            1,
+            "the first is taken whatever its size"
+        );
     }
 }

@@ -710,7 +710,7 @@ impl Dispatch {
     fn offer(&mut self, ctx: &Arc<Context>, tasks: &mut JoinSet<()>, job: Job) {
         let key = job.provider.clone();
         let queue = self.batches.entry(key.clone()).or_default();
-        if batch::enqueue(queue, job.id, batch::fits(ctx, &job)) {
+        if batch::enqueue(queue, &job, batch::fits(ctx, &job)) {
             return;
         }
         if self.live.get(&key).copied().unwrap_or(0) < Self::limit(ctx, &key) {
@@ -1322,11 +1322,9 @@ async fn file_below(
             }
             Some(intent) => {
                 let signature = job.signature;
-                blocking(move || {
-                    crate::finish::carry_out(&intent, &signature, crate::fsx::Durability::EachFile)
-                })
-                .await
-                .map(FilingStep::Carried)
+                blocking(move || crate::finish::carry_out(&intent, &signature))
+                    .await
+                    .map(FilingStep::Carried)
             }
         };
         match step {

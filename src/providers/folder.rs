@@ -242,27 +242,21 @@ impl FolderProvider {
 
     /// A small file's whole upload in one call: its partial file (named by
     /// `tag`, as [`Uploader::create`] names it) created and written from
-    /// `source`, hashed as it is read. Answers the session and the hash.
+    /// `bytes`, the whole source as the batch read it. Answers the session
+    /// and the hash.
     ///
     /// # Errors
-    /// The source or the partial file could not be read or written.
+    /// The partial file could not be created or written.
     pub fn write_whole(
         &self,
         tag: &str,
-        source: &File,
-        size: u64,
+        bytes: &[u8],
     ) -> Result<(Session, ResumableSha256), ProviderError> {
-        use std::os::unix::fs::FileExt;
-        // Read first: a source that cannot be read leaves no partial file.
-        let mut bytes = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
-        source.read_exact_at(&mut bytes, 0).map_err(|e| {
-            ProviderError::new(ErrorKind::Transient, format!("cannot read the source: {e}"))
-        })?;
         let partial = self.partial_for(tag);
         let mut file = create_partial(&self.partial_dir(), &partial, Durability::Batch)?;
         let mut hash = ResumableSha256::default();
-        hash.update(&bytes);
-        file.write_all(&bytes)
+        hash.update(bytes);
+        file.write_all(bytes)
             .map_err(|e| ProviderError::io("cannot write", &partial, &e))?;
         Ok((session_of(&partial), hash))
     }

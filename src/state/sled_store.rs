@@ -18,8 +18,9 @@ const CACHE_BYTES: u64 = 32 << 20;
 pub struct SledStore {
     installation: std::sync::Arc<str>,
     /// Jobs per state, counted once at open and kept as jobs are written,
-    /// so `/metrics` costs the same with a hundred or a million jobs.
-    tally: std::sync::Arc<std::sync::Mutex<super::tally::Tally>>,
+    /// so `/metrics` costs the same with a hundred or a million jobs; and
+    /// what the next write of an unfinished job needs to know.
+    tally: std::sync::Arc<std::sync::Mutex<Written>>,
     commit: GroupCommit,
     /// Job records written, for `/metrics`.
     records_written: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -29,6 +30,18 @@ pub struct SledStore {
     meta: sled::Tree,
     /// Webhook deliveries waiting, by their key.
     outbox: sled::Tree,
+}
+
+/// What the store keeps in memory of the jobs it writes.
+#[derive(Default)]
+struct Written {
+    tally: super::tally::Tally,
+    /// Each unfinished job as last counted, and whether the index of
+    /// sources names it (or a newer job of its source) already: a job is
+    /// written four times or more on its way, and its later writes then
+    /// neither decode the record they replace nor read the index. Finished
+    /// jobs leave it, so it holds no more than the jobs under way.
+    unfinished: std::collections::HashMap<u64, (Counted, bool)>,
 }
 
 fn source_key(watch: &str, relpath: &Path) -> Vec<u8> {
@@ -93,7 +106,10 @@ impl SledStore {
             }
         }
         Ok(SledStore {
-            tally: std::sync::Arc::new(std::sync::Mutex::new(tally)),
+            tally: std::sync::Arc::new(std::sync::Mutex::new(Written {
+                tally,
+                unfinished: Default::default(),
+            })),
             installation,
             // Not `flush_async`: in sled 0.34 concurrent `flush_async` calls
             // can miss their wake-up and hang forever (spacejam/sled#1308,
@@ -141,29 +157,40 @@ impl JobStore for SledStore {
             key: job.id.to_string(),
             source,
         })?;
-        // The record and the counts change together: two writes of one
-        // job at once (a double-clicked retry) cannot count in the other
-        // order than they were stored.
-        let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = self.jobs.insert(job.id.to_be_bytes(), bytes)?;
-        self.records_written
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(old) = previous.as_deref().and_then(Counted::of) {
-            tally.remove(&old);
-        }
-        tally.add(&Counted {
+        let counted = Counted {
             state: job.state,
             provider: job.provider.clone(),
             updated_at: job.updated_at,
-        });
-        drop(tally);
+        };
+        let unfinished = !job.state.is_terminal();
+        // The record and the counts change together: two writes of one
+        // job at once (a double-clicked retry) cannot count in the other
+        // order than they were stored.
+        let mut written = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = self.jobs.insert(job.id.to_be_bytes(), bytes)?;
+        self.records_written
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let known = written.unfinished.remove(&job.id);
+        let named = known.as_ref().is_some_and(|(_, named)| *named);
+        let replaced = match known {
+            Some((old, _)) => Some(old),
+            None => previous.as_deref().and_then(Counted::of),
+        };
+        if let Some(old) = replaced {
+            written.tally.remove(&old);
+        }
+        written.tally.add(&counted);
+        if unfinished {
+            written.unfinished.insert(job.id, (counted, named));
+        }
+        drop(written);
         // The source names its newest job (the highest id, as in the
         // fleet's store): an older job written again does not take the
         // source back, and a job's later steps, which find it named
         // already, only read the index (each write is an insert). A job
         // whose entry a crash lost (the two trees are written one after
-        // the other) is named again at its next write.
-        if !job.watch.is_empty() || !job.relpath.as_os_str().is_empty() {
+        // the other) is named again at its first write after the restart.
+        if !named && (!job.watch.is_empty() || !job.relpath.as_os_str().is_empty()) {
             let key = source_key(&job.watch, &job.relpath);
             let named = self
                 .sources
@@ -171,6 +198,14 @@ impl JobStore for SledStore {
                 .and_then(|id| id.as_ref().try_into().ok().map(u64::from_be_bytes));
             if named.is_none_or(|named| named < job.id) {
                 self.sources.insert(key, &job.id.to_be_bytes())?;
+            }
+            // Once named (by it or a newer job) it stays so: the index only
+            // moves to higher ids.
+            if unfinished {
+                let mut written = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((_, named)) = written.unfinished.get_mut(&job.id) {
+                    *named = true;
+                }
             }
         }
         Ok(())
@@ -297,7 +332,10 @@ impl JobStore for SledStore {
     }
 
     async fn counts(&self) -> std::collections::BTreeMap<JobState, u64> {
-        self.tally.lock().map(|t| t.by_state()).unwrap_or_default()
+        self.tally
+            .lock()
+            .map(|w| w.tally.by_state())
+            .unwrap_or_default()
     }
 
     async fn provider_counts(
@@ -307,7 +345,7 @@ impl JobStore for SledStore {
         Ok(self
             .tally
             .lock()
-            .map(|t| t.providers(since))
+            .map(|w| w.tally.providers(since))
             .unwrap_or_default())
     }
 

@@ -997,13 +997,20 @@ pub fn upload_tag(installation: &str, job: u64) -> String {
 }
 
 /// For a batch of small files (`daemon::batch`), which leaves every job it
-/// cannot take through a step as it stands: the source opened as an
-/// attempt opens it ([`open_source`]), or why not.
-pub(crate) fn open_for_batch(job: &Job) -> Result<File, String> {
-    open_source(job).map(|(file, _)| file).map_err(why)
+/// cannot take through a step as it stands: the source read whole through
+/// a descriptor opened as an attempt opens it ([`open_source`]), or why not.
+pub(crate) fn read_for_batch(job: &Job) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::FileExt;
+    let (file, signature) = open_source(job).map_err(why)?;
+    // The size the open descriptor confirmed; a file that grows meanwhile
+    // is seen changed before its copy is placed.
+    let mut bytes = vec![0u8; usize::try_from(signature.size).unwrap_or(usize::MAX)];
+    file.read_exact_at(&mut bytes, 0)
+        .map_err(|e| format!("cannot read the source {}: {e}", job.source.display()))?;
+    Ok(bytes)
 }
 
-/// For a batch, as [`open_for_batch`]: the source unchanged, or why not.
+/// For a batch, as [`read_for_batch`]: the source unchanged, or why not.
 pub(crate) fn unchanged_for_batch(job: &Job) -> Result<(), String> {
     check_unchanged(job).map_err(why)
 }
