@@ -287,6 +287,39 @@ fn a_source_changed_once_placed_keeps_its_delivery_and_goes_again_as_new() {
     );
 }
 
+/// A batch stopped after its checkpoint (its files written, not placed),
+/// and a source changed while the daemon was down: the earlier version is
+/// not delivered under the file's name nor its source filed as that
+/// version; the changed file is taken as new and delivered once, as it is
+/// now (what one job alone does).
+#[test]
+fn a_source_changed_after_the_checkpoint_while_down_goes_again_as_new() {
+    let fx = Fixture::new();
+    let names = small_files(&fx.watch, 6);
+    let changed = names[2].clone();
+    fx.run_until_failpoint("batch::checkpointed=return", Duration::from_secs(60));
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(fx.watch.join(&changed))
+            .expect("open");
+        file.write_all(b"a later version").expect("append");
+    }
+    let now = std::fs::read(fx.watch.join(&changed)).expect("read");
+    let daemon = fx.start();
+    wait_for("every file done", Duration::from_secs(60), || {
+        (in_state(&fx.status(), "done").len() == names.len()).then_some(())
+    });
+    drop(daemon);
+    check_each_file_once(&fx, &names, "changed while down");
+    assert_eq!(
+        std::fs::read(fx.outbox.join(&changed)).expect("read"),
+        now,
+        "the file as it is now is delivered"
+    );
+}
+
 /// The name a batch chose is recorded before the file is placed there:
 /// after a crash, a file someone else put under that name (its partial
 /// file lost meanwhile) is not taken for the delivery. The job fails,

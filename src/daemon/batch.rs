@@ -709,6 +709,9 @@ impl Batch {
     /// The members that could not be taken through the last step go on
     /// alone, as the store holds them.
     async fn leave(&mut self) {
+        if self.members.iter().all(Member::staying) {
+            return;
+        }
         let (leaving, staying): (Vec<Member>, Vec<Member>) = std::mem::take(&mut self.members)
             .into_iter()
             .partition(|m| m.out.is_some());

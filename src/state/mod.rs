@@ -796,6 +796,18 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Job, StoreError> {
         version: u32,
         id: u64,
     }
+    // Read whole once; only a record that does not read is read again for
+    // its version (a newer binary's record says so, not "damaged").
+    let job = match serde_json::from_slice::<Job>(bytes) {
+        Ok(job) if job.version > JOB_RECORD_VERSION => {
+            return Err(StoreError::TooNew {
+                job: job.id,
+                version: job.version,
+            });
+        }
+        Ok(job) => return Ok(job),
+        Err(e) => e,
+    };
     let header: Header = serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
         key: "?".into(),
         source,
@@ -806,9 +818,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Job, StoreError> {
             version: header.version,
         });
     }
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+    Err(StoreError::Decode {
         key: header.id.to_string(),
-        source,
+        source: job,
     })
 }
 
@@ -998,5 +1010,17 @@ mod tests {
                 version: 99
             })
         ));
+        // A newer record that reads as a job all the same is refused too.
+        let mut job = Job::new(5, "w", Path::new("a"), Path::new("/a"), signature(), "p");
+        job.version = 99;
+        assert!(matches!(
+            decode(&serde_json::to_vec(&job).unwrap()),
+            Err(StoreError::TooNew {
+                job: 5,
+                version: 99
+            })
+        ));
+        job.version = JOB_RECORD_VERSION;
+        assert_eq!(decode(&serde_json::to_vec(&job).unwrap()).unwrap().id, 5);
     }
 }
