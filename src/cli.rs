@@ -429,6 +429,7 @@ fn explain(config: &Config, router: &Router, path: &Path) -> Result<String, Stri
         path: &absolute,
         size: meta.len(),
         mtime: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+        sidecars: None,
     };
     match router.route(&facts) {
         Err(e) => Err(e.0),

@@ -178,6 +178,7 @@ async fn prepare(
         path: &path,
         size: signature.size,
         mtime: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+        sidecars: None,
     };
     let route = router.for_provider(provider, &facts).map_err(|e| e.0)?;
     job.metadata = route.metadata;

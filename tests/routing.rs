@@ -137,6 +137,63 @@ fn a_sidecar_overrides_the_title_and_travels_with_the_filed_video() {
 
 const MP4_ONLY: &str = "- match: { glob: \"*.mp4\" }\n  provider: archive";
 
+/// Many files found ready together in one folder: their folder is listed
+/// once for sidecars (not three lookups per file), and each file still
+/// gets its own sidecar, whatever its extension, and only its own.
+#[test]
+fn sidecars_of_a_drop_found_ready_together_are_each_found() {
+    const MANY: usize = 64;
+    let fx = Fixture::new();
+    let staged = fx.root.join("staged");
+    for n in 0..MANY {
+        write_random(
+            &staged.join(format!("v{n:02}.mp4")),
+            3000 + n as u64,
+            n as u64,
+        );
+    }
+    let sidecars = [
+        ("v03", "json", r#"{"title": "three"}"#),
+        ("v17", "yaml", "title: seventeen\n"),
+        ("v42", "yml", "title: forty-two\n"),
+    ];
+    for (stem, ext, body) in sidecars {
+        fs::write(staged.join(format!("{stem}.{ext}")), body).unwrap();
+    }
+    let daemon = fx.start();
+    fs::rename(&staged, fx.watch.join("drop")).unwrap();
+    let rows = wait_for_outcome(&fx, MANY, 0);
+    assert_eq!(rows.len(), MANY, "the sidecars are no jobs of their own");
+    assert!(
+        log_lines_with(&daemon.log(), &["listed for sidecars"]) > 0,
+        "the folder was listed once for its files' sidecars"
+    );
+    drop(daemon);
+    for n in 0..MANY {
+        let stem = format!("v{n:02}");
+        let receipt = read_json(&fx.done.join(format!("drop/{stem}.mp4.receipt.json")));
+        let title =
+            sidecars
+                .iter()
+                .find(|(s, _, _)| *s == stem)
+                .map_or(stem.clone(), |(_, _, body)| {
+                    body.trim_end()
+                        .trim_start_matches("title: ")
+                        .trim_start_matches(r#"{"title": ""#)
+                        .trim_end_matches(r#""}"#)
+                        .to_string()
+                });
+        assert_eq!(receipt["metadata"]["title"], title.as_str(), "{stem}");
+    }
+    for (stem, ext, body) in sidecars {
+        assert_eq!(
+            fs::read_to_string(fx.done.join(format!("drop/{stem}.{ext}"))).unwrap(),
+            body,
+            "{stem}'s sidecar follows it"
+        );
+    }
+}
+
 /// A running daemon with `unmatched: <mode>` and only `*.mp4` routed, a
 /// `notes.txt` no rule matches (answered with its mtime) and a `clip.mp4`
 /// (random bytes from `seed`) dropped in.

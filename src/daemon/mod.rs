@@ -21,7 +21,7 @@ use crate::jobs::JobsHandle;
 use crate::lifecycle::Outcome;
 use crate::pause::Pauses;
 use crate::providers::{ErrorKind, ProviderError, Uploader};
-use crate::route::{FileFacts, Router};
+use crate::route::{FileFacts, FolderSidecars, Router};
 use crate::state::{Job, JobState, JobStore, Store, StoreError};
 use crate::upload::progress::ProgressBoard;
 use crate::upload::{AttemptEnd, Engine, ProviderHandle, note_failure};
@@ -415,9 +415,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Some(ready) = ready_rx.recv() => {
                 // The files a watch found ready together are taken
                 // together, so that their jobs can share a batch.
+                let listed = list_for_sidecars(&ready).await;
                 for file in ready {
                     let (watch, path) = (file.watch.clone(), file.path.clone());
-                    match take_file(&ctx, file).await {
+                    let sidecars = path.parent().and_then(|folder| listed.get(folder));
+                    match take_file(&ctx, file, sidecars.map(AsRef::as_ref)).await {
                         Ok(()) => ctx.store_health.answered(),
                         Err(e @ StoreError::Database(_)) => {
                             // Offered again once stable: nothing is lost.
@@ -774,9 +776,46 @@ impl Dispatch {
     }
 }
 
+/// The folders that many of `ready` share, each listed once for their
+/// sidecars (see [`FolderSidecars`]).
+async fn list_for_sidecars(ready: &[ReadyFile]) -> HashMap<PathBuf, Arc<FolderSidecars>> {
+    let mut files_in: HashMap<&Path, usize> = HashMap::new();
+    for file in ready {
+        if let Some(folder) = file.path.parent() {
+            *files_in.entry(folder).or_default() += 1;
+        }
+    }
+    let worth: Vec<(PathBuf, usize)> = files_in
+        .into_iter()
+        .filter(|(_, files)| *files >= FolderSidecars::WORTH_FROM)
+        .map(|(folder, files)| (folder.to_path_buf(), files))
+        .collect();
+    if worth.is_empty() {
+        return HashMap::new();
+    }
+    tokio::task::spawn_blocking(move || {
+        worth
+            .into_iter()
+            .filter_map(|(folder, files)| {
+                let listed =
+                    FolderSidecars::list(&folder, files * FolderSidecars::ENTRIES_PER_FILE)?;
+                tracing::debug!(folder = %folder.display(), files, "folder listed for sidecars");
+                Some((folder, Arc::new(listed)))
+            })
+            .collect()
+    })
+    .await
+    // Lost with its thread: each file looks its own up.
+    .unwrap_or_default()
+}
+
 /// A watch offers a complete file: unless a job already covers this version
 /// of it, route it and record a job.
-async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError> {
+async fn take_file(
+    ctx: &Arc<Context>,
+    file: ReadyFile,
+    sidecars: Option<&FolderSidecars>,
+) -> Result<(), StoreError> {
     if let Some(job) = ctx.store.latest_for(&file.watch, &file.relpath).await? {
         // The very file a finished job left in place (after_success: leave, or
         // a failure that could not be filed) is not taken again; a new file
@@ -799,7 +838,7 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
         file.signature,
         "",
     );
-    let failure = match route_job(ctx, &mut job, file.mtime) {
+    let failure = match route_job(ctx, &mut job, file.mtime, sidecars) {
         Ok(true) => None,
         Ok(false) if ctx.router.unmatched() == Unmatched::Leave => {
             tracing::info!(watch = %file.watch, file = %file.relpath.display(), "no rule matches; left in place (unmatched: leave)");
@@ -826,13 +865,19 @@ async fn take_file(ctx: &Arc<Context>, file: ReadyFile) -> Result<(), StoreError
 /// provider, rule, metadata, sidecar. `Ok(false)` when no rule matches;
 /// `Err` with the reason when it cannot be routed (a broken sidecar). The
 /// sidecar is recorded either way so that it travels with the file.
-fn route_job(ctx: &Context, job: &mut Job, mtime: SystemTime) -> Result<bool, String> {
+fn route_job(
+    ctx: &Context,
+    job: &mut Job,
+    mtime: SystemTime,
+    sidecars: Option<&FolderSidecars>,
+) -> Result<bool, String> {
     let routed = ctx.router.route(&FileFacts {
         watch: &job.watch,
         relpath: &job.relpath,
         path: &job.source,
         size: job.signature.size,
         mtime,
+        sidecars,
     });
     match routed {
         Ok(Some(route)) => {
@@ -849,11 +894,11 @@ fn route_job(ctx: &Context, job: &mut Job, mtime: SystemTime) -> Result<bool, St
             Ok(true)
         }
         Ok(None) => {
-            job.sidecar = crate::route::find_sidecar(&job.source);
+            job.sidecar = crate::route::find_sidecar(&job.source, sidecars);
             Ok(false)
         }
         Err(e) => {
-            job.sidecar = crate::route::find_sidecar(&job.source);
+            job.sidecar = crate::route::find_sidecar(&job.source, sidecars);
             Err(e.0)
         }
     }
@@ -874,7 +919,7 @@ async fn route_retried(ctx: &Context, job: &mut Job) -> Result<(), StoreError> {
     let mtime = std::fs::metadata(&job.source)
         .and_then(|m| m.modified())
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    let failure = match route_job(ctx, job, mtime) {
+    let failure = match route_job(ctx, job, mtime, None) {
         Ok(true) => None,
         Ok(false) => Some(unmatched_reason(job)),
         Err(reason) => Some(reason),
