@@ -178,6 +178,11 @@ pub struct Scanner {
     skipped: HashMap<PathBuf, &'static str>,
     held: Arc<HeldSources>,
     counters: Arc<WatchCounters>,
+    /// The earliest time a candidate will have been unchanged for
+    /// `stable_for` (none waits, or the ones past it wait for something
+    /// else: a marker). Only ever early, never late: a candidate that
+    /// changes or goes leaves it as it was, which costs one look too many.
+    next_due: Option<Instant>,
 }
 
 /// Folders no watch enters (every watch's done and failed folders): a
@@ -207,6 +212,7 @@ impl Scanner {
             skipped: HashMap::new(),
             held,
             counters,
+            next_due: None,
         }
     }
 
@@ -386,7 +392,10 @@ impl Scanner {
         self.offered.remove(path);
         self.skipped.remove(path);
         match self.candidates.get_mut(path) {
-            Some(candidate) if candidate.seen == now => candidate.observations += 1,
+            Some(candidate) if candidate.seen == now => {
+                candidate.observations += 1;
+                return;
+            }
             Some(candidate) => {
                 *candidate = Candidate {
                     seen: now,
@@ -406,6 +415,8 @@ impl Scanner {
                 );
             }
         }
+        let due = Instant::now() + self.config.stable_for;
+        self.next_due = Some(self.next_due.map_or(due, |next| next.min(due)));
     }
 
     /// Re-stat every candidate; offer the ones that stayed unchanged for
@@ -478,6 +489,15 @@ impl Scanner {
                 path,
             });
         }
+        // Those still waiting for their time; one waiting past it waits
+        // for a marker, looked for at the periodic look.
+        let now = Instant::now();
+        self.next_due = self
+            .candidates
+            .values()
+            .map(|c| c.since + self.config.stable_for)
+            .filter(|&due| due > now)
+            .min();
         ready
     }
 
@@ -491,6 +511,18 @@ impl Scanner {
     pub fn check_every(&self) -> Duration {
         (self.config.stable_for / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
+
+    /// When to look at the candidates next, the last look having ended at
+    /// `last`: when the first of them has been unchanged for `stable_for`,
+    /// so a file is taken when its time is up (a look every
+    /// [`Self::check_every`] alone took it up to that much later); at least
+    /// [`CHECK_GAP`] after the last look, and at most `check_every` (a
+    /// marker that appears, a rescan owed).
+    pub fn next_check(&self, last: Instant) -> Instant {
+        let periodic = last + self.check_every();
+        self.next_due
+            .map_or(periodic, |due| due.max(last + CHECK_GAP).min(periodic))
+    }
 }
 
 /// Messages into a running watch.
@@ -499,6 +531,9 @@ pub enum WatchCommand {
     /// Offer this path again once stable (its job was superseded or retried).
     Reoffer(PathBuf),
 }
+
+/// The least time between two looks at the candidates.
+pub const CHECK_GAP: Duration = Duration::from_millis(50);
 
 /// Files found ready together are sent together, at most this many in one
 /// message: their jobs are taken together and can share a batch.
@@ -546,8 +581,11 @@ pub async fn run(
         }
     };
     off_the_runtime(|| scanner.full_scan());
-    let mut check = tokio::time::interval(scanner.check_every());
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The candidates are looked at when the first is due (see
+    // `Scanner::next_check`), which any event or scan may bring forward.
+    let mut last_look = Instant::now();
+    let check = tokio::time::sleep_until(scanner.next_check(last_look).into());
+    tokio::pin!(check);
     let rescan_period = rescan_every.unwrap_or(Duration::from_secs(365 * 24 * 3600));
     let mut rescan =
         tokio::time::interval_at(tokio::time::Instant::now() + rescan_period, rescan_period);
@@ -555,7 +593,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = crate::shutdown::stopped(&mut shutdown) => return,
-            _ = check.tick() => {
+            () = &mut check => {
                 if rescan_owed.swap(false, Ordering::Relaxed) {
                     tracing::info!(watch = %name, "more filesystem events came than the queue holds; scanning the whole folder now");
                     off_the_runtime(|| scanner.full_scan());
@@ -570,6 +608,7 @@ pub async fn run(
                         return;
                     }
                 }
+                last_look = Instant::now();
             }
             _ = rescan.tick() => off_the_runtime(|| scanner.full_scan()),
             Some(hint) = events.recv() => {
@@ -601,6 +640,7 @@ pub async fn run(
                 }
             },
         }
+        check.as_mut().reset(scanner.next_check(last_look).into());
     }
 }
 
@@ -778,6 +818,43 @@ mod tests {
             !held.holds(&scanned),
             "released although its folder is gone"
         );
+    }
+
+    #[test]
+    fn candidates_are_looked_at_when_their_time_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("clip.mp4"), b"abc").unwrap();
+        let stable_for = Duration::from_secs(1);
+        let mut scanner = Scanner::new(
+            watch_config(dir.path(), stable_for),
+            SkipRoots::default(),
+            Arc::default(),
+            Arc::default(),
+        );
+        let before = Instant::now();
+        scanner.full_scan();
+        let after = Instant::now();
+        // Nothing is due for a second: a look now and then meanwhile.
+        assert_eq!(scanner.next_check(after), after + scanner.check_every());
+        // The look after one at 0.9 s is at the file's time, not a
+        // quarter of stable_for later.
+        let last = before + Duration::from_millis(900);
+        let next = scanner.next_check(last);
+        assert!(
+            next >= before + stable_for && next <= after + stable_for,
+            "looked at {:?} after it was seen, not when its {stable_for:?} was up",
+            next - before
+        );
+        // Deadlines past already are looked at no sooner than a gap after
+        // the last look: a drop's thousands of deadlines, microseconds
+        // apart, are not a look each.
+        let late = after + Duration::from_secs(5);
+        assert_eq!(scanner.next_check(late), late + CHECK_GAP);
+        // Taken, the file leaves nothing due but the periodic look.
+        std::thread::sleep((before + stable_for).saturating_duration_since(Instant::now()));
+        assert_eq!(scanner.check_candidates().len(), 1);
+        let now = Instant::now();
+        assert_eq!(scanner.next_check(now), now + scanner.check_every());
     }
 
     #[test]
