@@ -391,6 +391,7 @@ impl Scanner {
         }
         self.offered.remove(path);
         self.skipped.remove(path);
+        let since = Instant::now();
         match self.candidates.get_mut(path) {
             Some(candidate) if candidate.seen == now => {
                 candidate.observations += 1;
@@ -399,7 +400,7 @@ impl Scanner {
             Some(candidate) => {
                 *candidate = Candidate {
                     seen: now,
-                    since: Instant::now(),
+                    since,
                     observations: 1,
                 };
             }
@@ -409,19 +410,21 @@ impl Scanner {
                     path.to_path_buf(),
                     Candidate {
                         seen: now,
-                        since: Instant::now(),
+                        since,
                         observations: 1,
                     },
                 );
             }
         }
-        let due = Instant::now() + self.config.stable_for;
+        let due = since + self.config.stable_for;
         self.next_due = Some(self.next_due.map_or(due, |next| next.min(due)));
     }
 
     /// Re-stat every candidate; offer the ones that stayed unchanged for
     /// `stable_for` (and whose marker exists, when required).
     pub fn check_candidates(&mut self) -> Vec<ReadyFile> {
+        // Every candidate due by now is looked at in this pass.
+        let started = Instant::now();
         let paths: Vec<PathBuf> = self.candidates.keys().cloned().collect();
         let mut ready = Vec::new();
         for path in paths {
@@ -489,14 +492,14 @@ impl Scanner {
                 path,
             });
         }
-        // Those still waiting for their time; one waiting past it waits
-        // for a marker, looked for at the periodic look.
-        let now = Instant::now();
+        // Those still waiting for their time (some may have come due
+        // during a long pass); one due before the pass began was looked at
+        // and waits for a marker, looked for at the periodic look.
         self.next_due = self
             .candidates
             .values()
             .map(|c| c.since + self.config.stable_for)
-            .filter(|&due| due > now)
+            .filter(|&due| due > started)
             .min();
         ready
     }
@@ -851,7 +854,7 @@ mod tests {
         let late = after + Duration::from_secs(5);
         assert_eq!(scanner.next_check(late), late + CHECK_GAP);
         // Taken, the file leaves nothing due but the periodic look.
-        std::thread::sleep((before + stable_for).saturating_duration_since(Instant::now()));
+        std::thread::sleep((after + stable_for).saturating_duration_since(Instant::now()));
         assert_eq!(scanner.check_candidates().len(), 1);
         let now = Instant::now();
         assert_eq!(scanner.next_check(now), now + scanner.check_every());
