@@ -253,6 +253,38 @@ fn a_file_that_vanishes_after_a_crash_mid_batch_leaves_no_partial_file() {
     assert_no_partial_folder(&fx, "a file gone after a crash");
 }
 
+/// As above, but restarted on a config under which the jobs no longer go
+/// in batches (`after_success: delete`): the job whose source went fails
+/// alone, and the partial file the crashed batch wrote for it, which no
+/// record names, goes with it. The others are delivered one job at a time.
+#[test]
+fn a_file_gone_after_a_crash_mid_batch_leaves_no_partial_file_when_it_goes_on_alone() {
+    let fx = Fixture::new();
+    let names = small_files(&fx.watch, 8);
+    let gone = names[2].clone();
+    fx.run_until_failpoint("batch::written=return", Duration::from_secs(60));
+    assert!(
+        fx.outbox.join(".hotfolder-partial").exists(),
+        "the crash came after the partial files were written"
+    );
+    std::fs::remove_file(fx.watch.join(&gone)).expect("remove");
+    fx.write_config("after_success: delete", "", "");
+    let daemon = fx.start();
+    let rows = wait_for_outcome(&fx, names.len() - 1, 1);
+    let log = daemon.log();
+    drop(daemon);
+    assert_eq!(
+        in_state(&rows, "failed")[0]["file"],
+        gone.as_str(),
+        "{rows:?}"
+    );
+    assert!(
+        !log.contains("batch of small files"),
+        "the jobs went on alone after the restart; log:\n{log}"
+    );
+    assert_no_partial_folder(&fx, "a file gone after a crash, its job alone");
+}
+
 /// A source changed once its file is placed, before the delivery is
 /// recorded: the delivery is kept on its job (whose remote holds the
 /// earlier version, as one job alone would say) and the new version is

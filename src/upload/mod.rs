@@ -183,6 +183,18 @@ impl Engine {
         handle: &ProviderHandle,
         counters: &Arc<Counters>,
     ) -> Result<AttemptEnd, Stop> {
+        // A batch that a crash stopped before its checkpoint may have left
+        // a partial file named after this job, which no record names (one
+        // job alone records its create before it writes one, so a queued
+        // job without a session has none of its own). It goes now,
+        // whatever this attempt meets: a source gone or changed, the same
+        // content delivered already, or an upload that writes it anew.
+        if job.state == JobState::Queued
+            && job.session.is_none()
+            && let Provider::Folder(folder) = &handle.provider
+        {
+            folder.discard_partial(&upload_tag(self.store.installation(), job.id));
+        }
         let (file, signature) = open_source(job)?;
         let file = Arc::new(file);
         if job.chunk_size == 0 {
