@@ -456,7 +456,7 @@ async fn metrics(State(ctx): State<JobsHandle>) -> Response {
             written,
         ));
     }
-    if let Some((in_use, held)) = crate::memory::heap() {
+    if let Some((in_use, held)) = crate::memory::heap_recent() {
         measured.push(Measured::new(&metrics::HEAP_IN_USE, vec![], in_use as f64));
         measured.push(Measured::new(&metrics::HEAP_HELD, vec![], held as f64));
     }

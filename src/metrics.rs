@@ -72,8 +72,8 @@ scraped! {
     STORE_DURABLE_WRITES: Counter "hotfolder_store_durable_writes_total" "Job steps written and waited for until on disk.";
     STORE_RECORDS_WRITTEN: Counter "hotfolder_store_records_written_total" "Job records written to the embedded database, durable or not: each is encoded and indexed, so a small file's cost is counted in them.";
     STORE_FLUSHES: Counter "hotfolder_store_flushes_total" "Flushes of the embedded database (durable writes made at once share one).";
-    HEAP_IN_USE: Gauge "hotfolder_heap_in_use_bytes" "Bytes of live heap allocations (glibc's count).";
-    HEAP_HELD: Gauge "hotfolder_heap_held_bytes" "Bytes the heap holds from the system, in use or free (glibc's count).";
+    HEAP_IN_USE: Gauge "hotfolder_heap_in_use_bytes" "Bytes of live heap allocations (glibc's count, read at most once a second).";
+    HEAP_HELD: Gauge "hotfolder_heap_held_bytes" "Bytes the heap holds from the system, in use or free (glibc's count, read at most once a second).";
     FILES_DETECTED: Counter "hotfolder_files_detected_total" "Files found complete and offered, by watch.";
     FILES_VANISHED: Counter "hotfolder_files_vanished_total" "Files that disappeared before they were complete (not those hotfolder moved), by watch.";
     SCANS: Counter "hotfolder_scans_total" "Full scans of the watch folder, by watch.";
