@@ -187,6 +187,34 @@ fn a_crash_at_every_batch_step_delivers_each_file_once_and_files_it_once() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// A batch that takes the process down (here a failpoint that ends it at
+/// the batch's first file write, at every start) is not tried as a batch
+/// again: after the restart its jobs go on one at a time, each recording
+/// its attempt, so a file that kills the process cannot hold up a whole
+/// batch at every start.
+#[test]
+fn a_batch_cut_short_by_a_crash_is_not_tried_as_a_batch_again() {
+    let fx = Fixture::new();
+    let names = small_files(&fx.watch, 8);
+    fx.run_until_failpoint("batch::written=return", Duration::from_secs(60));
+    // The same point armed again: a batch would end the process once more.
+    let daemon = fx.start_with_failpoints("batch::written=return");
+    let rows = wait_for_outcome(&fx, names.len(), 0);
+    let log = daemon.log();
+    drop(daemon);
+    check_each_file_once(&fx, &names, "after a batch cut short");
+    assert!(
+        log.contains("cut short"),
+        "the restart says what it does with the batch; log:\n{log}"
+    );
+    for row in &rows {
+        assert!(
+            row["attempts"].as_u64().unwrap_or(0) >= 1,
+            "the batch counts as an attempt: {row}"
+        );
+    }
+}
+
 /// A file that vanishes once its job is made leaves its batch at the first
 /// step and fails alone, saying which file; the rest of its batch is
 /// delivered and filed.
@@ -279,7 +307,8 @@ fn a_file_gone_after_a_crash_mid_batch_leaves_no_partial_file_when_it_goes_on_al
         "{rows:?}"
     );
     assert!(
-        !log.contains("batch of small files"),
+        !log.lines()
+            .any(|l| l.contains("batch of small files") && !l.contains("cut short")),
         "the jobs went on alone after the restart; log:\n{log}"
     );
     assert_no_partial_folder(&fx, "a file gone after a crash, its job alone");

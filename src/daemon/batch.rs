@@ -177,7 +177,15 @@ pub(super) async fn batcher(ctx: Arc<Context>, provider: String, queue: SharedQu
             Arc::clone(&queue),
             Arc::clone(&remaining),
         ));
-        let failed = match run.await {
+        let ran = run.await;
+        // Ended without a crash, whichever way: its jobs need not go on
+        // alone at the next start for its sake.
+        if let (Store::Sled(sled), Some(&first)) = (&ctx.store, ids.first())
+            && let Err(e) = sled.batch_ended(first)
+        {
+            tracing::warn!(error = %e, "cannot note that a batch of small files ended; its unfinished jobs go on alone at the next start");
+        }
+        let failed = match ran {
             Ok(Ok(())) => None,
             Ok(Err(e @ StoreError::Db(_))) => {
                 ctx.store_failed(&e);
@@ -253,6 +261,7 @@ async fn run(
             return Ok(());
         }
     };
+    let first = ids.first().copied().unwrap_or_default();
     let mut members = Vec::with_capacity(ids.len());
     // Each watch's folder resolved once, not once per file (a `readlink`
     // per component of its path).
@@ -286,6 +295,7 @@ async fn run(
         queue,
         remaining,
         started: taken,
+        first,
         partials_unrecorded: false,
     };
     batch.leave().await;
@@ -371,6 +381,9 @@ struct Batch {
     /// When its batcher took its jobs: each step logs its time from there
     /// (at debug level), which is how a slow step is found.
     started: std::time::Instant,
+    /// The first job its batcher took: the batch is noted under it in the
+    /// store while under way.
+    first: u64,
     /// From the moment every member is known to fit (none has a session
     /// recorded) until their checkpoint: a member that leaves meanwhile
     /// takes no partial file with it (see [`Batch::leave`]).
@@ -428,10 +441,16 @@ impl Batch {
         }
         // Not recorded: a crash before the checkpoint leaves each job
         // queued, and its partial file (named after the job) is written
-        // again from the start, by a batch or alone. But each job must be
-        // on disk before its partial file is (a new job was only written,
-        // not waited for): else after a crash the file is taken as new,
-        // under another name, and that partial file is left behind.
+        // again from the start, alone. But each job must be on disk before
+        // its partial file is (a new job was only written, not waited
+        // for): else after a crash the file is taken as new, under another
+        // name, and that partial file is left behind. The batch itself is
+        // noted with them, so that the next start, finding it cut short,
+        // sends its jobs on alone (see `SledStore::note_batch`).
+        if let Store::Sled(sled) = &self.ctx.store {
+            let ids: Vec<u64> = self.members.iter().map(|m| m.job.id).collect();
+            sled.note_batch(self.first, &ids)?;
+        }
         self.ctx.store.flush().await?;
         self.lap("jobs flushed");
 

@@ -317,7 +317,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         _ => None,
     };
-    let unfinished: Vec<Job> = match &store {
+    let mut unfinished: Vec<Job> = match &store {
         Store::Postgres(pg) => pg.claim_own().await?,
         Store::Sled(_) => store
             .all()
@@ -326,6 +326,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .filter(|job| !job.state.is_terminal())
             .collect(),
     };
+    if let Store::Sled(sled) = &store {
+        send_cut_short_batches_alone(&store, sled, &mut unfinished).await?;
+    }
     let pauses = Pauses::new(crate::pause::load(&store).await?);
     for scope in pauses.current() {
         tracing::warn!(scope = %scope, "uploads are paused (kept from before the restart); `hotfolder resume` lets them go on");
@@ -774,6 +777,47 @@ impl Dispatch {
             }
         }
     }
+}
+
+/// The jobs of a batch of small files that a crash, a kill or a power cut
+/// stopped go on one at a time: each still queued counts the batch as its
+/// attempt (one job alone records its attempt before it writes anything),
+/// which keeps it out of batches from now on. A file that takes the
+/// process down then stops only its own job at each start, not a batch of
+/// a thousand.
+async fn send_cut_short_batches_alone(
+    store: &Store,
+    sled: &crate::state::SledStore,
+    unfinished: &mut [Job],
+) -> Result<(), StoreError> {
+    let cut_short: std::collections::HashSet<u64> = sled.batches_cut_short()?.into_iter().collect();
+    if cut_short.is_empty() {
+        return Ok(());
+    }
+    let (mut members, mut queued) = (0, 0);
+    for job in unfinished
+        .iter_mut()
+        .filter(|job| cut_short.contains(&job.id))
+    {
+        members += 1;
+        if job.attempts == 0 {
+            job.attempts = 1;
+            store.put_buffered(job).await?;
+            queued += 1;
+        }
+    }
+    store.flush().await?;
+    // (A batch that ended just before a crash may still be noted: its jobs
+    // are all finished, and there is nothing to say.)
+    sled.forget_batches_cut_short()?;
+    if members > 0 {
+        tracing::warn!(
+            jobs = members,
+            queued,
+            "a batch of small files was cut short (a crash, a kill or a power cut); its unfinished jobs go on one at a time"
+        );
+    }
+    Ok(())
 }
 
 /// The folders that many of `ready` share, each listed once for their

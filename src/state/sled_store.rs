@@ -55,10 +55,76 @@ fn delivered_key(provider: &str, fingerprint: &str) -> Vec<u8> {
     format!("{provider}\0{fingerprint}").into_bytes()
 }
 
+/// Where the meta tree notes a batch of small files under way.
+const BATCH_PREFIX: &str = "batch/";
+
+fn batch_key(first: u64) -> String {
+    format!("{BATCH_PREFIX}{first:020}")
+}
+
 impl SledStore {
     /// Durable writes asked for and flushes run, for `/metrics`.
     pub fn durability_counts(&self) -> (u64, u64) {
         self.commit.counts()
+    }
+
+    /// Note that a batch of small files, jobs `ids`, is under way, under
+    /// `first` (the first job its batcher took, which it ends with); durable
+    /// with the batch's first flush, which comes before it writes any
+    /// file. A batch a crash or a kill cuts short is still noted at the
+    /// next start ([`Self::batches_cut_short`]): its jobs then go on one
+    /// at a time, each recording its attempt, so a file that takes the
+    /// process down cannot stop a whole batch again at every start.
+    ///
+    /// # Errors
+    /// A write failure.
+    pub fn note_batch(&self, first: u64, ids: &[u64]) -> Result<(), StoreError> {
+        let members: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
+        self.meta.insert(batch_key(first), members)?;
+        Ok(())
+    }
+
+    /// The batch noted with `first` as its first job ended without a crash
+    /// (its jobs done, handed on alone, or left between steps by a
+    /// shutdown). Not waited for: a crash that loses this only sends its
+    /// unfinished jobs on alone.
+    ///
+    /// # Errors
+    /// A write failure.
+    pub fn batch_ended(&self, first: u64) -> Result<(), StoreError> {
+        self.meta.remove(batch_key(first))?;
+        Ok(())
+    }
+
+    /// The jobs of every batch noted and not ended: batches a crash cut
+    /// short. Forgotten with [`Self::forget_batches_cut_short`].
+    ///
+    /// # Errors
+    /// A read failure.
+    pub fn batches_cut_short(&self) -> Result<Vec<u64>, StoreError> {
+        let mut ids = Vec::new();
+        for entry in self.meta.scan_prefix(BATCH_PREFIX) {
+            let (_, members) = entry?;
+            ids.extend(
+                members
+                    .chunks_exact(8)
+                    .filter_map(|id| id.try_into().ok().map(u64::from_be_bytes)),
+            );
+        }
+        Ok(ids)
+    }
+
+    /// Forget the batches [`Self::batches_cut_short`] found, once what
+    /// their jobs need is recorded.
+    ///
+    /// # Errors
+    /// A write failure.
+    pub fn forget_batches_cut_short(&self) -> Result<(), StoreError> {
+        for entry in self.meta.scan_prefix(BATCH_PREFIX) {
+            let (key, _) = entry?;
+            self.meta.remove(key)?;
+        }
+        Ok(())
     }
 
     /// Job records written since it was opened.
@@ -460,4 +526,21 @@ fn installation_id(meta: &sled::Tree) -> Result<std::sync::Arc<str>, StoreError>
         .get("installation")?
         .map(|v| String::from_utf8_lossy(&v).into_owned());
     Ok(stored.unwrap_or(fresh).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_noted_and_not_ended_is_found_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        store.note_batch(3, &[4, 5]).unwrap();
+        store.note_batch(10, &[10, 11, 12]).unwrap();
+        store.batch_ended(10).unwrap();
+        assert_eq!(store.batches_cut_short().unwrap(), vec![4, 5]);
+        store.forget_batches_cut_short().unwrap();
+        assert!(store.batches_cut_short().unwrap().is_empty());
+    }
 }
