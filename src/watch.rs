@@ -516,15 +516,16 @@ impl Scanner {
     }
 
     /// When to look at the candidates next, the last look having ended at
-    /// `last`: when the first of them has been unchanged for `stable_for`,
-    /// so a file is taken when its time is up (a look every
+    /// `last`: when the first of them has been unchanged for `stable_for`
+    /// (and [`GATHER`] more), so a file is taken when its time is up (a look every
     /// [`Self::check_every`] alone took it up to that much later); at least
     /// [`CHECK_GAP`] after the last look, and at most `check_every` (a
     /// marker that appears, a rescan owed).
     pub fn next_check(&self, last: Instant) -> Instant {
         let periodic = last + self.check_every();
-        self.next_due
-            .map_or(periodic, |due| due.max(last + CHECK_GAP).min(periodic))
+        self.next_due.map_or(periodic, |due| {
+            (due + GATHER).max(last + CHECK_GAP).min(periodic)
+        })
     }
 }
 
@@ -537,6 +538,12 @@ pub enum WatchCommand {
 
 /// The least time between two looks at the candidates.
 pub const CHECK_GAP: Duration = Duration::from_millis(50);
+
+/// How long past the first candidate's time a look waits: files seen in
+/// one scan or one burst of events come due microseconds apart, and are
+/// taken in one look (so that they share a batch) instead of the first
+/// alone and the rest a [`CHECK_GAP`] later.
+pub const GATHER: Duration = Duration::from_millis(25);
 
 /// Files found ready together are sent together, at most this many in one
 /// message: their jobs are taken together and can share a batch.
@@ -844,7 +851,7 @@ mod tests {
         let last = before + Duration::from_millis(900);
         let next = scanner.next_check(last);
         assert!(
-            next >= before + stable_for && next <= after + stable_for,
+            next >= before + stable_for && next <= after + stable_for + GATHER,
             "looked at {:?} after it was seen, not when its {stable_for:?} was up",
             next - before
         );
