@@ -177,15 +177,7 @@ pub(super) async fn batcher(ctx: Arc<Context>, provider: String, queue: SharedQu
             Arc::clone(&queue),
             Arc::clone(&remaining),
         ));
-        let ran = run.await;
-        // Ended without a crash, whichever way: its jobs need not go on
-        // alone at the next start for its sake.
-        if let (Store::Sled(sled), Some(&first)) = (&ctx.store, ids.first())
-            && let Err(e) = sled.batch_ended(first)
-        {
-            tracing::warn!(error = %e, "cannot note that a batch of small files ended; its unfinished jobs go on alone at the next start");
-        }
-        let failed = match ran {
+        let failed = match run.await {
             Ok(Ok(())) => None,
             Ok(Err(e @ StoreError::Db(_))) => {
                 ctx.store_failed(&e);
@@ -261,7 +253,6 @@ async fn run(
             return Ok(());
         }
     };
-    let first = ids.first().copied().unwrap_or_default();
     let mut members = Vec::with_capacity(ids.len());
     // Each watch's folder resolved once, not once per file (a `readlink`
     // per component of its path).
@@ -295,7 +286,7 @@ async fn run(
         queue,
         remaining,
         started: taken,
-        first,
+        note: None,
         partials_unrecorded: false,
     };
     batch.leave().await;
@@ -328,7 +319,9 @@ async fn run(
     );
     // Each job's attempt starts here (tests pause or panic it).
     crate::failpoint::active("job::attempt");
-    batch.steps().await
+    let result = batch.steps().await;
+    batch.end_note();
+    result
 }
 
 /// A job in a batch, with what the batch learns about it.
@@ -381,9 +374,9 @@ struct Batch {
     /// When its batcher took its jobs: each step logs its time from there
     /// (at debug level), which is how a slow step is found.
     started: std::time::Instant,
-    /// The first job its batcher took: the batch is noted under it in the
-    /// store while under way.
-    first: u64,
+    /// Its note in the store while it is under way (see
+    /// `SledStore::note_batch`), from its first step until it ends.
+    note: Option<u64>,
     /// From the moment every member is known to fit (none has a session
     /// recorded) until their checkpoint: a member that leaves meanwhile
     /// takes no partial file with it (see [`Batch::leave`]).
@@ -407,6 +400,13 @@ impl Batch {
     /// The life of a small file, for all members at once. Each `record`
     /// writes the same state one job alone would have written there.
     async fn steps(&mut self) -> Result<(), StoreError> {
+        // Noted before any file is read: a start that finds the note sends
+        // the jobs on alone (a file that takes the process down, or hangs
+        // it until a watchdog does, stops only its own job from then on).
+        if let Store::Sled(sled) = &self.ctx.store {
+            let ids: Vec<u64> = self.members.iter().map(|m| m.job.id).collect();
+            self.note = Some(sled.note_batch(&ids).await?);
+        }
         // 1. The sources opened as an attempt opens them, read whole (they
         // are small), fingerprinted.
         self.blocking(Box::new(|members, _| {
@@ -444,13 +444,7 @@ impl Batch {
         // again from the start, alone. But each job must be on disk before
         // its partial file is (a new job was only written, not waited
         // for): else after a crash the file is taken as new, under another
-        // name, and that partial file is left behind. The batch itself is
-        // noted with them, so that the next start, finding it cut short,
-        // sends its jobs on alone (see `SledStore::note_batch`).
-        if let Store::Sled(sled) = &self.ctx.store {
-            let ids: Vec<u64> = self.members.iter().map(|m| m.job.id).collect();
-            sled.note_batch(self.first, &ids)?;
-        }
+        // name, and that partial file is left behind.
         self.ctx.store.flush().await?;
         self.lap("jobs flushed");
 
@@ -648,6 +642,17 @@ impl Batch {
             tracing::info!(job = job.id, file = %job.relpath.display(), provider = %job.provider, filed_to = %job.filed_to.as_deref().unwrap_or(Path::new("")).display(), "done");
         }
         Ok(())
+    }
+
+    /// The batch ended without a crash, whichever way (its jobs done,
+    /// handed on alone, or left between steps by a shutdown): its jobs need
+    /// not go on alone at the next start for its sake.
+    fn end_note(&mut self) {
+        if let (Store::Sled(sled), Some(number)) = (&self.ctx.store, self.note.take())
+            && let Err(e) = sled.batch_ended(number)
+        {
+            tracing::warn!(error = %e, "cannot note that a batch of small files ended; its unfinished jobs go on alone at the next start");
+        }
     }
 
     /// `duplicates: skip`, as one job checks it, under the same lock: a

@@ -780,7 +780,7 @@ impl Dispatch {
 }
 
 /// The jobs of a batch of small files that a crash, a kill or a power cut
-/// stopped go on one at a time: each still queued counts the batch as its
+/// stopped (or a shutdown that did not wait for it) go on one at a time: each still queued counts the batch as its
 /// attempt (one job alone records its attempt before it writes anything),
 /// which keeps it out of batches from now on. A file that takes the
 /// process down then stops only its own job at each start, not a batch of
@@ -814,7 +814,7 @@ async fn send_cut_short_batches_alone(
         tracing::warn!(
             jobs = members,
             queued,
-            "a batch of small files was cut short (a crash, a kill or a power cut); its unfinished jobs go on one at a time"
+            "a batch of small files was cut short (a crash, a kill, a power cut, or a shutdown that outlasted shutdown_timeout); its unfinished jobs go on one at a time"
         );
     }
     Ok(())

@@ -30,6 +30,10 @@ pub struct SledStore {
     meta: sled::Tree,
     /// Webhook deliveries waiting, by their key.
     outbox: sled::Tree,
+    /// Batches of small files noted since the store was opened (each
+    /// note's number; the notes a start finds are forgotten before any
+    /// batch runs).
+    batches_noted: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What the store keeps in memory of the jobs it writes.
@@ -58,8 +62,8 @@ fn delivered_key(provider: &str, fingerprint: &str) -> Vec<u8> {
 /// Where the meta tree notes a batch of small files under way.
 const BATCH_PREFIX: &str = "batch/";
 
-fn batch_key(first: u64) -> String {
-    format!("{BATCH_PREFIX}{first:020}")
+fn batch_key(number: u64) -> String {
+    format!("{BATCH_PREFIX}{number:020}")
 }
 
 impl SledStore {
@@ -68,31 +72,35 @@ impl SledStore {
         self.commit.counts()
     }
 
-    /// Note that a batch of small files, jobs `ids`, is under way, under
-    /// `first` (the first job its batcher took, which it ends with); durable
-    /// with the batch's first flush, which comes before it writes any
-    /// file. A batch a crash or a kill cuts short is still noted at the
-    /// next start ([`Self::batches_cut_short`]): its jobs then go on one
-    /// at a time, each recording its attempt, so a file that takes the
-    /// process down cannot stop a whole batch again at every start.
+    /// Note that a batch of small files, jobs `ids`, is under way, and
+    /// make the note durable before the batch reads any of its files. A
+    /// batch a crash, a kill or a power cut stops is still noted at the
+    /// next start ([`Self::batches_cut_short`]): its jobs then go on one at
+    /// a time, each recording its attempt, so a file that takes the process
+    /// down (or hangs it until a watchdog does) cannot stop a whole batch
+    /// again at every start. Answers the note's number, for
+    /// [`Self::batch_ended`].
     ///
     /// # Errors
     /// A write failure.
-    pub fn note_batch(&self, first: u64, ids: &[u64]) -> Result<(), StoreError> {
+    pub async fn note_batch(&self, ids: &[u64]) -> Result<u64, StoreError> {
+        let number = self
+            .batches_noted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let members: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
-        self.meta.insert(batch_key(first), members)?;
-        Ok(())
+        self.meta.insert(batch_key(number), members)?;
+        self.flush().await?;
+        Ok(number)
     }
 
-    /// The batch noted with `first` as its first job ended without a crash
-    /// (its jobs done, handed on alone, or left between steps by a
-    /// shutdown). Not waited for: a crash that loses this only sends its
-    /// unfinished jobs on alone.
+    /// The batch noted as `number` ended without a crash (its jobs done,
+    /// handed on alone, or left between steps by a shutdown). Not waited
+    /// for: a crash that loses this only sends its unfinished jobs on alone.
     ///
     /// # Errors
     /// A write failure.
-    pub fn batch_ended(&self, first: u64) -> Result<(), StoreError> {
-        self.meta.remove(batch_key(first))?;
+    pub fn batch_ended(&self, number: u64) -> Result<(), StoreError> {
+        self.meta.remove(batch_key(number))?;
         Ok(())
     }
 
@@ -189,6 +197,7 @@ impl SledStore {
             delivered: db.open_tree("delivered")?,
             outbox: db.open_tree("outbox")?,
             meta,
+            batches_noted: Default::default(),
         })
     }
 }
@@ -536,9 +545,12 @@ mod tests {
     fn a_batch_noted_and_not_ended_is_found_cut_short() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
-        store.note_batch(3, &[4, 5]).unwrap();
-        store.note_batch(10, &[10, 11, 12]).unwrap();
-        store.batch_ended(10).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(store.note_batch(&[4, 5])).unwrap();
+        let ended = rt.block_on(store.note_batch(&[10, 11, 12])).unwrap();
+        store.batch_ended(ended).unwrap();
         assert_eq!(store.batches_cut_short().unwrap(), vec![4, 5]);
         store.forget_batches_cut_short().unwrap();
         assert!(store.batches_cut_short().unwrap().is_empty());
