@@ -40,12 +40,14 @@ pub struct SledStore {
 #[derive(Default)]
 struct Written {
     tally: super::tally::Tally,
-    /// Each unfinished job as last counted, and whether the index of
-    /// sources names it (or a newer job of its source) already: a job is
-    /// written four times or more on its way, and its later writes then
-    /// neither decode the record they replace nor read the index. Finished
+    /// Each unfinished job as last counted, and the source (its key in the
+    /// index) under which the index names it, or a newer job of that
+    /// source, already: a job is written four times or more on its way,
+    /// and its later writes then neither decode the record they replace
+    /// nor read the index. A job whose file comes back under another name
+    /// (a retry, where its name was taken) is named again under it. Finished
     /// jobs leave it, so it holds no more than the jobs under way.
-    unfinished: std::collections::HashMap<u64, (Counted, bool)>,
+    unfinished: std::collections::HashMap<u64, (Counted, Option<Vec<u8>>)>,
 }
 
 fn source_key(watch: &str, relpath: &Path) -> Vec<u8> {
@@ -245,18 +247,21 @@ impl JobStore for SledStore {
         let previous = self.jobs.insert(job.id.to_be_bytes(), bytes)?;
         self.records_written
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let indexed = !job.watch.is_empty() || !job.relpath.as_os_str().is_empty();
+        let key = indexed.then(|| source_key(&job.watch, &job.relpath));
         let known = written.unfinished.remove(&job.id);
-        let named = known.as_ref().is_some_and(|(_, named)| *named);
-        let replaced = match known {
-            Some((old, _)) => Some(old),
-            None => previous.as_deref().and_then(Counted::of),
+        let (replaced, named) = match known {
+            Some((old, named_as)) => (Some(old), named_as.is_some() && named_as == key),
+            None => (previous.as_deref().and_then(Counted::of), false),
         };
         if let Some(old) = replaced {
             written.tally.remove(&old);
         }
         written.tally.add(&counted);
         if unfinished {
-            written.unfinished.insert(job.id, (counted, named));
+            written
+                .unfinished
+                .insert(job.id, (counted, key.clone().filter(|_| named)));
         }
         drop(written);
         // The source names its newest job (the highest id, as in the
@@ -265,21 +270,20 @@ impl JobStore for SledStore {
         // already, only read the index (each write is an insert). A job
         // whose entry a crash lost (the two trees are written one after
         // the other) is named again at its first write after the restart.
-        if !named && (!job.watch.is_empty() || !job.relpath.as_os_str().is_empty()) {
-            let key = source_key(&job.watch, &job.relpath);
+        if let Some(key) = key.filter(|_| !named) {
             let named = self
                 .sources
                 .get(&key)?
                 .and_then(|id| id.as_ref().try_into().ok().map(u64::from_be_bytes));
             if named.is_none_or(|named| named < job.id) {
-                self.sources.insert(key, &job.id.to_be_bytes())?;
+                self.sources.insert(key.as_slice(), &job.id.to_be_bytes())?;
             }
             // Once named (by it or a newer job) it stays so: the index only
             // moves to higher ids.
             if unfinished {
                 let mut written = self.tally.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some((_, named)) = written.unfinished.get_mut(&job.id) {
-                    *named = true;
+                if let Some((_, named_as)) = written.unfinished.get_mut(&job.id) {
+                    *named_as = Some(key);
                 }
             }
         }
@@ -540,6 +544,39 @@ fn installation_id(meta: &sled::Tree) -> Result<std::sync::Arc<str>, StoreError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_whose_file_comes_back_under_another_name_is_found_under_it() {
+        use crate::state::{Job, JobStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let signature = crate::source::FileSignature {
+            size: 5,
+            mtime_ns: 1,
+            dev: 1,
+            ino: 2,
+        };
+        let mut job = Job::new(
+            1,
+            "w",
+            Path::new("x.mp4"),
+            Path::new("/w/x.mp4"),
+            signature,
+            "p",
+        );
+        rt.block_on(store.put(&mut job)).unwrap();
+        // As a retry brings the file back where its name was taken.
+        job.relpath = "x-1.mp4".into();
+        job.source = "/w/x-1.mp4".into();
+        rt.block_on(store.put(&mut job)).unwrap();
+        let found = rt
+            .block_on(store.latest_for("w", Path::new("x-1.mp4")))
+            .unwrap();
+        assert_eq!(found.map(|j| j.id), Some(1), "the job under its new name");
+    }
 
     #[test]
     fn a_batch_noted_and_not_ended_is_found_cut_short() {
