@@ -251,7 +251,7 @@ pub fn copy_to_temporary(from: &Path, temporary: &Path) -> io::Result<()> {
 /// returns, an fsync per file and folder, as one job at a time needs.
 /// `Batch`: with the rest of a batch of small files, whose caller syncs
 /// each file system once ([`FileSystemSync`]) before it records or does
-/// anything that relies on them: hundreds of files share one wait.
+/// anything that relies on them: up to 1,024 files share one wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// fsync each file and folder now.

@@ -164,6 +164,18 @@ struct Candidate {
     observations: u32,
 }
 
+impl Candidate {
+    /// When it will have been unchanged for `stable_for`.
+    fn due(&self, stable_for: Duration) -> Instant {
+        Self::due_from(self.since, stable_for)
+    }
+
+    /// When a candidate seen unchanged `since` is due.
+    fn due_from(since: Instant, stable_for: Duration) -> Instant {
+        since + stable_for
+    }
+}
+
 /// The discovery state of one watch.
 pub struct Scanner {
     config: WatchConfig,
@@ -416,12 +428,13 @@ impl Scanner {
                 );
             }
         }
-        let due = since + self.config.stable_for;
+        let due = Candidate::due_from(since, self.config.stable_for);
         self.next_due = Some(self.next_due.map_or(due, |next| next.min(due)));
     }
 
-    /// Re-stat every candidate; offer the ones that stayed unchanged for
-    /// `stable_for` (and whose marker exists, when required).
+    /// Stat every candidate whose `stable_for` is up; offer the ones that
+    /// stayed unchanged all along (and whose marker exists, when required).
+    /// The others are not looked at until then.
     pub fn check_candidates(&mut self) -> Vec<ReadyFile> {
         // Every candidate due by now is looked at in this pass.
         let started = Instant::now();
@@ -436,7 +449,7 @@ impl Scanner {
             if self
                 .candidates
                 .get(&path)
-                .is_some_and(|c| c.since.elapsed() < self.config.stable_for)
+                .is_some_and(|c| c.due(self.config.stable_for) > Instant::now())
             {
                 continue;
             }
@@ -448,7 +461,7 @@ impl Scanner {
                 }
             };
             // Observed with what was just read: one `stat` per candidate
-            // and pass.
+            // looked at.
             if self.observable(&path) {
                 self.record(&path, &meta);
             }
@@ -498,7 +511,7 @@ impl Scanner {
         self.next_due = self
             .candidates
             .values()
-            .map(|c| c.since + self.config.stable_for)
+            .map(|c| c.due(self.config.stable_for))
             .filter(|&due| due > started)
             .min();
         ready
@@ -510,7 +523,9 @@ impl Scanner {
         self.offered.remove(path);
     }
 
-    /// How often candidates are re-checked.
+    /// The longest gap between two looks at the candidates (a marker that
+    /// appears, a rescan owed); a candidate's own time brings a look sooner
+    /// (see [`Self::next_check`]).
     pub fn check_every(&self) -> Duration {
         (self.config.stable_for / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }

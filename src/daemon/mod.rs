@@ -687,7 +687,8 @@ const GIVE_BACK_MEMORY_EVERY: Duration = Duration::from_secs(30);
 /// numbers, not 100,000 tasks and records.
 ///
 /// New small files for a `folder` provider go to its batch queue instead
-/// ([`batch`]), taken a few hundred at a time by at most two batchers.
+/// ([`batch`]), taken up to 1,024 at a time (within 8 MiB) by up to four
+/// batchers.
 #[derive(Default)]
 struct Dispatch {
     /// Waiting job ids by provider name (empty: not routed yet).
