@@ -254,12 +254,9 @@ fn a_vanished_file_leaves_its_batch_and_fails_alone() {
     assert_eq!(Fixture::files_in(&fx.outbox).len(), kept.len());
 }
 
-/// A crash after a batch wrote its partial files, then a source that
-/// vanishes before the next start: that file fails alone, naming it, the
-/// others are delivered, and no partial file is left in the destination
-/// (the jobs were queued, with nothing recorded of their partial files).
-#[test]
-fn a_file_that_vanishes_after_a_crash_mid_batch_leaves_no_partial_file() {
+/// Eight small files, a crash once their batch wrote its partial files,
+/// then one source removed while the daemon is down (the one returned).
+fn crash_after_the_partials_then_remove_one() -> (Fixture, Vec<String>, String) {
     let fx = Fixture::new();
     let names = small_files(&fx.watch, 8);
     let gone = names[2].clone();
@@ -269,6 +266,16 @@ fn a_file_that_vanishes_after_a_crash_mid_batch_leaves_no_partial_file() {
         "the crash came after the partial files were written"
     );
     std::fs::remove_file(fx.watch.join(&gone)).expect("remove");
+    (fx, names, gone)
+}
+
+/// A crash after a batch wrote its partial files, then a source that
+/// vanishes before the next start: that file fails alone, naming it, the
+/// others are delivered, and no partial file is left in the destination
+/// (the jobs were queued, with nothing recorded of their partial files).
+#[test]
+fn a_file_that_vanishes_after_a_crash_mid_batch_leaves_no_partial_file() {
+    let (fx, names, gone) = crash_after_the_partials_then_remove_one();
     let daemon = fx.start();
     let rows = wait_for_outcome(&fx, names.len() - 1, 1);
     drop(daemon);
@@ -286,15 +293,7 @@ fn a_file_that_vanishes_after_a_crash_mid_batch_leaves_no_partial_file() {
 /// record names, goes with it. The others are delivered one job at a time.
 #[test]
 fn a_file_gone_after_a_crash_mid_batch_leaves_no_partial_file_when_it_goes_on_alone() {
-    let fx = Fixture::new();
-    let names = small_files(&fx.watch, 8);
-    let gone = names[2].clone();
-    fx.run_until_failpoint("batch::written=return", Duration::from_secs(60));
-    assert!(
-        fx.outbox.join(".hotfolder-partial").exists(),
-        "the crash came after the partial files were written"
-    );
-    std::fs::remove_file(fx.watch.join(&gone)).expect("remove");
+    let (fx, names, gone) = crash_after_the_partials_then_remove_one();
     fx.write_config("after_success: delete", "", "");
     let daemon = fx.start();
     let rows = wait_for_outcome(&fx, names.len() - 1, 1);

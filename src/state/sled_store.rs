@@ -545,14 +545,21 @@ fn installation_id(meta: &sled::Tree) -> Result<std::sync::Arc<str>, StoreError>
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_job_whose_file_comes_back_under_another_name_is_found_under_it() {
-        use crate::state::{Job, JobStore};
+    /// A store in a fresh folder (kept while the folder lives), with a
+    /// runtime to wait on its calls.
+    fn open_store() -> (tempfile::TempDir, SledStore, tokio::runtime::Runtime) {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
+        (dir, store, rt)
+    }
+
+    #[test]
+    fn a_job_whose_file_comes_back_under_another_name_is_found_under_it() {
+        use crate::state::{Job, JobStore};
+        let (_dir, store, rt) = open_store();
         let signature = crate::source::FileSignature {
             size: 5,
             mtime_ns: 1,
@@ -580,11 +587,7 @@ mod tests {
 
     #[test]
     fn a_batch_noted_and_not_ended_is_found_cut_short() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let (_dir, store, rt) = open_store();
         rt.block_on(store.note_batch(&[4, 5])).unwrap();
         let ended = rt.block_on(store.note_batch(&[10, 11, 12])).unwrap();
         store.batch_ended(ended).unwrap();
