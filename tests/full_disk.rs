@@ -165,6 +165,17 @@ fn a_full_done_folder_keeps_the_source_and_files_it_when_there_is_room() {
 #[test]
 fn a_full_state_dir_stops_the_daemon_clearly_and_loses_nothing() {
     let fx = Fixture::new();
+    // Each job record bigger than what sled may still have room for in
+    // the pages it already holds (the tail of one): the job's first
+    // durable write fails, whatever the size of a plain record.
+    let description = "x".repeat(16 << 10);
+    let rules = format!(
+        "- match: {{}}\n  provider: archive\n  metadata: {{ title: \"{{stem}}\", description: \"{description}\" }}"
+    );
+    fx.write_config_parts(ConfigParts {
+        rules: Some(&rules),
+        ..ConfigParts::default()
+    });
     let Some(_tmpfs) = Tmpfs::mount(&fx.state, "16m") else {
         return;
     };

@@ -67,7 +67,10 @@ pub struct ContentEntry {
     pub jobs: Vec<u64>,
 }
 
-/// One file's journey. Serialized as JSON with a version tag.
+/// One file's journey. Serialized as JSON with a version tag; what it does
+/// not have (an empty `Option`) is left out of the record, which the
+/// database copies several times over for each of a job's many writes
+/// (records that spell it out as `null` read the same).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     /// Record layout version ([`JOB_RECORD_VERSION`]).
@@ -87,32 +90,41 @@ pub struct Job {
     /// Provider name.
     pub provider: String,
     /// Index of the rule that routed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<usize>,
     /// What that rule said ([`crate::config::Rule::fingerprint`]): after a
     /// reload moved or changed the rules, the index alone could name
     /// another rule (and its webhooks).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule_fingerprint: Option<String>,
     /// Rendered metadata sent with the upload.
     pub metadata: BTreeMap<String, serde_json::Value>,
     /// Sidecar file that travels with the source.
-    #[serde(with = "paths::optional", default)]
+    #[serde(
+        with = "paths::optional",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sidecar: Option<PathBuf>,
     /// Skip content already delivered to this provider.
     pub skip_duplicates: bool,
     /// Current state.
     pub state: JobState,
     /// Provider session (remote id, upload URL...), persisted before the first byte.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<Session>,
     /// Bytes per request, fixed when the job starts.
     pub chunk_size: u64,
     /// Bytes the provider acknowledged.
     pub acked: u64,
     /// Hash state at some offset ≤ `acked` (normally equal).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hash: Option<ResumableSha256>,
     /// Full sha256, once known.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// Size + ends hash, for duplicate candidates.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
     /// Bytes sent over all attempts (resends included).
     pub bytes_sent: u64,
@@ -123,35 +135,54 @@ pub struct Job {
     /// Failed attempts since the last progress.
     pub failures: u32,
     /// The most recent failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<ErrorInfo>,
     /// What the provider reported at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery: Option<Delivery>,
     /// An earlier job that delivered the same content.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicate_of: Option<u64>,
     /// Where the source was (or is being) filed: done/ or failed/.
-    #[serde(with = "paths::optional", default)]
+    #[serde(
+        with = "paths::optional",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub filed_to: Option<PathBuf>,
     /// Where the sidecar was filed.
-    #[serde(with = "paths::optional", default)]
+    #[serde(
+        with = "paths::optional",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sidecar_filed_to: Option<PathBuf>,
     /// The move about to be made (into done/ or failed/, or back into the
     /// watch folder for `retry`), recorded before it is made so that a
     /// crash in the middle is finished from what was meant.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filing: Option<FilingIntent>,
     /// The receipt or error report about to be written (or written) for
     /// this filing: a restart finds its own report instead of writing a
     /// second one beside it.
-    #[serde(with = "paths::optional", default)]
+    #[serde(
+        with = "paths::optional",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub report: Option<PathBuf>,
     /// The hidden temporary that report is written through, recorded before
     /// it is created so a crash never leaves it behind.
-    #[serde(with = "paths::optional", default)]
+    #[serde(
+        with = "paths::optional",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub report_temporary: Option<PathBuf>,
     /// Remote objects abandoned or possibly orphaned on the way.
     pub replaced: Vec<String>,
     /// In a fleet, the node that runs the job (`None` on a single box).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// In a fleet, the epoch of the claim this copy of the job was read
     /// under: a write with an older epoch is refused (0: unclaimed).
@@ -160,8 +191,10 @@ pub struct Job {
     /// Created.
     pub created_at: jiff::Timestamp,
     /// First byte sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<jiff::Timestamp>,
     /// Reached a terminal state.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<jiff::Timestamp>,
     /// Webhook events raised so far: each event's id counts on from it, so
     /// a job retried by hand raises new ids, while a step redone after a
@@ -854,6 +887,60 @@ mod tests {
             dev: 1,
             ino: 2,
         }
+    }
+
+    /// A small file is written four times or more; each record is copied
+    /// several times over by the database, so what a job does not have is
+    /// left out of it, and records that spell it out (written before) still
+    /// read the same.
+    #[test]
+    fn a_record_leaves_out_what_the_job_does_not_have_and_older_records_still_read() {
+        let job = Job::new(
+            7,
+            "w",
+            Path::new("a.mp4"),
+            Path::new("/w/a.mp4"),
+            signature(),
+            "p",
+        );
+        let record = serde_json::to_string(&job).unwrap();
+        assert!(
+            !record.contains("null"),
+            "a new job's record spells out nothing it lacks: {record}"
+        );
+        let mut spelled_out: serde_json::Value = serde_json::to_value(&job).unwrap();
+        for field in [
+            "rule",
+            "rule_fingerprint",
+            "sidecar",
+            "session",
+            "hash",
+            "sha256",
+            "fingerprint",
+            "last_error",
+            "delivery",
+            "duplicate_of",
+            "filed_to",
+            "sidecar_filed_to",
+            "filing",
+            "report",
+            "report_temporary",
+            "node",
+            "started_at",
+            "finished_at",
+        ] {
+            spelled_out[field] = serde_json::Value::Null;
+        }
+        let older = decode(spelled_out.to_string().as_bytes()).unwrap();
+        let newer = decode(record.as_bytes()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&older).unwrap(),
+            serde_json::to_value(&newer).unwrap()
+        );
+        assert_eq!(
+            serde_json::to_value(&newer).unwrap(),
+            serde_json::to_value(&job).unwrap()
+        );
     }
 
     #[tokio::test]

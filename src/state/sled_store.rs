@@ -13,6 +13,9 @@ use crate::group_commit::GroupCommit;
 /// sled's page cache: enough for the jobs in flight and recent history.
 const CACHE_BYTES: u64 = 32 << 20;
 
+/// About the size of a job's record once under way (1 to 1.5 KiB).
+const RECORD_BYTES: usize = 2048;
+
 /// The sled-backed job store. Cheap to clone.
 #[derive(Clone)]
 pub struct SledStore {
@@ -230,7 +233,9 @@ impl JobStore for SledStore {
 
     async fn put_buffered(&self, job: &mut Job) -> Result<(), StoreError> {
         job.updated_at = jiff::Timestamp::now();
-        let bytes = serde_json::to_vec(job).map_err(|source| StoreError::Decode {
+        // Room for a typical record at once, not grown by doubling.
+        let mut bytes = Vec::with_capacity(RECORD_BYTES);
+        serde_json::to_writer(&mut bytes, job).map_err(|source| StoreError::Decode {
             key: job.id.to_string(),
             source,
         })?;
