@@ -43,6 +43,9 @@ pub struct Route {
     pub sidecar: Option<PathBuf>,
     /// Whether known content is skipped.
     pub duplicates: Duplicates,
+    /// What the rule says ([`Rule::fingerprint`]), worked out once per
+    /// rule, not once per file.
+    pub fingerprint: String,
 }
 
 /// Routing failed for a reason the operator must fix (e.g. a broken sidecar).
@@ -52,8 +55,15 @@ pub struct RouteError(pub String);
 
 /// Compiled rules.
 pub struct Router {
-    rules: Vec<(Rule, Option<GlobMatcher>)>,
+    rules: Vec<CompiledRule>,
     unmatched: Unmatched,
+}
+
+/// A rule with its glob compiled and its fingerprint worked out.
+struct CompiledRule {
+    rule: Rule,
+    glob: Option<GlobMatcher>,
+    fingerprint: String,
 }
 
 /// A glob on relative paths, with the same semantics as watch include/exclude
@@ -69,11 +79,10 @@ impl Router {
             rules: config
                 .rules
                 .iter()
-                .map(|rule| {
-                    (
-                        rule.clone(),
-                        rule.glob.as_deref().and_then(|g| path_glob(g).ok()),
-                    )
+                .map(|rule| CompiledRule {
+                    rule: rule.clone(),
+                    glob: rule.glob.as_deref().and_then(|g| path_glob(g).ok()),
+                    fingerprint: rule.fingerprint(),
                 })
                 .collect(),
             unmatched: config.unmatched,
@@ -90,13 +99,15 @@ impl Router {
     /// # Errors
     /// A sidecar that cannot be read or parsed.
     pub fn route(&self, facts: &FileFacts<'_>) -> Result<Option<Route>, RouteError> {
-        let rule = self.rules.iter().find(|(rule, glob)| {
+        let found = self.rules.iter().find(|CompiledRule { rule, glob, .. }| {
             rule.watch.as_deref().is_none_or(|w| w == facts.watch)
                 && glob.as_ref().is_none_or(|g| g.is_match(facts.relpath))
                 && rule.min_size.is_none_or(|min| facts.size >= min)
                 && rule.max_size.is_none_or(|max| facts.size <= max)
         });
-        rule.map(|(rule, _)| self.render(rule, facts)).transpose()
+        found
+            .map(|found| self.render(&found.rule, &found.fingerprint, facts))
+            .transpose()
     }
 
     /// For `hotfolder upload --provider NAME`: the metadata of the first rule
@@ -109,9 +120,9 @@ impl Router {
         match self
             .rules
             .iter()
-            .find(|(rule, _)| rule.provider == provider)
+            .find(|found| found.rule.provider == provider)
         {
-            Some((rule, _)) => self.render(rule, facts),
+            Some(found) => self.render(&found.rule, &found.fingerprint, facts),
             None => {
                 let fallback = Rule {
                     index: 0,
@@ -127,13 +138,18 @@ impl Router {
                     duplicates: Duplicates::Skip,
                     notify: Vec::new(),
                 };
-                self.render(&fallback, facts)
+                self.render(&fallback, &fallback.fingerprint(), facts)
             }
         }
     }
 
     /// A rule's templates rendered for a file, then its sidecar on top.
-    fn render(&self, rule: &Rule, facts: &FileFacts<'_>) -> Result<Route, RouteError> {
+    fn render(
+        &self,
+        rule: &Rule,
+        fingerprint: &str,
+        facts: &FileFacts<'_>,
+    ) -> Result<Route, RouteError> {
         let mut metadata: BTreeMap<String, Value> = rule
             .metadata
             .iter()
@@ -151,6 +167,7 @@ impl Router {
             metadata,
             sidecar,
             duplicates: rule.duplicates,
+            fingerprint: fingerprint.to_string(),
         })
     }
 }
@@ -428,6 +445,7 @@ mod tests {
         let rel = Path::new("promo/x/clip.mp4");
         let route = router.route(&facts(rel, &video)).unwrap().unwrap();
         assert_eq!(route.provider, "a");
+        assert_eq!(route.fingerprint, config.rules[0].fingerprint());
         assert_eq!(route.metadata["title"], "clip");
         assert_eq!(
             route.metadata["tags"],

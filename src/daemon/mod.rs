@@ -928,11 +928,7 @@ fn route_job(
         Ok(Some(route)) => {
             job.provider = route.provider;
             job.rule = Some(route.rule);
-            job.rule_fingerprint = ctx
-                .config
-                .rules
-                .get(route.rule)
-                .map(crate::config::Rule::fingerprint);
+            job.rule_fingerprint = Some(route.fingerprint);
             job.metadata = route.metadata;
             job.sidecar = route.sidecar;
             job.skip_duplicates = route.duplicates == Duplicates::Skip;
