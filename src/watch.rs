@@ -33,6 +33,10 @@ pub struct ReadyFile {
     pub signature: FileSignature,
     /// Modification time (for templates).
     pub mtime: SystemTime,
+    /// Which of its watch's looks found it ready: the files of one look
+    /// come in several messages, and share what is worked out for them
+    /// (a folder listed for sidecars).
+    pub look: u64,
 }
 
 /// Counters for metrics and tests.
@@ -195,6 +199,8 @@ pub struct Scanner {
     /// else: a marker). Only ever early, never late: a candidate that
     /// changes or goes leaves it as it was, which costs one look too many.
     next_due: Option<Instant>,
+    /// Looks at the candidates so far (see [`ReadyFile::look`]).
+    looks: u64,
 }
 
 /// Folders no watch enters (every watch's done and failed folders): a
@@ -225,6 +231,7 @@ impl Scanner {
             held,
             counters,
             next_due: None,
+            looks: 0,
         }
     }
 
@@ -438,6 +445,7 @@ impl Scanner {
     pub fn check_candidates(&mut self) -> Vec<ReadyFile> {
         // Every candidate due by now is looked at in this pass.
         let started = Instant::now();
+        self.looks += 1;
         let paths: Vec<PathBuf> = self.candidates.keys().cloned().collect();
         let mut ready = Vec::new();
         for path in paths {
@@ -503,6 +511,7 @@ impl Scanner {
                 signature: FileSignature::of(&meta),
                 mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 path,
+                look: self.looks,
             });
         }
         // Those still waiting for their time (some may have come due

@@ -404,6 +404,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     give_back.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut store_failed = ctx.store_failed.subscribe();
     let mut failure = None;
+    let mut sidecar_listings = SidecarListings::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -418,11 +419,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Some(ready) = ready_rx.recv() => {
                 // The files a watch found ready together are taken
                 // together, so that their jobs can share a batch.
-                let listed = list_for_sidecars(&ready).await;
+                sidecar_listings.list_for(&ready).await;
                 for file in ready {
-                    let (watch, path) = (file.watch.clone(), file.path.clone());
-                    let sidecars = path.parent().and_then(|folder| listed.get(folder));
-                    match take_file(&ctx, file, sidecars.map(AsRef::as_ref)).await {
+                    let (watch, path, look) = (file.watch.clone(), file.path.clone(), file.look);
+                    let sidecars = sidecar_listings.of(&watch, look, &path);
+                    match take_file(&ctx, file, sidecars).await {
                         Ok(()) => ctx.store_health.answered(),
                         Err(e @ StoreError::Database(_)) => {
                             // Offered again once stable: nothing is lost.
@@ -821,37 +822,84 @@ async fn send_cut_short_batches_alone(
     Ok(())
 }
 
-/// The folders that many of `ready` share, each listed once for their
-/// sidecars (see [`FolderSidecars`]).
-async fn list_for_sidecars(ready: &[ReadyFile]) -> HashMap<PathBuf, Arc<FolderSidecars>> {
-    let mut files_in: HashMap<&Path, usize> = HashMap::new();
-    for file in ready {
-        if let Some(folder) = file.path.parent() {
-            *files_in.entry(folder).or_default() += 1;
+/// The folders of a watch's look listed for sidecars (see
+/// [`FolderSidecars`]), per watch. A look's ready files come in messages
+/// of at most [`crate::watch::READY_AT_ONCE`]; a folder is listed at the
+/// first message that has many of its files, and that listing serves the
+/// rest of the look (a drop of 10,000 files into one folder was 40 listings
+/// of 10,000 entries). A sidecar is looked for as of the look that found
+/// its file ready, whichever message carries that file.
+#[derive(Default)]
+struct SidecarListings {
+    watches: HashMap<String, LookListings>,
+}
+
+/// One watch's look and the folders listed for it (`None`: too big to
+/// list, or unreadable; its files look their own up).
+#[derive(Default)]
+struct LookListings {
+    look: u64,
+    folders: HashMap<PathBuf, Option<Arc<FolderSidecars>>>,
+}
+
+impl SidecarListings {
+    /// List the folders that many of `ready` share, unless listed already.
+    async fn list_for(&mut self, ready: &[ReadyFile]) {
+        let Some(first) = ready.first() else {
+            return;
+        };
+        let listings = self.watches.entry(first.watch.clone()).or_default();
+        if listings.look != first.look {
+            // A new look: what changed in the folders since counts.
+            listings.look = first.look;
+            listings.folders.clear();
         }
-    }
-    let worth: Vec<(PathBuf, usize)> = files_in
-        .into_iter()
-        .filter(|(_, files)| *files >= FolderSidecars::WORTH_FROM)
-        .map(|(folder, files)| (folder.to_path_buf(), files))
-        .collect();
-    if worth.is_empty() {
-        return HashMap::new();
-    }
-    tokio::task::spawn_blocking(move || {
-        worth
+        let mut files_in: HashMap<&Path, usize> = HashMap::new();
+        for file in ready {
+            if let Some(folder) = file.path.parent() {
+                *files_in.entry(folder).or_default() += 1;
+            }
+        }
+        let worth: Vec<(PathBuf, usize)> = files_in
             .into_iter()
-            .filter_map(|(folder, files)| {
-                let listed =
-                    FolderSidecars::list(&folder, files * FolderSidecars::ENTRIES_PER_FILE)?;
-                tracing::debug!(folder = %folder.display(), files, "folder listed for sidecars");
-                Some((folder, Arc::new(listed)))
+            .filter(|(folder, files)| {
+                *files >= FolderSidecars::WORTH_FROM && !listings.folders.contains_key(*folder)
             })
-            .collect()
-    })
-    .await
-    // Lost with its thread: each file looks its own up.
-    .unwrap_or_default()
+            .map(|(folder, files)| (folder.to_path_buf(), files))
+            .collect();
+        if worth.is_empty() {
+            return;
+        }
+        let listed = tokio::task::spawn_blocking(move || {
+            worth
+                .into_iter()
+                .map(|(folder, files)| {
+                    let listed =
+                        FolderSidecars::list(&folder, files * FolderSidecars::ENTRIES_PER_FILE);
+                    tracing::debug!(folder = %folder.display(), files, listed = listed.is_some(), "folder listed for sidecars");
+                    (folder, listed.map(Arc::new))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        // Lost with its thread: each file looks its own up.
+        .unwrap_or_default();
+        listings.folders.extend(listed);
+    }
+
+    /// The listing of the folder of `path`, found ready by look `look` of
+    /// watch `watch`, if that look listed it.
+    fn of(&self, watch: &str, look: u64, path: &Path) -> Option<&FolderSidecars> {
+        let listings = self.watches.get(watch)?;
+        if listings.look != look {
+            return None;
+        }
+        listings
+            .folders
+            .get(path.parent()?)?
+            .as_ref()
+            .map(AsRef::as_ref)
+    }
 }
 
 /// A watch offers a complete file: unless a job already covers this version
@@ -1860,6 +1908,61 @@ async fn bring_back(ctx: &Context, job: &mut Job) -> Result<bool, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A look's ready files come in messages of at most READY_AT_ONCE:
+    /// their folder is listed for sidecars at the look's first message and
+    /// that listing serves the rest of the look (a drop of 10,000 files in
+    /// one folder was listed 40 times); the next look lists it again.
+    #[tokio::test]
+    async fn a_folder_is_listed_for_sidecars_once_per_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = |look: u64, from: usize| -> Vec<ReadyFile> {
+            (from..from + FolderSidecars::WORTH_FROM)
+                .map(|i| {
+                    let relpath = PathBuf::from(format!("clip-{i}.mp4"));
+                    ReadyFile {
+                        watch: "w".into(),
+                        path: dir.path().join(&relpath),
+                        relpath,
+                        signature: crate::state::FileSignature {
+                            size: 1,
+                            mtime_ns: 0,
+                            dev: 0,
+                            ino: i as u64,
+                        },
+                        mtime: SystemTime::UNIX_EPOCH,
+                        look,
+                    }
+                })
+                .collect()
+        };
+        let sidecar_of = |listings: &SidecarListings, file: &ReadyFile| {
+            crate::route::find_sidecar(&file.path, listings.of(&file.watch, file.look, &file.path))
+        };
+        let mut listings = SidecarListings::default();
+        let first = ready(1, 0);
+        listings.list_for(&first).await;
+        assert!(
+            listings.of("w", 1, &first[0].path).is_some(),
+            "listed at the look's first message"
+        );
+        // A sidecar that came after the look was listed.
+        std::fs::write(dir.path().join("clip-40.json"), "{}").unwrap();
+        let second = ready(1, 32);
+        listings.list_for(&second).await;
+        assert_eq!(
+            sidecar_of(&listings, &second[8]),
+            None,
+            "the rest of the look is answered from its first listing"
+        );
+        let next_look = ready(2, 32);
+        listings.list_for(&next_look).await;
+        assert_eq!(
+            sidecar_of(&listings, &next_look[8]),
+            Some(dir.path().join("clip-40.json")),
+            "the next look lists the folder again"
+        );
+    }
 
     #[tokio::test]
     async fn slots_resized_down_are_taken_back_as_they_free_up() {
