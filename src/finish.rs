@@ -19,6 +19,15 @@ use crate::state::{FileSignature, FilingIntent};
 /// # Errors
 /// [`FilingError`] when the folder cannot be made or no name is free.
 pub fn plan(from: &Path, target: &Path) -> Result<FilingIntent, FilingError> {
+    make_folder_of(target)?;
+    plan_in_folder(from, target)
+}
+
+/// Make the folder `target` goes in, if it is not there.
+///
+/// # Errors
+/// [`FilingError`] naming the folder.
+pub fn make_folder_of(target: &Path) -> Result<(), FilingError> {
     // Looked at before it is made: a drop's files share a few folders, and
     // making one that exists costs a failed `mkdir` besides the look.
     if let Some(parent) = target.parent()
@@ -27,6 +36,15 @@ pub fn plan(from: &Path, target: &Path) -> Result<FilingIntent, FilingError> {
         fs::create_dir_all(parent)
             .map_err(|e| FilingError::io(parent, "cannot create folder", e))?;
     }
+    Ok(())
+}
+
+/// [`plan`], where the caller has made `target`'s folder already (a batch
+/// makes each of its folders once, not once per file).
+///
+/// # Errors
+/// [`FilingError`] when no name is free.
+pub fn plan_in_folder(from: &Path, target: &Path) -> Result<FilingIntent, FilingError> {
     let to = fsx::free_name(target).map_err(|e| FilingError::io(target, "cannot file", e))?;
     Ok(FilingIntent {
         from: from.to_path_buf(),

@@ -803,13 +803,23 @@ impl Batch {
 fn plan_filing(members: &mut [Member]) {
     // Names chosen in this batch count as taken: none is made yet.
     let mut chosen: HashSet<PathBuf> = HashSet::new();
+    // The folders in done/ made (or found) for this batch, each once.
+    let mut folders: HashSet<PathBuf> = HashSet::new();
     for m in members.iter_mut().filter(|m| m.staying()) {
         if source_changed(&m.job) {
             m.fail("the source changed after delivery");
             continue;
         }
         let target = m.done_dir.join(&m.job.relpath);
-        match finish::plan(&m.job.source, &target) {
+        let folder = target.parent().map(Path::to_path_buf).unwrap_or_default();
+        if !folders.contains(&folder) {
+            if let Err(e) = finish::make_folder_of(&target) {
+                m.fail(e.to_string());
+                continue;
+            }
+            folders.insert(folder);
+        }
+        match finish::plan_in_folder(&m.job.source, &target) {
             Ok(mut intent) => {
                 if chosen.contains(&intent.to) {
                     let Some(to) = fsx::free_name_besides(&target, &chosen).ok() else {
