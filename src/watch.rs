@@ -33,9 +33,9 @@ pub struct ReadyFile {
     pub signature: FileSignature,
     /// Modification time (for templates).
     pub mtime: SystemTime,
-    /// Which of its watch's looks found it ready: the files of one look
-    /// come in several messages, and share what is worked out for them
-    /// (a folder listed for sidecars).
+    /// Which look at the candidates found it ready (numbered across all
+    /// watches): the files of one look come in several messages, and share
+    /// what is worked out for them (a folder listed for sidecars).
     pub look: u64,
 }
 
@@ -199,9 +199,14 @@ pub struct Scanner {
     /// else: a marker). Only ever early, never late: a candidate that
     /// changes or goes leaves it as it was, which costs one look too many.
     next_due: Option<Instant>,
-    /// Looks at the candidates so far (see [`ReadyFile::look`]).
-    looks: u64,
+    /// Its latest look at the candidates (see [`ReadyFile::look`]).
+    look: u64,
 }
+
+/// Looks at the candidates so far, by every watch: each look has a number
+/// of its own, also across a watch started again by a reload (so that what
+/// was worked out for an earlier look is never taken for a new one's).
+static LOOKS: AtomicU64 = AtomicU64::new(0);
 
 /// Folders no watch enters (every watch's done and failed folders): a
 /// reload that adds a watch changes them for the watches that run on.
@@ -231,7 +236,7 @@ impl Scanner {
             held,
             counters,
             next_due: None,
-            looks: 0,
+            look: 0,
         }
     }
 
@@ -445,7 +450,7 @@ impl Scanner {
     pub fn check_candidates(&mut self) -> Vec<ReadyFile> {
         // Every candidate due by now is looked at in this pass.
         let started = Instant::now();
-        self.looks += 1;
+        self.look = LOOKS.fetch_add(1, Ordering::Relaxed) + 1;
         let paths: Vec<PathBuf> = self.candidates.keys().cloned().collect();
         let mut ready = Vec::new();
         for path in paths {
@@ -511,7 +516,7 @@ impl Scanner {
                 signature: FileSignature::of(&meta),
                 mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 path,
-                look: self.looks,
+                look: self.look,
             });
         }
         // Those still waiting for their time (some may have come due
@@ -796,6 +801,28 @@ mod tests {
             .unwrap()
             .watches
             .remove(0)
+    }
+
+    /// What the daemon works out for a look (a folder listed for
+    /// sidecars) is kept for the rest of that look: a watch started again
+    /// (by a reload) must not number its looks as the one before did.
+    #[test]
+    fn looks_are_never_numbered_alike_even_by_a_watch_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = watch_config(dir.path(), Duration::from_millis(30));
+        let mut before = Scanner::new(
+            config.clone(),
+            SkipRoots::default(),
+            Arc::default(),
+            Arc::default(),
+        );
+        before.check_candidates();
+        let mut again = Scanner::new(config, SkipRoots::default(), Arc::default(), Arc::default());
+        again.check_candidates();
+        assert_ne!(before.look, again.look);
+        let first = again.look;
+        again.check_candidates();
+        assert!(again.look > first, "each look has a number of its own");
     }
 
     #[test]
