@@ -822,37 +822,37 @@ async fn send_cut_short_batches_alone(
     Ok(())
 }
 
-/// The folders of a watch's look listed for sidecars (see
-/// [`FolderSidecars`]), per watch. A look's ready files come in messages
-/// of at most [`crate::watch::READY_AT_ONCE`]; a folder is listed at the
-/// first message that has many of its files, and that listing serves the
-/// rest of the look (a drop of 10,000 files into one folder was 40 listings
-/// of 10,000 entries). A sidecar is looked for as of the look that found
-/// its file ready, whichever message carries that file.
+/// The folders listed for sidecars (see [`FolderSidecars`]) for the latest
+/// look at the candidates. A look's ready files come in messages of at most
+/// [`crate::watch::READY_AT_ONCE`]; a folder is listed at the first message
+/// that has enough of its files, and that listing serves the rest of the
+/// look (a drop of 10,000 files into one folder was 40 listings of 10,000
+/// entries). A sidecar is looked for as of the look that found its file
+/// ready, whichever message carries that file. Only one look's listings
+/// are kept: a message of another look (or watch) replaces them, so no
+/// listing outlives the look it was made for.
 #[derive(Default)]
 struct SidecarListings {
-    watches: HashMap<String, LookListings>,
-}
-
-/// One watch's look and the folders listed for it (`None`: too big to
-/// list, or unreadable; its files look their own up).
-#[derive(Default)]
-struct LookListings {
-    look: u64,
-    folders: HashMap<PathBuf, Option<Arc<FolderSidecars>>>,
+    /// The watch and the look listed for.
+    look: Option<(String, u64)>,
+    folders: HashMap<PathBuf, Arc<FolderSidecars>>,
 }
 
 impl SidecarListings {
-    /// List the folders that many of `ready` share, unless listed already.
+    /// List the folders that many of `ready` share, unless listed already
+    /// for its look.
     async fn list_for(&mut self, ready: &[ReadyFile]) {
         let Some(first) = ready.first() else {
             return;
         };
-        let listings = self.watches.entry(first.watch.clone()).or_default();
-        if listings.look != first.look {
-            // A new look: what changed in the folders since counts.
-            listings.look = first.look;
-            listings.folders.clear();
+        if self
+            .look
+            .as_ref()
+            .is_none_or(|(watch, look)| *watch != first.watch || *look != first.look)
+        {
+            // Another look: what changed in the folders since counts.
+            self.look = Some((first.watch.clone(), first.look));
+            self.folders.clear();
         }
         let mut files_in: HashMap<&Path, usize> = HashMap::new();
         for file in ready {
@@ -863,7 +863,7 @@ impl SidecarListings {
         let worth: Vec<(PathBuf, usize)> = files_in
             .into_iter()
             .filter(|(folder, files)| {
-                *files >= FolderSidecars::WORTH_FROM && !listings.folders.contains_key(*folder)
+                *files >= FolderSidecars::WORTH_FROM && !self.folders.contains_key(*folder)
             })
             .map(|(folder, files)| (folder.to_path_buf(), files))
             .collect();
@@ -873,32 +873,31 @@ impl SidecarListings {
         let listed = tokio::task::spawn_blocking(move || {
             worth
                 .into_iter()
-                .map(|(folder, files)| {
+                .filter_map(|(folder, files)| {
+                    // Too big for these files (a later message with more
+                    // of them may find it worth it), or unreadable: each
+                    // looks its own up.
                     let listed =
-                        FolderSidecars::list(&folder, files * FolderSidecars::ENTRIES_PER_FILE);
-                    tracing::debug!(folder = %folder.display(), files, listed = listed.is_some(), "folder listed for sidecars");
-                    (folder, listed.map(Arc::new))
+                        FolderSidecars::list(&folder, files * FolderSidecars::ENTRIES_PER_FILE)?;
+                    tracing::debug!(folder = %folder.display(), files, "folder listed for sidecars");
+                    Some((folder, Arc::new(listed)))
                 })
                 .collect::<Vec<_>>()
         })
         .await
         // Lost with its thread: each file looks its own up.
         .unwrap_or_default();
-        listings.folders.extend(listed);
+        self.folders.extend(listed);
     }
 
     /// The listing of the folder of `path`, found ready by look `look` of
     /// watch `watch`, if that look listed it.
     fn of(&self, watch: &str, look: u64, path: &Path) -> Option<&FolderSidecars> {
-        let listings = self.watches.get(watch)?;
-        if listings.look != look {
+        let (listed_watch, listed_look) = self.look.as_ref()?;
+        if listed_watch != watch || *listed_look != look {
             return None;
         }
-        listings
-            .folders
-            .get(path.parent()?)?
-            .as_ref()
-            .map(AsRef::as_ref)
+        self.folders.get(path.parent()?).map(AsRef::as_ref)
     }
 }
 
@@ -1961,6 +1960,58 @@ mod tests {
             sidecar_of(&listings, &next_look[8]),
             Some(dir.path().join("clip-40.json")),
             "the next look lists the folder again"
+        );
+    }
+
+    /// A folder too big for one message's files to be worth listing is
+    /// listed for a later message of the look that has more of them; and
+    /// only the latest look's listings are kept (a watch that a reload
+    /// removed, or that goes quiet, holds none).
+    #[tokio::test]
+    async fn a_folder_too_big_for_one_message_is_listed_for_a_bigger_one_and_one_look_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let few = FolderSidecars::WORTH_FROM;
+        // More entries than the first message's files are worth listing.
+        for i in 0..few * FolderSidecars::ENTRIES_PER_FILE + 10 {
+            std::fs::write(dir.path().join(format!("other-{i}.mp4")), b"").unwrap();
+        }
+        let ready = |watch: &str, look: u64, files: usize| -> Vec<ReadyFile> {
+            (0..files)
+                .map(|i| {
+                    let relpath = PathBuf::from(format!("clip-{i}.mp4"));
+                    ReadyFile {
+                        watch: watch.into(),
+                        path: dir.path().join(&relpath),
+                        relpath,
+                        signature: crate::state::FileSignature {
+                            size: 1,
+                            mtime_ns: 0,
+                            dev: 0,
+                            ino: i as u64,
+                        },
+                        mtime: SystemTime::UNIX_EPOCH,
+                        look,
+                    }
+                })
+                .collect()
+        };
+        let mut listings = SidecarListings::default();
+        let first = ready("w", 1, few);
+        listings.list_for(&first).await;
+        assert!(
+            listings.of("w", 1, &first[0].path).is_none(),
+            "too big to list for {few} files"
+        );
+        let bigger = ready("w", 1, 2 * few);
+        listings.list_for(&bigger).await;
+        assert!(
+            listings.of("w", 1, &bigger[0].path).is_some(),
+            "listed for a message of the same look with twice as many files"
+        );
+        listings.list_for(&ready("v", 7, 2 * few)).await;
+        assert!(
+            listings.of("w", 1, &bigger[0].path).is_none(),
+            "another look's message: the earlier look's listings are gone"
         );
     }
 
