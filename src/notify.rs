@@ -259,11 +259,6 @@ impl Notifier {
         job: &mut Job,
         event: NotifyEvent,
     ) -> Result<(), StoreError> {
-        // Finding the job's rule works out rule fingerprints: not done for
-        // each file of a drop where no webhook is configured at all.
-        if config.notify.is_empty() && config.rules.iter().all(|r| r.notify.is_empty()) {
-            return Ok(());
-        }
         let rule =
             crate::config::Rule::of_job(&config.rules, job.rule, job.rule_fingerprint.as_deref());
         let wanted: Vec<&NotifyConfig> = config

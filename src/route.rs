@@ -43,8 +43,7 @@ pub struct Route {
     pub sidecar: Option<PathBuf>,
     /// Whether known content is skipped.
     pub duplicates: Duplicates,
-    /// What the rule says ([`Rule::fingerprint`]), worked out once per
-    /// rule, not once per file.
+    /// What the rule says ([`Rule::fingerprint`]).
     pub fingerprint: String,
 }
 
@@ -55,15 +54,8 @@ pub struct RouteError(pub String);
 
 /// Compiled rules.
 pub struct Router {
-    rules: Vec<CompiledRule>,
+    rules: Vec<(Rule, Option<GlobMatcher>)>,
     unmatched: Unmatched,
-}
-
-/// A rule with its glob compiled and its fingerprint worked out.
-struct CompiledRule {
-    rule: Rule,
-    glob: Option<GlobMatcher>,
-    fingerprint: String,
 }
 
 /// A glob on relative paths, with the same semantics as watch include/exclude
@@ -79,10 +71,11 @@ impl Router {
             rules: config
                 .rules
                 .iter()
-                .map(|rule| CompiledRule {
-                    rule: rule.clone(),
-                    glob: rule.glob.as_deref().and_then(|g| path_glob(g).ok()),
-                    fingerprint: rule.fingerprint(),
+                .map(|rule| {
+                    (
+                        rule.clone(),
+                        rule.glob.as_deref().and_then(|g| path_glob(g).ok()),
+                    )
                 })
                 .collect(),
             unmatched: config.unmatched,
@@ -99,15 +92,13 @@ impl Router {
     /// # Errors
     /// A sidecar that cannot be read or parsed.
     pub fn route(&self, facts: &FileFacts<'_>) -> Result<Option<Route>, RouteError> {
-        let found = self.rules.iter().find(|CompiledRule { rule, glob, .. }| {
+        let rule = self.rules.iter().find(|(rule, glob)| {
             rule.watch.as_deref().is_none_or(|w| w == facts.watch)
                 && glob.as_ref().is_none_or(|g| g.is_match(facts.relpath))
                 && rule.min_size.is_none_or(|min| facts.size >= min)
                 && rule.max_size.is_none_or(|max| facts.size <= max)
         });
-        found
-            .map(|found| self.render(&found.rule, &found.fingerprint, facts))
-            .transpose()
+        rule.map(|(rule, _)| self.render(rule, facts)).transpose()
     }
 
     /// For `hotfolder upload --provider NAME`: the metadata of the first rule
@@ -120,9 +111,9 @@ impl Router {
         match self
             .rules
             .iter()
-            .find(|found| found.rule.provider == provider)
+            .find(|(rule, _)| rule.provider == provider)
         {
-            Some(found) => self.render(&found.rule, &found.fingerprint, facts),
+            Some((rule, _)) => self.render(rule, facts),
             None => {
                 let fallback = Rule {
                     index: 0,
@@ -137,19 +128,16 @@ impl Router {
                     )]),
                     duplicates: Duplicates::Skip,
                     notify: Vec::new(),
-                };
-                self.render(&fallback, &fallback.fingerprint(), facts)
+                    fingerprint: String::new(),
+                }
+                .with_fingerprint();
+                self.render(&fallback, facts)
             }
         }
     }
 
     /// A rule's templates rendered for a file, then its sidecar on top.
-    fn render(
-        &self,
-        rule: &Rule,
-        fingerprint: &str,
-        facts: &FileFacts<'_>,
-    ) -> Result<Route, RouteError> {
+    fn render(&self, rule: &Rule, facts: &FileFacts<'_>) -> Result<Route, RouteError> {
         let mut metadata: BTreeMap<String, Value> = rule
             .metadata
             .iter()
@@ -167,7 +155,7 @@ impl Router {
             metadata,
             sidecar,
             duplicates: rule.duplicates,
-            fingerprint: fingerprint.to_string(),
+            fingerprint: rule.fingerprint.clone(),
         })
     }
 }
@@ -445,7 +433,7 @@ mod tests {
         let rel = Path::new("promo/x/clip.mp4");
         let route = router.route(&facts(rel, &video)).unwrap().unwrap();
         assert_eq!(route.provider, "a");
-        assert_eq!(route.fingerprint, config.rules[0].fingerprint());
+        assert_eq!(route.fingerprint, config.rules[0].said());
         assert_eq!(route.metadata["title"], "clip");
         assert_eq!(
             route.metadata["tags"],

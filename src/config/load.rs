@@ -1022,7 +1022,9 @@ impl Resolver<'_> {
             provider,
             metadata,
             duplicates: raw.duplicates,
-        })
+            fingerprint: String::new(),
+        }
+        .with_fingerprint())
     }
 
     /// Webhooks under `key` (`notify`, `rules[N].notify`).

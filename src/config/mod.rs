@@ -436,13 +436,26 @@ pub struct Rule {
     /// Webhooks told about the events of the jobs this rule routes (as
     /// well as the top-level ones).
     pub notify: Vec<NotifyConfig>,
+    /// A short digest of everything the rule says but its position
+    /// ([`Rule::said`]), worked out once when the rule is made: each job
+    /// records it, and finding a job's rule compares it.
+    #[serde(skip)]
+    pub fingerprint: String,
 }
 
 impl Rule {
+    /// The rule with its [`Rule::fingerprint`] worked out.
+    pub fn with_fingerprint(self) -> Self {
+        Rule {
+            fingerprint: self.said(),
+            ..self
+        }
+    }
+
     /// A short digest of everything the rule says but its position (its
     /// webhooks by their keys, which show nothing of their URLs): the same
     /// rule moved in the list keeps it, an edited one does not.
-    pub fn fingerprint(&self) -> String {
+    pub fn said(&self) -> String {
         use sha2::Digest;
         let webhooks: Vec<String> = self.notify.iter().map(NotifyConfig::key).collect();
         let said = serde_json::json!([
@@ -473,8 +486,8 @@ impl Rule {
         };
         index
             .and_then(|i| rules.get(i))
-            .filter(|r| r.fingerprint() == fingerprint)
-            .or_else(|| rules.iter().find(|r| r.fingerprint() == fingerprint))
+            .filter(|r| r.fingerprint == fingerprint)
+            .or_else(|| rules.iter().find(|r| r.fingerprint == fingerprint))
     }
 }
 
@@ -502,7 +515,7 @@ mod tests {
         let before = rules(
             "  - { match: { glob: \"*.mov\" }, provider: a }\n  - { match: {}, provider: b }\n",
         );
-        let catch_all = before[1].fingerprint();
+        let catch_all = before[1].fingerprint.clone();
         // A rule inserted above it: the index now names another rule.
         let after = rules(
             "  - { match: { glob: \"*.mxf\" }, provider: a }\n  - { match: { glob: \"*.mov\" }, provider: a }\n  - { match: {}, provider: b }\n",

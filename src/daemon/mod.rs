@@ -1908,6 +1908,34 @@ async fn bring_back(ctx: &Context, job: &mut Job) -> Result<bool, StoreError> {
 mod tests {
     use super::*;
 
+    /// Files `clip-N.mp4` in `folder` for N in `numbers`, as look `look`
+    /// of watch `watch` found them ready.
+    fn ready_files(
+        folder: &Path,
+        watch: &str,
+        look: u64,
+        numbers: std::ops::Range<usize>,
+    ) -> Vec<ReadyFile> {
+        numbers
+            .map(|i| {
+                let relpath = PathBuf::from(format!("clip-{i}.mp4"));
+                ReadyFile {
+                    watch: watch.into(),
+                    path: folder.join(&relpath),
+                    relpath,
+                    signature: crate::state::FileSignature {
+                        size: 1,
+                        mtime_ns: 0,
+                        dev: 0,
+                        ino: i as u64,
+                    },
+                    mtime: SystemTime::UNIX_EPOCH,
+                    look,
+                }
+            })
+            .collect()
+    }
+
     /// A look's ready files come in messages of at most READY_AT_ONCE:
     /// their folder is listed for sidecars at the look's first message and
     /// that listing serves the rest of the look (a drop of 10,000 files in
@@ -1915,25 +1943,13 @@ mod tests {
     #[tokio::test]
     async fn a_folder_is_listed_for_sidecars_once_per_look() {
         let dir = tempfile::tempdir().unwrap();
-        let ready = |look: u64, from: usize| -> Vec<ReadyFile> {
-            (from..from + FolderSidecars::WORTH_FROM)
-                .map(|i| {
-                    let relpath = PathBuf::from(format!("clip-{i}.mp4"));
-                    ReadyFile {
-                        watch: "w".into(),
-                        path: dir.path().join(&relpath),
-                        relpath,
-                        signature: crate::state::FileSignature {
-                            size: 1,
-                            mtime_ns: 0,
-                            dev: 0,
-                            ino: i as u64,
-                        },
-                        mtime: SystemTime::UNIX_EPOCH,
-                        look,
-                    }
-                })
-                .collect()
+        let ready = |look: u64, from: usize| {
+            ready_files(
+                dir.path(),
+                "w",
+                look,
+                from..from + FolderSidecars::WORTH_FROM,
+            )
         };
         let sidecar_of = |listings: &SidecarListings, file: &ReadyFile| {
             crate::route::find_sidecar(&file.path, listings.of(&file.watch, file.look, &file.path))
@@ -1975,26 +1991,8 @@ mod tests {
         for i in 0..few * FolderSidecars::ENTRIES_PER_FILE + 10 {
             std::fs::write(dir.path().join(format!("other-{i}.mp4")), b"").unwrap();
         }
-        let ready = |watch: &str, look: u64, files: usize| -> Vec<ReadyFile> {
-            (0..files)
-                .map(|i| {
-                    let relpath = PathBuf::from(format!("clip-{i}.mp4"));
-                    ReadyFile {
-                        watch: watch.into(),
-                        path: dir.path().join(&relpath),
-                        relpath,
-                        signature: crate::state::FileSignature {
-                            size: 1,
-                            mtime_ns: 0,
-                            dev: 0,
-                            ino: i as u64,
-                        },
-                        mtime: SystemTime::UNIX_EPOCH,
-                        look,
-                    }
-                })
-                .collect()
-        };
+        let ready =
+            |watch: &str, look: u64, files: usize| ready_files(dir.path(), watch, look, 0..files);
         let mut listings = SidecarListings::default();
         let first = ready("w", 1, few);
         listings.list_for(&first).await;
